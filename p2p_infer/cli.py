@@ -1,0 +1,260 @@
+"""``p2p-infer``: run a peer or a bootstrap peer, list peers and models, query the network."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import Settings, default_cache_dir, load_settings
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML file of settings (flags and P2P_INFER_* env vars override it)")
+    p.add_argument("--key", type=Path, help="Ed25519 key file (created on first run, mode 0600)")
+    p.add_argument("--log-format", choices=["console", "json"])
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def _network(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bootstrap", action="append", metavar="MULTIADDR", help="bootstrap peer (repeatable)")
+    p.add_argument("--bootstrap-file", type=Path, help="file of bootstrap multiaddrs (default bootstrap/peers.txt if present)")
+    p.add_argument("--listen", metavar="MULTIADDR", help="listen address (default /ip4/127.0.0.1/tcp/0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="p2p-infer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("id", help="print this peer's id and public key (creating the key on first run)")
+    _common(p)
+
+    for name, helptext in (("peer", "run a peer that serves model layers"), ("bootstrap", "run a bootstrap peer; prints its multiaddr")):
+        p = sub.add_parser(name, help=helptext)
+        _common(p)
+        _network(p)
+        if name == "peer":
+            p.add_argument("--serve", action="append", metavar="MODEL:FIRST-LAST", help="serve layers FIRST..LAST of MODEL (repeatable)")
+        p.add_argument("--record-ttl", type=float, help="seconds a published capability record stays valid (default 120)")
+        p.add_argument("--max-concurrent", type=int, help="forward requests computed at once (default 4)")
+        p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default 1)")
+        p.add_argument("--ready-file", type=Path, help="write {peer_id, addrs, pid} as JSON here once serving")
+
+    p = sub.add_parser("peers", help="list live peers and their verified capabilities")
+    _common(p)
+    _network(p)
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+    p = sub.add_parser("models", help="list known models and their ids")
+    _common(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("query", help="run a query through the network")
+    _common(p)
+    _network(p)
+    p.add_argument("--model", default="minilm-l6", help="minilm-l6 (text) or digits-mlp (64 pixel values, or test:N)")
+    p.add_argument("--local-layers", type=int, default=1, help="layers the client runs itself (>= 1)")
+    p.add_argument("--forwarding", action="store_true", help="peers pass activations along the route")
+    p.add_argument("--compare", action="store_true", help="also run the model locally and print the difference")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument("input", help="text for minilm-l6; for digits-mlp 64 comma-separated values or test:N")
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for name in ("key", "listen", "bootstrap", "bootstrap_file", "serve", "log_format", "log_level",
+                 "record_ttl", "max_concurrent", "torch_threads", "ready_file"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    settings = load_settings(getattr(args, "config", None), overrides)
+    default_file = Path("bootstrap/peers.txt")
+    if not settings.bootstrap and settings.bootstrap_file is None and default_file.exists():
+        settings.bootstrap_file = default_file
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = settings_from(args)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .logs import configure_logging
+
+    configure_logging(settings.log_format, settings.log_level)  # type: ignore[arg-type]
+    from .errors import P2PInferError
+
+    try:
+        return COMMANDS[args.command](args, settings)
+    except P2PInferError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_id(args: argparse.Namespace, settings: Settings) -> int:
+    from .identity import load_or_create_identity
+
+    identity = load_or_create_identity(settings.key)
+    print(json.dumps({"peer_id": identity.peer_id, "public_key": identity.public_key.hex(), "key_file": str(settings.key)}))
+    return 0
+
+
+def cmd_peer(args: argparse.Namespace, settings: Settings) -> int:
+    import trio
+
+    from .host import quiet_libp2p_logging
+    from .logs import configure_logging
+    from .peer import Peer, run_peer_until_signalled
+
+    if args.command == "bootstrap":
+        settings.serve = []
+    quiet_libp2p_logging()
+    peer = Peer(settings)
+    configure_logging(settings.log_format, settings.log_level, peer=peer.identity.peer_id)  # type: ignore[arg-type]
+    on_ready = (lambda addrs: print(addrs[0], flush=True)) if args.command == "bootstrap" else None
+    trio.run(run_peer_until_signalled, peer, on_ready)
+    return 0
+
+
+def cmd_peers(args: argparse.Namespace, settings: Settings) -> int:
+    import trio
+
+    from .client import Client
+    from .host import quiet_libp2p_logging
+    from .models import known_manifests
+    from .peer import bootstrap_addrs
+
+    quiet_libp2p_logging()
+    names = {mid: m.name for mid, m in known_manifests(default_cache_dir()).items()}
+
+    async def listing() -> list[dict[str, Any]]:
+        async with Client(bootstrap_addrs(settings)) as client:
+            assert client.directory is not None
+            return [
+                {
+                    "peer_id": r.peer_id,
+                    "addrs": list(r.addrs),
+                    "shards": [{"model": names.get(s.model_id, s.model_id), "model_id": s.model_id, "first": s.first, "last": s.last} for s in r.shards],
+                    "throughput": r.throughput,
+                    "load": r.load,
+                    "tee": r.tee,
+                    "software": r.software,
+                    "protocols": list(r.protocols),
+                    "expires_in_s": round((r.expires_at_ms - _now_ms()) / 1000, 1),
+                    "rtt_ms": None if r.peer_id not in client.rtt_ms else round(client.rtt_ms[r.peer_id], 2),
+                }
+                for r in sorted(client.directory.live(), key=lambda r: r.peer_id)
+            ]
+
+    peers = trio.run(listing)
+    if args.json:
+        print(json.dumps({"peers": peers}))
+    else:
+        print(f"{len(peers)} live peer(s)")
+        for p in peers:
+            shards = ", ".join(f"{s['model']}:{s['first']}-{s['last']}" for s in p["shards"]) or "(bootstrap / no layers)"
+            print(f"  {p['peer_id']}  {shards}  throughput={p['throughput']:.0f} layers/s  load={p['load']:.2f}  tee={p['tee']}")
+    return 0
+
+
+def _now_ms() -> int:
+    from .records import now_ms
+
+    return now_ms()
+
+
+def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    from .models import known_manifests
+
+    manifests = known_manifests(default_cache_dir())
+    rows = [{"name": m.name, "model_id": mid, "layers": m.num_layers, "hidden_size": m.hidden_size, "dtype": m.dtype, "runtime": m.runtime} for mid, m in manifests.items()]
+    if args.json:
+        print(json.dumps({"models": rows}))
+    else:
+        for r in rows:
+            print(f"{r['name']:12} {r['model_id']}  layers={r['layers']} hidden={r['hidden_size']} {r['dtype']}")
+    return 0
+
+
+def parse_query_input(model: str, text: str) -> Any:
+    if model != "digits-mlp":
+        return text
+    if text.startswith("test:"):
+        from .models import DigitsMLP
+
+        _, _, x_test, _ = DigitsMLP.dataset()
+        return x_test[int(text[5:])].tolist()
+    return [float(v) for v in text.split(",")]
+
+
+def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
+    import trio
+
+    from .client import Client
+    from .host import quiet_libp2p_logging
+    from .peer import bootstrap_addrs
+
+    quiet_libp2p_logging()
+    inputs = parse_query_input(args.model, args.input)
+
+    async def query() -> dict[str, Any]:
+        async with Client(bootstrap_addrs(settings), local_layers=args.local_layers, forwarding=args.forwarding) as client:
+            result = await client.run(args.model, inputs)
+            out = result.to_json()
+            if args.compare:
+                model = await client.model(args.model)
+                out["local_check"] = compare_outputs(result.output, model.run_local(inputs))
+            return out
+
+    out = trio.run(query)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print_result(out)
+    return 0
+
+
+def compare_outputs(remote: dict[str, Any], local: dict[str, Any]) -> dict[str, Any]:
+    if "embedding" in remote:
+        diff = max(abs(a - b) for a, b in zip(remote["embedding"], local["embedding"]))
+        return {"max_abs_diff": diff, "match": diff <= 1e-5}
+    diff = max(abs(a - b) for a, b in zip(remote["probabilities"], local["probabilities"]))
+    return {"max_abs_diff": diff, "match": remote["class"] == local["class"]}
+
+
+def print_result(out: dict[str, Any]) -> None:
+    o = out["output"]
+    print(f"model {out['model']} ({out['model_id'][:16]}...), mode {out['mode']}")
+    if "embedding" in o:
+        norm = sum(v * v for v in o["embedding"]) ** 0.5
+        print(f"embedding: {len(o['embedding'])} dims, norm {norm:.4f}, first values {[round(v, 4) for v in o['embedding'][:5]]}")
+    else:
+        print(f"class {o['class']}, probabilities {[round(p, 3) for p in o['probabilities']]}")
+    print(f"route ({len(out['route'])} hops, client ran its first layers and the head locally in {out['local_ms']:.1f} ms):")
+    for h in out["route"]:
+        rt = f", round trip {h['round_trip_ms']:.1f} ms" if h["round_trip_ms"] else ""
+        print(f"  layers {h['first']}-{h['last']} on {h['peer']}: compute {h['compute_ms']:.1f} ms{rt}")
+    if out["failed_peers"]:
+        print(f"re-routed around {len(out['failed_peers'])} failed peer(s): {', '.join(out['failed_peers'])}")
+    print(f"total {out['total_ms']:.1f} ms")
+    if "local_check" in out:
+        c = out["local_check"]
+        print(f"check against the model run locally: max abs diff {c['max_abs_diff']:.2e} -> {'MATCH' if c['match'] else 'MISMATCH'}")
+
+
+COMMANDS = {
+    "id": cmd_id,
+    "peer": cmd_peer,
+    "bootstrap": cmd_peer,
+    "peers": cmd_peers,
+    "models": cmd_models,
+    "query": cmd_query,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

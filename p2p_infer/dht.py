@@ -1,0 +1,170 @@
+"""Kademlia discovery: joining through bootstrap peers, storing records, finding providers.
+
+A thin adapter over py-libp2p's ``KadDHT``. What it adds, from ``notes/libp2p.md``:
+a record validator registered on every node (strict namespaces), tight timeouts on
+every DHT call (a dead peer otherwise stalls a lookup for 10 s), paced provider
+announcements (the receiver drops more than 10 per 10 s silently), de-duplicated
+provider lists, and re-joining through the bootstrap list when all connections drop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+import structlog
+import trio
+from libp2p.abc import IHost
+from libp2p.kad_dht import common as kad_common
+from libp2p.kad_dht import kad_dht as kad_module
+from libp2p.kad_dht import peer_routing as kad_peer_routing
+from libp2p.kad_dht import provider_store as kad_provider_store
+from libp2p.kad_dht import value_store as kad_value_store
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.records.validator import NamespacedValidator, Validator
+
+from .errors import PeerUnreachable, RecordError
+from .host import dial
+from .records import KEY_NAMESPACE, CapabilityRecord, newest, record_key, verify_record
+
+DHT_CALL_TIMEOUT = 15.0
+PER_PEER_QUERY_TIMEOUT = 3
+PROVIDE_SPACING = 1.1  # seconds between announcements: stays under 10 per 10 s
+log = structlog.get_logger("p2p_infer.dht")
+
+
+def tune_libp2p_kademlia() -> None:
+    """Shorten py-libp2p's per-peer query timeout from 10 s: on loopback or LAN, a peer
+    that has not answered in 3 s is gone, and waiting longer stalls every lookup."""
+    for module in (kad_common, kad_module, kad_peer_routing, kad_provider_store, kad_value_store):
+        if hasattr(module, "QUERY_TIMEOUT"):
+            module.QUERY_TIMEOUT = PER_PEER_QUERY_TIMEOUT  # type: ignore[attr-defined]
+
+
+class RecordValidator(Validator):
+    """DHT-level check of ``/p2p-infer/peer/<id>`` values: signed by ``<id>``, unexpired."""
+
+    def validate(self, key: str, value: bytes) -> None:
+        parts = key.split("/")
+        if len(parts) != 4 or parts[2] != "peer":
+            raise ValueError(f"unknown p2p-infer key {key!r}")
+        try:
+            verify_record(value, expected_peer_id=parts[3])
+        except RecordError as exc:
+            raise ValueError(exc.message) from None
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        return newest(values)
+
+
+class Discovery:
+    """One host's view of the DHT: join, publish, look up."""
+
+    def __init__(self, host: IHost, *, server: bool, bootstrap: Sequence[PeerInfo] = ()) -> None:
+        tune_libp2p_kademlia()
+        self.host = host
+        self.bootstrap = [b for b in bootstrap if b.peer_id != host.get_id()]
+        validator = NamespacedValidator({KEY_NAMESPACE: RecordValidator()}, strict_validation=True)
+        self.kad = KadDHT(
+            host,
+            DHTMode.SERVER if server else DHTMode.CLIENT,
+            validator=validator,
+            validator_changed=True,
+            strict_validation=True,
+            max_peers_per_subnet=0,  # many peers share a /24 in data centres (notes, bug 20)
+        )
+        self.log = log.bind(peer=str(host.get_id()))
+
+    async def join(self) -> int:
+        """Dial the bootstrap peers, seed the routing table, refresh it; return peers joined."""
+        joined = 0
+        for info in self.bootstrap:
+            try:
+                await dial(self.host, info)
+                await self.kad.add_peer(info.peer_id, skip_server_mode_check=True)
+                joined += 1
+            except PeerUnreachable as exc:
+                self.log.warning("bootstrap peer unreachable", bootstrap=str(info.peer_id), reason=exc.message)
+        if joined:
+            await self.refresh()
+        return joined
+
+    async def refresh(self) -> None:
+        with trio.move_on_after(DHT_CALL_TIMEOUT):
+            await self.kad.refresh_routing_table()
+
+    def connected_peers(self) -> list[ID]:
+        return list(self.host.get_connected_peers())
+
+    async def maintain(self, interval: float, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Background loop: refresh the routing table; re-join when every connection is gone."""
+        task_status.started()
+        while True:
+            await trio.sleep(interval)
+            if not self.connected_peers() and self.bootstrap:
+                self.log.info("no connections left, re-joining through bootstrap list")
+                await self.join()
+            else:
+                await self.refresh()
+
+    async def put_record(self, peer_id: str, envelope: bytes) -> None:
+        with trio.move_on_after(DHT_CALL_TIMEOUT) as scope:
+            await self.kad.put_value(record_key(peer_id), envelope)
+        if scope.cancelled_caught:
+            self.log.warning("record put timed out", key=record_key(peer_id))
+
+    async def provide(self, keys: Collection[str]) -> None:
+        for i, key in enumerate(keys):
+            if i:
+                await trio.sleep(PROVIDE_SPACING)
+            with trio.move_on_after(DHT_CALL_TIMEOUT):
+                await self.kad.provide(key)
+
+    async def find_providers(self, key: str, count: int = 100) -> list[PeerInfo]:
+        """Providers of ``key``, one entry per peer (py-libp2p returns duplicates)."""
+        with trio.move_on_after(DHT_CALL_TIMEOUT):
+            found = await self.kad.find_providers(key, count)
+            unique: dict[ID, PeerInfo] = {}
+            for info in found:
+                if info.peer_id in unique:
+                    unique[info.peer_id].addrs.extend(a for a in info.addrs if a not in unique[info.peer_id].addrs)
+                else:
+                    unique[info.peer_id] = PeerInfo(info.peer_id, list(info.addrs))
+            return list(unique.values())
+        self.log.warning("provider lookup timed out", key=key)
+        return []
+
+    async def get_record(
+        self, peer_id: str, *, known_models: Collection[str] | None = None, fresh: bool = True
+    ) -> CapabilityRecord | None:
+        """Fetch and verify ``peer_id``'s record; ``None`` (with the reason logged) if it fails."""
+        key = record_key(peer_id)
+        envelope = await self._get_value(key, fresh=fresh and peer_id != str(self.host.get_id()))
+        if envelope is None:
+            self.log.info("no record found", subject=peer_id)
+            return None
+        try:
+            return verify_record(envelope, expected_peer_id=peer_id, known_models=known_models)
+        except RecordError as exc:
+            self.log.info("record dropped", subject=peer_id, reason=exc.message)
+            return None
+
+    async def _get_value(self, key: str, *, fresh: bool) -> bytes | None:
+        """``get_value`` answers from the local replica when it has one; for a fresh read,
+        set the replica aside, ask the network, and keep whichever copy is newer."""
+        store = self.kad.value_store
+        local = store.get(key.encode()) if fresh else None
+        if local is not None:
+            store.remove(key.encode())
+        found: bytes | None = None
+        try:
+            with trio.move_on_after(DHT_CALL_TIMEOUT):
+                found = await self.kad.get_value(key)
+        finally:
+            if local is not None:
+                candidates = [local.value] + ([found] if found is not None else [])
+                best = candidates[newest(candidates)]
+                store.put(key.encode(), best)
+                found = best
+        return found

@@ -1,0 +1,154 @@
+"""The forward protocol (``/p2p-infer/forward/1.0.0``): message schemas and their checks.
+
+Sans-IO: these functions build and parse messages; the peer's handler and the client do
+the I/O. ``protocols/forward.md`` is the normative description.
+
+Request ``forward``: model id, layer range, session and request ids, the hidden state and
+its mask, and optionally ``route``: the hops after this one, for peer-to-peer forwarding
+(each hop is ``{peer, addrs, first, last}``; the last hop returns the result to
+``reply_to`` instead of to the sender).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import ProtocolViolation
+from .framing import Message, protocol_id
+from .models import Activation
+from .tensors import DEFAULT_MAX_TENSOR_BYTES, decode_tensor, encode_tensor
+
+FORWARD_PROTOCOL = protocol_id("forward")
+RESULT_PROTOCOL = protocol_id("forward-result")
+MAX_ROUTE_HOPS = 32
+
+
+@dataclass(frozen=True)
+class Hop:
+    peer: str
+    addrs: tuple[str, ...]
+    first: int
+    last: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"peer": self.peer, "addrs": list(self.addrs), "first": self.first, "last": self.last}
+
+
+@dataclass
+class ForwardRequest:
+    model_id: str
+    first: int
+    last: int
+    act: Activation
+    session: str = ""
+    request_id: str = ""
+    route: list[Hop] = field(default_factory=list)  # hops after this one (forwarding mode)
+    reply_to: str = ""  # client peer id the last hop sends the result to
+    reply_addrs: tuple[str, ...] = ()  # where to dial the client if not connected
+    trace: list[dict[str, Any]] = field(default_factory=list)  # timings of earlier hops
+
+    def to_wire(self) -> Message:
+        return {
+            "type": "forward",
+            "model": self.model_id,
+            "first": self.first,
+            "last": self.last,
+            "session": self.session,
+            "request_id": self.request_id,
+            "hidden": encode_tensor(self.act.hidden),
+            "mask": None if self.act.mask is None else encode_tensor(self.act.mask),
+            "route": [h.to_wire() for h in self.route],
+            "reply_to": self.reply_to,
+            "reply_addrs": list(self.reply_addrs),
+            "trace": self.trace,
+        }
+
+
+def parse_forward_request(message: Message, *, max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -> ForwardRequest:
+    if message.get("type") != "forward":
+        raise ProtocolViolation(f"unknown message type {message.get('type')!r} on {FORWARD_PROTOCOL}")
+    model, first, last = message.get("model"), message.get("first"), message.get("last")
+    if not isinstance(model, str) or not model:
+        raise ProtocolViolation("forward: 'model' must be a model id string")
+    if not (isinstance(first, int) and isinstance(last, int) and 0 <= first <= last):
+        raise ProtocolViolation("forward: 'first' and 'last' must be integers with 0 <= first <= last")
+    hidden = decode_tensor(message.get("hidden"), max_bytes=max_tensor_bytes, field="hidden")
+    raw_mask = message.get("mask")
+    mask = None if raw_mask is None else decode_tensor(raw_mask, max_bytes=max_tensor_bytes, field="mask")
+    route_raw = message.get("route") or []
+    if not isinstance(route_raw, list) or len(route_raw) > MAX_ROUTE_HOPS:
+        raise ProtocolViolation(f"forward: 'route' must be a list of at most {MAX_ROUTE_HOPS} hops")
+    return ForwardRequest(
+        model_id=model,
+        first=first,
+        last=last,
+        act=Activation(hidden, mask),
+        session=_short_str(message.get("session"), "session"),
+        request_id=_short_str(message.get("request_id"), "request_id"),
+        route=[_parse_hop(h) for h in route_raw],
+        reply_to=_short_str(message.get("reply_to"), "reply_to"),
+        reply_addrs=_str_list(message.get("reply_addrs"), "reply_addrs"),
+        trace=_parse_trace(message.get("trace")),
+    )
+
+
+def _str_list(value: object, name: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > 16 or not all(isinstance(v, str) and len(v) < 256 for v in value):
+        raise ProtocolViolation(f"forward: '{name}' must be a list of at most 16 strings")
+    return tuple(value)
+
+
+def _parse_trace(value: object) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_ROUTE_HOPS or not all(isinstance(v, dict) for v in value):
+        raise ProtocolViolation("forward: 'trace' must be a list of maps")
+    return value
+
+
+def _short_str(value: object, name: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str) or len(value) > 128:
+        raise ProtocolViolation(f"forward: '{name}' must be a string of at most 128 characters")
+    return value
+
+
+def _parse_hop(raw: object) -> Hop:
+    ok = (
+        isinstance(raw, dict)
+        and isinstance(raw.get("peer"), str)
+        and isinstance(raw.get("addrs"), list)
+        and all(isinstance(a, str) for a in raw["addrs"])
+        and isinstance(raw.get("first"), int)
+        and isinstance(raw.get("last"), int)
+        and 0 <= raw["first"] <= raw["last"]
+    )
+    if not ok:
+        raise ProtocolViolation("forward: each route hop must be {peer, addrs, first, last}")
+    assert isinstance(raw, dict)
+    return Hop(raw["peer"], tuple(raw["addrs"]), raw["first"], raw["last"])
+
+
+def forward_reply(hidden: torch.Tensor, compute_ms: float, queue_ms: float, request_id: str = "") -> Message:
+    return {
+        "type": "forward_result",
+        "request_id": request_id,
+        "hidden": encode_tensor(hidden),
+        "timing": {"compute_ms": compute_ms, "queue_ms": queue_ms},
+    }
+
+
+def parse_forward_reply(message: Message, *, max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -> tuple[torch.Tensor, dict[str, float]]:
+    if message.get("type") != "forward_result":
+        raise ProtocolViolation(f"expected forward_result, got {message.get('type')!r}")
+    timing = message.get("timing") or {}
+    if not isinstance(timing, dict):
+        raise ProtocolViolation("forward_result: 'timing' must be a map")
+    hidden = decode_tensor(message.get("hidden"), max_bytes=max_tensor_bytes, field="hidden")
+    return hidden, {str(k): float(v) for k, v in timing.items() if isinstance(v, (int, float))}

@@ -1,0 +1,154 @@
+"""The libp2p host: TCP + Noise + Yamux only, no dial delay, guarded stream handlers.
+
+Settings here follow the measured pitfalls in ``notes/libp2p.md``: the default host also
+offers plaintext (so security options are pinned to Noise), every dial waits 250 ms
+unless ``max_connections_per_peer=1``, a raising handler kills the host (so handlers go
+through :func:`framing.serve_stream`), and leaving ``host.run()`` without ``close()``
+leaves zombie connections at the other end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import multiaddr
+import structlog
+import trio
+from libp2p import new_host
+from libp2p.abc import IHost, INetStream
+from libp2p.crypto.ed25519 import Ed25519PrivateKey
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+
+from .errors import PeerUnreachable, P2PInferError
+from .framing import DEFAULT_MAX_FRAME, DEFAULT_READ_TIMEOUT, Handler, serve_stream
+from .identity import Identity
+
+DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
+DIAL_TIMEOUT = 10.0
+log = structlog.get_logger("p2p_infer.host")
+
+
+def quiet_libp2p_logging() -> None:
+    """py-libp2p logs routine events (a departed peer's address refusing a dial, a DHT
+    stream ending) at WARNING and ERROR straight to stderr (notes, bug 17). Keep them out
+    of our structured logs unless ``P2P_INFER_LIBP2P_LOG=warning`` (or debug, ...) asks."""
+    level = os.environ.get("P2P_INFER_LIBP2P_LOG", "critical").upper()
+    logging.getLogger("libp2p").setLevel(logging.getLevelNamesMapping().get(level, logging.CRITICAL))
+
+
+def key_pair(identity: Identity) -> KeyPair:
+    private = Ed25519PrivateKey.from_bytes(identity.seed)
+    return KeyPair(private, private.get_public_key())
+
+
+def make_host(identity: Identity, listen: str = DEFAULT_LISTEN) -> IHost:
+    kp = key_pair(identity)
+    return new_host(
+        key_pair=kp,
+        sec_opt={NOISE_ID: NoiseTransport(kp, noise_privkey=new_x25519_key_pair().private_key)},
+        muxer_opt={YAMUX_ID: Yamux},
+        listen_addrs=[multiaddr.Multiaddr(listen)],
+        connection_config=ConnectionConfig(
+            max_connections_per_peer=1,  # removes the 250 ms happy-eyeballs wait on every dial
+            min_connections=4,
+            low_watermark=8,
+            high_watermark=64,
+        ),
+    )
+
+
+@asynccontextmanager
+async def running_host(identity: Identity, listen: str = DEFAULT_LISTEN) -> AsyncIterator[IHost]:
+    """Run a host and always close it, so peers see us leave at once."""
+    host = make_host(identity, listen)
+    async with host.run(listen_addrs=[multiaddr.Multiaddr(listen)]):
+        try:
+            yield host
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(5):
+                    await host.close()
+
+
+def parse_peer_addr(addr: str) -> PeerInfo:
+    """``/ip4/.../tcp/N/p2p/<peer id>`` to a PeerInfo, with a clear error otherwise."""
+    try:
+        return info_from_p2p_addr(multiaddr.Multiaddr(addr))
+    except Exception as exc:
+        raise P2PInferError(f"not a full peer multiaddr (need /p2p/<peer id>): {addr!r}: {exc}") from None
+
+
+def peer_info(peer_id: str, addrs: Sequence[str]) -> PeerInfo:
+    return PeerInfo(ID.from_base58(peer_id), [multiaddr.Multiaddr(a) for a in addrs])
+
+
+def full_addrs(host: IHost) -> list[str]:
+    """Listen addresses including ``/p2p/<id>``, as other peers dial them."""
+    return [str(a) for a in host.get_addrs()]
+
+
+async def dial(host: IHost, info: PeerInfo, timeout: float = DIAL_TIMEOUT) -> None:
+    try:
+        with trio.fail_after(timeout):
+            await host.connect(info)
+    except trio.TooSlowError:
+        raise PeerUnreachable(f"dial to {info.peer_id} timed out after {timeout} s") from None
+    except Exception as exc:
+        raise PeerUnreachable(f"cannot dial {info.peer_id}: {type(exc).__name__}: {exc}") from None
+
+
+async def open_stream(host: IHost, peer: ID, protocol: str, timeout: float = DIAL_TIMEOUT) -> INetStream:
+    """Open a stream with a deadline: ``new_stream`` can block forever (notes, bug 6)."""
+    try:
+        with trio.fail_after(timeout):
+            return await host.new_stream(peer, [TProtocol(protocol)])
+    except trio.TooSlowError:
+        raise PeerUnreachable(f"opening {protocol} to {peer} timed out after {timeout} s") from None
+    except Exception as exc:
+        raise PeerUnreachable(f"cannot open {protocol} to {peer}: {type(exc).__name__}: {exc}") from None
+
+
+def add_handler(
+    host: IHost,
+    protocol: str,
+    handle: Handler,
+    *,
+    max_frame: int = DEFAULT_MAX_FRAME,
+    timeout: float = DEFAULT_READ_TIMEOUT,
+) -> None:
+    """Serve ``protocol`` with request/reply ``handle`` behind the guarded framing loop."""
+
+    async def on_stream(stream: INetStream) -> None:
+        try:
+            remote = str(stream.muxed_conn.peer_id)
+        except Exception:
+            remote = "?"
+        await serve_stream(stream, handle, protocol=protocol, remote=remote, max_frame=max_frame, timeout=timeout)
+
+    host.set_stream_handler(TProtocol(protocol), on_stream)
+
+
+__all__ = [
+    "DEFAULT_LISTEN",
+    "add_handler",
+    "dial",
+    "full_addrs",
+    "make_host",
+    "open_stream",
+    "parse_peer_addr",
+    "peer_info",
+    "quiet_libp2p_logging",
+    "running_host",
+]

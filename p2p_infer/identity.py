@@ -1,0 +1,101 @@
+"""Peer identity: a persistent Ed25519 key, its libp2p peer id, and signatures.
+
+The key file holds the libp2p protobuf encoding of the private key (type Ed25519,
+32-byte seed: 36 bytes in all), so ``libp2p.load_identity`` reads the same file. The
+peer id is the identity multihash of the protobuf-encoded public key, exactly as
+libp2p derives it; computing it here keeps record verification free of libp2p.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import base58
+import nacl.exceptions
+import nacl.signing
+
+_ED25519_PRIVATE_PREFIX = b"\x08\x01\x12\x20"  # protobuf: KeyType=Ed25519, Data=<32 bytes>
+_ED25519_PUBLIC_PREFIX = b"\x08\x01\x12\x20"
+_IDENTITY_MULTIHASH_PREFIX = b"\x00\x24"  # multihash code 0x00 (identity), length 36
+
+
+class IdentityError(ValueError):
+    """The key file is unreadable, malformed, or too permissive."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """An Ed25519 key pair and the peer id derived from it."""
+
+    seed: bytes
+    public_key: bytes
+
+    @classmethod
+    def from_seed(cls, seed: bytes) -> Identity:
+        if len(seed) != 32:
+            raise IdentityError(f"an Ed25519 seed is 32 bytes, got {len(seed)}")
+        public = bytes(nacl.signing.SigningKey(seed).verify_key)
+        return cls(seed=seed, public_key=public)
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls.from_seed(os.urandom(32))
+
+    @property
+    def peer_id(self) -> str:
+        return peer_id_from_public_key(self.public_key)
+
+    def sign(self, message: bytes) -> bytes:
+        return nacl.signing.SigningKey(self.seed).sign(message).signature
+
+
+def peer_id_bytes_from_public_key(public_key: bytes) -> bytes:
+    if len(public_key) != 32:
+        raise IdentityError(f"an Ed25519 public key is 32 bytes, got {len(public_key)}")
+    return _IDENTITY_MULTIHASH_PREFIX + _ED25519_PUBLIC_PREFIX + public_key
+
+
+def peer_id_from_public_key(public_key: bytes) -> str:
+    """The base58 peer id ("12D3KooW...") libp2p derives from an Ed25519 key."""
+    return base58.b58encode(peer_id_bytes_from_public_key(public_key)).decode()
+
+
+def verify_signature(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    try:
+        nacl.signing.VerifyKey(public_key).verify(message, signature)
+    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, ValueError, TypeError):
+        return False
+    return True
+
+
+def save_identity(identity: Identity, path: Path) -> None:
+    """Write the key file with owner-only permissions (created 0600, never widened)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(_ED25519_PRIVATE_PREFIX + identity.seed)
+
+
+def load_identity(path: Path) -> Identity:
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise IdentityError(f"key file {path} is readable by others (mode {oct(mode & 0o777)}); chmod 600 it")
+    raw = path.read_bytes()
+    if len(raw) != 36 or not raw.startswith(_ED25519_PRIVATE_PREFIX):
+        raise IdentityError(f"key file {path} is not an Ed25519 libp2p private key")
+    return Identity.from_seed(raw[4:])
+
+
+def load_or_create_identity(path: Path) -> Identity:
+    """Load the peer's key, creating it on first run."""
+    if path.exists():
+        return load_identity(path)
+    identity = Identity.generate()
+    try:
+        save_identity(identity, path)
+    except FileExistsError:  # another process created it between exists() and open()
+        return load_identity(path)
+    return identity

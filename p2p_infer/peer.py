@@ -1,0 +1,232 @@
+"""The peer process: joins the overlay, serves its shards, keeps its record published.
+
+Every peer runs this same code; a bootstrap peer is a peer that serves nothing and whose
+address is written in ``bootstrap/peers.txt``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import structlog
+import trio
+from libp2p.abc import IHost
+from libp2p.tools.anyio_service import background_trio_service
+
+from . import __version__
+from .config import Settings, default_cache_dir
+from .dht import Discovery
+from .errors import NotServed, Overloaded, P2PInferError, PeerUnreachable, RemoteError
+from .forward import FORWARD_PROTOCOL, RESULT_PROTOCOL, ForwardRequest, forward_reply, parse_forward_request
+from .framing import Message, request, write_message
+from .host import add_handler, full_addrs, open_stream, parse_peer_addr, peer_info, running_host
+from .identity import Identity, load_or_create_identity
+from .records import all_peers_key, make_record, model_key, shard_key, sign_record
+from .models import Activation
+from .shards import ServeSpec, ShardServer
+
+log = structlog.get_logger("p2p_infer.peer")
+PROTOCOLS = (FORWARD_PROTOCOL,)
+
+
+def read_bootstrap_file(path: Path) -> list[str]:
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line]
+
+
+def bootstrap_addrs(settings: Settings) -> list[str]:
+    addrs = list(settings.bootstrap)
+    if settings.bootstrap_file is not None:
+        addrs += read_bootstrap_file(settings.bootstrap_file)
+    return addrs
+
+
+class Peer:
+    def __init__(self, settings: Settings, identity: Identity | None = None) -> None:
+        self.settings = settings
+        self.identity = identity or load_or_create_identity(settings.key)
+        self.specs = [ServeSpec.parse(s) for s in settings.serve]
+        self.shards: ShardServer | None = None
+        self.throughput = 0.0
+        self.in_flight = 0
+        self.limiter = trio.CapacityLimiter(max(1, settings.max_concurrent))
+        self.host: IHost | None = None
+        self._nursery: trio.Nursery | None = None  # background forwarding work
+        self.log = log.bind(peer=self.identity.peer_id)
+
+    # ---- lifecycle ----
+
+    async def run(self, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, self.settings.torch_threads))
+        if self.specs:
+            self.shards = await trio.to_thread.run_sync(ShardServer, self.specs, default_cache_dir())
+            self.throughput = await trio.to_thread.run_sync(self.shards.measure_throughput)
+        bootstrap = [parse_peer_addr(a) for a in bootstrap_addrs(self.settings)]
+        async with running_host(self.identity, self.settings.listen) as host:
+            self.host = host
+            discovery = Discovery(host, server=True, bootstrap=bootstrap)
+            add_handler(host, FORWARD_PROTOCOL, self.handle_forward)
+            async with background_trio_service(discovery.kad):
+                joined = await discovery.join()
+                if bootstrap and not joined:
+                    self.log.warning("no bootstrap peer reachable; waiting for others to dial in")
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    await nursery.start(self._publish_loop, discovery)
+                    nursery.start_soon(discovery.maintain, self.settings.refresh_interval)
+                    addrs = full_addrs(host)
+                    self._write_ready_file(addrs)
+                    self.log.info(
+                        "peer ready",
+                        addrs=addrs,
+                        serving=[str(s) for s in (self.shards.shards if self.shards else [])],
+                        throughput=round(self.throughput, 1),
+                    )
+                    task_status.started(addrs)
+
+    def _write_ready_file(self, addrs: list[str]) -> None:
+        path = self.settings.ready_file
+        if path is None:
+            return
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"peer_id": self.identity.peer_id, "addrs": addrs, "pid": os.getpid()}))
+        os.replace(tmp, path)
+
+    async def _publish_loop(self, discovery: Discovery, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Publish the record now and again before it expires; announce provider keys."""
+        shards = self.shards.shards if self.shards else []
+        keys = [all_peers_key()] + sorted({model_key(s.model_id) for s in shards}) + [shard_key(s) for s in shards]
+        started = False
+        while True:
+            await self._publish_record(discovery)
+            if not started:
+                task_status.started()
+                started = True
+                await discovery.provide(keys)
+            await trio.sleep(self.settings.republish_every())
+            # provider records outlive us by 48 h in py-libp2p, but nodes that joined since
+            # the last announcement hold none: re-announce (paced) with every record.
+            await discovery.provide(keys)
+
+    async def _publish_record(self, discovery: Discovery) -> None:
+        assert self.host is not None
+        record = make_record(
+            self.identity,
+            addrs=full_addrs(self.host),
+            shards=self.shards.shards if self.shards else [],
+            throughput=self.throughput,
+            load=self.in_flight / self.limiter.total_tokens,
+            software=f"p2p-infer/{__version__}",
+            protocols=PROTOCOLS,
+            ttl_ms=int(self.settings.record_ttl * 1000),
+        )
+        await discovery.put_record(self.identity.peer_id, sign_record(record, self.identity))
+        self.log.debug("record published", expires_in_s=self.settings.record_ttl)
+
+    # ---- forward protocol ----
+
+    async def handle_forward(self, message: Message) -> Message:
+        if message.get("type") == "ping":
+            return {"type": "pong", "load": self.in_flight / self.limiter.total_tokens}
+        self._dump_request(message)
+        req = parse_forward_request(message)
+        if self.shards is None:
+            raise NotServed("this peer serves no layers")
+        model = self.shards.check(req.model_id, req.first, req.last, req.act)
+        if self.limiter.statistics().tasks_waiting >= 4 * self.limiter.total_tokens:
+            raise Overloaded(f"{self.limiter.statistics().tasks_waiting} requests already queued")
+        if req.reply_to:  # forwarding mode: acknowledge, then compute and pass on in the background
+            assert self._nursery is not None
+            self._nursery.start_soon(self._compute_and_forward, model, req)
+            return {"type": "accepted", "request_id": req.request_id}
+        hidden, compute_ms, queue_ms = await self._compute(model, req)
+        return forward_reply(hidden, compute_ms, queue_ms, req.request_id)
+
+    async def _compute(self, model: Any, req: ForwardRequest) -> tuple[Any, float, float]:
+        queued = time.perf_counter()
+        self.in_flight += 1
+        try:
+            async with self.limiter:
+                queue_ms = (time.perf_counter() - queued) * 1000
+                assert self.shards is not None
+                hidden, compute_ms = await trio.to_thread.run_sync(
+                    partial(self.shards.compute, model, req.first, req.last, req.act)
+                )
+        finally:
+            self.in_flight -= 1
+        return hidden, compute_ms, queue_ms
+
+    async def _compute_and_forward(self, model: Any, req: ForwardRequest) -> None:
+        """Forwarding mode: run our layers, hand the output to the next hop, or return the
+        result to the client if we are the last. Failures are reported to the client."""
+        trace = list(req.trace)
+        try:
+            hidden, compute_ms, queue_ms = await self._compute(model, req)
+            trace.append({"peer": self.identity.peer_id, "first": req.first, "last": req.last,
+                          "compute_ms": compute_ms, "queue_ms": queue_ms})
+            if req.route:
+                nxt, rest = req.route[0], req.route[1:]
+                onward = replace(req, first=nxt.first, last=nxt.last, act=Activation(hidden, req.act.mask),
+                                 route=rest, trace=trace)
+                await self._send_to(nxt.peer, nxt.addrs, FORWARD_PROTOCOL, onward.to_wire())
+            else:
+                result = forward_reply(hidden, compute_ms, queue_ms, req.request_id)
+                result["trace"] = trace
+                await self._send_to(req.reply_to, req.reply_addrs, RESULT_PROTOCOL, result)
+        except P2PInferError as exc:
+            self.log.info("forwarding failed", request_id=req.request_id, code=exc.code, reason=exc.message)
+            failure = {"type": "forward_failed", "request_id": req.request_id, "code": exc.code,
+                       "message": exc.message, "at": self.identity.peer_id, "trace": trace}
+            try:
+                await self._send_to(req.reply_to, req.reply_addrs, RESULT_PROTOCOL, failure)
+            except P2PInferError as exc2:
+                self.log.info("cannot reach client to report failure", reason=exc2.message)
+
+    async def _send_to(self, peer: str, addrs: tuple[str, ...] | list[str], protocol: str, message: Message) -> None:
+        assert self.host is not None
+        from .host import dial
+
+        info = peer_info(peer, [a.split("/p2p/")[0] for a in addrs])
+        if info.peer_id not in self.host.get_connected_peers():
+            await dial(self.host, info)
+        stream = await open_stream(self.host, info.peer_id, protocol)
+        try:
+            reply = await request(stream, message, peer=peer, timeout=30)
+            if reply.get("type") not in ("accepted", "ok"):
+                raise RemoteError("bad_reply", f"unexpected reply {reply.get('type')!r}", peer)
+        finally:
+            with trio.move_on_after(2):
+                await stream.close()
+
+    def _dump_request(self, message: Message) -> None:
+        """Testing and audit aid: with P2P_INFER_DUMP_DIR set, keep every request as received."""
+        directory = os.environ.get("P2P_INFER_DUMP_DIR")
+        if directory:
+            Path(directory, f"{time.time_ns()}-{uuid.uuid4().hex[:8]}.msgpack").write_bytes(
+                msgpack.packb(message, use_bin_type=True)
+            )
+
+
+async def run_peer_until_signalled(peer: Peer, on_ready: Callable[[list[str]], None] | None = None) -> None:
+    """Run until SIGINT or SIGTERM, then shut down cleanly (host closed, peers told)."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            addrs = await nursery.start(peer.run)
+            if on_ready is not None:
+                on_ready(addrs)
+            async for signum in signals:
+                peer.log.info("shutting down", signal=signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break

@@ -1,0 +1,88 @@
+"""A peer's shards: the layer ranges it serves, loaded and verified, and the checks on
+each request before any computation (model, range, shapes). Synchronous and torch-only;
+the peer runs :meth:`ShardServer.compute` in a worker thread."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import NotServed, P2PInferError, UnknownModel
+from .models import MODEL_NAMES, Activation, SplitModel, load_model
+from .records import ShardSpec
+
+
+@dataclass(frozen=True)
+class ServeSpec:
+    """``MODEL:FIRST-LAST`` as given on the command line (model by name)."""
+
+    model: str
+    first: int
+    last: int
+
+    @classmethod
+    def parse(cls, text: str) -> ServeSpec:
+        try:
+            model, layers = text.rsplit(":", 1)
+            first_s, _, last_s = layers.partition("-")
+            first, last = int(first_s), int(last_s or first_s)
+        except ValueError:
+            raise P2PInferError(f"--serve takes MODEL:FIRST-LAST (e.g. minilm-l6:2-3), got {text!r}") from None
+        if model not in MODEL_NAMES:
+            raise UnknownModel(f"unknown model {model!r} in --serve; known: {', '.join(MODEL_NAMES)}")
+        if not 0 <= first <= last:
+            raise P2PInferError(f"bad layer range {first}-{last} in --serve {text!r}")
+        return cls(model, first, last)
+
+
+class ShardServer:
+    """Loads the served models, verifies the served layers' weights, runs requests."""
+
+    def __init__(self, specs: list[ServeSpec], cache_dir: Path | None = None) -> None:
+        self.models: dict[str, SplitModel] = {}
+        self.shards: list[ShardSpec] = []
+        for spec in specs:
+            model = load_model(spec.model, cache_dir)
+            if spec.last >= len(model.layers):
+                raise P2PInferError(f"{spec.model} has layers 0-{len(model.layers) - 1}; cannot serve {spec.first}-{spec.last}")
+            model.verify_weights(range(spec.first, spec.last + 1))
+            self.models[model.model_id] = model
+            self.shards.append(ShardSpec(model.model_id, spec.first, spec.last))
+
+    def check(self, model_id: str, first: int, last: int, act: Activation) -> SplitModel:
+        model = self.models.get(model_id)
+        if model is None:
+            raise UnknownModel(f"this peer serves no model {model_id[:16]}...")
+        if not any(s.model_id == model_id and s.first <= first and last <= s.last for s in self.shards):
+            served = ", ".join(f"{s.first}-{s.last}" for s in self.shards if s.model_id == model_id)
+            raise NotServed(f"{model.name}: layers {first}-{last} not served here (serving {served})")
+        model.check_activation(act)
+        return model
+
+    def compute(self, model: SplitModel, first: int, last: int, act: Activation) -> tuple[torch.Tensor, float]:
+        start = time.perf_counter()
+        out = model.run_layers(act, first, last)
+        return out, (time.perf_counter() - start) * 1000
+
+    def measure_throughput(self, repeats: int = 5) -> float:
+        """Layer forwards per second on a representative input (MiniLM: 32 tokens)."""
+        rates = []
+        for shard in self.shards:
+            model = self.models[shard.model_id]
+            act = _sample_activation(model)
+            model.run_layers(act, shard.first, shard.first)  # warm up
+            start = time.perf_counter()
+            for _ in range(repeats):
+                model.run_layers(act, shard.first, shard.first)
+            rates.append(repeats / max(time.perf_counter() - start, 1e-9))
+        return min(rates) if rates else 0.0
+
+
+def _sample_activation(model: SplitModel) -> Activation:
+    size = model.manifest.hidden_size
+    if model.name == "minilm-l6":
+        return Activation(torch.zeros(1, 32, size), torch.ones(1, 32, dtype=torch.int64))
+    return Activation(torch.zeros(1, size))
