@@ -1,0 +1,28 @@
+# The two entry points a newcomer needs; both create .venv on first use.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test install bench clean
+
+$(BIN)/p2p-infer: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(BIN)/p2p-infer
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m p2p_infer.demo
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+bench: install
+	$(BIN)/python bench/dht_latency.py
+	$(BIN)/python bench/split_latency.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,220 @@
+"""Start a local swarm (a bootstrap peer and N peers, each its own OS process on loopback),
+wait until it is discoverable, and stop every process it started, whatever happens.
+
+Used by the tests, the demo, the benchmarks and ``simulations/``::
+
+    with Swarm(workdir) as swarm:
+        swarm.start_bootstrap()
+        swarm.start_peers([["minilm-l6:1-3"], ["minilm-l6:4-5"]])
+        swarm.wait_discoverable()
+        print(swarm.cli("query", "hello", "--json"))
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_LIVE: set[subprocess.Popen[bytes]] = set()
+
+
+def _kill_leftovers() -> None:  # last line of defence if a caller forgot stop()
+    for proc in list(_LIVE):
+        _kill_group(proc, signal.SIGKILL)
+
+
+atexit.register(_kill_leftovers)
+
+
+def _kill_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class SwarmError(RuntimeError):
+    pass
+
+
+@dataclass
+class PeerProcess:
+    name: str
+    proc: subprocess.Popen[bytes]
+    ready_file: Path
+    log_file: Path
+    key_file: Path
+    serve: list[str] = field(default_factory=list)
+    info: dict[str, Any] | None = None
+
+    @property
+    def peer_id(self) -> str:
+        assert self.info is not None, f"{self.name} is not ready"
+        return str(self.info["peer_id"])
+
+    @property
+    def addr(self) -> str:
+        assert self.info is not None, f"{self.name} is not ready"
+        return str(self.info["addrs"][0])
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+class Swarm:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        record_ttl: float = 30.0,
+        extra_env: dict[str, str] | None = None,
+        python: str = sys.executable,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.record_ttl = record_ttl
+        self.python = python
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(extra_env or {})}
+        self.peers: dict[str, PeerProcess] = {}
+        self.bootstrap: PeerProcess | None = None
+
+    # ---- context management: every process stops, even on failure ----
+
+    def __enter__(self) -> Swarm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- starting ----
+
+    def _spawn(self, name: str, command: str, args: list[str], env: dict[str, str] | None = None) -> PeerProcess:
+        if name in self.peers:
+            raise SwarmError(f"a process named {name} already exists")
+        key = self.workdir / f"{name}.key"
+        ready = self.workdir / f"{name}.ready"
+        log = self.workdir / f"{name}.log"
+        ready.unlink(missing_ok=True)
+        argv = [self.python, "-m", "p2p_infer.cli", command, "--key", str(key), "--ready-file", str(ready),
+                "--record-ttl", str(self.record_ttl), "--log-format", "json", *args]
+        with open(log, "ab") as log_handle:
+            proc = subprocess.Popen(argv, stdout=log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env={**self.env, **(env or {})}, start_new_session=True, cwd=self.workdir)
+        _LIVE.add(proc)
+        peer = PeerProcess(name, proc, ready, log, key)
+        self.peers[name] = peer
+        return peer
+
+    def start_bootstrap(self, name: str = "bootstrap", timeout: float = 60) -> PeerProcess:
+        self.bootstrap = self._spawn(name, "bootstrap", [])
+        self.wait_ready([self.bootstrap], timeout)
+        return self.bootstrap
+
+    def start_peer(self, name: str, serve: list[str], extra_args: list[str] | None = None,
+                   env: dict[str, str] | None = None, wait: bool = True, timeout: float = 120) -> PeerProcess:
+        if self.bootstrap is None:
+            raise SwarmError("start the bootstrap peer first")
+        args = ["--bootstrap", self.bootstrap.addr, *(a for s in serve for a in ("--serve", s)), *(extra_args or [])]
+        peer = self._spawn(name, "peer", args, env)
+        peer.serve = list(serve)
+        if wait:
+            self.wait_ready([peer], timeout)
+        return peer
+
+    def start_peers(self, serves: list[list[str]], prefix: str = "peer", timeout: float = 180) -> list[PeerProcess]:
+        """Start several peers at once and wait for all of them."""
+        start = len([n for n in self.peers if n.startswith(prefix)])
+        peers = [self.start_peer(f"{prefix}{start + i}", s, wait=False) for i, s in enumerate(serves)]
+        self.wait_ready(peers, timeout)
+        return peers
+
+    def wait_ready(self, peers: list[PeerProcess], timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        pending = [p for p in peers if p.info is None]
+        while pending:
+            for p in list(pending):
+                if p.ready_file.exists():
+                    p.info = json.loads(p.ready_file.read_text())
+                    pending.remove(p)
+                elif not p.alive():
+                    raise SwarmError(f"{p.name} exited with {p.proc.returncode} before it was ready:\n{p.log_tail()}")
+            if pending and time.monotonic() > deadline:
+                raise SwarmError(f"not ready after {timeout} s: {[p.name for p in pending]}\n{pending[0].log_tail()}")
+            time.sleep(0.1)
+
+    # ---- observing and using ----
+
+    def cli(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run ``p2p-infer <command> --bootstrap <this swarm> ...`` as a light client process."""
+        if self.bootstrap is None:
+            raise SwarmError("no bootstrap peer")
+        command, *rest = args
+        argv = [self.python, "-m", "p2p_infer.cli", command, "--bootstrap", self.bootstrap.addr, *rest]
+        try:
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=self.env,
+                                    cwd=self.workdir, start_new_session=True)
+        except subprocess.TimeoutExpired as exc:
+            raise SwarmError(f"{' '.join(args)} timed out after {timeout} s") from exc
+        if check and result.returncode != 0:
+            raise SwarmError(f"p2p-infer {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
+        return result
+
+    def list_peers(self) -> dict[str, dict[str, Any]]:
+        out = self.cli("peers", "--json").stdout
+        return {p["peer_id"]: p for p in json.loads(out)["peers"]}
+
+    def wait_discoverable(self, peers: list[PeerProcess] | None = None, timeout: float = 90) -> dict[str, dict[str, Any]]:
+        """Poll as a light client until every given peer's record is found and verified."""
+        expected = {p.peer_id for p in (peers if peers is not None else self.serving())}
+        deadline = time.monotonic() + timeout
+        while True:
+            listed = self.list_peers()
+            if expected <= set(listed):
+                return listed
+            if time.monotonic() > deadline:
+                raise SwarmError(f"not discoverable after {timeout} s: {sorted(expected - set(listed))}")
+            time.sleep(1)
+
+    def serving(self) -> list[PeerProcess]:
+        return [p for p in self.peers.values() if p.serve and p.alive()]
+
+    # ---- stopping ----
+
+    def kill(self, name: str, sig: signal.Signals = signal.SIGKILL) -> None:
+        peer = self.peers[name]
+        _kill_group(peer.proc, sig)
+        peer.proc.wait(timeout=15)
+        _LIVE.discard(peer.proc)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM every process group, wait, then SIGKILL what is left."""
+        procs = [p.proc for p in self.peers.values()]
+        for proc in procs:
+            if proc.poll() is None:
+                _kill_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            _kill_group(proc, signal.SIGKILL)  # also reaps any child the peer left behind
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            _LIVE.discard(proc)
