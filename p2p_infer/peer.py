@@ -37,6 +37,7 @@ from .shards import ServeSpec, ShardServer
 
 log = structlog.get_logger("p2p_infer.peer")
 PROTOCOLS = (FORWARD_PROTOCOL,)
+REPROVIDE_INTERVAL = 300.0
 
 
 def read_bootstrap_file(path: Path) -> list[str]:
@@ -108,17 +109,18 @@ class Peer:
         """Publish the record now and again before it expires; announce provider keys."""
         shards = self.shards.shards if self.shards else []
         keys = [all_peers_key()] + sorted({model_key(s.model_id) for s in shards}) + [shard_key(s) for s in shards]
-        started = False
+        await self._publish_record(discovery)
+        task_status.started()
+        await discovery.provide(keys)
+        last_provided = trio.current_time()
         while True:
-            await self._publish_record(discovery)
-            if not started:
-                task_status.started()
-                started = True
-                await discovery.provide(keys)
             await trio.sleep(self.settings.republish_every())
-            # provider records outlive us by 48 h in py-libp2p, but nodes that joined since
-            # the last announcement hold none: re-announce (paced) with every record.
-            await discovery.provide(keys)
+            await self._publish_record(discovery)
+            # Provider records outlive us (48 h in py-libp2p), but the nodes closest to a key
+            # change as peers join: re-announce now and then, not with every record.
+            if trio.current_time() - last_provided >= REPROVIDE_INTERVAL:
+                await discovery.provide(keys)
+                last_provided = trio.current_time()
 
     async def _publish_record(self, discovery: Discovery) -> None:
         assert self.host is not None

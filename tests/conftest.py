@@ -1,0 +1,33 @@
+import os
+import sys
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache():
+    """Train/cache the digits model once, before any peer process races to do it."""
+    from p2p_infer.models import known_manifests
+
+    return known_manifests()
+
+
+@asynccontextmanager
+async def light_host():
+    """A bare libp2p host in the test process, for poking peers with raw streams."""
+    from p2p_infer.host import quiet_libp2p_logging, running_host
+    from p2p_infer.identity import Identity
+
+    quiet_libp2p_logging()
+    async with running_host(Identity.generate()) as host:
+        yield host
+
+
+def python() -> str:
+    return sys.executable

@@ -1,0 +1,147 @@
+import msgpack
+import pytest
+import trio
+import trio.testing
+
+from p2p_infer.errors import FrameError, FrameTooLarge, ProtocolViolation, RemoteError
+from p2p_infer.framing import (
+    decode_payload,
+    encode_frame,
+    protocol_id,
+    read_message,
+    request,
+    serve_stream,
+    write_message,
+)
+
+
+class TrioStream:
+    """read/write/close over a trio in-memory stream, like a libp2p stream."""
+
+    def __init__(self, stream):
+        self.s = stream
+
+    async def read(self, n=None):
+        return await self.s.receive_some(n)
+
+    async def write(self, data):
+        await self.s.send_all(data)
+
+    async def close(self):
+        await self.s.aclose()
+
+
+async def echo(message):
+    if message["type"] == "boom":
+        raise RuntimeError("handler bug")
+    if message["type"] != "echo":
+        raise ProtocolViolation(f"unknown message type {message['type']!r}")
+    return {"type": "echo", "value": message.get("value")}
+
+
+async def served(max_frame=1024, timeout=5.0):
+    a, b = trio.testing.memory_stream_pair()
+    client, server = TrioStream(a), TrioStream(b)
+    return client, server, max_frame, timeout
+
+
+def test_protocol_ids_are_versioned():
+    assert protocol_id("forward") == "/p2p-infer/forward/1.0.0"
+
+
+def test_encode_decode_round_trip():
+    frame = encode_frame({"type": "x", "data": b"\x00\x01"})
+    assert int.from_bytes(frame[:4], "big") == len(frame) - 4
+    assert decode_payload(frame[4:]) == {"type": "x", "data": b"\x00\x01"}
+
+
+def test_oversized_message_is_refused_at_the_writer():
+    with pytest.raises(FrameTooLarge):
+        encode_frame({"type": "x", "data": b"a" * 2048}, max_frame=1024)
+
+
+@pytest.mark.parametrize("payload", [b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"no": "type"}), msgpack.packb({"type": 5})])
+def test_bad_payloads(payload):
+    with pytest.raises((FrameError, ProtocolViolation)):
+        decode_payload(payload)
+
+
+async def test_requests_and_errors_on_one_stream():
+    client, server, max_frame, timeout = await served()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: serve_stream(server, echo, protocol="t", max_frame=max_frame, timeout=timeout))
+        assert (await request(client, {"type": "echo", "value": 1}))["value"] == 1
+        with pytest.raises(RemoteError, match="unknown message type") as info:
+            await request(client, {"type": "nope"})
+        assert info.value.code == "bad_request"
+        with pytest.raises(RemoteError, match="handler bug") as info:
+            await request(client, {"type": "boom"})
+        assert info.value.code == "internal"
+        # the stream still serves after both errors
+        assert (await request(client, {"type": "echo", "value": 2}))["value"] == 2
+        await client.close()
+
+
+async def test_malformed_msgpack_gets_an_error_reply_and_the_handler_returns():
+    client, server, max_frame, timeout = await served()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: serve_stream(server, echo, protocol="t", max_frame=max_frame, timeout=timeout))
+        await client.write((3).to_bytes(4, "big") + b"\xc1\xc1\xc1")
+        reply = await read_message(client)
+        assert reply["type"] == "error" and reply["code"] == "bad_frame"
+
+
+async def test_oversized_frame_is_refused_before_reading_it():
+    client, server, max_frame, timeout = await served(max_frame=1024)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: serve_stream(server, echo, protocol="t", max_frame=max_frame, timeout=timeout))
+        await client.write((10_000_000).to_bytes(4, "big"))
+        reply = await read_message(client)
+        assert reply["code"] == "frame_too_large"
+
+
+async def test_truncated_frame_ends_the_stream_cleanly():
+    client, server, max_frame, timeout = await served()
+    done = trio.Event()
+
+    async def run():
+        await serve_stream(server, echo, protocol="t", max_frame=max_frame, timeout=timeout)
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        await client.write((100).to_bytes(4, "big") + b"\x81\xa4type")  # 100 announced, 6 sent
+        await client.s.send_stream.aclose()
+        with trio.fail_after(5):
+            await done.wait()
+
+
+async def test_silent_peer_times_out():
+    client, server, max_frame, _ = await served()
+    done = trio.Event()
+
+    async def run():
+        await serve_stream(server, echo, protocol="t", max_frame=max_frame, timeout=0.2)
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        await client.write(b"\x00\x00")  # half a header, then nothing
+        with trio.fail_after(5):
+            await done.wait()
+
+
+async def test_reader_raises_frame_error_on_truncation():
+    a, b = trio.testing.memory_stream_pair()
+    client, server = TrioStream(a), TrioStream(b)
+    await client.write((10).to_bytes(4, "big") + b"abc")
+    await client.s.send_stream.aclose()
+    with pytest.raises(FrameError, match="inside a frame"):
+        await read_message(server)
+
+
+async def test_write_then_read():
+    a, b = trio.testing.memory_stream_pair()
+    client, server = TrioStream(a), TrioStream(b)
+    await write_message(client, {"type": "x", "n": 3})
+    assert await read_message(server) == {"type": "x", "n": 3}
