@@ -20,8 +20,7 @@ from typing import Any
 
 import structlog
 import trio
-from libp2p.abc import IHost, INetStream
-from libp2p.peer.id import ID
+from libp2p.abc import IHost
 from libp2p.tools.anyio_service import background_trio_service
 
 from .config import default_cache_dir
@@ -29,11 +28,12 @@ from .dht import Discovery
 from .directory import Directory
 from .errors import FrameError, NoRoute, P2PInferError, PeerUnreachable, ProtocolViolation, RemoteError
 from .forward import FORWARD_PROTOCOL, RESULT_PROTOCOL, ForwardRequest, Hop, parse_forward_reply
-from .framing import Message, request
-from .host import add_handler, dial, full_addrs, open_stream, parse_peer_addr, peer_info, running_host
+from .framing import Message
+from .host import add_handler, full_addrs, parse_peer_addr, running_host
 from .identity import Identity
 from .models import Activation, SplitModel, known_manifests, load_model
 from .routing import Segment, Server, plan_route
+from .streams import StreamPool
 
 log = structlog.get_logger("p2p_infer.client")
 RETRYABLE_REMOTE_CODES = {"internal", "overloaded", "not_served", "unknown_model", "unreachable"}
@@ -65,14 +65,6 @@ class QueryResult:
         return asdict(self)
 
 
-class _PeerStream:
-    """One reusable stream per peer: opening a stream costs a multistream negotiation."""
-
-    def __init__(self) -> None:
-        self.stream: INetStream | None = None
-        self.lock = trio.Lock()
-
-
 class Client:
     def __init__(
         self,
@@ -99,7 +91,7 @@ class Client:
         self.host: IHost | None = None
         self.directory: Directory | None = None
         self.rtt_ms: dict[str, float] = {}
-        self._streams: dict[str, _PeerStream] = {}
+        self.pool: StreamPool | None = None
         self._pending: dict[str, tuple[trio.MemorySendChannel[Message], str]] = {}
         self._stack: AsyncExitStack | None = None
         self._models: dict[str, SplitModel] = {}
@@ -113,6 +105,7 @@ class Client:
             manifests = await trio.to_thread.run_sync(known_manifests, default_cache_dir())
             self.host = await self._stack.enter_async_context(running_host(self.identity, self.listen))
             add_handler(self.host, RESULT_PROTOCOL, self._on_result)
+            self.pool = StreamPool(self.host, self._addrs_of)
             discovery = Discovery(self.host, server=False, bootstrap=self.bootstrap)
             await self._stack.enter_async_context(background_trio_service(discovery.kad))
             if not await discovery.join():
@@ -305,39 +298,17 @@ class Client:
             self.rtt_ms.pop(peer_id, None)
 
     async def _request(self, peer_id: str, message: Message, timeout: float | None = None) -> Message:
-        slot = self._streams.setdefault(peer_id, _PeerStream())
-        async with slot.lock:
-            if slot.stream is None:
-                slot.stream = await self._open(peer_id)
-            try:
-                return await request(slot.stream, message, timeout=timeout or self.request_timeout, peer=peer_id)
-            except (FrameError, trio.TooSlowError):
-                self._close_later(slot)
-                raise
-            except RemoteError:
-                raise
-            except P2PInferError:
-                self._close_later(slot)
-                raise
-            except Exception as exc:  # stream reset, EOF and friends from libp2p
-                self._close_later(slot)
-                raise PeerUnreachable(f"{peer_id}: {type(exc).__name__}: {exc}") from None
-
-    async def _open(self, peer_id: str) -> INetStream:
-        assert self.host is not None and self.directory is not None
-        pid = ID.from_base58(peer_id)
-        if pid not in self.host.get_connected_peers():
-            record = self.directory.records.get(peer_id)
-            addrs = [a.split("/p2p/")[0] for a in record.addrs] if record else []
-            await dial(self.host, peer_info(peer_id, addrs))
-        return await open_stream(self.host, pid, FORWARD_PROTOCOL)
-
-    def _close_later(self, slot: _PeerStream) -> None:
-        slot.stream = None  # the stream object is dropped; libp2p resets it with the connection
+        assert self.pool is not None
+        return await self.pool.request(peer_id, FORWARD_PROTOCOL, message, timeout=timeout or self.request_timeout)
 
     def _drop_stream(self, peer_id: str) -> None:
-        self._streams.pop(peer_id, None)
+        if self.pool is not None:
+            self.pool.forget(peer_id)
         self.rtt_ms.pop(peer_id, None)
+
+    def _addrs_of(self, peer_id: str) -> list[str]:
+        record = self.directory.records.get(peer_id) if self.directory else None
+        return list(record.addrs) if record else []
 
 
 @asynccontextmanager

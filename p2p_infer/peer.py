@@ -26,14 +26,15 @@ from libp2p.tools.anyio_service import background_trio_service
 from . import __version__
 from .config import Settings, default_cache_dir
 from .dht import Discovery
-from .errors import NotServed, Overloaded, P2PInferError, PeerUnreachable, RemoteError
+from .errors import NotServed, Overloaded, P2PInferError, RemoteError
 from .forward import FORWARD_PROTOCOL, RESULT_PROTOCOL, ForwardRequest, forward_reply, parse_forward_request
-from .framing import Message, request, write_message
-from .host import add_handler, full_addrs, open_stream, parse_peer_addr, peer_info, running_host
+from .framing import Message
+from .host import add_handler, full_addrs, parse_peer_addr, running_host
 from .identity import Identity, load_or_create_identity
 from .records import all_peers_key, make_record, model_key, shard_key, sign_record
 from .models import Activation
 from .shards import ServeSpec, ShardServer
+from .streams import StreamPool
 
 log = structlog.get_logger("p2p_infer.peer")
 PROTOCOLS = (FORWARD_PROTOCOL,)
@@ -63,20 +64,22 @@ class Peer:
         self.limiter = trio.CapacityLimiter(max(1, settings.max_concurrent))
         self.host: IHost | None = None
         self._nursery: trio.Nursery | None = None  # background forwarding work
+        self.pool: StreamPool | None = None  # streams to next hops and clients (forwarding mode)
         self.log = log.bind(peer=self.identity.peer_id)
 
     # ---- lifecycle ----
 
     async def run(self, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-        import torch
+        if self.specs:  # torch is imported only by peers that serve layers
+            import torch
 
-        torch.set_num_threads(max(1, self.settings.torch_threads))
-        if self.specs:
+            torch.set_num_threads(max(1, self.settings.torch_threads))
             self.shards = await trio.to_thread.run_sync(ShardServer, self.specs, default_cache_dir())
             self.throughput = await trio.to_thread.run_sync(self.shards.measure_throughput)
         bootstrap = [parse_peer_addr(a) for a in bootstrap_addrs(self.settings)]
         async with running_host(self.identity, self.settings.listen) as host:
             self.host = host
+            self.pool = StreamPool(host)
             discovery = Discovery(host, server=True, bootstrap=bootstrap)
             add_handler(host, FORWARD_PROTOCOL, self.handle_forward)
             async with background_trio_service(discovery.kad):
@@ -196,21 +199,11 @@ class Peer:
             except P2PInferError as exc2:
                 self.log.info("cannot reach client to report failure", reason=exc2.message)
 
-    async def _send_to(self, peer: str, addrs: tuple[str, ...] | list[str], protocol: str, message: Message) -> None:
-        assert self.host is not None
-        from .host import dial
-
-        info = peer_info(peer, [a.split("/p2p/")[0] for a in addrs])
-        if info.peer_id not in self.host.get_connected_peers():
-            await dial(self.host, info)
-        stream = await open_stream(self.host, info.peer_id, protocol)
-        try:
-            reply = await request(stream, message, peer=peer, timeout=30)
-            if reply.get("type") not in ("accepted", "ok"):
-                raise RemoteError("bad_reply", f"unexpected reply {reply.get('type')!r}", peer)
-        finally:
-            with trio.move_on_after(2):
-                await stream.close()
+    async def _send_to(self, peer: str, addrs: tuple[str, ...], protocol: str, message: Message) -> None:
+        assert self.pool is not None
+        reply = await self.pool.request(peer, protocol, message, timeout=30, addrs=addrs)
+        if reply.get("type") not in ("accepted", "ok"):
+            raise RemoteError("bad_reply", f"unexpected reply {reply.get('type')!r}", peer)
 
     def _dump_request(self, message: Message) -> None:
         """Testing and audit aid: with P2P_INFER_DUMP_DIR set, keep every request as received."""
