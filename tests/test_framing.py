@@ -145,3 +145,8 @@ async def test_write_then_read():
     client, server = TrioStream(a), TrioStream(b)
     await write_message(client, {"type": "x", "n": 3})
     assert await read_message(server) == {"type": "x", "n": 3}
+
+
+def test_spec_vector():
+    """protocols/framing.md pins these bytes."""
+    assert encode_frame({"type": "ping"}).hex(" ") == "00 00 00 0b 81 a4 74 79 70 65 a4 70 69 6e 67"
