@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -144,7 +145,12 @@ class Peer:
 
     async def handle_forward(self, message: Message) -> Message:
         if message.get("type") == "ping":
-            return {"type": "pong", "load": self.in_flight / self.limiter.total_tokens}
+            return {
+                "type": "pong",
+                "load": self.in_flight / self.limiter.total_tokens,
+                "in_flight": self.in_flight,
+                "threads": threading.active_count(),  # lets operators and tests see leaks
+            }
         self._dump_request(message)
         req = parse_forward_request(message)
         if self.shards is None:
