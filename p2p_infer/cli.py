@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-concurrent", type=int, help="forward requests computed at once (default 4)")
         p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default 1)")
         p.add_argument("--ready-file", type=Path, help="write {peer_id, addrs, pid} as JSON here once serving")
+        p.add_argument("--audit-log", type=Path, help="append-only signed audit log (default: KEY with .audit.log)")
+        if name == "peer":
+            p.add_argument("--test-fault", choices=["wrong-output", "no-reveal", "late-commit", "copy", "equivocate"],
+                           help="TESTING AID, off by default: make this peer misbehave in committees")
 
     p = sub.add_parser("peers", help="list live peers and their verified capabilities")
     _common(p)
@@ -60,14 +64,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forwarding", action="store_true", help="peers pass activations along the route")
     p.add_argument("--compare", action="store_true", help="also run the model locally and print the difference")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument("--committee", type=int, metavar="K", help="run each stage on a VRF-chosen committee of K peers (commit-reveal, quorum)")
+    p.add_argument("--commit-timeout", type=float, default=5.0, help="seconds members have to commit (committee mode)")
+    p.add_argument("--save-cert", type=Path, metavar="FILE", help="write the quorum certificate here (committee mode)")
     p.add_argument("input", help="text for minilm-l6; for digits-mlp 64 comma-separated values or test:N")
+
+    p = sub.add_parser("verify", help="check a saved quorum certificate offline (exit 0 only if valid)")
+    _common(p)
+    p.add_argument("certificate", type=Path)
+
+    p = sub.add_parser("audit", help="print an audit log and verify its hash chain and signatures")
+    _common(p)
+    p.add_argument("--log", type=Path, help="audit log file (default: the key file with .audit.log)")
+    p.add_argument("--json", action="store_true")
     return parser
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     for name in ("key", "listen", "bootstrap", "bootstrap_file", "serve", "log_format", "log_level",
-                 "record_ttl", "max_concurrent", "torch_threads", "ready_file"):
+                 "record_ttl", "max_concurrent", "torch_threads", "ready_file", "audit_log", "test_fault"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -203,9 +219,13 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     inputs = parse_query_input(args.model, args.input)
 
     async def query() -> dict[str, Any]:
-        async with Client(bootstrap_addrs(settings), local_layers=args.local_layers, forwarding=args.forwarding) as client:
+        async with Client(bootstrap_addrs(settings), local_layers=args.local_layers, forwarding=args.forwarding,
+                          committee=args.committee, commit_timeout=args.commit_timeout) as client:
             result = await client.run(args.model, inputs)
             out = result.to_json()
+            if args.save_cert is not None and result.certificate is not None:
+                args.save_cert.write_bytes(result.certificate)
+                out["certificate_file"] = str(args.save_cert)
             if args.compare:
                 model = await client.model(args.model)
                 out["local_check"] = compare_outputs(result.output, model.run_local(inputs))
@@ -239,6 +259,9 @@ def print_result(out: dict[str, Any]) -> None:
     for h in out["route"]:
         rt = f", round trip {h['round_trip_ms']:.1f} ms" if h["round_trip_ms"] else ""
         print(f"  layers {h['first']}-{h['last']} on {h['peer']}: compute {h['compute_ms']:.1f} ms{rt}")
+    for st in out.get("stages") or []:
+        verdicts = ", ".join(f"{p[:12]}..={v}" for p, v in st["verdicts"].items())
+        print(f"  stage {st['stage']} layers {st['first']}-{st['last']} (attempts {st['attempts']}): {verdicts}")
     if out["failed_peers"]:
         print(f"re-routed around {len(out['failed_peers'])} failed peer(s): {', '.join(out['failed_peers'])}")
     print(f"total {out['total_ms']:.1f} ms")
@@ -247,7 +270,47 @@ def print_result(out: dict[str, Any]) -> None:
         print(f"check against the model run locally: max abs diff {c['max_abs_diff']:.2e} -> {'MATCH' if c['match'] else 'MISMATCH'}")
 
 
+def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from .consensus import Certificate, ConsensusError
+    from .models import known_manifests
+
+    try:
+        cert = Certificate.decode(args.certificate.read_bytes())
+        layers = {mid: m.num_layers for mid, m in known_manifests(default_cache_dir()).items()}
+        if cert.model_id not in layers:
+            raise ConsensusError(f"certificate is for unknown model {cert.model_id[:16]}...")
+        lines = cert.verify(known_layers=lambda mid: layers[mid])
+    except (ConsensusError, OSError) as exc:
+        print(f"INVALID: {getattr(exc, 'message', exc)}")
+        return 1
+    print(f"VALID certificate for model {cert.model_id[:16]}..., request {cert.request_hash.hex()[:16]}...")
+    for line in lines:
+        print(f"  {line}")
+    print(f"  output hash {cert.output_hash.hex()}")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
+    from .audit import AuditError, verify_log
+
+    path = args.log or settings.audit_log or settings.key.with_suffix(".audit.log")
+    try:
+        entries = verify_log(path)
+    except (AuditError, OSError) as exc:
+        print(f"INVALID audit log {path}: {exc}")
+        return 1
+    if args.json:
+        print(json.dumps({"log": str(path), "entries": entries}))
+    else:
+        for e in entries:
+            print(f"{e['seq']:5d} {e['kind']:10s} {json.dumps(e['data'], sort_keys=True)}")
+        print(f"{len(entries)} entries, hash chain and signatures verified ({path})")
+    return 0
+
+
 COMMANDS = {
+    "verify": cmd_verify,
+    "audit": cmd_audit,
     "id": cmd_id,
     "peer": cmd_peer,
     "bootstrap": cmd_peer,

@@ -11,14 +11,17 @@ and ``finish`` (pooling / head) itself: only hidden states cross the network.
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
+import torch
 import trio
 from libp2p.abc import IHost
 from libp2p.tools.anyio_service import background_trio_service
@@ -32,7 +35,27 @@ from .framing import Message
 from .host import add_handler, full_addrs, parse_peer_addr, running_host
 from .identity import Identity
 from .models import Activation, SplitModel, known_manifests, load_model
+from .audit import AuditLog
+from .auditor import Auditor
+from .committee import COMMITTEE_PROTOCOL, activation_hash, run_stage_round
+from .consensus import (
+    Certificate,
+    Commit,
+    ConsensusError,
+    Evidence,
+    NoQuorum,
+    StageCertificate,
+    StageDecision,
+    StageRound,
+    StageTask,
+    outputs_agree,
+    request_hash,
+)
+from .gossip import Gossip, running_gossip
+from .records import now_ms
+from .reputation import Reputation
 from .routing import Segment, Server, plan_route
+from .tensors import decode_tensor, encode_tensor
 from .streams import StreamPool
 
 log = structlog.get_logger("p2p_infer.client")
@@ -60,9 +83,14 @@ class QueryResult:
     mode: str
     retries: int = 0
     failed_peers: list[str] = field(default_factory=list)
+    stages: list[dict[str, Any]] = field(default_factory=list)  # committee mode: verdicts per stage
+    certificate: bytes | None = None  # committee mode: the quorum certificate (Certificate.encode())
+    spot_checks: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["certificate"] = None if self.certificate is None else f"{len(self.certificate)} bytes"
+        return data
 
 
 class Client:
@@ -77,6 +105,13 @@ class Client:
         max_retries: int = 3,
         request_timeout: float = 30.0,
         refresh_interval: float = 10.0,
+        committee: int | None = None,
+        commit_timeout: float = 5.0,
+        reveal_timeout: float = 5.0,
+        max_reruns: int = 2,
+        spot_check: float = 0.0,
+        trial: bool = True,
+        audit_log: Path | None = None,
     ) -> None:
         if local_layers < 1:
             raise ValueError("the client runs at least one layer itself (local_layers >= 1)")
@@ -88,6 +123,17 @@ class Client:
         self.max_retries = max_retries
         self.request_timeout = request_timeout
         self.refresh_interval = refresh_interval
+        self.committee = committee
+        self.commit_timeout = commit_timeout
+        self.reveal_timeout = reveal_timeout
+        self.max_reruns = max_reruns
+        self.spot_check = spot_check
+        self.trial = trial
+        self.reputation = Reputation()
+        self.auditor = Auditor(self.reputation, AuditLog(audit_log, self.identity) if audit_log else None)
+        self.gossip: Gossip | None = None
+        self._nursery: trio.Nursery | None = None
+        self._trials: dict[str, bool] = {}  # peer -> passed
         self.host: IHost | None = None
         self.directory: Directory | None = None
         self.rtt_ms: dict[str, float] = {}
@@ -108,11 +154,13 @@ class Client:
             self.pool = StreamPool(self.host, self._addrs_of)
             discovery = Discovery(self.host, server=False, bootstrap=self.bootstrap)
             await self._stack.enter_async_context(background_trio_service(discovery.kad))
+            self.gossip = await self._stack.enter_async_context(running_gossip(self.host, self._on_gossip))
             if not await discovery.join():
                 raise PeerUnreachable("no bootstrap peer reachable")
             self.directory = Directory(discovery, manifests)
             nursery = await self._stack.enter_async_context(trio.open_nursery())
             self._stack.callback(nursery.cancel_scope.cancel)
+            self._nursery = nursery
             await self.refresh()
             nursery.start_soon(self._keep_fresh)
         except BaseException:
@@ -165,6 +213,14 @@ class Client:
         local_ms = (time.perf_counter() - started) * 1000
         failed: list[str] = []
         hops: list[HopReport] = []
+        await self._admit_servers(model)
+        if self.committee:
+            act, hops, stages, cert = await self._run_committees(model, act)
+            finish_start = time.perf_counter()
+            output = model.finish(act)
+            local_ms += (time.perf_counter() - finish_start) * 1000
+            return QueryResult(model.name, model.model_id, output, hops, local_ms, (time.perf_counter() - started) * 1000,
+                               f"committee k={self.committee}", stages=stages, certificate=cert)
         mode = "forwarding" if self.forwarding else "client"
         if self.forwarding:
             try:
@@ -193,14 +249,134 @@ class Client:
     # ---- routing ----
 
     def servers(self, model: SplitModel) -> list[Server]:
+        """Servers of ``model`` this client will use: trusted, and past their trial task."""
         assert self.directory is not None
         return [
             Server(r.peer_id, s.first, s.last, r.throughput, r.load, self.rtt_ms.get(r.peer_id))
             for r, s in self.directory.shards_of(model.model_id)
+            if self.reputation.trusted(r.peer_id) and (not self.trial or self._trials.get(r.peer_id, False))
         ]
 
     def plan(self, model: SplitModel, first: int, exclude: Sequence[str] = ()) -> list[Segment]:
-        return plan_route(self.servers(model), first, len(model.layers) - 1, exclude=exclude, model_name=model.name)
+        return plan_route(self.servers(model), first, len(model.layers) - 1, exclude=exclude,
+                          reputation=self.reputation.of, model_name=model.name)
+
+    # ---- trial tasks: a known answer before live traffic ----
+
+    async def _admit_servers(self, model: SplitModel) -> None:
+        if not self.trial or self.directory is None:
+            return
+        untried = {r.peer_id: s for r, s in self.directory.shards_of(model.model_id) if r.peer_id not in self._trials}
+        async with trio.open_nursery() as nursery:
+            for peer_id, shard in untried.items():
+                nursery.start_soon(self._trial, model, peer_id, shard.first)
+
+    async def _trial(self, model: SplitModel, peer_id: str, layer: int) -> None:
+        """Send one layer's worth of random input; pass only on the answer computed here."""
+        act = trial_activation(model)
+        expected = encode_tensor(model.run_layers(act, layer, layer))
+        try:
+            hidden, _ = await self._call_segment(model, Segment(Server(peer_id, layer, layer, 1.0), layer, layer), act)
+            passed = outputs_agree(encode_tensor(hidden), expected)
+        except (P2PInferError, trio.TooSlowError) as exc:
+            log.info("trial task failed to run", peer=peer_id, reason=getattr(exc, "message", "timed out"))
+            return  # not admitted, not judged: it may be tried again later
+        self._trials[peer_id] = passed
+        self.reputation.record(peer_id, fault=not passed)
+        if passed:
+            self.reputation.admit(peer_id)
+        log.info("trial task", peer=peer_id, passed=passed)
+
+    # ---- committee mode ----
+
+    async def _run_committees(self, model: SplitModel, act: Activation) -> tuple[Activation, list[HopReport], list[dict[str, Any]], bytes]:
+        assert self.committee is not None
+        nonce = os.urandom(32)
+        first_input = activation_hash(encode_tensor(act.hidden), None if act.mask is None else encode_tensor(act.mask))
+        req_hash = request_hash(model.model_id, first_input, nonce)
+        stages: list[StageCertificate] = []
+        reports: list[dict[str, Any]] = []
+        hops: list[HopReport] = []
+        pos = self.local_layers
+        while pos < len(model.layers):
+            segment = (await self._plan_or_refresh(model, pos, ()))[0]
+            started = time.perf_counter()
+            decision, attempts = await self._decide_stage(model, len(stages), segment.first, segment.last, act, req_hash)
+            hidden = decode_tensor(decision.output, field="output")
+            act = Activation(hidden, act.mask)
+            stages.append(decision.certificate)
+            reports.append({"stage": len(reports), "first": segment.first, "last": segment.last, "attempts": attempts,
+                            "verdicts": decision.verdicts})
+            hops.append(HopReport(",".join(m for m, v in decision.verdicts.items() if v == "agree"), segment.first, segment.last,
+                                  round_trip_ms=(time.perf_counter() - started) * 1000))
+            pos = segment.last + 1
+        cert = Certificate(model.model_id, nonce, first_input, stages)
+        return act, hops, reports, cert.encode()
+
+    async def _decide_stage(self, model: SplitModel, stage: int, first: int, last: int, act: Activation, req_hash: bytes) -> tuple[StageDecision, int]:
+        """Run the stage's committee; on no quorum re-run with a fresh committee, bounded."""
+        assert self.directory is not None and self.committee is not None
+        hidden, mask = encode_tensor(act.hidden), None if act.mask is None else encode_tensor(act.mask)
+        excluded: set[str] = set()
+        failures: list[str] = []
+        for attempt in range(self.max_reruns + 1):
+            candidates = [s.peer_id for s in self.servers(model) if s.first <= first and last <= s.last and s.peer_id not in excluded]
+            task = StageTask(req_hash, stage, attempt, model.model_id, first, last, activation_hash(hidden, mask),
+                             self.committee, now_ms() + int(self.commit_timeout * 1000))
+            try:
+                rnd = await run_stage_round(self._committee_request, task, sorted(set(candidates)), hidden, mask,
+                                            reveal_timeout=self.reveal_timeout, on_direct_commit=self._on_direct_commit)
+            except NoQuorum as exc:
+                failures.append(exc.message)
+                break  # too few candidates: a re-run cannot do better
+            try:
+                decision = rnd.decide()
+            except NoQuorum as exc:
+                failures.append(exc.message)
+                self._judge(rnd, {m: rnd.faults.get(m, "no-quorum") for m in rnd.members})
+                excluded.update(m for m in rnd.members if m in rnd.faults)
+                log.warning("no quorum, re-running the stage with a fresh committee", stage=stage, attempt=attempt, reason=exc.message)
+                continue
+            self._judge(rnd, decision.verdicts, decision)
+            return decision, attempt + 1
+        raise NoQuorum(f"{model.name} stage {stage} (layers {first}-{last}) failed after {len(failures)} attempt(s): " + " | ".join(failures))
+
+    def _judge(self, rnd: StageRound, verdicts: dict[str, str], decision: StageDecision | None = None) -> None:
+        """Apply reputation for one task and tell the network what was seen (off the critical path)."""
+        task_id = rnd.task.task_id
+        for member, verdict in verdicts.items():
+            self.reputation.record_task(member, task_id, fault=verdict not in ("agree", "no-quorum"))
+        self._publish({"kind": "verdict", "task": task_id, "stage": rnd.task.stage, "verdicts": verdicts, "client": self.identity.peer_id})
+        for member, verdict in verdicts.items():
+            evidence = None
+            if verdict == "wrong-output" and decision is not None:
+                reveal, output = rnd.reveals[member]
+                evidence = Evidence("wrong-output", member, [rnd.commits[member]], reveal, output, decision.certificate)
+            elif verdict == "bad-reveal" and member in rnd.bad_reveals and not rnd.bad_reveals[member].opens(rnd.commits[member]):
+                evidence = Evidence("bad-reveal", member, [rnd.commits[member]], rnd.bad_reveals[member])
+            if evidence is not None:
+                try:
+                    self.auditor.on_evidence(evidence, reporter=self.identity.peer_id)
+                except ConsensusError as exc:  # never publish what we could not check ourselves
+                    log.error("own evidence did not verify", member=member, reason=exc.message)
+                    continue
+                self._publish({"kind": "evidence", "evidence": evidence.to_wire()})
+
+    def _on_direct_commit(self, commit: Commit) -> None:
+        for evidence in self.auditor.on_commit(commit):
+            self._publish({"kind": "evidence", "evidence": evidence.to_wire()})
+
+    async def _on_gossip(self, sender: str, message: dict[str, Any]) -> None:
+        for evidence in self.auditor.observe(sender, message):
+            self._publish({"kind": "evidence", "evidence": evidence.to_wire()})
+
+    def _publish(self, message: dict[str, Any]) -> None:
+        if self.gossip is not None and self._nursery is not None:
+            self.gossip.publish_soon(self._nursery, message)
+
+    async def _committee_request(self, peer_id: str, message: Message, timeout: float) -> Message:
+        assert self.pool is not None
+        return await self.pool.request(peer_id, COMMITTEE_PROTOCOL, message, timeout=timeout)
 
     async def _run_client_driven(self, model: SplitModel, act: Activation, failed: list[str]) -> tuple[Activation, list[HopReport]]:
         """Send each stage's activation from the client; on a failure, exclude the peer and
@@ -309,6 +485,14 @@ class Client:
     def _addrs_of(self, peer_id: str) -> list[str]:
         record = self.directory.records.get(peer_id) if self.directory else None
         return list(record.addrs) if record else []
+
+
+def trial_activation(model: SplitModel) -> Activation:
+    """A random input of the model's shape for a trial task (peers cannot tell it apart)."""
+    size = model.manifest.hidden_size
+    if model.name == "minilm-l6":
+        return Activation(torch.randn(1, 8, size), torch.ones(1, 8, dtype=torch.int64))
+    return Activation(torch.relu(torch.randn(1, size)))
 
 
 @asynccontextmanager

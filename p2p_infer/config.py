@@ -36,6 +36,7 @@ class Settings:
     torch_threads: int = 1
     ready_file: Path | None = None
     test_fault: str = ""  # testing aid, see docs/operator.md
+    audit_log: Path | None = None  # default: the key file's name with .audit.log
 
     def republish_every(self) -> float:
         return self.republish_interval or self.record_ttl / 3

@@ -257,6 +257,7 @@ class StageRound:
     commits: dict[str, Commit] = field(default_factory=dict)
     reveals: dict[str, tuple[Reveal, dict[str, Any]]] = field(default_factory=dict)
     faults: dict[str, str] = field(default_factory=dict)
+    bad_reveals: dict[str, Reveal] = field(default_factory=dict)
 
     @property
     def members(self) -> list[str]:
@@ -284,6 +285,8 @@ class StageRound:
             return  # no valid, timely commit: the reveal cannot count
         if not reveal.valid_signature() or not reveal.opens(commit) or output_hash(output) != reveal.output_hash:
             self.faults[member] = "bad-reveal"
+            if reveal.valid_signature() and reveal.member == member:
+                self.bad_reveals[member] = reveal  # signed proof of the fault
             return
         self.reveals[member] = (reveal, output)
 

@@ -159,11 +159,12 @@ class Swarm:
     # ---- observing and using ----
 
     def cli(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run ``p2p-infer <command> --bootstrap <this swarm> ...`` as a light client process."""
+        """Run ``p2p-infer <command> ...`` in its own process; ``peers`` and ``query`` join this swarm."""
         if self.bootstrap is None:
             raise SwarmError("no bootstrap peer")
         command, *rest = args
-        argv = [self.python, "-m", "p2p_infer.cli", command, "--bootstrap", self.bootstrap.addr, *rest]
+        network = ["--bootstrap", self.bootstrap.addr] if command in ("peers", "query") else []
+        argv = [self.python, "-m", "p2p_infer.cli", command, *network, *rest]
         try:
             result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=self.env,
                                     cwd=self.workdir, start_new_session=True)

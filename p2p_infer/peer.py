@@ -34,11 +34,16 @@ from .host import add_handler, full_addrs, parse_peer_addr, running_host
 from .identity import Identity, load_or_create_identity
 from .records import all_peers_key, make_record, model_key, shard_key, sign_record
 from .models import Activation
+from .audit import AuditLog
+from .auditor import Auditor
+from .committee import COMMITTEE_PROTOCOL, CommitteeMember
+from .gossip import Gossip, running_gossip
+from .reputation import Reputation
 from .shards import ServeSpec, ShardServer
 from .streams import StreamPool
 
 log = structlog.get_logger("p2p_infer.peer")
-PROTOCOLS = (FORWARD_PROTOCOL,)
+PROTOCOLS = (FORWARD_PROTOCOL, COMMITTEE_PROTOCOL)
 REPROVIDE_INTERVAL = 300.0
 
 
@@ -66,6 +71,10 @@ class Peer:
         self.host: IHost | None = None
         self._nursery: trio.Nursery | None = None  # background forwarding work
         self.pool: StreamPool | None = None  # streams to next hops and clients (forwarding mode)
+        self.gossip: Gossip | None = None
+        self.member = CommitteeMember(self.identity, None, self._compute_layers, self._publish, settings.test_fault)
+        audit_path = settings.audit_log or settings.key.with_suffix(".audit.log")
+        self.auditor = Auditor(Reputation(), AuditLog(audit_path, self.identity))
         self.log = log.bind(peer=self.identity.peer_id)
 
     # ---- lifecycle ----
@@ -76,6 +85,7 @@ class Peer:
 
             torch.set_num_threads(max(1, self.settings.torch_threads))
             self.shards = await trio.to_thread.run_sync(ShardServer, self.specs, default_cache_dir())
+            self.member.shards = self.shards
             self.throughput = await trio.to_thread.run_sync(self.shards.measure_throughput)
         bootstrap = [parse_peer_addr(a) for a in bootstrap_addrs(self.settings)]
         async with running_host(self.identity, self.settings.listen) as host:
@@ -83,7 +93,9 @@ class Peer:
             self.pool = StreamPool(host)
             discovery = Discovery(host, server=True, bootstrap=bootstrap)
             add_handler(host, FORWARD_PROTOCOL, self.handle_forward)
-            async with background_trio_service(discovery.kad):
+            add_handler(host, COMMITTEE_PROTOCOL, self.member.handle)
+            async with background_trio_service(discovery.kad), running_gossip(host, self.on_gossip) as gossip:
+                self.gossip = gossip
                 joined = await discovery.join()
                 if bootstrap and not joined:
                     self.log.warning("no bootstrap peer reachable; waiting for others to dial in")
@@ -178,6 +190,20 @@ class Peer:
         finally:
             self.in_flight -= 1
         return hidden, compute_ms, queue_ms
+
+    async def _compute_layers(self, model: Any, first: int, last: int, act: Activation) -> Any:
+        req = ForwardRequest(model.model_id, first, last, act)
+        hidden, _, _ = await self._compute(model, req)
+        return hidden
+
+    def _publish(self, message: dict[str, Any]) -> None:
+        if self.gossip is not None and self._nursery is not None:
+            self.gossip.publish_soon(self._nursery, message)
+
+    async def on_gossip(self, sender: str, message: dict[str, Any]) -> None:
+        self.member.on_gossip(message)
+        for evidence in self.auditor.observe(sender, message):
+            self._publish({"kind": "evidence", "evidence": evidence.to_wire()})
 
     async def _compute_and_forward(self, model: Any, req: ForwardRequest) -> None:
         """Forwarding mode: run our layers, hand the output to the next hop, or return the

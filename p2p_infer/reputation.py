@@ -27,6 +27,24 @@ class Reputation:
     scores: dict[str, float] = field(default_factory=dict)
     admitted: set[str] = field(default_factory=set)  # passed a trial task
     threshold: float = DEFAULT_THRESHOLD
+    outcomes: dict[tuple[str, bytes], bool] = field(default_factory=dict)  # (peer, task) -> fault
+
+    def record_task(self, peer: str, task: bytes, fault: bool) -> float:
+        """One update per task: a later fault for the same task replaces the reward."""
+        if (peer, task) in self.outcomes:
+            return self.penalize_task(peer, task) if fault else self.of(peer)
+        self.outcomes[(peer, task)] = fault
+        return self.record(peer, fault)
+
+    def penalize_task(self, peer: str, task: bytes) -> float:
+        """Make ``task`` count as a fault for ``peer`` (evidence that arrived late)."""
+        previous = self.outcomes.get((peer, task))
+        if previous is True:
+            return self.of(peer)
+        if previous is False:  # undo the reward this task earned, then apply the penalty
+            self.scores[peer] = min(R_MAX, max(R_MIN, self.of(peer) / REWARD))
+        self.outcomes[(peer, task)] = True
+        return self.record(peer, fault=True)
 
     def of(self, peer: str) -> float:
         return self.scores.get(peer, R_START)

@@ -1,0 +1,88 @@
+"""What every peer (and client) does with consensus gossip: check it, notice faults, keep
+reputation, and write it all to the audit log. Sans-IO: returns evidence to publish."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from .audit import AuditLog
+from .consensus import Commit, ConsensusError, Evidence, Reveal
+from .reputation import Reputation
+
+log = structlog.get_logger("p2p_infer.auditor")
+
+
+@dataclass
+class Auditor:
+    reputation: Reputation
+    audit: AuditLog | None = None
+    commits: dict[tuple[bytes, str], Commit] = field(default_factory=dict)
+    punished: set[tuple[str, str, bytes]] = field(default_factory=set)  # (kind, member, task_id)
+
+    def observe(self, sender: str, message: dict[str, Any]) -> list[Evidence]:
+        """Handle one gossip message; return evidence this observer should publish."""
+        kind = message.get("kind")
+        try:
+            if kind == "commit":
+                return self.on_commit(Commit.from_wire(message.get("commit")))
+            if kind == "reveal":
+                return self.on_reveal(Reveal.from_wire(message.get("reveal")))
+            if kind == "evidence":
+                self.on_evidence(Evidence.from_wire(message.get("evidence")), reporter=sender)
+                return []
+            if kind == "verdict":
+                self._log("verdict", {"reporter": sender, **_printable(message)})
+                return []
+        except ConsensusError as exc:
+            log.info("gossip rejected", kind=kind, sender=sender, reason=exc.message)
+            return []
+        log.info("unknown gossip kind", kind=kind, sender=sender)
+        return []
+
+    def on_commit(self, commit: Commit) -> list[Evidence]:
+        if not commit.valid_signature():
+            return []
+        self._log("commit", {"task": commit.task_id.hex(), "member": commit.member, "commitment": commit.commitment.hex()})
+        key = (commit.task_id, commit.member)
+        known = self.commits.setdefault(key, commit)
+        if known.commitment != commit.commitment:
+            evidence = Evidence("equivocation", commit.member, [known, commit])
+            self.on_evidence(evidence, reporter="self")
+            return [evidence]
+        return []
+
+    def on_reveal(self, reveal: Reveal) -> list[Evidence]:
+        if not reveal.valid_signature():
+            return []
+        self._log("reveal", {"task": reveal.task_id.hex(), "member": reveal.member, "output_hash": reveal.output_hash.hex()})
+        commit = self.commits.get((reveal.task_id, reveal.member))
+        if commit is not None and not reveal.opens(commit):
+            evidence = Evidence("bad-reveal", reveal.member, [commit], reveal)
+            self.on_evidence(evidence, reporter="self")
+            return [evidence]
+        return []
+
+    def on_evidence(self, evidence: Evidence, reporter: str) -> bool:
+        """Verify evidence and, the first time, apply the penalty. Returns True if applied."""
+        evidence.verify()
+        key = (evidence.kind, evidence.member, evidence.commits[0].task_id)
+        if key in self.punished:
+            return False
+        self.punished.add(key)
+        before = self.reputation.of(evidence.member)
+        after = self.reputation.penalize_task(evidence.member, evidence.commits[0].task_id)
+        self._log("evidence", {"kind": evidence.kind, "member": evidence.member, "task": key[2].hex(), "reporter": reporter})
+        self._log("reputation", {"peer": evidence.member, "before": before, "after": after, "reason": evidence.kind})
+        log.info("fault evidence verified", kind=evidence.kind, member=evidence.member, reputation=round(after, 4))
+        return True
+
+    def _log(self, kind: str, data: dict[str, Any]) -> None:
+        if self.audit is not None:
+            self.audit.append(kind, data)
+
+
+def _printable(message: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.hex() if isinstance(v, bytes) else v) for k, v in message.items() if k != "kind"}

@@ -1,0 +1,95 @@
+"""Gossipsub for audit traffic: commitments, reveals, verdicts and fault evidence.
+
+Gossip is never on a query's critical path (py-libp2p needs tens of ms per round): members
+send commits and reveals to the client directly and *also* publish them here so every peer
+can audit and keep reputation. Settings follow ``notes/libp2p.md``: strict message signing,
+heartbeat 1 s (default 120 s), explicit mesh degrees, spam protection off (it drops our own
+bursts), subscription drained by a dedicated task, messages kept well under 1 MiB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgpack
+import structlog
+import trio
+from libp2p.abc import IHost
+from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.tools.anyio_service import background_trio_service
+
+TOPIC = "p2p-infer/consensus/v1"
+MAX_GOSSIP_BYTES = 900 * 1024
+log = structlog.get_logger("p2p_infer.gossip")
+
+GossipHandler = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+
+class Gossip:
+    def __init__(self, pubsub: Pubsub) -> None:
+        self.pubsub = pubsub
+        self.send, self.receive = trio.open_memory_channel[bytes](256)
+
+    async def publish(self, message: dict[str, Any]) -> None:
+        data = msgpack.packb(message, use_bin_type=True)
+        if len(data) > MAX_GOSSIP_BYTES:
+            log.warning("gossip message too large, not sent", kind=message.get("kind"), size=len(data))
+            return
+        try:
+            await self.pubsub.publish(TOPIC, data)
+        except Exception as exc:  # gossip is best effort: never fail the caller's real work
+            log.info("gossip publish failed", kind=message.get("kind"), error=f"{type(exc).__name__}: {exc}")
+
+    def publish_soon(self, nursery: trio.Nursery, message: dict[str, Any]) -> None:
+        nursery.start_soon(self.publish, message)
+
+
+@asynccontextmanager
+async def running_gossip(host: IHost, handle: GossipHandler) -> AsyncIterator[Gossip]:
+    """Start gossipsub, subscribe to the consensus topic, and feed ``handle(sender, message)``."""
+    router = GossipSub(
+        protocols=[PROTOCOL_ID_V11, PROTOCOL_ID],
+        degree=6,
+        degree_low=4,
+        degree_high=12,
+        heartbeat_interval=1,
+        spam_protection_enabled=False,
+        eclipse_protection_enabled=False,  # IP diversity cannot hold on one host; reputation guards instead
+    )
+    pubsub = Pubsub(host, router, strict_signing=True)
+    async with background_trio_service(pubsub), background_trio_service(router):
+        await pubsub.wait_until_ready()
+        subscription = await pubsub.subscribe(TOPIC)
+        gossip = Gossip(pubsub)
+        async with trio.open_nursery() as nursery:
+
+            async def drain() -> None:
+                while True:
+                    msg = await subscription.get()
+                    if msg.from_id == host.get_id().to_bytes():
+                        continue
+                    try:
+                        message = msgpack.unpackb(msg.data, raw=False)
+                        if not isinstance(message, dict):
+                            raise ValueError("not a map")
+                        await handle(_sender(msg.from_id), message)
+                    except Exception as exc:  # one bad message must not stop auditing
+                        log.info("gossip message dropped", error=f"{type(exc).__name__}: {exc}")
+
+            nursery.start_soon(drain)
+            try:
+                yield gossip
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+def _sender(from_id: bytes) -> str:
+    from libp2p.peer.id import ID
+
+    try:
+        return ID(from_id).to_base58()
+    except Exception:
+        return "?"
