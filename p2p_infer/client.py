@@ -48,6 +48,7 @@ from .consensus import (
     StageDecision,
     StageRound,
     StageTask,
+    output_hash,
     outputs_agree,
     request_hash,
 )
@@ -310,7 +311,8 @@ class Client:
             hops.append(HopReport(",".join(m for m, v in decision.verdicts.items() if v == "agree"), segment.first, segment.last,
                                   round_trip_ms=(time.perf_counter() - started) * 1000))
             pos = segment.last + 1
-        cert = Certificate(model.model_id, nonce, first_input, stages)
+        mask_hash = b"" if act.mask is None else output_hash(encode_tensor(act.mask))
+        cert = Certificate(model.model_id, nonce, first_input, mask_hash, stages)
         return act, hops, reports, cert.encode()
 
     async def _decide_stage(self, model: SplitModel, stage: int, first: int, last: int, act: Activation, req_hash: bytes) -> tuple[StageDecision, int]:

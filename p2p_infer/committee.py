@@ -18,8 +18,8 @@ from .consensus import (
     StageRound,
     StageTask,
     Ticket,
+    activation_digest,
     commitment,
-    h,
     make_ticket,
     output_hash,
     sign_commit,
@@ -47,7 +47,7 @@ class Withheld(P2PInferError):
 
 def activation_hash(hidden: dict[str, Any], mask: dict[str, Any] | None) -> bytes:
     """What a stage task binds as its input: the hidden state and its mask, as sent."""
-    return h(b"activation", output_hash(hidden), b"" if mask is None else output_hash(mask))
+    return activation_digest(output_hash(hidden), b"" if mask is None else output_hash(mask))
 
 
 class CommitteeMember:

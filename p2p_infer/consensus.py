@@ -69,6 +69,11 @@ def _as_array(tensor: dict[str, Any]) -> np.ndarray:
     return np.frombuffer(tensor["data"], dtype=np.dtype(str(tensor["dtype"])).newbyteorder("<")).reshape(tensor["shape"])
 
 
+def activation_digest(hidden_hash: bytes, mask_hash: bytes) -> bytes:
+    """A stage's input: the hidden state and its attention mask (``b""`` when there is none)."""
+    return h(b"activation", hidden_hash, mask_hash)
+
+
 def outputs_agree(a: dict[str, Any], b: dict[str, Any]) -> bool:
     if a["dtype"] != b["dtype"] or list(a["shape"]) != list(b["shape"]):
         return False
@@ -400,7 +405,8 @@ CERT_VERSION = 1
 class Certificate:
     model_id: str
     client_nonce: bytes
-    input_hash: bytes  # hash of the activation the client sent to the first stage
+    input_hash: bytes  # activation digest of what the client sent to the first stage
+    mask_hash: bytes  # output_hash of the attention mask every stage received (b"" if none)
     stages: list[StageCertificate]
 
     @property
@@ -414,7 +420,7 @@ class Certificate:
     def encode(self) -> bytes:
         return msgpack.packb(
             {"version": CERT_VERSION, "model_id": self.model_id, "client_nonce": self.client_nonce,
-             "input_hash": self.input_hash, "stages": [s.to_wire() for s in self.stages]},
+             "input_hash": self.input_hash, "mask_hash": self.mask_hash, "stages": [s.to_wire() for s in self.stages]},
             use_bin_type=True,
         )
 
@@ -425,9 +431,10 @@ class Certificate:
         except Exception as exc:
             raise ConsensusError(f"certificate is not msgpack: {exc}") from None
         _expect(isinstance(raw, dict) and raw.get("version") == CERT_VERSION, "unknown certificate version")
-        _expect(isinstance(raw.get("model_id"), str) and isinstance(raw.get("client_nonce"), bytes) and isinstance(raw.get("input_hash"), bytes), "certificate header fields missing")
+        header_ok = isinstance(raw.get("model_id"), str) and all(isinstance(raw.get(k), bytes) for k in ("client_nonce", "input_hash", "mask_hash"))
+        _expect(header_ok, "certificate header fields missing")
         _expect(isinstance(raw.get("stages"), list) and raw["stages"], "certificate has no stages")
-        return cls(raw["model_id"], raw["client_nonce"], raw["input_hash"], [StageCertificate.from_wire(s) for s in raw["stages"]])
+        return cls(raw["model_id"], raw["client_nonce"], raw["input_hash"], raw["mask_hash"], [StageCertificate.from_wire(s) for s in raw["stages"]])
 
     def verify(self, known_layers: Callable[[str], int] | None = None) -> list[str]:
         """Verify every stage and the chain between them; return one line per stage."""
@@ -442,7 +449,7 @@ class Certificate:
             _expect(expected_first is None or task.first == expected_first, f"stage {i} does not start where stage {i - 1} ended")
             stage.verify()
             lines.append(f"stage {i}: layers {task.first}-{task.last}, {len(stage.commits)}/{task.k} agree (attempt {task.attempt})")
-            expected_input, expected_first = stage.output_hash, task.last + 1
+            expected_input, expected_first = activation_digest(stage.output_hash, self.mask_hash), task.last + 1
         if known_layers is not None:
             _expect(self.stages[-1].task.last == known_layers(self.model_id) - 1, "certificate does not cover the model's last layer")
         return lines

@@ -183,7 +183,7 @@ def test_copier_cannot_open_its_commitment_with_a_copied_output(setup):
 def test_certificate_tampering_is_detected(setup):
     task, members = setup
     stage = play(task, members, [HONEST] * 3).decide().certificate
-    cert = Certificate(MODEL, b"n" * 32, b"i" * 32, [stage])
+    cert = Certificate(MODEL, b"n" * 32, b"i" * 32, b"", [stage])
     assert cert.verify() and Certificate.decode(cert.encode()).verify()
     raw = cert.encode()
     mutations = 0

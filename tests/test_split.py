@@ -97,6 +97,7 @@ async def test_no_text_or_token_ids_leave_the_client(swarm, dump_dir):
     dumps = [p for p in dump_dir.iterdir() if p not in before]
     assert dumps, "the recording peer saw no request"
     tokens = load_model("minilm-l6").tokenizer([secret])["input_ids"][0]
+    lengths = []
     for path in dumps:
         raw = path.read_bytes()
         assert secret.encode() not in raw and b"secret" not in raw and b"diagnosis" not in raw
@@ -107,9 +108,10 @@ async def test_no_text_or_token_ids_leave_the_client(swarm, dump_dir):
         assert msg["hidden"]["dtype"] == "float32" and msg["hidden"]["shape"][2] == 384
         mask = np.frombuffer(msg["mask"]["data"], dtype="<i8")
         assert set(mask.tolist()) <= {0, 1}  # the only integers sent: no token ids
-        assert len(mask) == len(tokens)
+        lengths.append(len(mask))
         for field in ("session", "request_id", "reply_to"):
             assert secret not in str(msg.get(field, ""))
+    assert len(tokens) in lengths  # the query itself (besides the client's random trial input)
 
 
 async def raw_forward(host, peer_addr: str, wire: dict) -> dict:

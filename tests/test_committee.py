@@ -1,0 +1,164 @@
+"""Committees across real processes: one misbehaving member per stage for every kind of
+fault, two wrong members out of three, certificates checked offline, gossiped evidence."""
+
+import json
+import signal  # noqa: F401
+import time
+
+import pytest
+import trio
+
+from p2p_infer.client import Client
+from p2p_infer.consensus import Certificate, NoQuorum
+from p2p_infer.harness import Swarm
+from p2p_infer.models import DigitsMLP, load_model
+from p2p_infer.reputation import updated
+
+pytestmark = pytest.mark.slow
+ALL = ["digits-mlp:1-1", "digits-mlp:2-2", "digits-mlp:3-3"]
+
+
+def start(swarm: Swarm, peers: dict[str, tuple[list[str], str]]) -> None:
+    swarm.start_bootstrap()
+    for name, (serve, fault) in peers.items():
+        swarm.start_peer(name, serve, extra_args=["--test-fault", fault] if fault else [], wait=False)
+    swarm.wait_ready(list(swarm.peers.values()), timeout=180)
+    swarm.wait_discoverable(timeout=90)
+
+
+def sample(i: int) -> list[float]:
+    return DigitsMLP.dataset()[2][i].tolist()
+
+
+def audit_entries(swarm: Swarm, name: str) -> list[dict]:
+    out = swarm.cli("audit", "--log", str(swarm.workdir / f"{name}.audit.log"), "--json").stdout
+    return json.loads(out)["entries"]
+
+
+async def wait_for(predicate, timeout: float = 20.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def faults1(tmp_path_factory):
+    with Swarm(tmp_path_factory.mktemp("committee1")) as swarm:
+        start(swarm, {
+            "h1": (ALL, ""), "h2": (ALL, ""),
+            "wrong": (["digits-mlp:1-1"], "wrong-output"),
+            "noreveal": (["digits-mlp:2-2"], "no-reveal"),
+            "late": (["digits-mlp:3-3"], "late-commit"),
+        })
+        yield swarm
+
+
+async def test_wrong_output_missing_reveal_and_late_commit_are_outvoted(faults1, tmp_path):
+    swarm = faults1
+    model = load_model("digits-mlp")
+    ids = {name: swarm.peers[name].peer_id for name in ("wrong", "noreveal", "late", "h1", "h2")}
+    async with Client([swarm.bootstrap.addr], committee=3, commit_timeout=2.0) as c:
+        result = await c.classify(sample(7))
+        assert result.output["probabilities"] == pytest.approx(model.run_local(sample(7))["probabilities"], abs=1e-6)
+        verdicts = [s["verdicts"] for s in result.stages]
+        assert [(s["first"], s["last"]) for s in result.stages] == [(1, 1), (2, 2), (3, 3)]
+        assert verdicts[0][ids["wrong"]] == "wrong-output"
+        assert verdicts[1][ids["noreveal"]] == "missing-reveal"
+        assert verdicts[2][ids["late"]] == "late-commit"
+        for v in verdicts:
+            assert v[ids["h1"]] == v[ids["h2"]] == "agree"
+        # the rule: +1 task passed (the trial), then one faulty task
+        for name in ("wrong", "noreveal", "late"):
+            assert c.reputation.of(ids[name]) == pytest.approx(updated(updated(1.0, False), True))
+        # honest members: trial + 3 good stages
+        assert c.reputation.of(ids["h1"]) == pytest.approx(1.01 ** 4)
+        cert_path = tmp_path / "q.cert"
+        cert_path.write_bytes(result.certificate)
+    # the certificate verifies offline, in another process, with nothing but the file
+    assert swarm.cli("verify", str(cert_path)).returncode == 0
+    cert = Certificate.decode(cert_path.read_bytes())
+    assert len(cert.stages) == 3 and all(len(s.commits) == 2 for s in cert.stages)
+    # evidence and verdicts reached other peers by gossip, into their audit logs
+    deadline = time.monotonic() + 20
+    while True:
+        entries = audit_entries(swarm, "bootstrap")
+        evidence = [e for e in entries if e["kind"] == "evidence" and e["data"]["member"] == ids["wrong"]]
+        verdict_members = {m for e in entries if e["kind"] == "verdict" for m, v in e["data"]["verdicts"].items() if v != "agree"}
+        if evidence and {ids["noreveal"], ids["late"]} <= verdict_members:
+            break
+        assert time.monotonic() < deadline, f"gossip did not reach the bootstrap audit log: {[e['kind'] for e in entries]}"
+        time.sleep(0.5)
+    assert evidence[0]["data"]["kind"] == "wrong-output"
+    rep = [e for e in entries if e["kind"] == "reputation" and e["data"]["peer"] == ids["wrong"]]
+    assert rep and rep[0]["data"]["after"] == pytest.approx(0.8)  # an observer's own table: one faulty task
+
+
+def test_tampered_certificate_fails_verification(faults1, tmp_path):
+    result = faults1.cli("query", "--model", "digits-mlp", "--committee", "3", "--commit-timeout", "2",
+                         "--save-cert", str(tmp_path / "c.cert"), "--json", "test:3")
+    data = json.loads(result.stdout)
+    assert len(data["stages"]) == 3
+    raw = (tmp_path / "c.cert").read_bytes()
+    assert faults1.cli("verify", str(tmp_path / "c.cert")).returncode == 0
+    for pos in (40, len(raw) // 3, len(raw) // 2, len(raw) - 100):
+        tampered = bytearray(raw)
+        tampered[pos] ^= 0x04
+        (tmp_path / "t.cert").write_bytes(bytes(tampered))
+        check = faults1.cli("verify", str(tmp_path / "t.cert"), check=False)
+        assert check.returncode == 1 and "INVALID" in check.stdout, pos
+
+
+def test_audit_log_tampering_is_detected(faults1, tmp_path):
+    log = faults1.workdir / "h1.audit.log"
+    assert faults1.cli("audit", "--log", str(log)).returncode == 0
+    lines = log.read_text().splitlines()
+    assert len(lines) > 3
+    entry = json.loads(lines[1])
+    entry["data"]["member"] = "someone-else"
+    copy = tmp_path / "tampered.log"
+    copy.write_text("\n".join([lines[0], json.dumps(entry), *lines[2:]]) + "\n")
+    result = faults1.cli("audit", "--log", str(copy), check=False)
+    assert result.returncode == 1 and "entry 1" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def faults2(tmp_path_factory):
+    with Swarm(tmp_path_factory.mktemp("committee2")) as swarm:
+        start(swarm, {
+            "h1": (ALL, ""), "h2": (ALL, ""),
+            "copier": (["digits-mlp:1-1"], "copy"),
+            "liar": (["digits-mlp:2-2"], "equivocate"),
+            "h3": (["digits-mlp:3-3"], ""),
+        })
+        yield swarm
+
+
+async def test_copier_and_equivocator_are_caught(faults2, tmp_path):
+    swarm = faults2
+    model = load_model("digits-mlp")
+    copier, liar = swarm.peers["copier"].peer_id, swarm.peers["liar"].peer_id
+    async with Client([swarm.bootstrap.addr], committee=3, commit_timeout=2.0) as c:
+        result = await c.classify(sample(11))
+        assert result.output["class"] == model.run_local(sample(11))["class"]
+        # the copier committed before it could see anyone's output, so its copied reveal cannot open it
+        assert result.stages[0]["verdicts"][copier] == "bad-reveal"
+        # the liar sent the client one commitment and gossiped another: caught from gossip
+        await wait_for(lambda: c.reputation.of(liar) < 1.0)
+        assert c.reputation.of(liar) == pytest.approx(updated(updated(1.0, False), True))
+        assert c.reputation.of(copier) == pytest.approx(updated(updated(1.0, False), True))
+        Certificate.decode(result.certificate).verify()
+    deadline = time.monotonic() + 20
+    while True:
+        kinds = {(e["data"]["kind"], e["data"]["member"]) for e in audit_entries(swarm, "h3") if e["kind"] == "evidence"}
+        if {("bad-reveal", copier), ("equivocation", liar)} <= kinds:
+            break
+        assert time.monotonic() < deadline, kinds
+        time.sleep(0.5)
+
+
+async def test_two_wrong_members_of_three_give_no_result(tmp_path):
+    with Swarm(tmp_path) as swarm:
+        start(swarm, {"h": (ALL, ""), "w1": (["digits-mlp:1-1"], "wrong-output"), "w2": (["digits-mlp:1-1"], "wrong-output")})
+        async with Client([swarm.bootstrap.addr], committee=3, commit_timeout=2.0, max_reruns=1) as c:
+            with pytest.raises(NoQuorum, match=r"stage 0 \(layers 1-1\) failed after 2 attempt"):
+                await c.classify(sample(0))
