@@ -12,6 +12,7 @@ and ``finish`` (pooling / head) itself: only hidden states cross the network.
 from __future__ import annotations
 
 import os
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -230,8 +231,9 @@ class Client:
                 log.info("forwarding failed, falling back to client-driven hops", reason=exc.message)
                 mode = "client (after forwarding failed)"
                 hops = []
+        checks: list[dict[str, Any]] = []
         if not hops:
-            act, hops = await self._run_client_driven(model, act, failed)
+            act, hops = await self._run_client_driven(model, act, failed, checks)
         finish_start = time.perf_counter()
         output = model.finish(act)
         local_ms += (time.perf_counter() - finish_start) * 1000
@@ -245,6 +247,7 @@ class Client:
             mode=mode,
             retries=len(failed),
             failed_peers=failed,
+            spot_checks=checks,
         )
 
     # ---- routing ----
@@ -287,6 +290,39 @@ class Client:
         if passed:
             self.reputation.admit(peer_id)
         log.info("trial task", peer=peer_id, passed=passed)
+
+    # ---- spot checks: the optimistic mode ----
+
+    async def _spot_check(self, model: SplitModel, segment: Segment, act: Activation, hidden: torch.Tensor,
+                          checks: list[dict[str, Any]]) -> torch.Tensor:
+        """Re-run a stage on one other random provider; if the two disagree, settle it with
+        the client's own copy of the weights, penalise whoever was wrong, and keep the truth."""
+        others = [s for s in self.servers(model) if s.first <= segment.first and segment.last <= s.last and s.peer_id != segment.peer_id]
+        if not others:
+            return hidden
+        checker = random.choice(others)
+        check: dict[str, Any] = {"first": segment.first, "last": segment.last, "primary": segment.peer_id, "checker": checker.peer_id}
+        try:
+            second, _ = await self._call_segment(model, Segment(checker, segment.first, segment.last), act)
+        except (P2PInferError, trio.TooSlowError):
+            check["outcome"] = "checker unavailable"
+            checks.append(check)
+            return hidden
+        if outputs_agree(encode_tensor(hidden), encode_tensor(second)):
+            check["outcome"] = "agree"
+            for peer in (segment.peer_id, checker.peer_id):
+                self.reputation.record(peer, fault=False)
+        else:
+            truth = model.run_layers(act, segment.first, segment.last)
+            wrong = [p for p, out in ((segment.peer_id, hidden), (checker.peer_id, second))
+                     if not outputs_agree(encode_tensor(out), encode_tensor(truth))]
+            for peer in (segment.peer_id, checker.peer_id):
+                self.reputation.record(peer, fault=peer in wrong)
+            check["outcome"], check["wrong"] = "disagree", wrong
+            log.warning("spot check caught a wrong result", layers=f"{segment.first}-{segment.last}", wrong=wrong)
+            hidden = truth
+        checks.append(check)
+        return hidden
 
     # ---- committee mode ----
 
@@ -380,7 +416,9 @@ class Client:
         assert self.pool is not None
         return await self.pool.request(peer_id, COMMITTEE_PROTOCOL, message, timeout=timeout)
 
-    async def _run_client_driven(self, model: SplitModel, act: Activation, failed: list[str]) -> tuple[Activation, list[HopReport]]:
+    async def _run_client_driven(
+        self, model: SplitModel, act: Activation, failed: list[str], checks: list[dict[str, Any]] | None = None
+    ) -> tuple[Activation, list[HopReport]]:
         """Send each stage's activation from the client; on a failure, exclude the peer and
         re-route the layers still to run, replaying the last good activation."""
         pos, hops = self.local_layers, []
@@ -389,6 +427,8 @@ class Client:
             segment = (await route)[0]
             try:
                 hidden, hop = await self._call_segment(model, segment, act)
+                if self.spot_check and random.random() < self.spot_check:
+                    hidden = await self._spot_check(model, segment, act, hidden, checks if checks is not None else [])
             except (PeerUnreachable, FrameError, ProtocolViolation, trio.TooSlowError, RemoteError) as exc:
                 if isinstance(exc, RemoteError) and exc.code not in RETRYABLE_REMOTE_CODES:
                     raise

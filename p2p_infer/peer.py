@@ -67,6 +67,7 @@ class Peer:
         self.shards: ShardServer | None = None
         self.throughput = 0.0
         self.in_flight = 0
+        self.forwards_served = 0
         self.limiter = trio.CapacityLimiter(max(1, settings.max_concurrent))
         self.host: IHost | None = None
         self._nursery: trio.Nursery | None = None  # background forwarding work
@@ -175,6 +176,9 @@ class Peer:
             self._nursery.start_soon(self._compute_and_forward, model, req)
             return {"type": "accepted", "request_id": req.request_id}
         hidden, compute_ms, queue_ms = await self._compute(model, req)
+        self.forwards_served += 1
+        if self.settings.test_fault == "wrong-output" and self.forwards_served > 1:
+            hidden = hidden + 0.5  # testing aid: behave for the first request (a trial), then lie
         return forward_reply(hidden, compute_ms, queue_ms, req.request_id)
 
     async def _compute(self, model: Any, req: ForwardRequest) -> tuple[Any, float, float]:

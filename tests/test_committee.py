@@ -162,3 +162,18 @@ async def test_two_wrong_members_of_three_give_no_result(tmp_path):
         async with Client([swarm.bootstrap.addr], committee=3, commit_timeout=2.0, max_reruns=1) as c:
             with pytest.raises(NoQuorum, match=r"stage 0 \(layers 1-1\) failed after 2 attempt"):
                 await c.classify(sample(0))
+
+
+async def test_spot_checks_catch_a_peer_that_lies_after_its_trial(tmp_path):
+    with Swarm(tmp_path) as swarm:
+        start(swarm, {"honest": (["digits-mlp:1-3"], ""), "liar": (["digits-mlp:1-3"], "wrong-output")})
+        liar = swarm.peers["liar"].peer_id
+        model = load_model("digits-mlp")
+        caught = 0
+        async with Client([swarm.bootstrap.addr], spot_check=1.0) as c:
+            for i in range(12):
+                result = await c.classify(sample(i))
+                assert result.output["probabilities"] == pytest.approx(model.run_local(sample(i))["probabilities"], abs=1e-6)
+                caught += sum(liar in ch.get("wrong", []) for ch in result.spot_checks)
+            assert caught >= 1
+            assert c.reputation.of(liar) < 1.0
