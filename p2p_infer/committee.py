@@ -187,7 +187,7 @@ async def run_stage_round(
 ) -> StageRound:
     """Sortition, execution and commit-reveal for one stage attempt; returns the round,
     ready for :meth:`StageRound.decide`. Raises NoQuorum when too few candidates answer."""
-    from .consensus import Commit, NoQuorum, select_committee
+    from .consensus import Commit, NoQuorum, rank_tickets
 
     tickets: list[Ticket] = []
 
@@ -201,10 +201,10 @@ async def run_stage_round(
     async with trio.open_nursery() as nursery:
         for peer in candidates:
             nursery.start_soon(ask_ticket, peer)
-    committee = select_committee(tickets, task.seed, task.k)
+    valid_tickets = rank_tickets(tickets, task.seed)  # each VRF proof is verified once, here
+    committee = valid_tickets[: task.k]
     if len(committee) < task.k:
         raise NoQuorum(f"stage {task.stage} (layers {task.first}-{task.last}): {len(committee)} eligible candidates for a committee of {task.k}")
-    valid_tickets = [t for t in tickets if t.peer_id in {c.peer_id for c in select_committee(tickets, task.seed, len(tickets))}]
     rnd = StageRound(task, committee, valid_tickets)
     execute = {"type": "execute", "task": task.to_wire(), "hidden": hidden, "mask": mask}
     wait_s = max(0.5, (task.commit_deadline_ms - _now_ms()) / 1000 + 1.0)

@@ -124,6 +124,11 @@ def make_ticket(identity: Identity, seed: bytes) -> Ticket:
 
 def select_committee(tickets: Sequence[Ticket], seed: bytes, k: int) -> list[Ticket]:
     """The k valid tickets with the smallest VRF output (invalid ones never count)."""
+    return rank_tickets(tickets, seed)[:k]
+
+
+def rank_tickets(tickets: Sequence[Ticket], seed: bytes) -> list[Ticket]:
+    """Every valid ticket (one per peer), by VRF output, smallest first."""
     ranked, seen = [], set()
     for t in tickets:
         if t.peer_id in seen:
@@ -134,7 +139,7 @@ def select_committee(tickets: Sequence[Ticket], seed: bytes, k: int) -> list[Tic
             continue  # a forged ticket never displaces the peer's real one
         seen.add(t.peer_id)
     ranked.sort(key=lambda pair: pair[0])
-    return [t for _, t in ranked[:k]]
+    return [t for _, t in ranked]
 
 
 # ---- the task a committee executes ----

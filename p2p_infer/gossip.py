@@ -23,6 +23,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 TOPIC = "p2p-infer/consensus/v1"
 MAX_GOSSIP_BYTES = 900 * 1024
+GOSSIP_DELAY = 0.05  # seconds: audit traffic waits until the query has moved on
 log = structlog.get_logger("p2p_infer.gossip")
 
 GossipHandler = Callable[[str, dict[str, Any]], Awaitable[None]]
@@ -43,9 +44,13 @@ class Gossip:
         except Exception as exc:  # gossip is best effort: never fail the caller's real work
             log.info("gossip publish failed", kind=message.get("kind"), error=f"{type(exc).__name__}: {exc}")
 
+    async def _publish_later(self, message: dict[str, Any]) -> None:
+        await trio.sleep(GOSSIP_DELAY)  # let the reply on the critical path go out first
+        await self.publish(message)
+
     def publish_soon(self, nursery: trio.Nursery, message: dict[str, Any]) -> None:
         try:
-            nursery.start_soon(self.publish, message)
+            nursery.start_soon(self._publish_later, message)
         except RuntimeError:  # shutting down: the nursery takes no more work, and gossip is best effort
             log.debug("gossip dropped at shutdown", kind=message.get("kind"))
 

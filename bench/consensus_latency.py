@@ -1,0 +1,76 @@
+"""Consensus latency: committee of 3 vs committee of 1 (and plain routing) on the same
+route, median over repeated queries after warm-up.
+
+    .venv/bin/python bench/consensus_latency.py [--queries 20]
+
+Three peers each serve every stage (MiniLM stages 1-2, 3-4, 5-5; digits 1-1, 2-2, 3-3),
+so a committee of 3 is all of them. On one 2-core machine the three members compete for
+the cores, so the digits rows (negligible compute) isolate the protocol's own cost per stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from p2p_infer.client import Client  # noqa: E402
+from p2p_infer.harness import Swarm  # noqa: E402
+from p2p_infer.host import quiet_libp2p_logging  # noqa: E402
+from p2p_infer.models import DigitsMLP, load_model  # noqa: E402
+
+STAGES = {"minilm-l6": ["minilm-l6:1-2", "minilm-l6:3-4", "minilm-l6:5-5"], "digits-mlp": ["digits-mlp:1-1", "digits-mlp:2-2", "digits-mlp:3-3"]}
+
+
+async def times(bootstrap: str, name: str, inputs, n: int, committee: int | None) -> list[float]:
+    async with Client([bootstrap], committee=committee) as c:
+        for _ in range(3):
+            await c.run(name, inputs)
+        out = []
+        for _ in range(n):
+            r = await c.run(name, inputs)
+            assert len(r.route) == 3
+            if committee:
+                assert all(sum(v == "agree" for v in s["verdicts"].values()) == committee for s in r.stages)
+            out.append(r.total_ms)
+        return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--queries", type=int, default=20)
+    parser.add_argument("--models", nargs="+", default=list(STAGES))
+    args = parser.parse_args()
+    quiet_libp2p_logging()
+    for name in args.models:
+        model = load_model(name)
+        inputs = "peers share the work of running one model so that no single machine holds it all" if name == "minilm-l6" else DigitsMLP.dataset()[2][0].tolist()
+        with tempfile.TemporaryDirectory() as tmp, Swarm(Path(tmp), record_ttl=300) as swarm:
+            swarm.start_bootstrap()
+            swarm.start_peers([STAGES[name]] * 3)
+            swarm.wait_discoverable(timeout=120)
+            medians = {}
+            for label, committee in (("plain", None), ("committee-1", 1), ("committee-3", 3)):
+                medians[label] = statistics.median(trio.run(times, swarm.bootstrap.addr, name, inputs, args.queries, committee))
+            print(json.dumps({
+                "model": name,
+                "queries": args.queries,
+                "plain_median_ms": round(medians["plain"], 2),
+                "committee1_median_ms": round(medians["committee-1"], 2),
+                "committee3_median_ms": round(medians["committee-3"], 2),
+                "ratio_k3_vs_k1": round(medians["committee-3"] / medians["committee-1"], 3),
+                "protocol_overhead_per_stage_ms_k1_vs_plain": round((medians["committee-1"] - medians["plain"]) / 3, 2),
+                "extra_per_stage_ms_k3_vs_k1": round((medians["committee-3"] - medians["committee-1"]) / 3, 2),
+            }), flush=True)
+        del model
+
+
+if __name__ == "__main__":
+    main()
