@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ready-file", type=Path, help="write {peer_id, addrs, pid} as JSON here once serving")
         p.add_argument("--audit-log", type=Path, help="append-only signed audit log (default: KEY with .audit.log)")
         if name == "peer":
-            p.add_argument("--test-fault", choices=["wrong-output", "no-reveal", "late-commit", "copy", "equivocate"],
+            p.add_argument("--test-fault", choices=["wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial"],
                            help="TESTING AID, off by default: make this peer misbehave in committees")
 
     p = sub.add_parser("peers", help="list live peers and their verified capabilities")

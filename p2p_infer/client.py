@@ -172,6 +172,8 @@ class Client:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._stack is not None
+        if self.gossip is not None:
+            await self.gossip.flush()  # verdicts and evidence of the last query still go out
         await self._stack.__aexit__(None, None, None)
 
     async def refresh(self) -> None:

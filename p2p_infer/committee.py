@@ -33,7 +33,7 @@ from .shards import ShardServer
 from .tensors import decode_tensor, encode_tensor
 
 COMMITTEE_PROTOCOL = protocol_id("committee")
-TEST_FAULTS = ("wrong-output", "no-reveal", "late-commit", "copy", "equivocate")
+TEST_FAULTS = ("wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial")
 PENDING_TTL = 120.0  # seconds a member keeps an unrevealed output
 log = structlog.get_logger("p2p_infer.committee")
 

@@ -32,7 +32,14 @@ GossipHandler = Callable[[str, dict[str, Any]], Awaitable[None]]
 class Gossip:
     def __init__(self, pubsub: Pubsub) -> None:
         self.pubsub = pubsub
-        self.send, self.receive = trio.open_memory_channel[bytes](256)
+        self.pending = 0
+
+    async def flush(self, timeout: float = 2.0) -> None:
+        """Wait for scheduled publishes to go out (a client about to leave calls this)."""
+        with trio.move_on_after(timeout):
+            while self.pending:
+                await trio.sleep(0.01)
+            await trio.sleep(0.1)  # let the router hand the last frames to the connections
 
     async def publish(self, message: dict[str, Any]) -> None:
         data = msgpack.packb(message, use_bin_type=True)
@@ -45,12 +52,16 @@ class Gossip:
             log.info("gossip publish failed", kind=message.get("kind"), error=f"{type(exc).__name__}: {exc}")
 
     async def _publish_later(self, message: dict[str, Any]) -> None:
-        await trio.sleep(GOSSIP_DELAY)  # let the reply on the critical path go out first
-        await self.publish(message)
+        try:
+            await trio.sleep(GOSSIP_DELAY)  # let the reply on the critical path go out first
+            await self.publish(message)
+        finally:
+            self.pending -= 1
 
     def publish_soon(self, nursery: trio.Nursery, message: dict[str, Any]) -> None:
         try:
             nursery.start_soon(self._publish_later, message)
+            self.pending += 1
         except RuntimeError:  # shutting down: the nursery takes no more work, and gossip is best effort
             log.debug("gossip dropped at shutdown", kind=message.get("kind"))
 

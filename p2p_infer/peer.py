@@ -177,7 +177,7 @@ class Peer:
             return {"type": "accepted", "request_id": req.request_id}
         hidden, compute_ms, queue_ms = await self._compute(model, req)
         self.forwards_served += 1
-        if self.settings.test_fault == "wrong-output" and self.forwards_served > 1:
+        if self.settings.test_fault == "lie-after-trial" and self.forwards_served > 1:
             hidden = hidden + 0.5  # testing aid: behave for the first request (a trial), then lie
         return forward_reply(hidden, compute_ms, queue_ms, req.request_id)
 
