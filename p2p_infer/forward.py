@@ -49,6 +49,7 @@ class ForwardRequest:
     reply_to: str = ""  # client peer id the last hop sends the result to
     reply_addrs: tuple[str, ...] = ()  # where to dial the client if not connected
     trace: list[dict[str, Any]] = field(default_factory=list)  # timings of earlier hops
+    prove: bool = False  # critical mode: return the circuit's output and a ZK proof of it
 
     def to_wire(self) -> Message:
         return {
@@ -64,6 +65,7 @@ class ForwardRequest:
             "reply_to": self.reply_to,
             "reply_addrs": list(self.reply_addrs),
             "trace": self.trace,
+            "prove": self.prove,
         }
 
 
@@ -92,6 +94,7 @@ def parse_forward_request(message: Message, *, max_tensor_bytes: int = DEFAULT_M
         reply_to=_short_str(message.get("reply_to"), "reply_to"),
         reply_addrs=_str_list(message.get("reply_addrs"), "reply_addrs"),
         trace=_parse_trace(message.get("trace")),
+        prove=bool(message.get("prove", False)),
     )
 
 

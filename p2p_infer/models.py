@@ -46,6 +46,7 @@ class SplitModel(ABC):
     name: str
     manifest: Manifest
     layers: list[nn.Module]
+    provable = False  # small enough for ZK proofs of its shards (see zk.py)
 
     @abstractmethod
     def embed(self, inputs: Any) -> Activation:
@@ -162,6 +163,7 @@ def hashlib_of_text(text: str) -> str:
 
 class DigitsMLP(SplitModel):
     name = "digits-mlp"
+    provable = True
     hidden_size = 32
     num_layers = 4
     seed = 0
@@ -245,6 +247,14 @@ class DigitsMLP(SplitModel):
         if not bool(torch.isfinite(x).all()) or bool((x < 0).any()) or bool((x > 16).any()):
             raise ValueError("digits-mlp takes 64 pixel values in [0, 16]")
         return Activation(self.embed_layer(x / 16.0))
+
+    @torch.inference_mode()
+    def shard_inputs(self, first: int) -> torch.Tensor:
+        """Typical inputs of layer ``first`` (the training images pushed through the layers
+        before it): calibration data for the shard's ZK circuit."""
+        x_train = self.dataset()[0]
+        h = self.embed_layer(x_train / 16.0)
+        return self.run_layers(Activation(h), 0, first - 1) if first > 0 else h
 
     @torch.inference_mode()
     def finish(self, act: Activation) -> dict[str, Any]:

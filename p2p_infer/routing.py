@@ -54,12 +54,14 @@ def plan_route(
     reputation: Callable[[str], float] = lambda _peer: 1.0,
     min_reputation: float = 0.0,
     model_name: str = "",
+    whole_shards: bool = False,
 ) -> list[Segment]:
     """Cheapest chain of segments running layers ``first..last`` in order.
 
     Reputation divides nothing by default; below ``min_reputation`` a server is skipped,
     and above it cost is scaled by ``1 / reputation`` (R in [0.1, 10]), so trusted peers win
-    ties. Raises :class:`NoRoute` naming the first layer no usable server covers.
+    ties. Raises :class:`NoRoute` naming the first layer no usable server covers. With
+    ``whole_shards`` a server runs exactly its whole range (a ZK circuit covers a shard).
     """
     usable = [s for s in servers if s.peer_id not in exclude and reputation(s.peer_id) >= min_reputation]
     end = last + 1
@@ -73,10 +75,11 @@ def plan_route(
         if cost > best.get(pos, float("inf")):
             continue
         for server in usable:
-            if not server.first <= pos <= server.last:
+            if not server.first <= pos <= server.last or (whole_shards and (pos != server.first or server.last > last)):
                 continue
             weight = 1.0 / max(reputation(server.peer_id), 1e-6)
-            for stop in range(pos, min(server.last, last) + 1):
+            stops = [server.last] if whole_shards else range(pos, min(server.last, last) + 1)
+            for stop in stops:
                 nxt = stop + 1
                 new_cost = cost + segment_cost_ms(server, stop - pos + 1) * weight
                 if new_cost < best.get(nxt, float("inf")):

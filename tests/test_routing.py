@@ -51,3 +51,9 @@ def test_no_route_names_the_missing_layer():
 def test_cost_is_additive():
     route = plan_route([Server("a", 1, 2, 100, rtt_ms=2.0)], 1, 2)
     assert route_cost_ms(route) == pytest.approx(2.0 + 20.0)
+
+
+def test_whole_shards_only_when_asked():
+    servers = [Server("a", 1, 3, 1000), Server("b", 2, 3, 1000), Server("c", 1, 1, 10)]
+    assert ids(plan_route(servers, 1, 3, whole_shards=True)) == [("a", 1, 3)]
+    assert ids(plan_route([Server("b", 2, 3, 1000), Server("c", 1, 1, 10)], 1, 3, whole_shards=True)) == [("c", 1, 1), ("b", 2, 3)]

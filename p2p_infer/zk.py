@@ -1,0 +1,328 @@
+"""Zero-knowledge proofs of shard execution with ezkl (KZG/Halo2 on BN254).
+
+For a provable model (the digits MLP), each shard (a contiguous layer range) becomes one
+circuit with Poseidon-hashed input and output and the weights fixed in the circuit, so
+the verifying key binds the weights and a proof exposes only ``[H(input), H(output)]``.
+Consecutive shards chain: shard *i*'s output hash is shard *i+1*'s input hash. Settings
+come from the measured prototype (``docs/zk-prototype.md``): scale 13, range-check
+decomposition 256 x 3 legs, logrows 12.
+
+Artifacts (ONNX, settings, compiled circuit, vk, pk, SRS) are built on demand and cached
+under ``<cache>/zk/`` by content: a circuit directory is named by the model id, the range
+and the hash of the configuration; an SRS file by its logrows, and every consumer checks
+its SHA-256 against the pin in the ZK manifest. ``ezkl.gen_srs`` (used when no SRS file
+is supplied) draws a random secret: **fine for tests, unsafe in production**, where the
+SRS must come from a public ceremony (``docs/zk.md``).
+
+ezkl holds the GIL for whole calls, so callers run :func:`prove` in a separate process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import P2PInferError
+
+ZK_SCALE = 13
+DECOMP_BASE = 256
+DECOMP_LEGS = 3
+CONFIG = {"scale": ZK_SCALE, "decomp_base": DECOMP_BASE, "decomp_legs": DECOMP_LEGS, "input": "hashed",
+          "output": "hashed", "params": "fixed", "opset": 18, "format": 1}
+P_BN254 = 21888242871839275222246405745257275088548364400416034343698204186575808495617
+
+
+class ZkError(P2PInferError):
+    code = "zk_error"
+
+
+class NotProvable(ZkError):
+    code = "not_provable"
+
+
+def _ezkl() -> Any:
+    os.environ.setdefault("EZKL_REPO_PATH", str(Path(os.environ.get("P2P_INFER_CACHE", Path.home() / ".cache" / "p2p-infer")) / "ezkl"))
+    import ezkl
+
+    return ezkl
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def config_hash() -> str:
+    return hashlib.sha256(json.dumps(CONFIG, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class CircuitPin:
+    """What a verifier must trust for one shard: hashes of its settings and verifying key."""
+
+    first: int
+    last: int
+    settings_sha256: str
+    vk_sha256: str
+    logrows: int
+
+
+@dataclass(frozen=True)
+class ZkManifest:
+    """The ZK pins of a model: one SRS, and per provable shard its settings and vk hashes."""
+
+    model_id: str
+    srs_sha256: str
+    shards: tuple[CircuitPin, ...]
+
+    def pin(self, first: int, last: int) -> CircuitPin:
+        for p in self.shards:
+            if (p.first, p.last) == (first, last):
+                return p
+        raise NotProvable(f"layers {first}-{last} of {self.model_id[:12]} have no circuit")
+
+    def to_json(self) -> str:
+        return json.dumps({"model_id": self.model_id, "srs_sha256": self.srs_sha256, "config": CONFIG,
+                           "shards": [asdict(p) for p in self.shards]}, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ZkManifest:
+        data = json.loads(text)
+        return cls(data["model_id"], data["srs_sha256"], tuple(CircuitPin(**p) for p in data["shards"]))
+
+
+@dataclass(frozen=True)
+class Circuit:
+    """A built shard circuit on disk."""
+
+    directory: Path
+    first: int
+    last: int
+    logrows: int
+    srs: Path
+
+    @property
+    def settings(self) -> Path:
+        return self.directory / "settings.json"
+
+    @property
+    def compiled(self) -> Path:
+        return self.directory / "model.ezkl"
+
+    @property
+    def vk(self) -> Path:
+        return self.directory / "vk.key"
+
+    @property
+    def pk(self) -> Path:
+        return self.directory / "pk.key"
+
+    def pin(self) -> CircuitPin:
+        return CircuitPin(self.first, self.last, sha256_file(self.settings), sha256_file(self.vk), self.logrows)
+
+
+def zk_dir(cache_dir: Path) -> Path:
+    return cache_dir / "zk"
+
+
+def srs_path(cache_dir: Path, logrows: int) -> Path:
+    return zk_dir(cache_dir) / "srs" / f"kzg{logrows}.srs"
+
+
+def ensure_srs(cache_dir: Path, logrows: int, supplied: Path | None = None) -> Path:
+    """The SRS for ``logrows``: a supplied ceremony file (copied into the cache), else a
+    cached one, else a fresh TEST-ONLY ``gen_srs`` (random secret)."""
+    path = srs_path(cache_dir, logrows)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    if supplied is not None:
+        tmp.write_bytes(supplied.read_bytes())
+    else:
+        _ezkl().gen_srs(str(tmp), logrows)
+    if not path.exists():
+        os.replace(tmp, path)  # first writer wins; everyone then uses the same file
+    else:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def build_circuit(model: Any, first: int, last: int, cache_dir: Path, calibration: Any, srs_file: Path | None = None) -> Circuit:
+    """Export layers ``first..last`` of ``model`` and set up their circuit (cached).
+
+    ``calibration`` is a float tensor [N, hidden] of typical inputs to the shard (ezkl picks
+    its lookup ranges from it; the range check must cover the largest activation).
+    """
+    import torch
+
+    ezkl = _ezkl()
+    directory = zk_dir(cache_dir) / "circuits" / f"{model.model_id[:16]}-{first}-{last}-{config_hash()}"
+    done = directory / "done.json"
+    if done.exists():
+        meta = json.loads(done.read_text())
+        return Circuit(directory, first, last, meta["logrows"], Path(meta["srs"]))
+    directory.mkdir(parents=True, exist_ok=True)
+    shard = torch.nn.Sequential(*model.layers[first : last + 1]).eval()
+    onnx_path = directory / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(shard, (torch.zeros(1, model.manifest.hidden_size),), str(onnx_path), input_names=["input"],
+                          output_names=["output"], opset_version=18, dynamo=False)
+    args = ezkl.PyRunArgs()
+    args.input_visibility, args.output_visibility, args.param_visibility = "hashed", "hashed", "fixed"
+    args.input_scale = args.param_scale = ZK_SCALE
+    args.decomp_base, args.decomp_legs = DECOMP_BASE, DECOMP_LEGS
+    peak = float(calibration.abs().max())
+    if DECOMP_BASE**DECOMP_LEGS <= 1.5 * peak * 2**ZK_SCALE:
+        raise ZkError(f"activations up to {peak:.1f} overflow the circuit's range check")
+    cal_path = directory / "calibration.json"
+    order = calibration.abs().max(1).values.argsort(descending=True)
+    chosen = calibration[torch.cat([order[:32], order[-32:]])]
+    cal_path.write_text(json.dumps({"input_data": [chosen.reshape(-1).tolist()]}))
+    c = Circuit(directory, first, last, 0, Path())
+    ezkl.gen_settings(str(onnx_path), str(c.settings), py_run_args=args)
+    ezkl.calibrate_settings(str(cal_path), str(onnx_path), str(c.settings), "resources", scales=[ZK_SCALE], scale_rebase_multiplier=[1])
+    settings = json.loads(c.settings.read_text())
+    if settings["model_output_scales"] != [ZK_SCALE] or settings["model_input_scales"] != [ZK_SCALE]:
+        raise ZkError(f"calibration changed the shard's scales: {settings['model_input_scales']} -> {settings['model_output_scales']}")
+    ezkl.compile_circuit(str(onnx_path), str(c.compiled), str(c.settings))
+    logrows = int(settings["run_args"]["logrows"])
+    srs = ensure_srs(cache_dir, logrows, srs_file)
+    ezkl.setup(str(c.compiled), str(c.vk), str(c.pk), str(srs))
+    done.write_text(json.dumps({"logrows": logrows, "srs": str(srs)}))
+    return Circuit(directory, first, last, logrows, srs)
+
+
+# ---- values: floats <-> field elements, and the Poseidon hash the circuits expose ----
+
+
+def felt_to_float(felt_hex: str) -> float:
+    v = int.from_bytes(bytes.fromhex(felt_hex), "little")
+    return (v - P_BN254 if v > P_BN254 // 2 else v) / 2**ZK_SCALE
+
+
+def hash_values(values: list[float]) -> str:
+    """Poseidon hash of the values as the circuit sees them (quantised at ZK_SCALE)."""
+    ezkl = _ezkl()
+    return str(ezkl.poseidon_hash([ezkl.float_to_felt(float(v), ZK_SCALE, ezkl.PyInputType.F32) for v in values])[0])
+
+
+# ---- proving and verifying ----
+
+
+@dataclass(frozen=True)
+class ShardProof:
+    first: int
+    last: int
+    proof: bytes
+    instances: tuple[str, str]  # (H(input), H(output)) as little-endian hex field elements
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"first": self.first, "last": self.last, "proof": self.proof, "instances": list(self.instances)}
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> ShardProof:
+        ok = isinstance(raw, dict) and isinstance(raw.get("proof"), bytes) and isinstance(raw.get("instances"), list)
+        ok = ok and len(raw["instances"]) == 2 and all(isinstance(i, str) and len(i) == 64 for i in raw["instances"])
+        ok = ok and isinstance(raw.get("first"), int) and isinstance(raw.get("last"), int)
+        if not ok:
+            raise ZkError("proof must be {first, last, proof: bytes, instances: [2 x 64 hex]}")
+        return cls(raw["first"], raw["last"], raw["proof"], (raw["instances"][0], raw["instances"][1]))
+
+
+def run_and_prove(circuit_dir: str, logrows: int, srs: str, values: list[float], workdir: str) -> dict[str, Any]:
+    """Forward pass *as the circuit computes it* (gen_witness) and its proof. Runs in a
+    worker process: pure function of its arguments, returns plain data."""
+    import time
+
+    ezkl = _ezkl()
+    c = Circuit(Path(circuit_dir), 0, 0, logrows, Path(srs))
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    data, witness, proof_path = work / "input.json", work / "witness.json", work / "proof.json"
+    data.write_text(json.dumps({"input_data": [values]}))
+    start = time.perf_counter()
+    w = ezkl.gen_witness(str(data), str(c.compiled), str(witness))
+    witness_ms = (time.perf_counter() - start) * 1000
+    start = time.perf_counter()
+    proof = ezkl.prove(str(witness), str(c.compiled), str(c.pk), str(proof_path), str(c.srs))
+    prove_ms = (time.perf_counter() - start) * 1000
+    return {
+        "outputs": [felt_to_float(f) for f in w["outputs"][0]],
+        "proof": bytes(proof["proof"]),
+        "instances": list(proof["instances"][0]),
+        "witness_ms": witness_ms,
+        "prove_ms": prove_ms,
+    }
+
+
+def verify_proof(proof: ShardProof, settings: Path, vk: Path, srs: Path, workdir: Path) -> None:
+    """Raise ZkError unless ``proof`` verifies against this verifying key."""
+    ezkl = _ezkl()
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / f"proof-{proof.first}-{proof.last}-{os.getpid()}.json"
+    path.write_text(json.dumps({"instances": [list(proof.instances)], "proof": list(proof.proof)}))
+    try:
+        ok = ezkl.verify(str(path), str(settings), str(vk), str(srs))
+    except Exception as exc:  # ezkl raises (never returns False) on a bad proof
+        raise ZkError(f"proof for layers {proof.first}-{proof.last} does not verify: {exc}") from None
+    finally:
+        path.unlink(missing_ok=True)
+    if ok is not True:
+        raise ZkError(f"proof for layers {proof.first}-{proof.last} does not verify")
+
+
+def check_chain(proofs: list[ShardProof], first_input_hash: str, final_output_hash: str) -> None:
+    """The hashes line up: the client's input, shard to shard, and the output received."""
+    if not proofs:
+        raise ZkError("no proofs")
+    if proofs[0].instances[0] != first_input_hash:
+        raise ZkError("the first proof is not about the activation the client sent")
+    for a, b in zip(proofs, proofs[1:]):
+        if b.first != a.last + 1:
+            raise ZkError(f"proofs do not cover contiguous layers ({a.first}-{a.last}, then {b.first}-{b.last})")
+        if a.instances[1] != b.instances[0]:
+            raise ZkError(f"output of layers {a.first}-{a.last} is not the input of layers {b.first}-{b.last}")
+    if proofs[-1].instances[1] != final_output_hash:
+        raise ZkError("the output received is not the output the last proof is about")
+
+
+def circuits_for(model: Any, ranges: list[tuple[int, int]], cache_dir: Path, srs_file: Path | None = None) -> dict[tuple[int, int], Circuit]:
+    """Build (or load from the cache) the circuits of ``model``'s shards, serialised by a
+    lock file so processes sharing a cache never build the same circuit twice at once."""
+    import fcntl
+
+    if not model.provable:
+        raise NotProvable(f"{model.name} is not provable (too large for ezkl on this hardware; see docs/zk-prototype.md)")
+    lock_path = zk_dir(cache_dir) / "build.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return {(f, l): build_circuit(model, f, l, cache_dir, model.shard_inputs(f), srs_file) for f, l in ranges}
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class ProverPool:
+    """Proving off the event loop *and* off the GIL: ezkl holds the GIL for whole calls, so
+    proofs run in a separate (spawned) process."""
+
+    def __init__(self, workers: int = 1) -> None:
+        import concurrent.futures
+        import multiprocessing
+
+        self.executor = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def run(self, circuit: Circuit, values: list[float], workdir: Path) -> dict[str, Any]:
+        """Blocking: call from a worker thread."""
+        future = self.executor.submit(run_and_prove, str(circuit.directory), circuit.logrows, str(circuit.srs), values, str(workdir))
+        return future.result()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
