@@ -254,11 +254,17 @@ def run_and_prove(circuit_dir: str, logrows: int, srs: str, values: list[float],
     prove_ms = (time.perf_counter() - start) * 1000
     return {
         "outputs": [felt_to_float(f) for f in w["outputs"][0]],
-        "proof": bytes(proof["proof"]),
+        "proof": _proof_bytes(proof["proof"]),
         "instances": list(proof["instances"][0]),
         "witness_ms": witness_ms,
         "prove_ms": prove_ms,
     }
+
+
+def _proof_bytes(raw: Any) -> bytes:
+    if isinstance(raw, str):  # the returned dict holds hex; proof.json holds a byte list
+        return bytes.fromhex(raw.removeprefix("0x"))
+    return bytes(raw)
 
 
 def verify_proof(proof: ShardProof, settings: Path, vk: Path, srs: Path, workdir: Path) -> None:
