@@ -67,11 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--committee", type=int, metavar="K", help="run each stage on a VRF-chosen committee of K peers (commit-reveal, quorum)")
     p.add_argument("--commit-timeout", type=float, default=5.0, help="seconds members have to commit (committee mode)")
     p.add_argument("--save-cert", type=Path, metavar="FILE", help="write the quorum certificate here (committee mode)")
+    p.add_argument("--mode", choices=["general", "critical"], default="general",
+                   help="critical: every shard returns a ZK proof and the client verifies the chain (provable models)")
+    p.add_argument("--save-proofs", type=Path, metavar="FILE", help="write the verified proof chain here (critical mode)")
     p.add_argument("input", help="text for minilm-l6; for digits-mlp 64 comma-separated values or test:N")
 
-    p = sub.add_parser("verify", help="check a saved quorum certificate offline (exit 0 only if valid)")
+    p = sub.add_parser("verify", help="check a saved quorum certificate or proof chain offline (exit 0 only if valid)")
     _common(p)
-    p.add_argument("certificate", type=Path)
+    p.add_argument("certificate", type=Path, help="a --save-cert file, or a --save-proofs file with --proofs")
+    p.add_argument("--proofs", action="store_true", help="the file is a proof chain (critical mode)")
 
     p = sub.add_parser("audit", help="print an audit log and verify its hash chain and signatures")
     _common(p)
@@ -220,9 +224,13 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
 
     async def query() -> dict[str, Any]:
         async with Client(bootstrap_addrs(settings), local_layers=args.local_layers, forwarding=args.forwarding,
-                          committee=args.committee, commit_timeout=args.commit_timeout) as client:
+                          committee=args.committee, commit_timeout=args.commit_timeout,
+                          critical=args.mode == "critical") as client:
             result = await client.run(args.model, inputs)
             out = result.to_json()
+            if args.save_proofs is not None and result.proofs is not None:
+                args.save_proofs.write_bytes(proof_file(result))
+                out["proofs_file"] = str(args.save_proofs)
             if args.save_cert is not None and result.certificate is not None:
                 args.save_cert.write_bytes(result.certificate)
                 out["certificate_file"] = str(args.save_cert)
@@ -237,6 +245,14 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print_result(out)
     return 0
+
+
+def proof_file(result: Any) -> bytes:
+    import msgpack
+
+    p = result.proofs
+    return msgpack.packb({"version": 1, "model_id": result.model_id, "input_hash": p["input_hash"],
+                          "output_hash": p["output_hash"], "chain": p["chain"]}, use_bin_type=True)
 
 
 def compare_outputs(remote: dict[str, Any], local: dict[str, Any]) -> dict[str, Any]:
@@ -259,6 +275,11 @@ def print_result(out: dict[str, Any]) -> None:
     for h in out["route"]:
         rt = f", round trip {h['round_trip_ms']:.1f} ms" if h["round_trip_ms"] else ""
         print(f"  layers {h['first']}-{h['last']} on {h['peer']}: compute {h['compute_ms']:.1f} ms{rt}")
+    if out.get("proofs"):
+        pr = out["proofs"]
+        for sh in pr["shards"]:
+            print(f"  proof for layers {sh['first']}-{sh['last']}: VERIFIED ({sh['proof_bytes']} bytes, vk {sh['vk_sha256'][:16]}...)")
+        print(f"  proof chain: client input -> ... -> output received: VERIFIED in {pr['verify_ms']:.1f} ms")
     for st in out.get("stages") or []:
         verdicts = ", ".join(f"{p[:12]}..={v}" for p, v in st["verdicts"].items())
         print(f"  stage {st['stage']} layers {st['first']}-{st['last']} (attempts {st['attempts']}): {verdicts}")
@@ -270,7 +291,36 @@ def print_result(out: dict[str, Any]) -> None:
         print(f"check against the model run locally: max abs diff {c['max_abs_diff']:.2e} -> {'MATCH' if c['match'] else 'MISMATCH'}")
 
 
+def cmd_verify_proofs(path: Path) -> int:
+    """Check a saved proof chain with only settings, verifying keys and SRS (built or cached
+    locally from this machine's copy of the model, never taken from the file)."""
+    import msgpack
+
+    from . import zk
+    from .models import known_manifests, load_model
+
+    try:
+        data = msgpack.unpackb(path.read_bytes(), raw=False)
+        manifest = known_manifests(default_cache_dir()).get(data["model_id"])
+        if manifest is None:
+            raise zk.ZkError(f"proofs are for unknown model {str(data['model_id'])[:16]}...")
+        proofs = [zk.ShardProof.from_wire(p) for p in data["chain"]]
+        model = load_model(manifest.name, default_cache_dir())
+        circuits = zk.circuits_for(model, [(p.first, p.last) for p in proofs], default_cache_dir())
+        for proof in proofs:
+            c = circuits[(proof.first, proof.last)]
+            zk.verify_proof(proof, c.settings, c.vk, c.srs, default_cache_dir() / "zk" / "verify")
+        zk.check_chain(proofs, data["input_hash"], data["output_hash"])
+    except (zk.ZkError, OSError, KeyError, TypeError, ValueError) as exc:
+        print(f"INVALID: {getattr(exc, 'message', exc)}")
+        return 1
+    print(f"VALID proof chain for {manifest.name}: " + ", ".join(f"layers {p.first}-{p.last}" for p in proofs))
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    if args.proofs:
+        return cmd_verify_proofs(args.certificate)
     from .consensus import Certificate, ConsensusError
     from .models import known_manifests
 

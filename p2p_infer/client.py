@@ -88,10 +88,13 @@ class QueryResult:
     stages: list[dict[str, Any]] = field(default_factory=list)  # committee mode: verdicts per stage
     certificate: bytes | None = None  # committee mode: the quorum certificate (Certificate.encode())
     spot_checks: list[dict[str, Any]] = field(default_factory=list)
+    proofs: dict[str, Any] | None = None  # critical mode: the verified proof chain
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["certificate"] = None if self.certificate is None else f"{len(self.certificate)} bytes"
+        if self.proofs is not None:
+            data["proofs"] = {k: v for k, v in self.proofs.items() if k != "chain"}
         return data
 
 
@@ -114,6 +117,7 @@ class Client:
         spot_check: float = 0.0,
         trial: bool = True,
         audit_log: Path | None = None,
+        critical: bool = False,
     ) -> None:
         if local_layers < 1:
             raise ValueError("the client runs at least one layer itself (local_layers >= 1)")
@@ -131,6 +135,7 @@ class Client:
         self.max_reruns = max_reruns
         self.spot_check = spot_check
         self.trial = trial
+        self.critical = critical  # ZK: every shard returns a proof; the client checks the chain
         self.reputation = Reputation()
         self.auditor = Auditor(self.reputation, AuditLog(audit_log, self.identity) if audit_log else None)
         self.gossip: Gossip | None = None
@@ -225,8 +230,9 @@ class Client:
             local_ms += (time.perf_counter() - finish_start) * 1000
             return QueryResult(model.name, model.model_id, output, hops, local_ms, (time.perf_counter() - started) * 1000,
                                f"committee k={self.committee}", stages=stages, certificate=cert)
-        mode = "forwarding" if self.forwarding else "client"
-        if self.forwarding:
+        sent_to_first = act
+        mode = "critical" if self.critical else "forwarding" if self.forwarding else "client"
+        if self.forwarding and not self.critical:
             try:
                 act, hops = await self._run_forwarding(model, act, failed)
             except P2PInferError as exc:
@@ -234,8 +240,10 @@ class Client:
                 mode = "client (after forwarding failed)"
                 hops = []
         checks: list[dict[str, Any]] = []
+        proofs: list[Any] | None = [] if self.critical else None
         if not hops:
-            act, hops = await self._run_client_driven(model, act, failed, checks)
+            act, hops = await self._run_client_driven(model, act, failed, checks, proofs)
+        proof_report = await self._check_proofs(model, sent_to_first, act, proofs) if proofs is not None else None
         finish_start = time.perf_counter()
         output = model.finish(act)
         local_ms += (time.perf_counter() - finish_start) * 1000
@@ -250,6 +258,7 @@ class Client:
             retries=len(failed),
             failed_peers=failed,
             spot_checks=checks,
+            proofs=proof_report,
         )
 
     # ---- routing ----
@@ -265,7 +274,7 @@ class Client:
 
     def plan(self, model: SplitModel, first: int, exclude: Sequence[str] = ()) -> list[Segment]:
         return plan_route(self.servers(model), first, len(model.layers) - 1, exclude=exclude,
-                          reputation=self.reputation.of, model_name=model.name)
+                          reputation=self.reputation.of, model_name=model.name, whole_shards=self.critical)
 
     # ---- trial tasks: a known answer before live traffic ----
 
@@ -292,6 +301,32 @@ class Client:
         if passed:
             self.reputation.admit(peer_id)
         log.info("trial task", peer=peer_id, passed=passed)
+
+    # ---- critical mode: ZK proofs ----
+
+    async def _check_proofs(self, model: SplitModel, sent: Activation, received: Activation, proofs: list[Any]) -> dict[str, Any]:
+        """Verify every shard's proof with circuits this client builds from its own copy of
+        the weights, and the hash chain from the activation it sent to the one it received."""
+        from . import zk
+
+        circuits = await trio.to_thread.run_sync(zk.circuits_for, model, [(p.first, p.last) for p in proofs], default_cache_dir())
+        work = default_cache_dir() / "zk" / "verify"
+        started = time.perf_counter()
+        for proof in proofs:
+            c = circuits[(proof.first, proof.last)]
+            await trio.to_thread.run_sync(zk.verify_proof, proof, c.settings, c.vk, c.srs, work)
+        first_hash = zk.hash_values(sent.hidden.flatten().tolist())
+        last_hash = zk.hash_values(received.hidden.flatten().tolist())
+        zk.check_chain(proofs, first_hash, last_hash)
+        return {
+            "verified": True,
+            "shards": [{"first": p.first, "last": p.last, "proof_bytes": len(p.proof),
+                        "vk_sha256": zk.sha256_file(circuits[(p.first, p.last)].vk)} for p in proofs],
+            "verify_ms": (time.perf_counter() - started) * 1000,
+            "input_hash": first_hash,
+            "output_hash": last_hash,
+            "chain": [p.to_wire() for p in proofs],
+        }
 
     # ---- spot checks: the optimistic mode ----
 
@@ -419,7 +454,8 @@ class Client:
         return await self.pool.request(peer_id, COMMITTEE_PROTOCOL, message, timeout=timeout)
 
     async def _run_client_driven(
-        self, model: SplitModel, act: Activation, failed: list[str], checks: list[dict[str, Any]] | None = None
+        self, model: SplitModel, act: Activation, failed: list[str], checks: list[dict[str, Any]] | None = None,
+        proofs: list[Any] | None = None,
     ) -> tuple[Activation, list[HopReport]]:
         """Send each stage's activation from the client; on a failure, exclude the peer and
         re-route the layers still to run, replaying the last good activation."""
@@ -428,7 +464,7 @@ class Client:
             route = self._plan_or_refresh(model, pos, failed)
             segment = (await route)[0]
             try:
-                hidden, hop = await self._call_segment(model, segment, act)
+                hidden, hop = await self._call_segment(model, segment, act, proofs)
                 if self.spot_check and random.random() < self.spot_check:
                     hidden = await self._spot_check(model, segment, act, hidden, checks if checks is not None else [])
             except (PeerUnreachable, FrameError, ProtocolViolation, trio.TooSlowError, RemoteError) as exc:
@@ -453,13 +489,24 @@ class Client:
             await self.refresh()  # maybe a replacement joined since the last refresh
             return self.plan(model, pos, exclude)
 
-    async def _call_segment(self, model: SplitModel, segment: Segment, act: Activation) -> tuple[Any, HopReport]:
-        req = ForwardRequest(model.model_id, segment.first, segment.last, act, request_id=uuid.uuid4().hex)
+    async def _call_segment(
+        self, model: SplitModel, segment: Segment, act: Activation, proofs: list[Any] | None = None
+    ) -> tuple[Any, HopReport]:
+        """One hop; with ``proofs`` (critical mode) the peer must also prove its shard."""
+        prove = proofs is not None
+        req = ForwardRequest(model.model_id, segment.first, segment.last, act, request_id=uuid.uuid4().hex, prove=prove)
         sent = time.perf_counter()
         reply = await self._request(segment.peer_id, req.to_wire())
         round_trip = (time.perf_counter() - sent) * 1000
         hidden, timing = parse_forward_reply(reply)
         model.check_activation(Activation(hidden, act.mask))
+        if proofs is not None:
+            from .zk import ShardProof
+
+            proof = ShardProof.from_wire(reply.get("proof"))
+            if (proof.first, proof.last) != (segment.first, segment.last):
+                raise ProtocolViolation(f"{segment.peer_id} proved layers {proof.first}-{proof.last}, not {segment.first}-{segment.last}")
+            proofs.append(proof)
         return hidden, HopReport(segment.peer_id, segment.first, segment.last, timing.get("compute_ms", 0.0), timing.get("queue_ms", 0.0), round_trip)
 
     # ---- forwarding mode ----

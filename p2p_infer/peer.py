@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -68,6 +69,8 @@ class Peer:
         self.throughput = 0.0
         self.in_flight = 0
         self.forwards_served = 0
+        self.circuits: dict[tuple[str, int, int], Any] = {}  # ZK circuits, built on first use
+        self.prover: Any = None  # zk.ProverPool, started on the first critical request
         self.limiter = trio.CapacityLimiter(max(1, settings.max_concurrent))
         self.host: IHost | None = None
         self._nursery: trio.Nursery | None = None  # background forwarding work
@@ -113,6 +116,11 @@ class Peer:
                         throughput=round(self.throughput, 1),
                     )
                     task_status.started(addrs)
+                    try:
+                        await trio.sleep_forever()
+                    finally:
+                        if self.prover is not None:
+                            self.prover.close()
 
     def _write_ready_file(self, addrs: list[str]) -> None:
         path = self.settings.ready_file
@@ -171,6 +179,8 @@ class Peer:
         model = self.shards.check(req.model_id, req.first, req.last, req.act)
         if self.limiter.statistics().tasks_waiting >= 4 * self.limiter.total_tokens:
             raise Overloaded(f"{self.limiter.statistics().tasks_waiting} requests already queued")
+        if req.prove:  # critical mode: the circuit's own output, with a proof of it
+            return await self._prove_forward(model, req)
         if req.reply_to:  # forwarding mode: acknowledge, then compute and pass on in the background
             assert self._nursery is not None
             self._nursery.start_soon(self._compute_and_forward, model, req)
@@ -194,6 +204,38 @@ class Peer:
         finally:
             self.in_flight -= 1
         return hidden, compute_ms, queue_ms
+
+    async def _prove_forward(self, model: Any, req: ForwardRequest) -> Message:
+        """Run the shard as its ZK circuit computes it (gen_witness) and prove it, in a
+        separate process (ezkl holds the GIL), so this peer keeps serving meanwhile."""
+        from . import zk
+
+        assert self.shards is not None
+        if not model.provable:
+            raise zk.NotProvable(f"{model.name} is not provable: no ZK circuits for it (see docs/zk.md)")
+        if not any(s.model_id == req.model_id and (s.first, s.last) == (req.first, req.last) for s in self.shards.shards):
+            raise zk.NotProvable(f"critical mode proves whole shards; layers {req.first}-{req.last} are not one served here")
+        key = (req.model_id, req.first, req.last)
+        if key not in self.circuits:
+            built = await trio.to_thread.run_sync(zk.circuits_for, model, [(req.first, req.last)], default_cache_dir())
+            self.circuits[key] = built[(req.first, req.last)]
+        if self.prover is None:
+            self.prover = zk.ProverPool()
+        workdir = default_cache_dir() / "zk" / "work" / uuid.uuid4().hex
+        queued = time.perf_counter()
+        try:
+            async with self.limiter:
+                queue_ms = (time.perf_counter() - queued) * 1000
+                result = await trio.to_thread.run_sync(self.prover.run, self.circuits[key], req.act.hidden.flatten().tolist(), workdir)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        import torch
+
+        hidden = torch.tensor(result["outputs"], dtype=torch.float32).reshape(req.act.hidden.shape)
+        reply = forward_reply(hidden, result["witness_ms"], queue_ms, req.request_id)
+        reply["timing"]["prove_ms"] = result["prove_ms"]
+        reply["proof"] = zk.ShardProof(req.first, req.last, result["proof"], tuple(result["instances"])).to_wire()
+        return reply
 
     async def _compute_layers(self, model: Any, first: int, last: int, act: Activation) -> Any:
         req = ForwardRequest(model.model_id, first, last, act)
