@@ -235,6 +235,16 @@ class ShardProof:
         return cls(raw["first"], raw["last"], raw["proof"], (raw["instances"][0], raw["instances"][1]))
 
 
+def circuit_forward(circuit: Circuit, values: list[float], workdir: Path) -> list[float]:
+    """The shard's output as its circuit computes it (gen_witness, no proof)."""
+    ezkl = _ezkl()
+    workdir.mkdir(parents=True, exist_ok=True)
+    data, witness = workdir / "input.json", workdir / "witness.json"
+    data.write_text(json.dumps({"input_data": [values]}))
+    w = ezkl.gen_witness(str(data), str(circuit.compiled), str(witness))
+    return [felt_to_float(f) for f in w["outputs"][0]]
+
+
 def run_and_prove(circuit_dir: str, logrows: int, srs: str, values: list[float], workdir: str) -> dict[str, Any]:
     """Forward pass *as the circuit computes it* (gen_witness) and its proof. Runs in a
     worker process: pure function of its arguments, returns plain data."""

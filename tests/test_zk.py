@@ -1,0 +1,161 @@
+"""ZK proofs of shard execution (ezkl): real circuits, real proofs, and every tampering
+case the issue names. Circuits are built once into the test cache (about 2 s each)."""
+
+import json
+from pathlib import Path
+
+import msgpack
+import pytest
+import torch
+
+from p2p_infer import zk
+from p2p_infer.config import default_cache_dir
+from p2p_infer.harness import Swarm
+from p2p_infer.models import DigitsMLP, load_model
+
+RANGES = [(1, 2), (3, 3)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("digits-mlp")
+
+
+@pytest.fixture(scope="module")
+def circuits(model):
+    return zk.circuits_for(model, RANGES, default_cache_dir())
+
+
+def prove_chain(model, circuits, x, tmp: Path, tamper_between=None):
+    act = model.embed(x)
+    h0 = model.run_layers(act, 0, 0).flatten().tolist()
+    r1 = zk.run_and_prove(str(circuits[(1, 2)].directory), circuits[(1, 2)].logrows, str(circuits[(1, 2)].srs), h0, str(tmp / "a"))
+    middle = r1["outputs"] if tamper_between is None else tamper_between(r1["outputs"])
+    r2 = zk.run_and_prove(str(circuits[(3, 3)].directory), circuits[(3, 3)].logrows, str(circuits[(3, 3)].srs), middle, str(tmp / "b"))
+    proofs = [zk.ShardProof(1, 2, r1["proof"], tuple(r1["instances"])), zk.ShardProof(3, 3, r2["proof"], tuple(r2["instances"]))]
+    return h0, r2["outputs"], proofs
+
+
+def verify_all(circuits, proofs, tmp):
+    for p in proofs:
+        c = circuits[(p.first, p.last)]
+        zk.verify_proof(p, c.settings, c.vk, c.srs, tmp)
+
+
+@pytest.fixture(scope="module")
+def chain(model, circuits, tmp_path_factory):
+    x = DigitsMLP.dataset()[2][0].tolist()
+    return prove_chain(model, circuits, x, tmp_path_factory.mktemp("chain"))
+
+
+def test_a_proof_chain_verifies_and_matches_the_float_model(model, circuits, chain, tmp_path):
+    h0, out, proofs = chain
+    verify_all(circuits, proofs, tmp_path)
+    zk.check_chain(proofs, zk.hash_values(h0), zk.hash_values(out))
+    x = DigitsMLP.dataset()[2][0].tolist()
+    float_out = model.run_layers(model.embed(x), 0, 3).flatten()
+    assert (torch.tensor(out) - float_out).abs().max() < 16 * 2**-zk.ZK_SCALE * 8  # quantisation bound, docs/zk.md
+    assert len(proofs[0].proof) < 10_000  # proofs are small; proving keys never travel
+    assert circuits[(1, 2)].pk.stat().st_size > 1_000_000
+
+
+def test_quantised_chain_predicts_like_the_float_model_on_the_whole_test_split(model, circuits, tmp_path):
+    _, _, x_test, _ = DigitsMLP.dataset()
+    mismatches, worst = 0, 0.0
+    for x in x_test:
+        act = model.embed(x.tolist())
+        h = model.run_layers(act, 0, 0).flatten().tolist()
+        for first, last in RANGES:
+            h = zk.circuit_forward(circuits[(first, last)], h, tmp_path)
+        out = torch.tensor(h).reshape(1, -1)
+        ref = model.run_layers(act, 0, 3)
+        worst = max(worst, float((out - ref).abs().max()))
+        mismatches += model.finish(type(act)(out))["class"] != model.finish(type(act)(ref))["class"]
+    print(f"quantised chain over {len(x_test)} test images: {mismatches} prediction changes, max abs error {worst:.2e}")
+    assert mismatches == 0
+    assert worst < 0.05  # the documented bound for two shards at scale 13 (docs/zk.md)
+
+
+def test_altered_output_is_detected(chain):
+    h0, out, proofs = chain
+    altered = list(out)
+    altered[0] += 0.25
+    with pytest.raises(zk.ZkError, match="output received is not the output the last proof"):
+        zk.check_chain(proofs, zk.hash_values(h0), zk.hash_values(altered))
+
+
+def test_altered_activation_between_shards_is_detected(model, circuits, tmp_path):
+    x = DigitsMLP.dataset()[2][1].tolist()
+    h0, out, proofs = prove_chain(model, circuits, x, tmp_path, tamper_between=lambda v: [v[0] + 0.5, *v[1:]])
+    verify_all(circuits, proofs, tmp_path)  # each proof is valid on its own...
+    with pytest.raises(zk.ZkError, match="output of layers 1-2 is not the input of layers 3-3"):
+        zk.check_chain(proofs, zk.hash_values(h0), zk.hash_values(out))  # ...but they do not chain
+
+
+def test_a_proof_about_another_input_is_detected(chain):
+    h0, out, proofs = chain
+    with pytest.raises(zk.ZkError, match="not about the activation the client sent"):
+        zk.check_chain(proofs, zk.hash_values([v + 0.01 for v in h0]), zk.hash_values(out))
+
+
+def test_a_proof_for_other_weights_fails(circuits, chain, tmp_path):
+    _, _, proofs = chain
+    other = circuits[(3, 3)]  # another shard's circuit: different fixed weights in its vk
+    with pytest.raises(zk.ZkError, match="does not verify"):
+        zk.verify_proof(zk.ShardProof(1, 2, proofs[0].proof, proofs[0].instances), other.settings, other.vk, other.srs, tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip-first", "flip-middle", "flip-last", "instance"])
+def test_damaged_proofs_fail(circuits, chain, tmp_path, damage):
+    _, _, proofs = chain
+    p = proofs[0]
+    raw = bytearray(p.proof)
+    instances = p.instances
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    elif damage == "instance":
+        v = (int.from_bytes(bytes.fromhex(instances[1]), "little") + 1) % zk.P_BN254
+        instances = (instances[0], v.to_bytes(32, "little").hex())
+    else:
+        raw[{"flip-first": 0, "flip-middle": len(raw) // 2, "flip-last": -1}[damage]] ^= 0x01
+    c = circuits[(1, 2)]
+    with pytest.raises(zk.ZkError, match="does not verify"):
+        zk.verify_proof(zk.ShardProof(1, 2, bytes(raw), instances), c.settings, c.vk, c.srs, tmp_path)
+
+
+def test_non_provable_model_is_a_clear_error():
+    with pytest.raises(zk.NotProvable, match="minilm-l6 is not provable"):
+        zk.circuits_for(load_model("minilm-l6"), [(1, 2)], default_cache_dir())
+
+
+def test_malformed_proof_on_the_wire():
+    with pytest.raises(zk.ZkError, match="proof must be"):
+        zk.ShardProof.from_wire({"first": 1, "last": 2, "proof": "nope", "instances": []})
+
+
+@pytest.mark.slow
+def test_critical_queries_over_two_peers(tmp_path):
+    model = load_model("digits-mlp")
+    _, _, x_test, _ = DigitsMLP.dataset()
+    with Swarm(tmp_path) as swarm:
+        swarm.start_bootstrap()
+        swarm.start_peers([["digits-mlp:1-2"], ["digits-mlp:3-3"]])
+        swarm.wait_discoverable()
+        for i in range(4):
+            proofs_file = tmp_path / f"p{i}.bin"
+            out = json.loads(swarm.cli("query", "--model", "digits-mlp", "--mode", "critical", "--json",
+                                       "--save-proofs", str(proofs_file), f"test:{i}").stdout)
+            assert out["mode"] == "critical" and out["proofs"]["verified"] is True
+            assert [(s["first"], s["last"]) for s in out["proofs"]["shards"]] == RANGES
+            assert out["output"]["class"] == model.run_local(x_test[i].tolist())["class"]
+            assert swarm.cli("verify", "--proofs", str(proofs_file)).returncode == 0
+        # a saved chain whose claimed output was changed no longer verifies offline
+        data = msgpack.unpackb(proofs_file.read_bytes())
+        data["output_hash"] = zk.hash_values([0.0] * 32)
+        bad = tmp_path / "bad.bin"
+        bad.write_bytes(msgpack.packb(data, use_bin_type=True))
+        result = swarm.cli("verify", "--proofs", str(bad), check=False)
+        assert result.returncode == 1 and "INVALID" in result.stdout
+        # critical routes use whole shards (a circuit covers one): starting inside one is no route
+        query = swarm.cli("query", "--model", "digits-mlp", "--mode", "critical", "--local-layers", "2", "test:0", check=False)
+        assert query.returncode != 0 and "no live peer serves layer 2" in query.stderr
