@@ -59,6 +59,7 @@ from .reputation import Reputation
 from .routing import Segment, Server, plan_route
 from .tensors import decode_tensor, encode_tensor
 from .streams import StreamPool
+from .zk import ARTIFACT_PROTOCOL
 
 log = structlog.get_logger("p2p_infer.client")
 RETRYABLE_REMOTE_CODES = {"internal", "overloaded", "not_served", "unknown_model", "unreachable"}
@@ -305,28 +306,73 @@ class Client:
     # ---- critical mode: ZK proofs ----
 
     async def _check_proofs(self, model: SplitModel, sent: Activation, received: Activation, proofs: list[Any]) -> dict[str, Any]:
-        """Verify every shard's proof with circuits this client builds from its own copy of
-        the weights, and the hash chain from the activation it sent to the one it received."""
+        """Verify every shard's proof and the hash chain from the activation the client sent
+        to the one it received. Verifier artifacts (settings, vk, SRS) come from the model's
+        ZK manifest pins: local files if present, else fetched from peers and checked against
+        the pins. Without a ZK manifest the client builds the circuits from its own weights."""
         from . import zk
 
-        circuits = await trio.to_thread.run_sync(zk.circuits_for, model, [(p.first, p.last) for p in proofs], default_cache_dir())
-        work = default_cache_dir() / "zk" / "verify"
+        cache = default_cache_dir()
+        manifest = zk.load_zk_manifest(cache, model.model_id)
+        fetched = 0
+        kits: dict[tuple[int, int], zk.VerifierKit] = {}
+        if manifest is None:
+            circuits = await trio.to_thread.run_sync(zk.circuits_for, model, [(p.first, p.last) for p in proofs], cache)
+            kits = {k: zk.VerifierKit(c.settings, c.vk, c.srs) for k, c in circuits.items()}
+            manifest = zk.load_zk_manifest(cache, model.model_id)
+            assert manifest is not None
+        for proof in proofs:
+            if (proof.first, proof.last) in kits:
+                continue
+            pin = manifest.pin(proof.first, proof.last)
+            paths = []
+            for sha, what in ((pin.settings_sha256, "settings"), (pin.vk_sha256, "verifying key"), (manifest.srs_sha256, "SRS")):
+                path, got = await self._artifact(sha, what, self._artifact_sources(model))
+                fetched += got
+                paths.append(path)
+            kits[(proof.first, proof.last)] = zk.VerifierKit(*paths)
+        work = cache / "zk" / "verify"
         started = time.perf_counter()
         for proof in proofs:
-            c = circuits[(proof.first, proof.last)]
-            await trio.to_thread.run_sync(zk.verify_proof, proof, c.settings, c.vk, c.srs, work)
+            kit = kits[(proof.first, proof.last)]
+            await trio.to_thread.run_sync(zk.verify_proof, proof, kit.settings, kit.vk, kit.srs, work)
         first_hash = zk.hash_values(sent.hidden.flatten().tolist())
         last_hash = zk.hash_values(received.hidden.flatten().tolist())
         zk.check_chain(proofs, first_hash, last_hash)
         return {
             "verified": True,
             "shards": [{"first": p.first, "last": p.last, "proof_bytes": len(p.proof),
-                        "vk_sha256": zk.sha256_file(circuits[(p.first, p.last)].vk)} for p in proofs],
+                        "vk_sha256": manifest.pin(p.first, p.last).vk_sha256} for p in proofs],
             "verify_ms": (time.perf_counter() - started) * 1000,
+            "artifacts_fetched": fetched,
             "input_hash": first_hash,
             "output_hash": last_hash,
             "chain": [p.to_wire() for p in proofs],
         }
+
+    def _artifact_sources(self, model: SplitModel) -> list[str]:
+        assert self.directory is not None
+        return sorted({r.peer_id for r, _ in self.directory.shards_of(model.model_id)})
+
+    async def _artifact(self, sha: str, what: str, peers: list[str]) -> tuple[Path, int]:
+        """A pinned artifact: from the local store, or fetched from a peer and hash-checked."""
+        from . import zk
+
+        store = zk.ArtifactStore(default_cache_dir())
+        local = await trio.to_thread.run_sync(store.find, sha)
+        if local is not None:
+            return zk.checked(local, sha, what), 0
+        errors = []
+        for peer in peers:
+            try:
+                reply = await self.pool.request(peer, ARTIFACT_PROTOCOL, {"type": "artifact", "sha256": sha}, timeout=30)  # type: ignore[union-attr]
+                data = reply.get("data")
+                if not isinstance(data, bytes):
+                    raise ProtocolViolation("artifact reply without data")
+                return store.put(sha, data), 1  # put() refuses data that does not hash to the pin
+            except (P2PInferError, trio.TooSlowError) as exc:
+                errors.append(f"{peer[:12]}..: {getattr(exc, 'message', 'timed out')}")
+        raise zk.ZkError(f"no peer supplied the {what} {sha[:16]}... ({'; '.join(errors) or 'no peers'})")
 
     # ---- spot checks: the optimistic mode ----
 

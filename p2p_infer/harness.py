@@ -158,7 +158,7 @@ class Swarm:
 
     # ---- observing and using ----
 
-    def cli(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def cli(self, *args: str, timeout: float = 120, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         """Run ``p2p-infer <command> ...`` in its own process; ``peers`` and ``query`` join this swarm."""
         if self.bootstrap is None:
             raise SwarmError("no bootstrap peer")
@@ -166,7 +166,7 @@ class Swarm:
         network = ["--bootstrap", self.bootstrap.addr] if command in ("peers", "query") else []
         argv = [self.python, "-m", "p2p_infer.cli", command, *network, *rest]
         try:
-            result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=self.env,
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env={**self.env, **(env or {})},
                                     cwd=self.workdir, start_new_session=True)
         except subprocess.TimeoutExpired as exc:
             raise SwarmError(f"{' '.join(args)} timed out after {timeout} s") from exc

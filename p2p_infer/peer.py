@@ -28,9 +28,10 @@ from libp2p.tools.anyio_service import background_trio_service
 from . import __version__
 from .config import Settings, default_cache_dir
 from .dht import Discovery
-from .errors import NotServed, Overloaded, P2PInferError, RemoteError
+from .errors import NotServed, Overloaded, P2PInferError, ProtocolViolation, RemoteError
 from .forward import FORWARD_PROTOCOL, RESULT_PROTOCOL, ForwardRequest, forward_reply, parse_forward_request
 from .framing import Message
+from .zk import ARTIFACT_PROTOCOL
 from .host import add_handler, full_addrs, parse_peer_addr, running_host
 from .identity import Identity, load_or_create_identity
 from .records import all_peers_key, make_record, model_key, shard_key, sign_record
@@ -44,7 +45,11 @@ from .shards import ServeSpec, ShardServer
 from .streams import StreamPool
 
 log = structlog.get_logger("p2p_infer.peer")
-PROTOCOLS = (FORWARD_PROTOCOL, COMMITTEE_PROTOCOL)
+
+
+class ArtifactNotFound(P2PInferError):
+    code = "not_found"
+PROTOCOLS = (FORWARD_PROTOCOL, COMMITTEE_PROTOCOL, ARTIFACT_PROTOCOL)
 REPROVIDE_INTERVAL = 300.0
 
 
@@ -98,6 +103,7 @@ class Peer:
             discovery = Discovery(host, server=True, bootstrap=bootstrap)
             add_handler(host, FORWARD_PROTOCOL, self.handle_forward)
             add_handler(host, COMMITTEE_PROTOCOL, self.member.handle)
+            add_handler(host, ARTIFACT_PROTOCOL, self.handle_artifact)
             async with background_trio_service(discovery.kad), running_gossip(host, self.on_gossip) as gossip:
                 self.gossip = gossip
                 joined = await discovery.join()
@@ -204,6 +210,18 @@ class Peer:
         finally:
             self.in_flight -= 1
         return hidden, compute_ms, queue_ms
+
+    async def handle_artifact(self, message: Message) -> Message:
+        """Hand out ZK verifier artifacts (settings, verifying keys, SRS) by SHA-256."""
+        from . import zk
+
+        sha = message.get("sha256")
+        if message.get("type") != "artifact" or not isinstance(sha, str) or len(sha) != 64:
+            raise ProtocolViolation("artifact: needs {type: artifact, sha256: 64 hex}")
+        path = await trio.to_thread.run_sync(zk.ArtifactStore(default_cache_dir()).find, sha)
+        if path is None:
+            raise ArtifactNotFound(f"no artifact {sha[:16]}... here")
+        return {"type": "artifact", "sha256": sha, "data": path.read_bytes()}
 
     async def _prove_forward(self, model: Any, req: ForwardRequest) -> Message:
         """Run the shard as its ZK circuit computes it (gen_witness) and prove it, in a

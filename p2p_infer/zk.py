@@ -28,12 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import P2PInferError
+from .framing import protocol_id
 
 ZK_SCALE = 13
 DECOMP_BASE = 256
 DECOMP_LEGS = 3
 CONFIG = {"scale": ZK_SCALE, "decomp_base": DECOMP_BASE, "decomp_legs": DECOMP_LEGS, "input": "hashed",
           "output": "hashed", "params": "fixed", "opset": 18, "format": 1}
+ARTIFACT_PROTOCOL = protocol_id("artifact")  # verifier artifacts by SHA-256 (protocols/artifact.md)
 P_BN254 = 21888242871839275222246405745257275088548364400416034343698204186575808495617
 
 
@@ -320,9 +322,82 @@ def circuits_for(model: Any, ranges: list[tuple[int, int]], cache_dir: Path, srs
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            return {(f, l): build_circuit(model, f, l, cache_dir, model.shard_inputs(f), srs_file) for f, l in ranges}
+            built = {(f, l): build_circuit(model, f, l, cache_dir, model.shard_inputs(f), srs_file) for f, l in ranges}
+            record_pins(cache_dir, model.model_id, built)
+            return built
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+# ---- pins and artifact exchange ----
+
+
+def zk_manifest_path(cache_dir: Path, model_id: str) -> Path:
+    return zk_dir(cache_dir) / "manifests" / f"{model_id}.json"
+
+
+def load_zk_manifest(cache_dir: Path, model_id: str) -> ZkManifest | None:
+    path = zk_manifest_path(cache_dir, model_id)
+    return ZkManifest.from_json(path.read_text()) if path.exists() else None
+
+
+def record_pins(cache_dir: Path, model_id: str, circuits: dict[tuple[int, int], Circuit]) -> ZkManifest:
+    """Add these circuits' pins to the model's ZK manifest (one SRS per manifest)."""
+    known = load_zk_manifest(cache_dir, model_id)
+    pins = {(p.first, p.last): p for p in (known.shards if known else ())}
+    srs_hashes = {sha256_file(c.srs) for c in circuits.values()}
+    if known is not None:
+        srs_hashes.add(known.srs_sha256)
+    if len(srs_hashes) != 1:
+        raise ZkError("circuits of one model must share one SRS")
+    for c in circuits.values():
+        pins[(c.first, c.last)] = c.pin()
+    manifest = ZkManifest(model_id, srs_hashes.pop(), tuple(sorted(pins.values(), key=lambda p: (p.first, p.last))))
+    path = zk_manifest_path(cache_dir, model_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(manifest.to_json())
+    os.replace(tmp, path)
+    return manifest
+
+
+class ArtifactStore:
+    """What a peer may hand out by hash: settings, verifying keys, SRS files. Never proving keys."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.root = zk_dir(cache_dir)
+
+    def find(self, sha256: str) -> Path | None:
+        candidates = [*self.root.glob("circuits/*/settings.json"), *self.root.glob("circuits/*/vk.key"),
+                      *self.root.glob("srs/*.srs"), *self.root.glob("artifacts/*")]
+        for path in candidates:
+            if path.name == sha256 or (path.stat().st_size < 64 * 2**20 and sha256_file(path) == sha256):
+                return path
+        return None
+
+    def put(self, sha256: str, data: bytes) -> Path:
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise ZkError(f"artifact {sha256[:16]}... does not match its pinned hash")
+        path = self.root / "artifacts" / sha256
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return path
+
+
+@dataclass(frozen=True)
+class VerifierKit:
+    """The three files a verifier needs for one shard, each checked against its pin."""
+
+    settings: Path
+    vk: Path
+    srs: Path
+
+
+def checked(path: Path, sha256: str, what: str) -> Path:
+    actual = sha256_file(path)
+    if actual != sha256:
+        raise ZkError(f"{what} hash {actual[:16]}... differs from the manifest's {sha256[:16]}...")
+    return path
 
 
 class ProverPool:

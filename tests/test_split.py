@@ -102,7 +102,7 @@ async def test_no_text_or_token_ids_leave_the_client(swarm, dump_dir):
         raw = path.read_bytes()
         assert secret.encode() not in raw and b"secret" not in raw and b"diagnosis" not in raw
         msg = msgpack.unpackb(raw)
-        assert set(msg) <= {"type", "model", "first", "last", "session", "request_id", "hidden", "mask", "route", "reply_to", "reply_addrs", "trace"}
+        assert set(msg) <= {"type", "model", "first", "last", "session", "request_id", "hidden", "mask", "route", "reply_to", "reply_addrs", "trace", "prove"}
         if msg["type"] != "forward":
             continue
         assert msg["hidden"]["dtype"] == "float32" and msg["hidden"]["shape"][2] == 384

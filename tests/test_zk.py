@@ -2,6 +2,7 @@
 case the issue names. Circuits are built once into the test cache (about 2 s each)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import msgpack
@@ -128,6 +129,22 @@ def test_non_provable_model_is_a_clear_error():
         zk.circuits_for(load_model("minilm-l6"), [(1, 2)], default_cache_dir())
 
 
+def test_artifacts_must_match_their_pins(tmp_path, circuits):
+    store = zk.ArtifactStore(tmp_path)
+    vk = circuits[(1, 2)].vk
+    sha = zk.sha256_file(vk)
+    assert store.put(sha, vk.read_bytes()).read_bytes() == vk.read_bytes()
+    with pytest.raises(zk.ZkError, match="does not match its pinned hash"):
+        data = bytearray(vk.read_bytes())
+        data[-1] ^= 0x01
+        store.put(sha, bytes(data))
+    with pytest.raises(zk.ZkError, match="differs from the manifest"):
+        zk.checked(circuits[(3, 3)].vk, sha, "verifying key")
+    pins = zk.load_zk_manifest(default_cache_dir(), load_model("digits-mlp").model_id)
+    assert pins is not None and pins.pin(1, 2).vk_sha256 == sha
+    assert zk.ArtifactStore(default_cache_dir()).find(zk.sha256_file(circuits[(1, 2)].pk)) is None  # never served
+
+
 def test_malformed_proof_on_the_wire():
     with pytest.raises(zk.ZkError, match="proof must be"):
         zk.ShardProof.from_wire({"first": 1, "last": 2, "proof": "nope", "instances": []})
@@ -156,6 +173,26 @@ def test_critical_queries_over_two_peers(tmp_path):
         bad.write_bytes(msgpack.packb(data, use_bin_type=True))
         result = swarm.cli("verify", "--proofs", str(bad), check=False)
         assert result.returncode == 1 and "INVALID" in result.stdout
+        # a client whose cache holds only the weights and the ZK manifest (the pins) fetches
+        # settings, verifying keys and SRS from the peers, checking each against its pin
+        fresh = tmp_path / "fresh-cache"
+        (fresh / "models").mkdir(parents=True)
+        for f in (default_cache_dir() / "models").glob("digits-mlp-*.pt"):
+            shutil.copy(f, fresh / "models" / f.name)
+        pins = zk.zk_manifest_path(default_cache_dir(), model.model_id)
+        zk.zk_manifest_path(fresh, model.model_id).parent.mkdir(parents=True)
+        shutil.copy(pins, zk.zk_manifest_path(fresh, model.model_id))
+        out = json.loads(swarm.cli("query", "--model", "digits-mlp", "--mode", "critical", "--json", "test:9",
+                                   env={"P2P_INFER_CACHE": str(fresh)}).stdout)
+        assert out["proofs"]["verified"] is True and out["proofs"]["artifacts_fetched"] == 5  # 2 settings, 2 vks, 1 SRS
+        assert not list((fresh / "zk").glob("circuits/*/pk.key"))  # a verifier never needs a proving key
+        # pins that name a verifying key nobody has: a clear error, no silent fallback
+        manifest = json.loads(pins.read_text())
+        manifest["shards"][0]["vk_sha256"] = "0" * 64
+        zk.zk_manifest_path(fresh, model.model_id).write_text(json.dumps(manifest))
+        failed = swarm.cli("query", "--model", "digits-mlp", "--mode", "critical", "test:9", check=False,
+                           env={"P2P_INFER_CACHE": str(fresh)})
+        assert failed.returncode != 0 and "no peer supplied the verifying key 0000000000000000" in failed.stderr
         # critical routes use whole shards (a circuit covers one): starting inside one is no route
         query = swarm.cli("query", "--model", "digits-mlp", "--mode", "critical", "--local-layers", "2", "test:0", check=False)
         assert query.returncode != 0 and "no live peer serves layer 2" in query.stderr
