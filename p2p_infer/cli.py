@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["general", "critical"], default="general",
                    help="critical: every shard returns a ZK proof and the client verifies the chain (provable models)")
     p.add_argument("--save-proofs", type=Path, metavar="FILE", help="write the verified proof chain here (critical mode)")
+    p.add_argument("--proof-follows", action="store_true", help="critical mode: print the result first, then verify the proofs")
     p.add_argument("input", help="text for minilm-l6; for digits-mlp 64 comma-separated values or test:N")
 
     p = sub.add_parser("verify", help="check a saved quorum certificate or proof chain offline (exit 0 only if valid)")
@@ -225,8 +227,15 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     async def query() -> dict[str, Any]:
         async with Client(bootstrap_addrs(settings), local_layers=args.local_layers, forwarding=args.forwarding,
                           committee=args.committee, commit_timeout=args.commit_timeout,
-                          critical=args.mode == "critical") as client:
+                          critical=args.mode == "critical", proof_follows=args.proof_follows) as client:
             result = await client.run(args.model, inputs)
+            if args.proof_follows and result.proofs is not None:
+                if not args.json:
+                    print_result(result.to_json())
+                    print("proofs follow: collecting and verifying...", flush=True)
+                started = time.perf_counter()
+                await client.verify_followed(result)
+                result.proofs["followed_after_ms"] = (time.perf_counter() - started) * 1000
             out = result.to_json()
             if args.save_proofs is not None and result.proofs is not None:
                 args.save_proofs.write_bytes(proof_file(result))

@@ -119,6 +119,7 @@ class Client:
         trial: bool = True,
         audit_log: Path | None = None,
         critical: bool = False,
+        proof_follows: bool = False,
     ) -> None:
         if local_layers < 1:
             raise ValueError("the client runs at least one layer itself (local_layers >= 1)")
@@ -137,11 +138,13 @@ class Client:
         self.spot_check = spot_check
         self.trial = trial
         self.critical = critical  # ZK: every shard returns a proof; the client checks the chain
+        self.proof_follows = proof_follows  # critical mode: results first, proofs via verify_followed()
         self.reputation = Reputation()
         self.auditor = Auditor(self.reputation, AuditLog(audit_log, self.identity) if audit_log else None)
         self.gossip: Gossip | None = None
         self._nursery: trio.Nursery | None = None
         self._trials: dict[str, bool] = {}  # peer -> passed
+        self._followed: dict[int, tuple[Any, Activation, Activation, list[Any]]] = {}  # proofs still to collect
         self.host: IHost | None = None
         self.directory: Directory | None = None
         self.rtt_ms: dict[str, float] = {}
@@ -244,7 +247,12 @@ class Client:
         proofs: list[Any] | None = [] if self.critical else None
         if not hops:
             act, hops = await self._run_client_driven(model, act, failed, checks, proofs)
-        proof_report = await self._check_proofs(model, sent_to_first, act, proofs) if proofs is not None else None
+        proof_report = None
+        if proofs is not None and self.proof_follows:
+            proof_report = {"verified": None, "pending": len(proofs)}
+            self._followed[id(proof_report)] = (model, sent_to_first, act, proofs)
+        elif proofs is not None:
+            proof_report = await self._check_proofs(model, sent_to_first, act, proofs)
         finish_start = time.perf_counter()
         output = model.finish(act)
         local_ms += (time.perf_counter() - finish_start) * 1000
@@ -349,6 +357,24 @@ class Client:
             "output_hash": last_hash,
             "chain": [p.to_wire() for p in proofs],
         }
+
+    async def verify_followed(self, result: QueryResult) -> dict[str, Any]:
+        """Proof-follows mode: collect the proofs of ``result`` from the peers (they were
+        proving while the client already had its answer), then verify them and the chain."""
+        from .zk import ShardProof
+
+        if result.proofs is None or id(result.proofs) not in self._followed:
+            raise ValueError("this result has no proofs to collect")
+        model, sent, received, pending = self._followed.pop(id(result.proofs))
+        proofs = []
+        for peer, token, first, last in pending:
+            reply = await self._request(peer, {"type": "get_proof", "token": token}, timeout=120)
+            proof = ShardProof.from_wire(reply.get("proof"))
+            if (proof.first, proof.last) != (first, last):
+                raise ProtocolViolation(f"{peer} proved layers {proof.first}-{proof.last}, not {first}-{last}")
+            proofs.append(proof)
+        result.proofs = await self._check_proofs(model, sent, received, proofs)
+        return result.proofs
 
     def _artifact_sources(self, model: SplitModel) -> list[str]:
         assert self.directory is not None
@@ -540,13 +566,19 @@ class Client:
     ) -> tuple[Any, HopReport]:
         """One hop; with ``proofs`` (critical mode) the peer must also prove its shard."""
         prove = proofs is not None
-        req = ForwardRequest(model.model_id, segment.first, segment.last, act, request_id=uuid.uuid4().hex, prove=prove)
+        req = ForwardRequest(model.model_id, segment.first, segment.last, act, request_id=uuid.uuid4().hex,
+                             prove=("follow" if self.proof_follows else True) if prove else False)
         sent = time.perf_counter()
         reply = await self._request(segment.peer_id, req.to_wire())
         round_trip = (time.perf_counter() - sent) * 1000
         hidden, timing = parse_forward_reply(reply)
         model.check_activation(Activation(hidden, act.mask))
-        if proofs is not None:
+        if proofs is not None and self.proof_follows:
+            token = reply.get("proof_token")
+            if not isinstance(token, str):
+                raise ProtocolViolation(f"{segment.peer_id} sent no proof token")
+            proofs.append((segment.peer_id, token, segment.first, segment.last))
+        elif proofs is not None:
             from .zk import ShardProof
 
             proof = ShardProof.from_wire(reply.get("proof"))

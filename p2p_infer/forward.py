@@ -49,7 +49,7 @@ class ForwardRequest:
     reply_to: str = ""  # client peer id the last hop sends the result to
     reply_addrs: tuple[str, ...] = ()  # where to dial the client if not connected
     trace: list[dict[str, Any]] = field(default_factory=list)  # timings of earlier hops
-    prove: bool = False  # critical mode: return the circuit's output and a ZK proof of it
+    prove: bool | str = False  # critical mode: True = proof in the reply; "follow" = fetch it later
 
     def to_wire(self) -> Message:
         return {
@@ -94,8 +94,14 @@ def parse_forward_request(message: Message, *, max_tensor_bytes: int = DEFAULT_M
         reply_to=_short_str(message.get("reply_to"), "reply_to"),
         reply_addrs=_str_list(message.get("reply_addrs"), "reply_addrs"),
         trace=_parse_trace(message.get("trace")),
-        prove=bool(message.get("prove", False)),
+        prove=_parse_prove(message.get("prove", False)),
     )
+
+
+def _parse_prove(value: object) -> bool | str:
+    if value in (None, False, True, "follow"):
+        return bool(value) if value != "follow" else "follow"
+    raise ProtocolViolation("forward: 'prove' must be false, true or \"follow\"")
 
 
 def _str_list(value: object, name: str) -> tuple[str, ...]:

@@ -51,6 +51,7 @@ class ArtifactNotFound(P2PInferError):
     code = "not_found"
 PROTOCOLS = (FORWARD_PROTOCOL, COMMITTEE_PROTOCOL, ARTIFACT_PROTOCOL)
 REPROVIDE_INTERVAL = 300.0
+MAX_PENDING_PROOFS = 64  # uncollected "proof follows" proofs kept per peer
 
 
 def read_bootstrap_file(path: Path) -> list[str]:
@@ -76,6 +77,7 @@ class Peer:
         self.forwards_served = 0
         self.circuits: dict[tuple[str, int, int], Any] = {}  # ZK circuits, built on first use
         self.prover: Any = None  # zk.ProverPool, started on the first critical request
+        self.pending_proofs: dict[str, tuple[Any, int, int, Path]] = {}  # "proof follows" tokens
         self.limiter = trio.CapacityLimiter(max(1, settings.max_concurrent))
         self.host: IHost | None = None
         self._nursery: trio.Nursery | None = None  # background forwarding work
@@ -171,6 +173,8 @@ class Peer:
     # ---- forward protocol ----
 
     async def handle_forward(self, message: Message) -> Message:
+        if message.get("type") == "get_proof":
+            return await self._proof_that_followed(message)
         if message.get("type") == "ping":
             return {
                 "type": "pong",
@@ -239,21 +243,57 @@ class Peer:
             self.circuits[key] = built[(req.first, req.last)]
         if self.prover is None:
             self.prover = zk.ProverPool()
+        circuit = self.circuits[key]
         workdir = default_cache_dir() / "zk" / "work" / uuid.uuid4().hex
+        values = req.act.hidden.flatten().tolist()
         queued = time.perf_counter()
-        try:
-            async with self.limiter:
-                queue_ms = (time.perf_counter() - queued) * 1000
-                result = await trio.to_thread.run_sync(self.prover.run, self.circuits[key], req.act.hidden.flatten().tolist(), workdir)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+        async with self.limiter:
+            queue_ms = (time.perf_counter() - queued) * 1000
+            try:
+                result = await trio.to_thread.run_sync(self.prover.witness, circuit, values, workdir)
+            except BaseException:
+                shutil.rmtree(workdir, ignore_errors=True)
+                raise
         import torch
 
         hidden = torch.tensor(result["outputs"], dtype=torch.float32).reshape(req.act.hidden.shape)
         reply = forward_reply(hidden, result["witness_ms"], queue_ms, req.request_id)
-        reply["timing"]["prove_ms"] = result["prove_ms"]
-        reply["proof"] = zk.ShardProof(req.first, req.last, result["proof"], tuple(result["instances"])).to_wire()
+        future = self.prover.prove_later(circuit, result["witness"])
+        if req.prove == "follow":  # answer now; the proof is fetched with get_proof
+            token = uuid.uuid4().hex
+            self.pending_proofs[token] = (future, req.first, req.last, workdir)
+            while len(self.pending_proofs) > MAX_PENDING_PROOFS:  # clients that never come back
+                _, (stale, _, _, stale_dir) = next(iter(self.pending_proofs.items()))
+                self.pending_proofs.pop(next(iter(self.pending_proofs)))
+                stale.cancel()
+                shutil.rmtree(stale_dir, ignore_errors=True)
+            reply["proof_token"] = token
+            return reply
+        proof = await self._finish_proof(future, req.first, req.last, workdir)
+        reply["timing"]["prove_ms"] = proof.pop("prove_ms")
+        reply["proof"] = proof
         return reply
+
+    async def _finish_proof(self, future: Any, first: int, last: int, workdir: Path) -> dict[str, Any]:
+        from . import zk
+
+        try:
+            done = await trio.to_thread.run_sync(future.result)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        wire = zk.ShardProof(first, last, done["proof"], tuple(done["instances"])).to_wire()
+        wire["prove_ms"] = done["prove_ms"]
+        return wire
+
+    async def _proof_that_followed(self, message: Message) -> Message:
+        token = message.get("token")
+        entry = self.pending_proofs.pop(token, None) if isinstance(token, str) else None
+        if entry is None:
+            raise ProtocolViolation("get_proof: unknown or already collected proof token")
+        future, first, last, workdir = entry
+        proof = await self._finish_proof(future, first, last, workdir)
+        proof.pop("prove_ms", None)
+        return {"type": "proof", "proof": proof}
 
     async def _compute_layers(self, model: Any, first: int, last: int, act: Activation) -> Any:
         req = ForwardRequest(model.model_id, first, last, act)

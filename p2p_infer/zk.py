@@ -247,30 +247,39 @@ def circuit_forward(circuit: Circuit, values: list[float], workdir: Path) -> lis
     return [felt_to_float(f) for f in w["outputs"][0]]
 
 
-def run_and_prove(circuit_dir: str, logrows: int, srs: str, values: list[float], workdir: str) -> dict[str, Any]:
-    """Forward pass *as the circuit computes it* (gen_witness) and its proof. Runs in a
-    worker process: pure function of its arguments, returns plain data."""
+def circuit_witness(circuit_dir: str, values: list[float], workdir: str) -> dict[str, Any]:
+    """The shard's forward pass as its circuit computes it; keeps the witness for proving.
+    Runs in a worker process."""
     import time
 
     ezkl = _ezkl()
-    c = Circuit(Path(circuit_dir), 0, 0, logrows, Path(srs))
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
-    data, witness, proof_path = work / "input.json", work / "witness.json", work / "proof.json"
+    data, witness = work / "input.json", work / "witness.json"
     data.write_text(json.dumps({"input_data": [values]}))
     start = time.perf_counter()
-    w = ezkl.gen_witness(str(data), str(c.compiled), str(witness))
-    witness_ms = (time.perf_counter() - start) * 1000
+    w = ezkl.gen_witness(str(data), str(Path(circuit_dir) / "model.ezkl"), str(witness))
+    return {"outputs": [felt_to_float(f) for f in w["outputs"][0]], "witness": str(witness),
+            "witness_ms": (time.perf_counter() - start) * 1000}
+
+
+def prove_witness(circuit_dir: str, srs: str, witness: str) -> dict[str, Any]:
+    """Prove a witness made by :func:`circuit_witness`. Runs in a worker process."""
+    import time
+
+    ezkl = _ezkl()
+    directory = Path(circuit_dir)
     start = time.perf_counter()
-    proof = ezkl.prove(str(witness), str(c.compiled), str(c.pk), str(proof_path), str(c.srs))
-    prove_ms = (time.perf_counter() - start) * 1000
-    return {
-        "outputs": [felt_to_float(f) for f in w["outputs"][0]],
-        "proof": _proof_bytes(proof["proof"]),
-        "instances": list(proof["instances"][0]),
-        "witness_ms": witness_ms,
-        "prove_ms": prove_ms,
-    }
+    proof = ezkl.prove(witness, str(directory / "model.ezkl"), str(directory / "pk.key"), str(Path(witness).with_name("proof.json")), srs)
+    return {"proof": _proof_bytes(proof["proof"]), "instances": list(proof["instances"][0]),
+            "prove_ms": (time.perf_counter() - start) * 1000}
+
+
+def run_and_prove(circuit_dir: str, logrows: int, srs: str, values: list[float], workdir: str) -> dict[str, Any]:
+    """Witness and proof in one call (a worker process, or in-process in tests and benchmarks)."""
+    del logrows  # the circuit directory's settings carry it
+    witnessed = circuit_witness(circuit_dir, values, workdir)
+    return {**witnessed, **prove_witness(circuit_dir, srs, witnessed["witness"])}
 
 
 def _proof_bytes(raw: Any) -> bytes:
@@ -411,9 +420,17 @@ class ProverPool:
         self.executor = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
 
     def run(self, circuit: Circuit, values: list[float], workdir: Path) -> dict[str, Any]:
-        """Blocking: call from a worker thread."""
+        """Witness and proof. Blocking: call from a worker thread."""
         future = self.executor.submit(run_and_prove, str(circuit.directory), circuit.logrows, str(circuit.srs), values, str(workdir))
         return future.result()
+
+    def witness(self, circuit: Circuit, values: list[float], workdir: Path) -> dict[str, Any]:
+        """The circuit's output only (fast). Blocking: call from a worker thread."""
+        return self.executor.submit(circuit_witness, str(circuit.directory), values, str(workdir)).result()
+
+    def prove_later(self, circuit: Circuit, witness: str) -> Any:
+        """Start proving a witness; returns a concurrent.futures.Future."""
+        return self.executor.submit(prove_witness, str(circuit.directory), str(circuit.srs), witness)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -196,3 +196,23 @@ def test_critical_queries_over_two_peers(tmp_path):
         # critical routes use whole shards (a circuit covers one): starting inside one is no route
         query = swarm.cli("query", "--model", "digits-mlp", "--mode", "critical", "--local-layers", "2", "test:0", check=False)
         assert query.returncode != 0 and "no live peer serves layer 2" in query.stderr
+
+
+@pytest.mark.slow
+async def test_proof_follows_the_result(tmp_path):
+    from p2p_infer.client import Client
+
+    model = load_model("digits-mlp")
+    x = DigitsMLP.dataset()[2][12].tolist()
+    with Swarm(tmp_path) as swarm:
+        swarm.start_bootstrap()
+        swarm.start_peers([["digits-mlp:1-2"], ["digits-mlp:3-3"]])
+        swarm.wait_discoverable()
+        async with Client([swarm.bootstrap.addr], critical=True, proof_follows=True) as c:
+            result = await c.classify(x)
+            assert result.proofs == {"verified": None, "pending": 2}  # the answer came before the proofs
+            assert result.output["class"] == model.run_local(x)["class"]
+            report = await c.verify_followed(result)
+            assert report["verified"] is True and [s["first"] for s in report["shards"]] == [1, 3]
+            with pytest.raises(ValueError):
+                await c.verify_followed(result)  # collected once
