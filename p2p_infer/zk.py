@@ -141,6 +141,9 @@ def ensure_srs(cache_dir: Path, logrows: int, supplied: Path | None = None) -> P
     path = srs_path(cache_dir, logrows)
     if path.exists():
         return path
+    ceremony_dir = os.environ.get("P2P_INFER_SRS_DIR")  # public ceremony files, named kzg<k>.srs
+    if supplied is None and ceremony_dir and (Path(ceremony_dir) / f"kzg{logrows}.srs").exists():
+        supplied = Path(ceremony_dir) / f"kzg{logrows}.srs"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     if supplied is not None:

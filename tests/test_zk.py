@@ -216,3 +216,12 @@ async def test_proof_follows_the_result(tmp_path):
             assert report["verified"] is True and [s["first"] for s in report["shards"]] == [1, 3]
             with pytest.raises(ValueError):
                 await c.verify_followed(result)  # collected once
+
+
+def test_a_supplied_ceremony_srs_is_used_instead_of_a_generated_one(tmp_path, circuits, monkeypatch):
+    ceremony = tmp_path / "ceremony"
+    ceremony.mkdir()
+    shutil.copy(circuits[(1, 2)].srs, ceremony / "kzg12.srs")
+    monkeypatch.setenv("P2P_INFER_SRS_DIR", str(ceremony))
+    got = zk.ensure_srs(tmp_path / "cache", 12)
+    assert got.read_bytes() == (ceremony / "kzg12.srs").read_bytes()
