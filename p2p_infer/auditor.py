@@ -26,15 +26,16 @@ class Auditor:
         """Handle one gossip message; return evidence this observer should publish."""
         kind = message.get("kind")
         try:
-            if kind == "commit":
-                return self.on_commit(Commit.from_wire(message.get("commit")))
-            if kind == "reveal":
-                return self.on_reveal(Reveal.from_wire(message.get("reveal")))
+            if kind == "round":  # a member's commit and reveal for one task
+                evidence = self.on_commit(Commit.from_wire(message.get("commit")))
+                return evidence + self.on_reveal(Reveal.from_wire(message.get("reveal")))
             if kind == "evidence":
                 self.on_evidence(Evidence.from_wire(message.get("evidence")), reporter=sender)
                 return []
-            if kind == "verdict":
-                self._log("verdict", {"reporter": sender, **_printable(message)})
+            if kind == "verdicts":  # a client's verdicts on every stage of one query
+                for stage in message.get("stages") or []:
+                    if isinstance(stage, dict):
+                        self._log("verdict", {"reporter": sender, "client": message.get("client"), **_printable(stage)})
                 return []
         except ConsensusError as exc:
             log.info("gossip rejected", kind=kind, sender=sender, reason=exc.message)

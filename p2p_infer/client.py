@@ -145,6 +145,7 @@ class Client:
         self._nursery: trio.Nursery | None = None
         self._trials: dict[str, bool] = {}  # peer -> passed
         self._followed: dict[int, tuple[Any, Activation, Activation, list[Any]]] = {}  # proofs still to collect
+        self._verdicts: list[dict[str, Any]] = []  # this query's stage verdicts, gossiped at its end
         self.host: IHost | None = None
         self.directory: Directory | None = None
         self.rtt_ms: dict[str, float] = {}
@@ -436,7 +437,17 @@ class Client:
     # ---- committee mode ----
 
     async def _run_committees(self, model: SplitModel, act: Activation) -> tuple[Activation, list[HopReport], list[dict[str, Any]], bytes]:
+        """Every remaining stage on a committee; the certificate chains them. The stage
+        verdicts are gossiped once, when the query ends (success or not)."""
         assert self.committee is not None
+        try:
+            return await self._run_stages(model, act)
+        finally:
+            if self._verdicts:
+                self._publish({"kind": "verdicts", "client": self.identity.peer_id, "stages": self._verdicts})
+                self._verdicts = []
+
+    async def _run_stages(self, model: SplitModel, act: Activation) -> tuple[Activation, list[HopReport], list[dict[str, Any]], bytes]:
         nonce = os.urandom(32)
         first_input = activation_hash(encode_tensor(act.hidden), None if act.mask is None else encode_tensor(act.mask))
         req_hash = request_hash(model.model_id, first_input, nonce)
@@ -448,8 +459,7 @@ class Client:
             segment = (await self._plan_or_refresh(model, pos, ()))[0]
             started = time.perf_counter()
             decision, attempts = await self._decide_stage(model, len(stages), segment.first, segment.last, act, req_hash)
-            hidden = decode_tensor(decision.output, field="output")
-            act = Activation(hidden, act.mask)
+            act = Activation(decode_tensor(decision.output, field="output"), act.mask)
             stages.append(decision.certificate)
             reports.append({"stage": len(reports), "first": segment.first, "last": segment.last, "attempts": attempts,
                             "verdicts": decision.verdicts})
@@ -493,7 +503,7 @@ class Client:
         task_id = rnd.task.task_id
         for member, verdict in verdicts.items():
             self.reputation.record_task(member, task_id, fault=verdict not in ("agree", "no-quorum"))
-        self._publish({"kind": "verdict", "task": task_id, "stage": rnd.task.stage, "verdicts": verdicts, "client": self.identity.peer_id})
+        self._verdicts.append({"task": task_id, "stage": rnd.task.stage, "verdicts": verdicts})  # gossiped once per query
         for member, verdict in verdicts.items():
             evidence = None
             if verdict == "wrong-output" and decision is not None:

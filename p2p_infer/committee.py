@@ -59,7 +59,7 @@ class CommitteeMember:
         self.compute = compute
         self.publish = publish
         self.fault = fault
-        self.pending: dict[bytes, tuple[dict[str, Any], bytes, float]] = {}
+        self.pending: dict[bytes, tuple[dict[str, Any], bytes, float, Any]] = {}
         self.gossiped_reveals: dict[bytes, list[tuple[Reveal, dict[str, Any] | None]]] = {}
         self.log = log.bind(peer=identity.peer_id, fault=fault or None)
 
@@ -108,15 +108,13 @@ class CommitteeMember:
         nonce = os.urandom(32)
         task_id = task.task_id
         self._expire()
-        self.pending[task_id] = (output, nonce, time.monotonic() + PENDING_TTL)
         if self.fault == "late-commit":
             await trio.sleep(max(0.0, (task.commit_deadline_ms - _now_ms()) / 1000) + 0.3)
         commit = sign_commit(self.identity, task_id, commitment(task_id, output_hash(output), nonce), _now_ms())
+        told_network = commit
         if self.fault == "equivocate":  # tell the network something else than the client
-            other = sign_commit(self.identity, task_id, commitment(task_id, output_hash(output), os.urandom(32)), _now_ms())
-            self.publish({"kind": "commit", "commit": other.to_wire()})
-        else:
-            self.publish({"kind": "commit", "commit": commit.to_wire()})
+            told_network = sign_commit(self.identity, task_id, commitment(task_id, output_hash(output), os.urandom(32)), _now_ms())
+        self.pending[task_id] = (output, nonce, time.monotonic() + PENDING_TTL, told_network)
         return {"type": "commit", "commit": commit.to_wire()}
 
     async def _reveal(self, message: Message) -> Message:
@@ -126,13 +124,14 @@ class CommitteeMember:
         entry = self.pending.pop(task_id, None)
         if entry is None:
             raise ProtocolViolation("reveal: no pending output for this task")
-        output, nonce, _ = entry
+        output, nonce, _, told_network = entry
         if self.fault == "no-reveal":
             raise Withheld("reveal withheld (test fault)")
         if self.fault == "copy":
             output = await self._copy_someone(task_id) or output
         reveal = sign_reveal(self.identity, task_id, output_hash(output), nonce)
-        self.publish({"kind": "reveal", "reveal": reveal.to_wire(), "output": output})
+        # one gossip message per member and task (py-libp2p gossip costs ~ms of CPU each)
+        self.publish({"kind": "round", "commit": told_network.to_wire(), "reveal": reveal.to_wire(), "output": output})
         return {"type": "reveal", "reveal": reveal.to_wire(), "output": output}
 
     async def _copy_someone(self, task_id: bytes) -> dict[str, Any] | None:
@@ -147,7 +146,7 @@ class CommitteeMember:
 
     def on_gossip(self, message: dict[str, Any]) -> None:
         """Remember others' reveals (used only by the copy test fault)."""
-        if self.fault == "copy" and message.get("kind") == "reveal":
+        if self.fault == "copy" and message.get("kind") == "round":
             try:
                 reveal = Reveal.from_wire(message.get("reveal"))
             except P2PInferError:
@@ -156,7 +155,7 @@ class CommitteeMember:
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for task_id in [t for t, (_, _, exp) in self.pending.items() if exp < now]:
+        for task_id in [t for t, (_, _, exp, _) in self.pending.items() if exp < now]:
             del self.pending[task_id]
 
 
