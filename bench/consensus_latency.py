@@ -56,9 +56,11 @@ def main() -> None:
             swarm.start_bootstrap()
             swarm.start_peers([STAGES[name]] * 3)
             swarm.wait_discoverable(timeout=120)
-            medians = {}
+            medians, means, p95 = {}, {}, {}
             for label, committee in (("plain", None), ("committee-1", 1), ("committee-3", 3)):
-                medians[label] = statistics.median(trio.run(times, swarm.bootstrap.addr, name, inputs, args.queries, committee))
+                runs = trio.run(times, swarm.bootstrap.addr, name, inputs, args.queries, committee)
+                medians[label], means[label] = statistics.median(runs), statistics.mean(runs)
+                p95[label] = sorted(runs)[int(0.95 * (len(runs) - 1))]
             print(json.dumps({
                 "model": name,
                 "queries": args.queries,
@@ -66,6 +68,8 @@ def main() -> None:
                 "committee1_median_ms": round(medians["committee-1"], 2),
                 "committee3_median_ms": round(medians["committee-3"], 2),
                 "ratio_k3_vs_k1": round(medians["committee-3"] / medians["committee-1"], 3),
+                "mean_ms": {k: round(v, 1) for k, v in means.items()},
+                "p95_ms": {k: round(v, 1) for k, v in p95.items()},
                 "protocol_overhead_per_stage_ms_k1_vs_plain": round((medians["committee-1"] - medians["plain"]) / 3, 2),
                 "extra_per_stage_ms_k3_vs_k1": round((medians["committee-3"] - medians["committee-1"]) / 3, 2),
             }), flush=True)

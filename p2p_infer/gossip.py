@@ -23,7 +23,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 TOPIC = "p2p-infer/consensus/v1"
 MAX_GOSSIP_BYTES = 900 * 1024
-GOSSIP_DELAY = 0.05  # seconds: audit traffic waits until the query has moved on
+GOSSIP_DELAY = 0.5  # seconds: audit traffic waits until the query has moved on
 log = structlog.get_logger("p2p_infer.gossip")
 
 GossipHandler = Callable[[str, dict[str, Any]], Awaitable[None]]
