@@ -68,10 +68,12 @@ class Auditor:
 
     def on_evidence(self, evidence: Evidence, reporter: str) -> bool:
         """Verify evidence and, the first time, apply the penalty. Returns True if applied."""
-        evidence.verify()
+        if not evidence.commits:
+            raise ConsensusError("evidence without commits")
         key = (evidence.kind, evidence.member, evidence.commits[0].task_id)
         if key in self.punished:
-            return False
+            return False  # checked before verifying: a replayed message costs nothing
+        evidence.verify()
         self.punished.add(key)
         before = self.reputation.of(evidence.member)
         after = self.reputation.penalize_task(evidence.member, evidence.commits[0].task_id)

@@ -30,9 +30,9 @@ from libp2p.tools.anyio_service import background_trio_service
 from .config import default_cache_dir
 from .dht import Discovery
 from .directory import Directory
-from .errors import FrameError, NoRoute, P2PInferError, PeerUnreachable, ProtocolViolation, RemoteError
+from .errors import BadTensor, FrameError, NoRoute, P2PInferError, PeerUnreachable, ProtocolViolation, RemoteError
 from .forward import FORWARD_PROTOCOL, RESULT_PROTOCOL, ForwardRequest, Hop, parse_forward_reply
-from .framing import Message
+from .framing import Message, remote_peer
 from .host import add_handler, full_addrs, parse_peer_addr, running_host
 from .identity import Identity
 from .models import Activation, SplitModel, known_manifests, load_model
@@ -59,7 +59,7 @@ from .reputation import Reputation
 from .routing import Segment, Server, plan_route
 from .tensors import decode_tensor, encode_tensor
 from .streams import StreamPool
-from .zk import ARTIFACT_PROTOCOL
+from .zk import ARTIFACT_PROTOCOL, ZkError
 
 log = structlog.get_logger("p2p_infer.client")
 RETRYABLE_REMOTE_CODES = {"internal", "overloaded", "not_served", "unknown_model", "unreachable"}
@@ -549,9 +549,11 @@ class Client:
                 hidden, hop = await self._call_segment(model, segment, act, proofs)
                 if self.spot_check and random.random() < self.spot_check:
                     hidden = await self._spot_check(model, segment, act, hidden, checks if checks is not None else [])
-            except (PeerUnreachable, FrameError, ProtocolViolation, trio.TooSlowError, RemoteError) as exc:
+            except (PeerUnreachable, FrameError, ProtocolViolation, trio.TooSlowError, RemoteError, BadTensor, ZkError) as exc:
                 if isinstance(exc, RemoteError) and exc.code not in RETRYABLE_REMOTE_CODES:
                     raise
+                if isinstance(exc, (BadTensor, ZkError, ProtocolViolation)):  # it answered, wrongly
+                    self.reputation.record(segment.peer_id, fault=True)
                 failed.append(segment.peer_id)
                 reason = exc.message if isinstance(exc, P2PInferError) else "timed out"
                 log.warning("hop failed, re-routing", peer=segment.peer_id, layers=f"{segment.first}-{segment.last}", reason=reason)
@@ -623,7 +625,7 @@ class Client:
         finally:
             self._pending.pop(request_id, None)
         if result["type"] == "forward_failed":
-            failed.append(str(result.get("at", "")))
+            failed.append(str(result.get("failed_peer") or result.get("at", "")))
             raise RemoteError(str(result.get("code")), str(result.get("message")), str(result.get("at")))
         hidden, _ = parse_forward_reply(result)
         model.check_activation(Activation(hidden, act.mask))
@@ -638,6 +640,9 @@ class Client:
             raise ProtocolViolation(f"no query waiting for result {request_id!r}")
         if message.get("type") not in ("forward_result", "forward_failed"):
             raise ProtocolViolation(f"unexpected message {message.get('type')!r} on {RESULT_PROTOCOL}")
+        sender = remote_peer.get()
+        if message["type"] == "forward_result" and sender != pending[1]:  # only the route's last hop may answer
+            raise ProtocolViolation(f"result for {request_id} from {sender}, expected {pending[1]}")
         pending[0].send_nowait(message)
         return {"type": "ok"}
 

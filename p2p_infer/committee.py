@@ -30,6 +30,7 @@ from .framing import Message, protocol_id
 from .identity import Identity
 from .models import Activation
 from .shards import ShardServer
+from .records import now_ms as _now_ms
 from .tensors import decode_tensor, encode_tensor
 
 COMMITTEE_PROTOCOL = protocol_id("committee")
@@ -60,6 +61,7 @@ class CommitteeMember:
         self.publish = publish
         self.fault = fault
         self.pending: dict[bytes, tuple[dict[str, Any], bytes, float, Any]] = {}
+        self.committed: dict[bytes, tuple[Any, float]] = {}  # task -> (our one commit, expiry)
         self.gossiped_reveals: dict[bytes, list[tuple[Reveal, dict[str, Any] | None]]] = {}
         self.log = log.bind(peer=identity.peer_id, fault=fault or None)
 
@@ -91,6 +93,9 @@ class CommitteeMember:
     async def _execute(self, message: Message) -> Message:
         task = StageTask.from_wire(message.get("task"))
         model = self._served(task.model_id, task.first, task.last)
+        self._expire()
+        if task.task_id in self.committed:  # never sign two commitments for one task (that is equivocation)
+            return {"type": "commit", "commit": self.committed[task.task_id][0].to_wire()}
         hidden_wire, mask_wire = message.get("hidden"), message.get("mask")
         act = Activation(decode_tensor(hidden_wire, field="hidden"), None if mask_wire is None else decode_tensor(mask_wire, field="mask"))
         model.check_activation(act)
@@ -107,7 +112,8 @@ class CommitteeMember:
             output = encode_tensor(noisy)
         nonce = os.urandom(32)
         task_id = task.task_id
-        self._expire()
+        if task_id in self.committed:  # a duplicate request raced this one
+            return {"type": "commit", "commit": self.committed[task_id][0].to_wire()}
         if self.fault == "late-commit":
             await trio.sleep(max(0.0, (task.commit_deadline_ms - _now_ms()) / 1000) + 0.3)
         commit = sign_commit(self.identity, task_id, commitment(task_id, output_hash(output), nonce), _now_ms())
@@ -115,6 +121,7 @@ class CommitteeMember:
         if self.fault == "equivocate":  # tell the network something else than the client
             told_network = sign_commit(self.identity, task_id, commitment(task_id, output_hash(output), os.urandom(32)), _now_ms())
         self.pending[task_id] = (output, nonce, time.monotonic() + PENDING_TTL, told_network)
+        self.committed[task_id] = (commit, time.monotonic() + PENDING_TTL)
         return {"type": "commit", "commit": commit.to_wire()}
 
     async def _reveal(self, message: Message) -> Message:
@@ -157,80 +164,11 @@ class CommitteeMember:
         now = time.monotonic()
         for task_id in [t for t, (_, _, exp, _) in self.pending.items() if exp < now]:
             del self.pending[task_id]
+        for task_id in [t for t, (_, exp) in self.committed.items() if exp < now]:
+            del self.committed[task_id]
 
 
 def parse_ticket_reply(reply: Message) -> Ticket:
     if reply.get("type") != "ticket":
         raise ProtocolViolation(f"expected ticket, got {reply.get('type')!r}")
     return Ticket.from_wire(reply.get("ticket"))
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-# ---- the client's role ----
-
-Request = Callable[[str, Message, float], Awaitable[Message]]
-
-
-async def run_stage_round(
-    request: Request,
-    task: StageTask,
-    candidates: list[str],
-    hidden: dict[str, Any],
-    mask: dict[str, Any] | None,
-    *,
-    reveal_timeout: float,
-    on_direct_commit: Callable[[Any], None] = lambda _c: None,
-) -> StageRound:
-    """Sortition, execution and commit-reveal for one stage attempt; returns the round,
-    ready for :meth:`StageRound.decide`. Raises NoQuorum when too few candidates answer."""
-    from .consensus import Commit, NoQuorum, rank_tickets
-
-    tickets: list[Ticket] = []
-
-    async def ask_ticket(peer: str) -> None:
-        try:
-            reply = await request(peer, {"type": "ticket", "seed": task.seed, "model": task.model_id, "first": task.first, "last": task.last}, 3.0)
-            tickets.append(parse_ticket_reply(reply))
-        except (P2PInferError, trio.TooSlowError) as exc:
-            log.info("no ticket from candidate", candidate=peer, reason=getattr(exc, "message", "timed out"))
-
-    async with trio.open_nursery() as nursery:
-        for peer in candidates:
-            nursery.start_soon(ask_ticket, peer)
-    valid_tickets = rank_tickets(tickets, task.seed)  # each VRF proof is verified once, here
-    committee = valid_tickets[: task.k]
-    if len(committee) < task.k:
-        raise NoQuorum(f"stage {task.stage} (layers {task.first}-{task.last}): {len(committee)} eligible candidates for a committee of {task.k}")
-    rnd = StageRound(task, committee, valid_tickets)
-    execute = {"type": "execute", "task": task.to_wire(), "hidden": hidden, "mask": mask}
-    wait_s = max(0.5, (task.commit_deadline_ms - _now_ms()) / 1000 + 1.0)
-
-    async def commit_from(member: str) -> None:
-        try:
-            reply = await request(member, execute, wait_s)
-            commit = Commit.from_wire(reply.get("commit"))
-        except (P2PInferError, trio.TooSlowError) as exc:
-            log.info("no commit", member=member, reason=getattr(exc, "message", "timed out"))
-            return
-        on_direct_commit(commit)
-        rnd.on_commit(commit, _now_ms())
-
-    async with trio.open_nursery() as nursery:
-        for member in rnd.members:
-            nursery.start_soon(commit_from, member)
-
-    async def reveal_from(member: str) -> None:
-        try:
-            reply = await request(member, {"type": "reveal", "task_id": task.task_id}, reveal_timeout)
-            decode_tensor(reply.get("output"), field="output")  # shape, dtype and finiteness before anything else
-            rnd.on_reveal(Reveal.from_wire(reply.get("reveal")), reply.get("output"))  # type: ignore[arg-type]
-        except (P2PInferError, trio.TooSlowError) as exc:
-            log.info("no reveal", member=member, reason=getattr(exc, "message", "timed out"))
-
-    async with trio.open_nursery() as nursery:
-        for member in list(rnd.commits):
-            nursery.start_soon(reveal_from, member)
-    return rnd

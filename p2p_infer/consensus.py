@@ -35,6 +35,7 @@ from .identity import Identity, peer_id_from_public_key, verify_signature
 
 ATOL = 1e-4
 RTOL = 1e-4
+MAX_TICKETS = 64  # candidates listed per stage in a certificate (bounds a verifier's work)
 COMMIT_DOMAIN = b"p2p-infer/commit/v1\n"
 REVEAL_DOMAIN = b"p2p-infer/reveal/v1\n"
 
@@ -114,7 +115,8 @@ class Ticket:
 
     @classmethod
     def from_wire(cls, raw: Any) -> Ticket:
-        _expect(isinstance(raw, list) and len(raw) == 3 and isinstance(raw[0], str) and isinstance(raw[1], bytes) and isinstance(raw[2], bytes), "ticket must be [peer_id, public_key, proof]")
+        _expect(isinstance(raw, list) and len(raw) == 3 and isinstance(raw[0], str) and isinstance(raw[1], bytes) and isinstance(raw[2], bytes)
+                and len(raw[1]) == 32 and len(raw[2]) == vrf.PROOF_LEN, "ticket must be [peer_id, public_key (32 B), proof (80 B)]")
         return cls(raw[0], raw[1], raw[2])
 
 
@@ -201,8 +203,8 @@ class Commit:
     @classmethod
     def from_wire(cls, raw: Any) -> Commit:
         ok = isinstance(raw, list) and len(raw) == 6 and isinstance(raw[1], str) and isinstance(raw[4], int)
-        ok = ok and all(isinstance(raw[i], bytes) for i in (0, 2, 3, 5))
-        _expect(ok, "commit must be [task_id, member, public_key, commitment, committed_at_ms, signature]")
+        ok = ok and all(isinstance(raw[i], bytes) for i in (0, 2, 3, 5)) and len(raw[2]) == 32 and len(raw[5]) == 64
+        _expect(ok, "commit must be [task_id, member, public_key (32 B), commitment, committed_at_ms, signature (64 B)]")
         return cls(*raw)
 
 
@@ -234,7 +236,8 @@ class Reveal:
     @classmethod
     def from_wire(cls, raw: Any) -> Reveal:
         ok = isinstance(raw, list) and len(raw) == 6 and isinstance(raw[1], str) and all(isinstance(raw[i], bytes) for i in (0, 2, 3, 4, 5))
-        _expect(ok, "reveal must be [task_id, member, public_key, output_hash, nonce, signature]")
+        ok = ok and len(raw[2]) == 32 and len(raw[5]) == 64
+        _expect(ok, "reveal must be [task_id, member, public_key (32 B), output_hash, nonce, signature (64 B)]")
         return cls(*raw)
 
 
@@ -275,9 +278,10 @@ class StageRound:
 
     def on_commit(self, commit: Commit, received_at_ms: int) -> None:
         member = commit.member
-        if member not in self.members or commit.task_id != self.task.task_id or not commit.valid_signature():
-            if member in self.members:
-                self.faults.setdefault(member, "bad-commit")
+        if member not in self.members or not commit.valid_signature():
+            return  # unsigned words blame no one
+        if commit.task_id != self.task.task_id:
+            self.faults.setdefault(member, "bad-commit")
             return
         if received_at_ms > self.task.commit_deadline_ms or commit.committed_at_ms > self.task.commit_deadline_ms:
             self.faults.setdefault(member, "late-commit")
@@ -291,8 +295,10 @@ class StageRound:
     def on_reveal(self, reveal: Reveal, output: dict[str, Any]) -> None:
         member = reveal.member
         commit = self.commits.get(member)
-        if commit is None or member in self.faults:
-            return  # no valid, timely commit: the reveal cannot count
+        if commit is None or member in self.faults or member in self.reveals:
+            return  # no valid, timely commit (or already revealed): this reveal cannot count
+        if not reveal.valid_signature():
+            return  # unsigned words blame no one
         if not reveal.valid_signature() or not reveal.opens(commit) or output_hash(output) != reveal.output_hash:
             self.faults[member] = "bad-reveal"
             if reveal.valid_signature() and reveal.member == member:
@@ -311,9 +317,9 @@ class StageRound:
         valid = [m for m in self.members if m in self.reveals and m not in self.faults]
         best: list[str] = []
         for anchor in valid:  # members in VRF rank order: ties go to the better-ranked anchor
-            group = [m for m in valid if outputs_agree(self.reveals[m][1], self.reveals[anchor][1])]
+            group = [anchor] + [m for m in valid if m != anchor and outputs_agree(self.reveals[m][1], self.reveals[anchor][1])]
             if len(group) > len(best):
-                best = group
+                best = group  # best[0] is the anchor: its output is the one every member agrees with
         need = quorum_size(self.task.k)
         if len(best) < need:
             detail = {m: self.faults.get(m, "disagrees") for m in self.members}
@@ -366,6 +372,7 @@ class StageCertificate:
         _expect(isinstance(raw, dict) and {"task", "tickets", "commits", "reveals", "outputs"} <= set(raw), "stage certificate fields missing")
         outputs = raw["outputs"]
         _expect(isinstance(outputs, list) and all(isinstance(o, dict) and {"dtype", "shape", "data"} == set(o) for o in outputs), "outputs must be tensors")
+        _expect(isinstance(raw["tickets"], list) and len(raw["tickets"]) <= MAX_TICKETS, f"at most {MAX_TICKETS} tickets per stage")
         return cls(
             task=StageTask.from_wire(raw["task"]),
             tickets=[Ticket.from_wire(t) for t in raw["tickets"]],
@@ -377,10 +384,10 @@ class StageCertificate:
     def verify(self) -> None:
         """Check everything a third party can check offline; raise ConsensusError saying what failed."""
         task, seed = self.task, self.task.seed
-        for ticket in self.tickets:
-            ticket.beta(seed)  # every candidate listed must hold a valid ticket for this seed
         _expect(len({t.peer_id for t in self.tickets}) == len(self.tickets), "a candidate is listed twice")
-        committee = {t.peer_id for t in select_committee(self.tickets, seed, task.k)}
+        ranked = rank_tickets(self.tickets, seed)  # each VRF proof checked once
+        _expect(len(ranked) == len(self.tickets), f"stage {task.stage}: a listed candidate's VRF ticket is invalid")
+        committee = {t.peer_id for t in ranked[: task.k]}
         _expect(len(committee) == task.k, f"stage {task.stage}: {len(committee)} valid tickets for a committee of {task.k}")
         _expect(len(self.commits) == len(self.reveals) == len(self.outputs), "commits, reveals and outputs must pair up")
         _expect(len(self.commits) >= quorum_size(task.k), f"stage {task.stage}: {len(self.commits)} agreeing members, quorum is {quorum_size(task.k)}")

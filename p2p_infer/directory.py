@@ -71,11 +71,3 @@ class Directory:
 
     def forget(self, peer_id: str) -> None:
         self.records.pop(peer_id, None)
-
-    async def keep_fresh(self, interval: float, model_ids: Collection[str] = ()) -> None:
-        while True:
-            try:
-                await self.refresh(model_ids)
-            except Exception:
-                log.exception("directory refresh failed")
-            await trio.sleep(interval)

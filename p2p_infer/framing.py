@@ -13,6 +13,7 @@ are in ``protocols/framing.md``.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any, Protocol
 
 import msgpack
@@ -27,6 +28,7 @@ DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 DEFAULT_READ_TIMEOUT = 30.0
 
 log = structlog.get_logger("p2p_infer.framing")
+remote_peer: ContextVar[str] = ContextVar("remote_peer", default="")  # set while a handler runs
 
 
 def protocol_id(name: str, version: str = "1.0.0") -> str:
@@ -137,6 +139,7 @@ async def serve_stream(
     framing errors end the stream, and anything unexpected is logged and answered.
     """
     plog = log.bind(protocol=protocol, remote=remote)
+    remote_peer.set(remote)  # each stream is served in its own task, so this is per stream
     try:
         while True:
             try:

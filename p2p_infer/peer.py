@@ -263,10 +263,9 @@ class Peer:
             token = uuid.uuid4().hex
             self.pending_proofs[token] = (future, req.first, req.last, workdir)
             while len(self.pending_proofs) > MAX_PENDING_PROOFS:  # clients that never come back
-                _, (stale, _, _, stale_dir) = next(iter(self.pending_proofs.items()))
-                self.pending_proofs.pop(next(iter(self.pending_proofs)))
-                stale.cancel()
-                shutil.rmtree(stale_dir, ignore_errors=True)
+                stale, _, _, stale_dir = self.pending_proofs.pop(next(iter(self.pending_proofs)))
+                stale.cancel()  # no effect once running: the directory goes when the proof is done
+                stale.add_done_callback(lambda _f, d=stale_dir: shutil.rmtree(d, ignore_errors=True))
             reply["proof_token"] = token
             return reply
         proof = await self._finish_proof(future, req.first, req.last, workdir)
@@ -326,14 +325,16 @@ class Peer:
                 result = forward_reply(hidden, compute_ms, queue_ms, req.request_id)
                 result["trace"] = trace
                 await self._send_to(req.reply_to, req.reply_addrs, RESULT_PROTOCOL, result)
-        except P2PInferError as exc:
-            self.log.info("forwarding failed", request_id=req.request_id, code=exc.code, reason=exc.message)
-            failure = {"type": "forward_failed", "request_id": req.request_id, "code": exc.code,
-                       "message": exc.message, "at": self.identity.peer_id, "trace": trace}
+        except Exception as exc:  # a background task: nothing may escape into the peer's nursery
+            code, reason = getattr(exc, "code", "internal"), getattr(exc, "message", f"{type(exc).__name__}: {exc}")
+            self.log.info("forwarding failed", request_id=req.request_id, code=code, reason=reason)
+            failed_peer = req.route[0].peer if req.route and code == "unreachable" else self.identity.peer_id
+            failure = {"type": "forward_failed", "request_id": req.request_id, "code": code, "message": reason,
+                       "at": self.identity.peer_id, "failed_peer": failed_peer, "trace": trace}
             try:
                 await self._send_to(req.reply_to, req.reply_addrs, RESULT_PROTOCOL, failure)
-            except P2PInferError as exc2:
-                self.log.info("cannot reach client to report failure", reason=exc2.message)
+            except Exception as exc2:
+                self.log.info("cannot reach client to report failure", reason=str(exc2))
 
     async def _send_to(self, peer: str, addrs: tuple[str, ...], protocol: str, message: Message) -> None:
         assert self.pool is not None

@@ -16,7 +16,7 @@ import hashlib
 import math
 import time
 from collections.abc import Collection
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import msgpack
 
@@ -267,10 +267,6 @@ def newest(envelopes: list[bytes]) -> int:
         if issued > best_issued:
             best, best_issued = i, issued
     return best
-
-
-def with_load(record: CapabilityRecord, load: float, issued_at_ms: int, ttl_ms: int) -> CapabilityRecord:
-    return replace(record, load=load, issued_at_ms=issued_at_ms, expires_at_ms=issued_at_ms + ttl_ms)
 
 
 # ---- DHT key layout (protocols/records.md) ----

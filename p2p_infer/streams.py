@@ -37,21 +37,36 @@ class StreamPool:
         self, peer_id: str, protocol: str, message: Message, *, timeout: float, addrs: Sequence[str] = ()
     ) -> Message:
         """One request/reply on the pooled stream; :class:`RemoteError` for error replies,
-        :class:`PeerUnreachable` or :class:`FrameError` when the peer or stream fails."""
+        :class:`PeerUnreachable` or :class:`FrameError` when the peer or stream fails.
+
+        A pooled stream may have been closed by the other side while idle (framing's read
+        timeout): if a *reused* stream fails before any reply, the request is retried once on
+        a fresh stream. Timeouts and malformed peer ids or addresses become PeerUnreachable,
+        so callers only ever see P2PInferError subclasses."""
         slot = self._slots.setdefault((peer_id, protocol), _Slot())
         async with slot.lock:
-            if slot.stream is None:
-                slot.stream = await self._open(peer_id, protocol, addrs)
-            try:
-                return await request(slot.stream, message, timeout=timeout, peer=peer_id)
-            except RemoteError:
-                raise  # the stream is fine; the request was refused
-            except (P2PInferError, trio.TooSlowError):
-                slot.stream = None
-                raise
-            except Exception as exc:  # StreamReset, StreamEOF, ... from libp2p
-                slot.stream = None
-                raise PeerUnreachable(f"{peer_id}: {type(exc).__name__}: {exc}") from None
+            for attempt in (0, 1):
+                reused = slot.stream is not None
+                try:
+                    if slot.stream is None:
+                        slot.stream = await self._open(peer_id, protocol, addrs)
+                    return await request(slot.stream, message, timeout=timeout, peer=peer_id)
+                except RemoteError:
+                    raise  # the stream is fine; the request was refused
+                except trio.TooSlowError:
+                    slot.stream = None
+                    raise PeerUnreachable(f"{peer_id} did not answer within {timeout} s") from None
+                except P2PInferError:
+                    slot.stream = None
+                    if reused and attempt == 0:
+                        continue
+                    raise
+                except Exception as exc:  # StreamReset, StreamEOF, bad peer id or address, ...
+                    slot.stream = None
+                    if reused and attempt == 0:
+                        continue
+                    raise PeerUnreachable(f"{peer_id}: {type(exc).__name__}: {exc}") from None
+            raise AssertionError("unreachable")
 
     async def _open(self, peer_id: str, protocol: str, addrs: Sequence[str]) -> INetStream:
         pid = ID.from_base58(peer_id)

@@ -241,13 +241,8 @@ class ShardProof:
 
 
 def circuit_forward(circuit: Circuit, values: list[float], workdir: Path) -> list[float]:
-    """The shard's output as its circuit computes it (gen_witness, no proof)."""
-    ezkl = _ezkl()
-    workdir.mkdir(parents=True, exist_ok=True)
-    data, witness = workdir / "input.json", workdir / "witness.json"
-    data.write_text(json.dumps({"input_data": [values]}))
-    w = ezkl.gen_witness(str(data), str(circuit.compiled), str(witness))
-    return [felt_to_float(f) for f in w["outputs"][0]]
+    """The shard's output as its circuit computes it (gen_witness, no proof), in-process."""
+    return circuit_witness(str(circuit.directory), values, str(workdir))["outputs"]
 
 
 def circuit_witness(circuit_dir: str, values: list[float], workdir: str) -> dict[str, Any]:
@@ -420,7 +415,10 @@ class ProverPool:
         import concurrent.futures
         import multiprocessing
 
-        self.executor = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        spawn = multiprocessing.get_context("spawn")
+        self.executor = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=spawn)
+        # witnesses (~20 ms) never queue behind proofs (~1 s): their own process
+        self.witness_executor = concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn)
 
     def run(self, circuit: Circuit, values: list[float], workdir: Path) -> dict[str, Any]:
         """Witness and proof. Blocking: call from a worker thread."""
@@ -429,7 +427,7 @@ class ProverPool:
 
     def witness(self, circuit: Circuit, values: list[float], workdir: Path) -> dict[str, Any]:
         """The circuit's output only (fast). Blocking: call from a worker thread."""
-        return self.executor.submit(circuit_witness, str(circuit.directory), values, str(workdir)).result()
+        return self.witness_executor.submit(circuit_witness, str(circuit.directory), values, str(workdir)).result()
 
     def prove_later(self, circuit: Circuit, witness: str) -> Any:
         """Start proving a witness; returns a concurrent.futures.Future."""
@@ -437,3 +435,4 @@ class ProverPool:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.witness_executor.shutdown(wait=False, cancel_futures=True)
