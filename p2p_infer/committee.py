@@ -172,3 +172,85 @@ def parse_ticket_reply(reply: Message) -> Ticket:
     if reply.get("type") != "ticket":
         raise ProtocolViolation(f"expected ticket, got {reply.get('type')!r}")
     return Ticket.from_wire(reply.get("ticket"))
+
+
+def parse_ticket_reply(reply: Message) -> Ticket:
+    if reply.get("type") != "ticket":
+        raise ProtocolViolation(f"expected ticket, got {reply.get('type')!r}")
+    return Ticket.from_wire(reply.get("ticket"))
+
+
+# ---- the client's role ----
+
+Request = Callable[[str, Message, float], Awaitable[Message]]
+
+
+async def run_stage_round(
+    request: Request,
+    task: StageTask,
+    candidates: list[str],
+    hidden: dict[str, Any],
+    mask: dict[str, Any] | None,
+    *,
+    reveal_timeout: float,
+    on_direct_commit: Callable[[Any], None] = lambda _c: None,
+) -> StageRound:
+    """Sortition, execution and commit-reveal for one stage attempt; returns the round,
+    ready for :meth:`StageRound.decide`. Raises NoQuorum when too few candidates answer."""
+    from .consensus import Commit, NoQuorum, rank_tickets
+
+    tickets: list[Ticket] = []
+
+    async def ask_ticket(peer: str) -> None:
+        try:
+            reply = await request(peer, {"type": "ticket", "seed": task.seed, "model": task.model_id, "first": task.first, "last": task.last}, 3.0)
+            ticket = parse_ticket_reply(reply)
+            if ticket.peer_id == peer:  # a candidate speaks only for itself
+                tickets.append(ticket)
+        except P2PInferError as exc:
+            log.info("no ticket from candidate", candidate=peer, reason=exc.message)
+
+    async with trio.open_nursery() as nursery:
+        for peer in candidates:
+            nursery.start_soon(ask_ticket, peer)
+    valid_tickets = rank_tickets(tickets, task.seed)  # each VRF proof is verified once, here
+    committee = valid_tickets[: task.k]
+    if len(committee) < task.k:
+        raise NoQuorum(f"stage {task.stage} (layers {task.first}-{task.last}): {len(committee)} eligible candidates for a committee of {task.k}")
+    rnd = StageRound(task, committee, valid_tickets)
+    execute = {"type": "execute", "task": task.to_wire(), "hidden": hidden, "mask": mask}
+    wait_s = max(0.5, (task.commit_deadline_ms - _now_ms()) / 1000 + 1.0)
+
+    async def commit_from(member: str) -> None:
+        try:
+            reply = await request(member, execute, wait_s)
+            commit = Commit.from_wire(reply.get("commit"))
+        except P2PInferError as exc:
+            log.info("no commit", member=member, reason=exc.message)
+            return
+        if commit.member != member:  # a member speaks only for itself
+            log.info("commit names another member", asked=member, named=commit.member)
+            return
+        on_direct_commit(commit)
+        rnd.on_commit(commit, _now_ms())
+
+    async with trio.open_nursery() as nursery:
+        for member in rnd.members:
+            nursery.start_soon(commit_from, member)
+
+    async def reveal_from(member: str) -> None:
+        try:
+            reply = await request(member, {"type": "reveal", "task_id": task.task_id}, reveal_timeout)
+            decode_tensor(reply.get("output"), field="output")  # shape, dtype and finiteness before anything else
+            reveal = Reveal.from_wire(reply.get("reveal"))
+            if reveal.member != member:  # a member speaks only for itself
+                log.info("reveal names another member", asked=member, named=reveal.member)
+                return
+            rnd.on_reveal(reveal, reply.get("output"))  # type: ignore[arg-type]
+        except P2PInferError as exc:
+            log.info("no reveal", member=member, reason=exc.message)
+
+    async with trio.open_nursery() as nursery:
+        for member in list(rnd.commits):
+            nursery.start_soon(reveal_from, member)
+    return rnd

@@ -236,3 +236,29 @@ def test_audit_log_chain_and_tampering(tmp_path):
     path.write_text("\n".join(lines[:2] + lines[3:]) + "\n")
     with pytest.raises(AuditError, match="entry 2: chain broken"):
         verify_log(path)
+
+
+def test_unsigned_or_forged_messages_blame_no_one(setup):
+    task, members = setup
+    rnd = play(task, members, [HONEST] * 3)
+    victim = members[2]
+    forged = sign_reveal(members[0], task.task_id, output_hash(WRONG), b"f" * 32)
+    impersonation = type(forged)(forged.task_id, victim.peer_id, victim.public_key, forged.output_hash, forged.nonce, forged.signature)
+    rnd.on_reveal(impersonation, WRONG)  # signed by someone else: ignored
+    decision = rnd.decide()
+    assert decision.verdicts[victim.peer_id] == "agree" and decision.output == HONEST
+
+
+def test_the_accepted_output_is_the_anchor_everyone_agrees_with(setup):
+    task, members = setup
+    base = np.linspace(-1, 1, 32)
+    tol = 1e-4 + 1e-4 * np.abs(base)
+    low, mid, high = tensor(base - 0.9 * tol), tensor(base), tensor(base + 0.9 * tol)
+    decision = play(task, members, [low, mid, high]).decide()
+    assert decision.output == mid  # low and high do not agree with each other, both agree with mid
+    decision.certificate.verify()
+
+
+def test_malformed_wire_keys_are_refused():
+    with pytest.raises(ConsensusError, match="32 B"):
+        Ticket.from_wire(["x", b"abc", b"p" * 80])
