@@ -298,7 +298,7 @@ class Client:
 
     async def _trial(self, model: SplitModel, peer_id: str, layer: int) -> None:
         """Send one layer's worth of random input; pass only on the answer computed here."""
-        act = trial_activation(model)
+        act = model.sample_activation(tokens=8, random=True)
         expected = encode_tensor(model.run_layers(act, layer, layer))
         try:
             hidden, _ = await self._call_segment(model, Segment(Server(peer_id, layer, layer, 1.0), layer, layer), act)
@@ -669,14 +669,6 @@ class Client:
     def _addrs_of(self, peer_id: str) -> list[str]:
         record = self.directory.records.get(peer_id) if self.directory else None
         return list(record.addrs) if record else []
-
-
-def trial_activation(model: SplitModel) -> Activation:
-    """A random input of the model's shape for a trial task (peers cannot tell it apart)."""
-    size = model.manifest.hidden_size
-    if model.name == "minilm-l6":
-        return Activation(torch.randn(1, 8, size), torch.ones(1, 8, dtype=torch.int64))
-    return Activation(torch.relu(torch.randn(1, size)))
 
 
 @asynccontextmanager

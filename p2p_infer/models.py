@@ -76,6 +76,15 @@ class SplitModel(ABC):
         act = self.embed(inputs)
         return self.finish(Activation(self.run_layers(act, 0, len(self.layers) - 1), act.mask))
 
+    def sample_activation(self, tokens: int = 32, random: bool = False) -> Activation:
+        """An input of this model's hidden-state shape: zeros (throughput probes) or random
+        (trial tasks, which peers must not tell apart from real traffic)."""
+        size = self.manifest.hidden_size
+        if isinstance(self, MiniLM):
+            hidden = torch.randn(1, tokens, size) if random else torch.zeros(1, tokens, size)
+            return Activation(hidden, torch.ones(1, tokens, dtype=torch.int64))
+        return Activation(torch.relu(torch.randn(1, size)) if random else torch.zeros(1, size))
+
     def verify_weights(self, indices: range | None = None) -> None:
         check_layers(self.manifest, self.layers, indices or range(len(self.layers)))
 

@@ -72,17 +72,10 @@ class ShardServer:
         rates = []
         for shard in self.shards:
             model = self.models[shard.model_id]
-            act = _sample_activation(model)
+            act = model.sample_activation()
             model.run_layers(act, shard.first, shard.first)  # warm up
             start = time.perf_counter()
             for _ in range(repeats):
                 model.run_layers(act, shard.first, shard.first)
             rates.append(repeats / max(time.perf_counter() - start, 1e-9))
         return min(rates) if rates else 0.0
-
-
-def _sample_activation(model: SplitModel) -> Activation:
-    size = model.manifest.hidden_size
-    if model.name == "minilm-l6":
-        return Activation(torch.zeros(1, 32, size), torch.ones(1, 32, dtype=torch.int64))
-    return Activation(torch.zeros(1, size))
