@@ -6,6 +6,7 @@ usage: python tests/forger.py BOOTSTRAP_ADDR READY_FILE
 """
 
 import json
+import os
 import sys
 
 import msgpack
@@ -38,8 +39,10 @@ async def main(bootstrap: str, ready_file: str) -> None:
                 except Exception:
                     pass
             await discovery.provide([all_peers_key()])
-            with open(ready_file, "w") as f:
+            tmp = ready_file + ".tmp"
+            with open(tmp, "w") as f:
                 json.dump({"peer_id": me.peer_id, "addrs": full_addrs(host), "stored_remotely": accepted}, f)
+            os.replace(tmp, ready_file)  # atomic: the test never reads half a file
             await trio.sleep_forever()
 
 
