@@ -20,7 +20,7 @@ class Auditor:
     reputation: Reputation
     audit: AuditLog | None = None
     commits: dict[tuple[bytes, str], Commit] = field(default_factory=dict)
-    punished: set[tuple[str, str, bytes]] = field(default_factory=set)  # (kind, member, task_id)
+    punished: dict[tuple[str, str, bytes], None] = field(default_factory=dict)  # (kind, member, task_id), ordered
 
     def observe(self, sender: str, message: dict[str, Any]) -> list[Evidence]:
         """Handle one gossip message; return evidence this observer should publish."""
@@ -49,6 +49,7 @@ class Auditor:
         self._log("commit", {"task": commit.task_id.hex(), "member": commit.member, "commitment": commit.commitment.hex()})
         key = (commit.task_id, commit.member)
         known = self.commits.setdefault(key, commit)
+        _bound(self.commits)
         if known.commitment != commit.commitment:
             evidence = Evidence("equivocation", commit.member, [known, commit])
             self.on_evidence(evidence, reporter="self")
@@ -74,7 +75,8 @@ class Auditor:
         if key in self.punished:
             return False  # checked before verifying: a replayed message costs nothing
         evidence.verify()
-        self.punished.add(key)
+        self.punished[key] = None
+        _bound(self.punished)
         before = self.reputation.of(evidence.member)
         after = self.reputation.penalize_task(evidence.member, evidence.commits[0].task_id)
         self._log("evidence", {"kind": evidence.kind, "member": evidence.member, "task": key[2].hex(), "reporter": reporter})
@@ -85,6 +87,15 @@ class Auditor:
     def _log(self, kind: str, data: dict[str, Any]) -> None:
         if self.audit is not None:
             self.audit.append(kind, data)
+
+
+MAX_TRACKED = 10_000  # commits and punished faults remembered (oldest forgotten first)
+
+
+def _bound(table: dict[Any, Any]) -> None:
+    """Gossip is unbounded input: forget the oldest entries past MAX_TRACKED."""
+    while len(table) > MAX_TRACKED:
+        table.pop(next(iter(table)))
 
 
 def _printable(message: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from pathlib import Path
 R_MIN, R_MAX, R_START = 0.1, 10.0, 1.0
 PENALTY, REWARD = 0.8, 1.01
 DEFAULT_THRESHOLD = 0.5
+MAX_OUTCOMES = 10_000  # per-task outcomes kept, so late evidence can still revise a reward
 
 
 def updated(r: float, fault: bool) -> float:
@@ -34,6 +35,8 @@ class Reputation:
         if (peer, task) in self.outcomes:
             return self.penalize_task(peer, task) if fault else self.of(peer)
         self.outcomes[(peer, task)] = fault
+        while len(self.outcomes) > MAX_OUTCOMES:  # old tasks can no longer be revised
+            self.outcomes.pop(next(iter(self.outcomes)))
         return self.record(peer, fault)
 
     def penalize_task(self, peer: str, task: bytes) -> float:

@@ -262,3 +262,15 @@ def test_the_accepted_output_is_the_anchor_everyone_agrees_with(setup):
 def test_malformed_wire_keys_are_refused():
     with pytest.raises(ConsensusError, match="32 B"):
         Ticket.from_wire(["x", b"abc", b"p" * 80])
+
+
+def test_auditor_memory_is_bounded(monkeypatch):
+    import p2p_infer.auditor as auditor_module
+    from p2p_infer.auditor import Auditor
+
+    monkeypatch.setattr(auditor_module, "MAX_TRACKED", 5)
+    auditor = Auditor(Reputation())
+    ident = Identity.generate()
+    for i in range(20):
+        auditor.on_commit(sign_commit(ident, bytes([i]) * 32, b"c" * 32, NOW))
+    assert len(auditor.commits) == 5
