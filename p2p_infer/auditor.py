@@ -89,6 +89,11 @@ class Auditor:
             self.audit.append(kind, data)
 
 
+def evidence_message(evidence: Evidence) -> dict[str, Any]:
+    """The gossip message carrying fault evidence (protocols/committee.md)."""
+    return {"kind": "evidence", "evidence": evidence.to_wire()}
+
+
 MAX_TRACKED = 10_000  # commits and punished faults remembered (oldest forgotten first)
 
 

@@ -37,7 +37,7 @@ from .host import add_handler, full_addrs, parse_peer_addr, running_host
 from .identity import Identity
 from .models import Activation, SplitModel, known_manifests, load_model
 from .audit import AuditLog
-from .auditor import Auditor
+from .auditor import Auditor, evidence_message
 from .committee import COMMITTEE_PROTOCOL, activation_hash, run_stage_round
 from .consensus import (
     Certificate,
@@ -517,15 +517,15 @@ class Client:
                 except ConsensusError as exc:  # never publish what we could not check ourselves
                     log.error("own evidence did not verify", member=member, reason=exc.message)
                     continue
-                self._publish({"kind": "evidence", "evidence": evidence.to_wire()})
+                self._publish(evidence_message(evidence))
 
     def _on_direct_commit(self, commit: Commit) -> None:
         for evidence in self.auditor.on_commit(commit):
-            self._publish({"kind": "evidence", "evidence": evidence.to_wire()})
+            self._publish(evidence_message(evidence))
 
     async def _on_gossip(self, sender: str, message: dict[str, Any]) -> None:
         for evidence in self.auditor.observe(sender, message):
-            self._publish({"kind": "evidence", "evidence": evidence.to_wire()})
+            self._publish(evidence_message(evidence))
 
     def _publish(self, message: dict[str, Any]) -> None:
         if self.gossip is not None and self._nursery is not None:

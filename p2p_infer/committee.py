@@ -78,10 +78,7 @@ class CommitteeMember:
     def _served(self, model_id: str, first: int, last: int) -> Any:
         if self.shards is None:
             raise NotServed("this peer serves no layers")
-        for shard in self.shards.shards:
-            if shard.model_id == model_id and shard.first <= first and last <= shard.last:
-                return self.shards.models[model_id]
-        raise NotServed(f"layers {first}-{last} of {model_id[:12]} are not served here")
+        return self.shards.serving(model_id, first, last)
 
     def _ticket(self, message: Message) -> Message:
         seed, model_id, first, last = message.get("seed"), message.get("model"), message.get("first"), message.get("last")

@@ -37,7 +37,7 @@ from .identity import Identity, load_or_create_identity
 from .records import all_peers_key, make_record, model_key, shard_key, sign_record
 from .models import Activation
 from .audit import AuditLog
-from .auditor import Auditor
+from .auditor import Auditor, evidence_message
 from .committee import COMMITTEE_PROTOCOL, CommitteeMember
 from .gossip import Gossip, running_gossip
 from .reputation import Reputation
@@ -306,7 +306,7 @@ class Peer:
     async def on_gossip(self, sender: str, message: dict[str, Any]) -> None:
         self.member.on_gossip(message)
         for evidence in self.auditor.observe(sender, message):
-            self._publish({"kind": "evidence", "evidence": evidence.to_wire()})
+            self._publish(evidence_message(evidence))
 
     async def _compute_and_forward(self, model: Any, req: ForwardRequest) -> None:
         """Forwarding mode: run our layers, hand the output to the next hop, or return the

@@ -52,13 +52,18 @@ class ShardServer:
             self.models[model.model_id] = model
             self.shards.append(ShardSpec(model.model_id, spec.first, spec.last))
 
-    def check(self, model_id: str, first: int, last: int, act: Activation) -> SplitModel:
+    def serving(self, model_id: str, first: int, last: int) -> SplitModel:
+        """The model whose layers ``first..last`` lie inside one shard served here."""
         model = self.models.get(model_id)
         if model is None:
             raise UnknownModel(f"this peer serves no model {model_id[:16]}...")
         if not any(s.model_id == model_id and s.first <= first and last <= s.last for s in self.shards):
             served = ", ".join(f"{s.first}-{s.last}" for s in self.shards if s.model_id == model_id)
             raise NotServed(f"{model.name}: layers {first}-{last} not served here (serving {served})")
+        return model
+
+    def check(self, model_id: str, first: int, last: int, act: Activation) -> SplitModel:
+        model = self.serving(model_id, first, last)
         model.check_activation(act)
         return model
 
