@@ -23,13 +23,13 @@ from libp2p.tools.anyio_service import background_trio_service
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from p2p_infer.dht import Discovery  # noqa: E402
-from p2p_infer.directory import Directory  # noqa: E402
-from p2p_infer.harness import Swarm  # noqa: E402
-from p2p_infer.host import full_addrs, parse_peer_addr, quiet_libp2p_logging, running_host  # noqa: E402
+from p2p_infer.net.dht import Discovery  # noqa: E402
+from p2p_infer.net.directory import Directory  # noqa: E402
+from p2p_infer.testing.harness import Swarm  # noqa: E402
+from p2p_infer.net.host import full_addrs, parse_peer_addr, quiet_libp2p_logging, running_host  # noqa: E402
 from p2p_infer.identity import Identity  # noqa: E402
-from p2p_infer.models import known_manifests, manifest_for  # noqa: E402
-from p2p_infer.records import ShardSpec, make_record, record_key, shard_key, sign_record  # noqa: E402
+from p2p_infer.ml.models import known_manifests, manifest_for  # noqa: E402
+from p2p_infer.proto.records import ShardSpec, make_record, record_key, shard_key, sign_record  # noqa: E402
 
 SHARDS = ["digits-mlp:1-1", "digits-mlp:2-2", "digits-mlp:3-3", "digits-mlp:1-2", "digits-mlp:2-3"]
 

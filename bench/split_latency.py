@@ -22,10 +22,10 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from p2p_infer.client import Client  # noqa: E402
-from p2p_infer.harness import Swarm  # noqa: E402
-from p2p_infer.host import quiet_libp2p_logging  # noqa: E402
-from p2p_infer.models import DigitsMLP, load_model  # noqa: E402
+from p2p_infer.node.client import Client  # noqa: E402
+from p2p_infer.testing.harness import Swarm  # noqa: E402
+from p2p_infer.net.host import quiet_libp2p_logging  # noqa: E402
+from p2p_infer.ml.models import DigitsMLP, load_model  # noqa: E402
 
 SPLITS = {
     "minilm-l6": [["minilm-l6:1-2"], ["minilm-l6:3-4"], ["minilm-l6:5-5"]],

@@ -129,9 +129,9 @@ def cmd_id(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_peer(args: argparse.Namespace, settings: Settings) -> int:
     import trio
 
-    from .host import quiet_libp2p_logging
+    from .net.host import quiet_libp2p_logging
     from .logs import configure_logging
-    from .peer import Peer, run_peer_until_signalled
+    from .node.peer import Peer, run_peer_until_signalled
 
     if args.command == "bootstrap":
         settings.serve = []
@@ -146,10 +146,10 @@ def cmd_peer(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_peers(args: argparse.Namespace, settings: Settings) -> int:
     import trio
 
-    from .client import Client
-    from .host import quiet_libp2p_logging
-    from .models import known_manifests
-    from .peer import bootstrap_addrs
+    from .node.client import Client
+    from .net.host import quiet_libp2p_logging
+    from .ml.models import known_manifests
+    from .node.peer import bootstrap_addrs
 
     quiet_libp2p_logging()
     names = {mid: m.name for mid, m in known_manifests(default_cache_dir()).items()}
@@ -185,13 +185,13 @@ def cmd_peers(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _now_ms() -> int:
-    from .records import now_ms
+    from .proto.records import now_ms
 
     return now_ms()
 
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
-    from .models import known_manifests
+    from .ml.models import known_manifests
 
     manifests = known_manifests(default_cache_dir())
     rows = [{"name": m.name, "model_id": mid, "layers": m.num_layers, "hidden_size": m.hidden_size, "dtype": m.dtype, "runtime": m.runtime} for mid, m in manifests.items()]
@@ -207,7 +207,7 @@ def parse_query_input(model: str, text: str) -> Any:
     if model != "digits-mlp":
         return text
     if text.startswith("test:"):
-        from .models import DigitsMLP
+        from .ml.models import DigitsMLP
 
         _, _, x_test, _ = DigitsMLP.dataset()
         return x_test[int(text[5:])].tolist()
@@ -217,9 +217,9 @@ def parse_query_input(model: str, text: str) -> Any:
 def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     import trio
 
-    from .client import Client
-    from .host import quiet_libp2p_logging
-    from .peer import bootstrap_addrs
+    from .node.client import Client
+    from .net.host import quiet_libp2p_logging
+    from .node.peer import bootstrap_addrs
 
     quiet_libp2p_logging()
     inputs = parse_query_input(args.model, args.input)
@@ -305,8 +305,8 @@ def cmd_verify_proofs(path: Path) -> int:
     locally from this machine's copy of the model, never taken from the file)."""
     import msgpack
 
-    from . import zk
-    from .models import known_manifests, load_model
+    from .verify import zk
+    from .ml.models import known_manifests, load_model
 
     try:
         data = msgpack.unpackb(path.read_bytes(), raw=False)
@@ -330,8 +330,8 @@ def cmd_verify_proofs(path: Path) -> int:
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     if args.proofs:
         return cmd_verify_proofs(args.certificate)
-    from .consensus import Certificate, ConsensusError
-    from .models import known_manifests
+    from .proto.consensus import Certificate, ConsensusError
+    from .ml.models import known_manifests
 
     try:
         cert = Certificate.decode(args.certificate.read_bytes())
@@ -350,7 +350,7 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
-    from .audit import AuditError, verify_log
+    from .proto.audit import AuditError, verify_log
 
     path = args.log or settings.audit_log or settings.key.with_suffix(".audit.log")
     try:

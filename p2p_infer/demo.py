@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .harness import Swarm
+from .testing.harness import Swarm
 
 SPLIT = [["minilm-l6:1-2"], ["minilm-l6:3-4"], ["minilm-l6:5-5"]]
 

@@ -13,7 +13,7 @@ TESTS = Path(__file__).parent
 @pytest.fixture(scope="session", autouse=True)
 def model_cache():
     """Train/cache the digits model once, before any peer process races to do it."""
-    from p2p_infer.models import known_manifests
+    from p2p_infer.ml.models import known_manifests
 
     return known_manifests()
 
@@ -21,7 +21,7 @@ def model_cache():
 @asynccontextmanager
 async def light_host():
     """A bare libp2p host in the test process, for poking peers with raw streams."""
-    from p2p_infer.host import quiet_libp2p_logging, running_host
+    from p2p_infer.net.host import quiet_libp2p_logging, running_host
     from p2p_infer.identity import Identity
 
     quiet_libp2p_logging()

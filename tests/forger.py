@@ -13,10 +13,10 @@ import msgpack
 import trio
 from libp2p.tools.anyio_service import background_trio_service
 
-from p2p_infer.dht import Discovery
-from p2p_infer.host import full_addrs, parse_peer_addr, quiet_libp2p_logging, running_host
+from p2p_infer.net.dht import Discovery
+from p2p_infer.net.host import full_addrs, parse_peer_addr, quiet_libp2p_logging, running_host
 from p2p_infer.identity import Identity
-from p2p_infer.records import SIGNING_DOMAIN, all_peers_key, encode_body, make_record, record_key
+from p2p_infer.proto.records import SIGNING_DOMAIN, all_peers_key, encode_body, make_record, record_key
 
 
 async def main(bootstrap: str, ready_file: str) -> None:

@@ -8,11 +8,11 @@ import time
 import pytest
 import trio
 
-from p2p_infer.client import Client
-from p2p_infer.consensus import Certificate, NoQuorum
-from p2p_infer.harness import Swarm
-from p2p_infer.models import DigitsMLP, load_model
-from p2p_infer.reputation import updated
+from p2p_infer.node.client import Client
+from p2p_infer.proto.consensus import Certificate, NoQuorum
+from p2p_infer.testing.harness import Swarm
+from p2p_infer.ml.models import DigitsMLP, load_model
+from p2p_infer.proto.reputation import updated
 
 pytestmark = pytest.mark.slow
 ALL = ["digits-mlp:1-1", "digits-mlp:2-2", "digits-mlp:3-3"]

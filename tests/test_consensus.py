@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from p2p_infer.audit import AuditError, AuditLog, verify_log
-from p2p_infer.consensus import (
+from p2p_infer.proto.audit import AuditError, AuditLog, verify_log
+from p2p_infer.proto.consensus import (
     Certificate,
     ConsensusError,
     Evidence,
@@ -27,7 +27,7 @@ from p2p_infer.consensus import (
     sign_reveal,
 )
 from p2p_infer.identity import Identity
-from p2p_infer.reputation import Reputation, updated
+from p2p_infer.proto.reputation import Reputation, updated
 
 MODEL = "ab" * 32
 NOW = 1_000_000
@@ -265,8 +265,8 @@ def test_malformed_wire_keys_are_refused():
 
 
 def test_auditor_memory_is_bounded(monkeypatch):
-    import p2p_infer.auditor as auditor_module
-    from p2p_infer.auditor import Auditor
+    import p2p_infer.proto.auditor as auditor_module
+    from p2p_infer.proto.auditor import Auditor
 
     monkeypatch.setattr(auditor_module, "MAX_TRACKED", 5)
     auditor = Auditor(Reputation())

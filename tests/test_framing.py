@@ -4,7 +4,7 @@ import trio
 import trio.testing
 
 from p2p_infer.errors import FrameError, FrameTooLarge, ProtocolViolation, RemoteError
-from p2p_infer.framing import (
+from p2p_infer.net.framing import (
     decode_payload,
     encode_frame,
     protocol_id,

@@ -4,7 +4,7 @@ import stat
 import pytest
 from libp2p.peer.id import ID
 
-from p2p_infer.host import key_pair
+from p2p_infer.net.host import key_pair
 from p2p_infer.identity import (
     Identity,
     IdentityError,

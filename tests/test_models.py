@@ -1,8 +1,8 @@
 import torch
 
 from p2p_infer.errors import ManifestMismatch
-from p2p_infer.manifest import Manifest, module_hash
-from p2p_infer.models import Activation, DigitsMLP, known_manifests, load_model
+from p2p_infer.ml.manifest import Manifest, module_hash
+from p2p_infer.ml.models import Activation, DigitsMLP, known_manifests, load_model
 
 import pytest
 

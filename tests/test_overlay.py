@@ -13,14 +13,14 @@ import trio
 from libp2p.peer.id import ID
 from libp2p.tools.anyio_service import background_trio_service
 
-from p2p_infer.dht import Discovery
+from p2p_infer.net.dht import Discovery
 from p2p_infer.errors import PeerUnreachable
-from p2p_infer.forward import FORWARD_PROTOCOL
-from p2p_infer.framing import read_message, request
-from p2p_infer.host import dial, open_stream, parse_peer_addr
-from p2p_infer.models import manifest_for
-from p2p_infer.records import ShardSpec, shard_key
-from p2p_infer.harness import Swarm
+from p2p_infer.node.forward import FORWARD_PROTOCOL
+from p2p_infer.net.framing import read_message, request
+from p2p_infer.net.host import dial, open_stream, parse_peer_addr
+from p2p_infer.ml.models import manifest_for
+from p2p_infer.proto.records import ShardSpec, shard_key
+from p2p_infer.testing.harness import Swarm
 
 from .conftest import TESTS, light_host
 

@@ -7,7 +7,7 @@ import pytest
 
 from p2p_infer.errors import RecordError
 from p2p_infer.identity import Identity
-from p2p_infer.records import (
+from p2p_infer.proto.records import (
     MAX_RECORD_BYTES,
     SIGNING_DOMAIN,
     CapabilityRecord,

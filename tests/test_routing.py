@@ -1,7 +1,7 @@
 import pytest
 
 from p2p_infer.errors import NoRoute
-from p2p_infer.routing import Server, plan_route, route_cost_ms
+from p2p_infer.proto.routing import Server, plan_route, route_cost_ms
 
 
 def ids(route):

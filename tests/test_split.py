@@ -9,14 +9,14 @@ import pytest
 import torch
 import trio
 
-from p2p_infer.client import Client
+from p2p_infer.node.client import Client
 from p2p_infer.errors import NoRoute
-from p2p_infer.forward import FORWARD_PROTOCOL, ForwardRequest
-from p2p_infer.framing import request, write_message
-from p2p_infer.harness import Swarm
-from p2p_infer.host import dial, open_stream, parse_peer_addr
-from p2p_infer.models import Activation, DigitsMLP, load_model
-from p2p_infer.tensors import encode_tensor
+from p2p_infer.node.forward import FORWARD_PROTOCOL, ForwardRequest
+from p2p_infer.net.framing import request, write_message
+from p2p_infer.testing.harness import Swarm
+from p2p_infer.net.host import dial, open_stream, parse_peer_addr
+from p2p_infer.ml.models import Activation, DigitsMLP, load_model
+from p2p_infer.ml.tensors import encode_tensor
 
 from .conftest import light_host
 
@@ -120,7 +120,7 @@ async def raw_forward(host, peer_addr: str, wire: dict) -> dict:
     stream = await open_stream(host, info.peer_id, FORWARD_PROTOCOL)
     try:
         await write_message(stream, wire)
-        from p2p_infer.framing import read_message
+        from p2p_infer.net.framing import read_message
 
         with trio.fail_after(20):
             return await read_message(stream)

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from p2p_infer.errors import BadTensor, NotServed, ProtocolViolation, UnknownModel
-from p2p_infer.forward import ForwardRequest, Hop, forward_reply, parse_forward_reply, parse_forward_request
-from p2p_infer.models import Activation, load_model
-from p2p_infer.shards import ServeSpec, ShardServer
-from p2p_infer.tensors import decode_tensor, encode_tensor
+from p2p_infer.node.forward import ForwardRequest, Hop, forward_reply, parse_forward_reply, parse_forward_request
+from p2p_infer.ml.models import Activation, load_model
+from p2p_infer.ml.shards import ServeSpec, ShardServer
+from p2p_infer.ml.tensors import decode_tensor, encode_tensor
 
 
 def test_tensor_round_trip_is_exact():

@@ -17,7 +17,7 @@ from nacl.bindings import (
     crypto_core_ed25519_scalar_mul,
 )
 
-from p2p_infer import vrf
+from p2p_infer.proto import vrf
 
 VECTORS_PATH = Path(__file__).parent.parent / "protocols" / "test-vectors" / "ecvrf_edwards25519_sha512_tai.json"
 VECTORS: list[dict] = json.loads(VECTORS_PATH.read_text())["vectors"]

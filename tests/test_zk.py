@@ -9,10 +9,10 @@ import msgpack
 import pytest
 import torch
 
-from p2p_infer import zk
+from p2p_infer.verify import zk
 from p2p_infer.config import default_cache_dir
-from p2p_infer.harness import Swarm
-from p2p_infer.models import DigitsMLP, load_model
+from p2p_infer.testing.harness import Swarm
+from p2p_infer.ml.models import DigitsMLP, load_model
 
 RANGES = [(1, 2), (3, 3)]
 
@@ -200,7 +200,7 @@ def test_critical_queries_over_two_peers(tmp_path):
 
 @pytest.mark.slow
 async def test_proof_follows_the_result(tmp_path):
-    from p2p_infer.client import Client
+    from p2p_infer.node.client import Client
 
     model = load_model("digits-mlp")
     x = DigitsMLP.dataset()[2][12].tolist()

@@ -15,7 +15,7 @@ import trio
 from libp2p.peer.id import ID
 
 from .dht import Discovery
-from .records import CapabilityRecord, ShardSpec, all_peers_key, model_key, now_ms
+from ..proto.records import CapabilityRecord, ShardSpec, all_peers_key, model_key, now_ms
 
 log = structlog.get_logger("p2p_infer.directory")
 FETCH_CONCURRENCY = 8

@@ -13,7 +13,7 @@ import heapq
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from .errors import NoRoute
+from ..errors import NoRoute
 
 DEFAULT_RTT_MS = 5.0  # assumed for a server not measured yet
 

@@ -14,7 +14,7 @@ import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 
-from .errors import P2PInferError, PeerUnreachable, RemoteError
+from ..errors import P2PInferError, PeerUnreachable, RemoteError
 from .framing import Message, request
 from .host import dial, open_stream, peer_info
 

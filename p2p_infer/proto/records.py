@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from .errors import RecordError
-from .identity import Identity, peer_id_from_public_key, verify_signature
+from ..errors import RecordError
+from ..identity import Identity, peer_id_from_public_key, verify_signature
 
 SCHEMA_VERSION = 1
 ENVELOPE_VERSION = 1

@@ -26,9 +26,9 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.validator import NamespacedValidator, Validator
 
-from .errors import PeerUnreachable, RecordError
+from ..errors import PeerUnreachable, RecordError
 from .host import dial
-from .records import KEY_NAMESPACE, CapabilityRecord, newest, record_key, verify_record
+from ..proto.records import KEY_NAMESPACE, CapabilityRecord, newest, record_key, verify_record
 
 DHT_CALL_TIMEOUT = 15.0
 PER_PEER_QUERY_TIMEOUT = 3

@@ -31,9 +31,9 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
-from .errors import PeerUnreachable, P2PInferError
+from ..errors import PeerUnreachable, P2PInferError
 from .framing import DEFAULT_MAX_FRAME, DEFAULT_READ_TIMEOUT, Handler, serve_stream
-from .identity import Identity
+from ..identity import Identity
 
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
 DIAL_TIMEOUT = 10.0

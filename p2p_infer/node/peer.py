@@ -25,24 +25,24 @@ import trio
 from libp2p.abc import IHost
 from libp2p.tools.anyio_service import background_trio_service
 
-from . import __version__
-from .config import Settings, default_cache_dir
-from .dht import Discovery
-from .errors import NotServed, Overloaded, P2PInferError, ProtocolViolation, RemoteError
+from .. import __version__
+from ..config import Settings, default_cache_dir
+from ..net.dht import Discovery
+from ..errors import NotServed, Overloaded, P2PInferError, ProtocolViolation, RemoteError
 from .forward import FORWARD_PROTOCOL, RESULT_PROTOCOL, ForwardRequest, forward_reply, parse_forward_request
-from .framing import Message
-from .zk import ARTIFACT_PROTOCOL
-from .host import add_handler, full_addrs, parse_peer_addr, running_host
-from .identity import Identity, load_or_create_identity
-from .records import all_peers_key, make_record, model_key, shard_key, sign_record
-from .models import Activation
-from .audit import AuditLog
-from .auditor import Auditor, evidence_message
+from ..net.framing import Message
+from ..verify.zk import ARTIFACT_PROTOCOL
+from ..net.host import add_handler, full_addrs, parse_peer_addr, running_host
+from ..identity import Identity, load_or_create_identity
+from ..proto.records import all_peers_key, make_record, model_key, shard_key, sign_record
+from ..ml.models import Activation
+from ..proto.audit import AuditLog
+from ..proto.auditor import Auditor, evidence_message
 from .committee import COMMITTEE_PROTOCOL, CommitteeMember
-from .gossip import Gossip, running_gossip
-from .reputation import Reputation
-from .shards import ServeSpec, ShardServer
-from .streams import StreamPool
+from ..net.gossip import Gossip, running_gossip
+from ..proto.reputation import Reputation
+from ..ml.shards import ServeSpec, ShardServer
+from ..net.streams import StreamPool
 
 log = structlog.get_logger("p2p_infer.peer")
 
@@ -217,7 +217,7 @@ class Peer:
 
     async def handle_artifact(self, message: Message) -> Message:
         """Hand out ZK verifier artifacts (settings, verifying keys, SRS) by SHA-256."""
-        from . import zk
+        from ..verify import zk
 
         sha = message.get("sha256")
         if message.get("type") != "artifact" or not isinstance(sha, str) or len(sha) != 64:
@@ -230,7 +230,7 @@ class Peer:
     async def _prove_forward(self, model: Any, req: ForwardRequest) -> Message:
         """Run the shard as its ZK circuit computes it (gen_witness) and prove it, in a
         separate process (ezkl holds the GIL), so this peer keeps serving meanwhile."""
-        from . import zk
+        from ..verify import zk
 
         assert self.shards is not None
         if not model.provable:
@@ -274,7 +274,7 @@ class Peer:
         return reply
 
     async def _finish_proof(self, future: Any, first: int, last: int, workdir: Path) -> dict[str, Any]:
-        from . import zk
+        from ..verify import zk
 
         try:
             done = await trio.to_thread.run_sync(future.result)

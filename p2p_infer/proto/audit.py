@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .identity import Identity, verify_signature
+from ..identity import Identity, verify_signature
 
 GENESIS = "0" * 64
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import BadTensor
+from ..errors import BadTensor
 
 ALLOWED_DTYPES = {"float32": torch.float32, "int64": torch.int64}
 DEFAULT_MAX_TENSOR_BYTES = 4 * 1024 * 1024

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from .errors import ProtocolViolation
-from .framing import Message, protocol_id
-from .models import Activation
-from .tensors import DEFAULT_MAX_TENSOR_BYTES, decode_tensor, encode_tensor
+from ..errors import ProtocolViolation
+from ..net.framing import Message, protocol_id
+from ..ml.models import Activation
+from ..ml.tensors import DEFAULT_MAX_TENSOR_BYTES, decode_tensor, encode_tensor
 
 FORWARD_PROTOCOL = protocol_id("forward")
 RESULT_PROTOCOL = protocol_id("forward-result")

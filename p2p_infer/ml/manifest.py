@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import msgpack
 
-from .errors import ManifestMismatch
+from ..errors import ManifestMismatch
 
 if TYPE_CHECKING:
     import torch

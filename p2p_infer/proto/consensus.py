@@ -30,8 +30,8 @@ import msgpack
 import numpy as np
 
 from . import vrf
-from .errors import P2PInferError
-from .identity import Identity, peer_id_from_public_key, verify_signature
+from ..errors import P2PInferError
+from ..identity import Identity, peer_id_from_public_key, verify_signature
 
 ATOL = 1e-4
 RTOL = 1e-4

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import NotServed, P2PInferError, UnknownModel
+from ..errors import NotServed, P2PInferError, UnknownModel
 from .models import MODEL_NAMES, Activation, SplitModel, load_model
-from .records import ShardSpec
+from ..proto.records import ShardSpec
 
 
 @dataclass(frozen=True)

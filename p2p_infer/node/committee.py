@@ -13,7 +13,7 @@ import structlog
 import torch
 import trio
 
-from .consensus import (
+from ..proto.consensus import (
     Reveal,
     StageRound,
     StageTask,
@@ -25,13 +25,13 @@ from .consensus import (
     sign_commit,
     sign_reveal,
 )
-from .errors import NotServed, P2PInferError, ProtocolViolation
-from .framing import Message, protocol_id
-from .identity import Identity
-from .models import Activation
-from .shards import ShardServer
-from .records import now_ms as _now_ms
-from .tensors import decode_tensor, encode_tensor
+from ..errors import NotServed, P2PInferError, ProtocolViolation
+from ..net.framing import Message, protocol_id
+from ..identity import Identity
+from ..ml.models import Activation
+from ..ml.shards import ShardServer
+from ..proto.records import now_ms as _now_ms
+from ..ml.tensors import decode_tensor, encode_tensor
 
 COMMITTEE_PROTOCOL = protocol_id("committee")
 TEST_FAULTS = ("wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial")
@@ -194,7 +194,7 @@ async def run_stage_round(
 ) -> StageRound:
     """Sortition, execution and commit-reveal for one stage attempt; returns the round,
     ready for :meth:`StageRound.decide`. Raises NoQuorum when too few candidates answer."""
-    from .consensus import Commit, NoQuorum, rank_tickets
+    from ..proto.consensus import Commit, NoQuorum, rank_tickets
 
     tickets: list[Ticket] = []
 

@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import P2PInferError
-from .framing import protocol_id
+from ..errors import P2PInferError
+from ..net.framing import protocol_id
 
 ZK_SCALE = 13
 DECOMP_BASE = 256

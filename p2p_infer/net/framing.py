@@ -20,7 +20,7 @@ import msgpack
 import structlog
 import trio
 
-from .errors import FrameError, FrameTooLarge, P2PInferError, ProtocolViolation, RemoteError
+from ..errors import FrameError, FrameTooLarge, P2PInferError, ProtocolViolation, RemoteError
 
 Message = dict[str, Any]
 HEADER_BYTES = 4

@@ -27,19 +27,19 @@ import trio
 from libp2p.abc import IHost
 from libp2p.tools.anyio_service import background_trio_service
 
-from .config import default_cache_dir
-from .dht import Discovery
-from .directory import Directory
-from .errors import BadTensor, FrameError, NoRoute, P2PInferError, PeerUnreachable, ProtocolViolation, RemoteError
+from ..config import default_cache_dir
+from ..net.dht import Discovery
+from ..net.directory import Directory
+from ..errors import BadTensor, FrameError, NoRoute, P2PInferError, PeerUnreachable, ProtocolViolation, RemoteError
 from .forward import FORWARD_PROTOCOL, RESULT_PROTOCOL, ForwardRequest, Hop, parse_forward_reply
-from .framing import Message, remote_peer
-from .host import add_handler, full_addrs, parse_peer_addr, running_host
-from .identity import Identity
-from .models import Activation, SplitModel, known_manifests, load_model
-from .audit import AuditLog
-from .auditor import Auditor, evidence_message
+from ..net.framing import Message, remote_peer
+from ..net.host import add_handler, full_addrs, parse_peer_addr, running_host
+from ..identity import Identity
+from ..ml.models import Activation, SplitModel, known_manifests, load_model
+from ..proto.audit import AuditLog
+from ..proto.auditor import Auditor, evidence_message
 from .committee import COMMITTEE_PROTOCOL, activation_hash, run_stage_round
-from .consensus import (
+from ..proto.consensus import (
     Certificate,
     Commit,
     ConsensusError,
@@ -53,13 +53,13 @@ from .consensus import (
     outputs_agree,
     request_hash,
 )
-from .gossip import Gossip, running_gossip
-from .records import now_ms
-from .reputation import Reputation
-from .routing import Segment, Server, plan_route
-from .tensors import decode_tensor, encode_tensor
-from .streams import StreamPool
-from .zk import ARTIFACT_PROTOCOL, ZkError
+from ..net.gossip import Gossip, running_gossip
+from ..proto.records import now_ms
+from ..proto.reputation import Reputation
+from ..proto.routing import Segment, Server, plan_route
+from ..ml.tensors import decode_tensor, encode_tensor
+from ..net.streams import StreamPool
+from ..verify.zk import ARTIFACT_PROTOCOL, ZkError
 
 log = structlog.get_logger("p2p_infer.client")
 RETRYABLE_REMOTE_CODES = {"internal", "overloaded", "not_served", "unknown_model", "unreachable"}
@@ -319,7 +319,7 @@ class Client:
         to the one it received. Verifier artifacts (settings, vk, SRS) come from the model's
         ZK manifest pins: local files if present, else fetched from peers and checked against
         the pins. Without a ZK manifest the client builds the circuits from its own weights."""
-        from . import zk
+        from ..verify import zk
 
         cache = default_cache_dir()
         manifest = zk.load_zk_manifest(cache, model.model_id)
@@ -362,7 +362,7 @@ class Client:
     async def verify_followed(self, result: QueryResult) -> dict[str, Any]:
         """Proof-follows mode: collect the proofs of ``result`` from the peers (they were
         proving while the client already had its answer), then verify them and the chain."""
-        from .zk import ShardProof
+        from ..verify.zk import ShardProof
 
         if result.proofs is None or id(result.proofs) not in self._followed:
             raise ValueError("this result has no proofs to collect")
@@ -383,7 +383,7 @@ class Client:
 
     async def _artifact(self, sha: str, what: str, peers: list[str]) -> tuple[Path, int]:
         """A pinned artifact: from the local store, or fetched from a peer and hash-checked."""
-        from . import zk
+        from ..verify import zk
 
         store = zk.ArtifactStore(default_cache_dir())
         local = await trio.to_thread.run_sync(store.find, sha)
@@ -591,7 +591,7 @@ class Client:
                 raise ProtocolViolation(f"{segment.peer_id} sent no proof token")
             proofs.append((segment.peer_id, token, segment.first, segment.last))
         elif proofs is not None:
-            from .zk import ShardProof
+            from ..verify.zk import ShardProof
 
             proof = ShardProof.from_wire(reply.get("proof"))
             if (proof.first, proof.last) != (segment.first, segment.last):
