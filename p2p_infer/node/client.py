@@ -11,13 +11,11 @@ and ``finish`` (pooling / head) itself: only hidden states cross the network.
 
 from __future__ import annotations
 
-import os
 import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,65 +36,19 @@ from ..identity import Identity
 from ..ml.models import Activation, SplitModel, known_manifests, load_model
 from ..proto.audit import AuditLog
 from ..proto.auditor import Auditor, evidence_message
-from .committee import COMMITTEE_PROTOCOL, activation_hash, run_stage_round
-from ..proto.consensus import (
-    Certificate,
-    Commit,
-    ConsensusError,
-    Evidence,
-    NoQuorum,
-    StageCertificate,
-    StageDecision,
-    StageRound,
-    StageTask,
-    output_hash,
-    outputs_agree,
-    request_hash,
-)
+from . import committee_client, zk_client
+from ..proto.consensus import outputs_agree
 from ..net.gossip import Gossip, running_gossip
-from ..proto.records import now_ms
 from ..proto.reputation import Reputation
 from ..proto.routing import Segment, Server, plan_route
-from ..ml.tensors import decode_tensor, encode_tensor
+from ..ml.tensors import encode_tensor
 from ..net.streams import StreamPool
-from ..verify.zk import ARTIFACT_PROTOCOL, ZkError
+from ..verify.zk import ZkError
+
+from .results import HopReport, QueryResult
 
 log = structlog.get_logger("p2p_infer.client")
 RETRYABLE_REMOTE_CODES = {"internal", "overloaded", "not_served", "unknown_model", "unreachable"}
-
-
-@dataclass
-class HopReport:
-    peer: str
-    first: int
-    last: int
-    compute_ms: float = 0.0
-    queue_ms: float = 0.0
-    round_trip_ms: float = 0.0  # client-driven mode: request sent to reply read
-
-
-@dataclass
-class QueryResult:
-    model: str
-    model_id: str
-    output: dict[str, Any]
-    route: list[HopReport]
-    local_ms: float
-    total_ms: float
-    mode: str
-    retries: int = 0
-    failed_peers: list[str] = field(default_factory=list)
-    stages: list[dict[str, Any]] = field(default_factory=list)  # committee mode: verdicts per stage
-    certificate: bytes | None = None  # committee mode: the quorum certificate (Certificate.encode())
-    spot_checks: list[dict[str, Any]] = field(default_factory=list)
-    proofs: dict[str, Any] | None = None  # critical mode: the verified proof chain
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["certificate"] = None if self.certificate is None else f"{len(self.certificate)} bytes"
-        if self.proofs is not None:
-            data["proofs"] = {k: v for k, v in self.proofs.items() if k != "chain"}
-        return data
 
 
 class Client:
@@ -229,7 +181,7 @@ class Client:
         hops: list[HopReport] = []
         await self._admit_servers(model)
         if self.committee:
-            act, hops, stages, cert = await self._run_committees(model, act)
+            act, hops, stages, cert = await committee_client.run_committees(self, model, act)
             finish_start = time.perf_counter()
             output = model.finish(act)
             local_ms += (time.perf_counter() - finish_start) * 1000
@@ -253,7 +205,7 @@ class Client:
             proof_report = {"verified": None, "pending": len(proofs)}
             self._followed[id(proof_report)] = (model, sent_to_first, act, proofs)
         elif proofs is not None:
-            proof_report = await self._check_proofs(model, sent_to_first, act, proofs)
+            proof_report = await zk_client.check_proofs(self, model, sent_to_first, act, proofs)
         finish_start = time.perf_counter()
         output = model.finish(act)
         local_ms += (time.perf_counter() - finish_start) * 1000
@@ -314,94 +266,17 @@ class Client:
 
     # ---- critical mode: ZK proofs ----
 
-    async def _check_proofs(self, model: SplitModel, sent: Activation, received: Activation, proofs: list[Any]) -> dict[str, Any]:
-        """Verify every shard's proof and the hash chain from the activation the client sent
-        to the one it received. Verifier artifacts (settings, vk, SRS) come from the model's
-        ZK manifest pins: local files if present, else fetched from peers and checked against
-        the pins. Without a ZK manifest the client builds the circuits from its own weights."""
-        from ..verify import zk
-
-        cache = default_cache_dir()
-        manifest = zk.load_zk_manifest(cache, model.model_id)
-        fetched = 0
-        kits: dict[tuple[int, int], zk.VerifierKit] = {}
-        if manifest is None:
-            circuits = await trio.to_thread.run_sync(zk.circuits_for, model, [(p.first, p.last) for p in proofs], cache)
-            kits = {k: zk.VerifierKit(c.settings, c.vk, c.srs) for k, c in circuits.items()}
-            manifest = zk.load_zk_manifest(cache, model.model_id)
-            assert manifest is not None
-        for proof in proofs:
-            if (proof.first, proof.last) in kits:
-                continue
-            pin = manifest.pin(proof.first, proof.last)
-            paths = []
-            for sha, what in ((pin.settings_sha256, "settings"), (pin.vk_sha256, "verifying key"), (manifest.srs_sha256, "SRS")):
-                path, got = await self._artifact(sha, what, self._artifact_sources(model))
-                fetched += got
-                paths.append(path)
-            kits[(proof.first, proof.last)] = zk.VerifierKit(*paths)
-        work = cache / "zk" / "verify"
-        started = time.perf_counter()
-        for proof in proofs:
-            kit = kits[(proof.first, proof.last)]
-            await trio.to_thread.run_sync(zk.verify_proof, proof, kit.settings, kit.vk, kit.srs, work)
-        first_hash = zk.hash_values(sent.hidden.flatten().tolist())
-        last_hash = zk.hash_values(received.hidden.flatten().tolist())
-        zk.check_chain(proofs, first_hash, last_hash)
-        return {
-            "verified": True,
-            "shards": [{"first": p.first, "last": p.last, "proof_bytes": len(p.proof),
-                        "vk_sha256": manifest.pin(p.first, p.last).vk_sha256} for p in proofs],
-            "verify_ms": (time.perf_counter() - started) * 1000,
-            "artifacts_fetched": fetched,
-            "input_hash": first_hash,
-            "output_hash": last_hash,
-            "chain": [p.to_wire() for p in proofs],
-        }
-
     async def verify_followed(self, result: QueryResult) -> dict[str, Any]:
-        """Proof-follows mode: collect the proofs of ``result`` from the peers (they were
-        proving while the client already had its answer), then verify them and the chain."""
-        from ..verify.zk import ShardProof
+        """Proof-follows mode: collect the proofs of ``result`` from the peers, then verify them and the chain."""
+        return await zk_client.verify_followed(self, result)
 
-        if result.proofs is None or id(result.proofs) not in self._followed:
-            raise ValueError("this result has no proofs to collect")
-        model, sent, received, pending = self._followed.pop(id(result.proofs))
-        proofs = []
-        for peer, token, first, last in pending:
-            reply = await self._request(peer, {"type": "get_proof", "token": token}, timeout=120)
-            proof = ShardProof.from_wire(reply.get("proof"))
-            if (proof.first, proof.last) != (first, last):
-                raise ProtocolViolation(f"{peer} proved layers {proof.first}-{proof.last}, not {first}-{last}")
-            proofs.append(proof)
-        result.proofs = await self._check_proofs(model, sent, received, proofs)
-        return result.proofs
+    async def _on_gossip(self, sender: str, message: dict[str, Any]) -> None:
+        for evidence in self.auditor.observe(sender, message):
+            self._publish(evidence_message(evidence))
 
-    def _artifact_sources(self, model: SplitModel) -> list[str]:
-        assert self.directory is not None
-        return sorted({r.peer_id for r, _ in self.directory.shards_of(model.model_id)})
-
-    async def _artifact(self, sha: str, what: str, peers: list[str]) -> tuple[Path, int]:
-        """A pinned artifact: from the local store, or fetched from a peer and hash-checked."""
-        from ..verify import zk
-
-        store = zk.ArtifactStore(default_cache_dir())
-        local = await trio.to_thread.run_sync(store.find, sha)
-        if local is not None:
-            return zk.checked(local, sha, what), 0
-        errors = []
-        for peer in peers:
-            try:
-                reply = await self.pool.request(peer, ARTIFACT_PROTOCOL, {"type": "artifact", "sha256": sha}, timeout=30)  # type: ignore[union-attr]
-                data = reply.get("data")
-                if not isinstance(data, bytes):
-                    raise ProtocolViolation("artifact reply without data")
-                return store.put(sha, data), 1  # put() refuses data that does not hash to the pin
-            except (P2PInferError, trio.TooSlowError) as exc:
-                errors.append(f"{peer[:12]}..: {getattr(exc, 'message', 'timed out')}")
-        raise zk.ZkError(f"no peer supplied the {what} {sha[:16]}... ({'; '.join(errors) or 'no peers'})")
-
-    # ---- spot checks: the optimistic mode ----
+    def _publish(self, message: dict[str, Any]) -> None:
+        if self.gossip is not None and self._nursery is not None:
+            self.gossip.publish_soon(self._nursery, message)
 
     async def _spot_check(self, model: SplitModel, segment: Segment, act: Activation, hidden: torch.Tensor,
                           checks: list[dict[str, Any]]) -> torch.Tensor:
@@ -435,105 +310,6 @@ class Client:
         return hidden
 
     # ---- committee mode ----
-
-    async def _run_committees(self, model: SplitModel, act: Activation) -> tuple[Activation, list[HopReport], list[dict[str, Any]], bytes]:
-        """Every remaining stage on a committee; the certificate chains them. The stage
-        verdicts are gossiped once, when the query ends (success or not)."""
-        assert self.committee is not None
-        try:
-            return await self._run_stages(model, act)
-        finally:
-            if self._verdicts:
-                self._publish({"kind": "verdicts", "client": self.identity.peer_id, "stages": self._verdicts})
-                self._verdicts = []
-
-    async def _run_stages(self, model: SplitModel, act: Activation) -> tuple[Activation, list[HopReport], list[dict[str, Any]], bytes]:
-        nonce = os.urandom(32)
-        first_input = activation_hash(encode_tensor(act.hidden), None if act.mask is None else encode_tensor(act.mask))
-        req_hash = request_hash(model.model_id, first_input, nonce)
-        stages: list[StageCertificate] = []
-        reports: list[dict[str, Any]] = []
-        hops: list[HopReport] = []
-        pos = self.local_layers
-        while pos < len(model.layers):
-            segment = (await self._plan_or_refresh(model, pos, ()))[0]
-            started = time.perf_counter()
-            decision, attempts = await self._decide_stage(model, len(stages), segment.first, segment.last, act, req_hash)
-            act = Activation(decode_tensor(decision.output, field="output"), act.mask)
-            stages.append(decision.certificate)
-            reports.append({"stage": len(reports), "first": segment.first, "last": segment.last, "attempts": attempts,
-                            "verdicts": decision.verdicts})
-            hops.append(HopReport(",".join(m for m, v in decision.verdicts.items() if v == "agree"), segment.first, segment.last,
-                                  round_trip_ms=(time.perf_counter() - started) * 1000))
-            pos = segment.last + 1
-        mask_hash = b"" if act.mask is None else output_hash(encode_tensor(act.mask))
-        cert = Certificate(model.model_id, nonce, first_input, mask_hash, stages)
-        return act, hops, reports, cert.encode()
-
-    async def _decide_stage(self, model: SplitModel, stage: int, first: int, last: int, act: Activation, req_hash: bytes) -> tuple[StageDecision, int]:
-        """Run the stage's committee; on no quorum re-run with a fresh committee, bounded."""
-        assert self.directory is not None and self.committee is not None
-        hidden, mask = encode_tensor(act.hidden), None if act.mask is None else encode_tensor(act.mask)
-        excluded: set[str] = set()
-        failures: list[str] = []
-        for attempt in range(self.max_reruns + 1):
-            candidates = [s.peer_id for s in self.servers(model) if s.first <= first and last <= s.last and s.peer_id not in excluded]
-            task = StageTask(req_hash, stage, attempt, model.model_id, first, last, activation_hash(hidden, mask),
-                             self.committee, now_ms() + int(self.commit_timeout * 1000))
-            try:
-                rnd = await run_stage_round(self._committee_request, task, sorted(set(candidates)), hidden, mask,
-                                            reveal_timeout=self.reveal_timeout, on_direct_commit=self._on_direct_commit)
-            except NoQuorum as exc:
-                failures.append(exc.message)
-                break  # too few candidates: a re-run cannot do better
-            try:
-                decision = rnd.decide()
-            except NoQuorum as exc:
-                failures.append(exc.message)
-                self._judge(rnd, {m: rnd.faults.get(m, "no-quorum") for m in rnd.members})
-                excluded.update(m for m in rnd.members if m in rnd.faults)
-                log.warning("no quorum, re-running the stage with a fresh committee", stage=stage, attempt=attempt, reason=exc.message)
-                continue
-            self._judge(rnd, decision.verdicts, decision)
-            return decision, attempt + 1
-        raise NoQuorum(f"{model.name} stage {stage} (layers {first}-{last}) failed after {len(failures)} attempt(s): " + " | ".join(failures))
-
-    def _judge(self, rnd: StageRound, verdicts: dict[str, str], decision: StageDecision | None = None) -> None:
-        """Apply reputation for one task and tell the network what was seen (off the critical path)."""
-        task_id = rnd.task.task_id
-        for member, verdict in verdicts.items():
-            self.reputation.record_task(member, task_id, fault=verdict not in ("agree", "no-quorum"))
-        self._verdicts.append({"task": task_id, "stage": rnd.task.stage, "verdicts": verdicts})  # gossiped once per query
-        for member, verdict in verdicts.items():
-            evidence = None
-            if verdict == "wrong-output" and decision is not None:
-                reveal, output = rnd.reveals[member]
-                evidence = Evidence("wrong-output", member, [rnd.commits[member]], reveal, output, decision.certificate)
-            elif verdict == "bad-reveal" and member in rnd.bad_reveals and not rnd.bad_reveals[member].opens(rnd.commits[member]):
-                evidence = Evidence("bad-reveal", member, [rnd.commits[member]], rnd.bad_reveals[member])
-            if evidence is not None:
-                try:
-                    self.auditor.on_evidence(evidence, reporter=self.identity.peer_id)
-                except ConsensusError as exc:  # never publish what we could not check ourselves
-                    log.error("own evidence did not verify", member=member, reason=exc.message)
-                    continue
-                self._publish(evidence_message(evidence))
-
-    def _on_direct_commit(self, commit: Commit) -> None:
-        for evidence in self.auditor.on_commit(commit):
-            self._publish(evidence_message(evidence))
-
-    async def _on_gossip(self, sender: str, message: dict[str, Any]) -> None:
-        for evidence in self.auditor.observe(sender, message):
-            self._publish(evidence_message(evidence))
-
-    def _publish(self, message: dict[str, Any]) -> None:
-        if self.gossip is not None and self._nursery is not None:
-            self.gossip.publish_soon(self._nursery, message)
-
-    async def _committee_request(self, peer_id: str, message: Message, timeout: float) -> Message:
-        assert self.pool is not None
-        return await self.pool.request(peer_id, COMMITTEE_PROTOCOL, message, timeout=timeout)
 
     async def _run_client_driven(
         self, model: SplitModel, act: Activation, failed: list[str], checks: list[dict[str, Any]] | None = None,

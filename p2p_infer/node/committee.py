@@ -171,12 +171,6 @@ def parse_ticket_reply(reply: Message) -> Ticket:
     return Ticket.from_wire(reply.get("ticket"))
 
 
-def parse_ticket_reply(reply: Message) -> Ticket:
-    if reply.get("type") != "ticket":
-        raise ProtocolViolation(f"expected ticket, got {reply.get('type')!r}")
-    return Ticket.from_wire(reply.get("ticket"))
-
-
 # ---- the client's role ----
 
 Request = Callable[[str, Message, float], Awaitable[Message]]
