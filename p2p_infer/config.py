@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 ENV_PREFIX = "P2P_INFER_"
 
 
@@ -68,7 +70,7 @@ def load_settings(config_file: Path | None, overrides: dict[str, Any]) -> Settin
             table = tomllib.load(f)
         unknown = sorted(set(k.replace("-", "_") for k in table) - names)
         if unknown:
-            raise ValueError(f"{config_file}: unknown setting(s) {unknown}")
+            raise ConfigError(f"{config_file}: unknown setting(s) {unknown}")
         merged.update({k.replace("-", "_"): v for k, v in table.items()})
     for name in names:
         env = os.environ.get(ENV_PREFIX + name.upper())

@@ -1,7 +1,11 @@
-"""Error types shared by every layer.
+"""The one error tree: every error this package raises on purpose derives from
+:class:`P2PInferError`.
 
-Each error carries a short machine-readable ``code`` that travels in protocol error
-replies (see ``protocols/framing.md``), so a remote failure keeps its meaning.
+Each class carries a short machine-readable ``code`` that travels in protocol error
+replies (see ``protocols/framing.md``), so a remote failure keeps its meaning, and a
+``retryable`` flag: whether another provider (or a later attempt) may succeed where this
+one failed. Callers decide on ``retryable``, never on lists of code strings; a
+:class:`RemoteError` takes the flag of the class its code names.
 """
 
 from __future__ import annotations
@@ -11,10 +15,54 @@ class P2PInferError(Exception):
     """Base class of every error this package raises on purpose."""
 
     code = "internal"
+    retryable = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class InternalError(P2PInferError):
+    """A peer failed on its side (a bug or a resource problem there): another may not."""
+
+    code = "internal"
+    retryable = True
+
+
+# ---- local mistakes: settings, keys, arguments ----
+
+
+class ConfigError(P2PInferError, ValueError):
+    """A setting is unknown, malformed or out of range (file, environment or flag)."""
+
+    code = "bad_config"
+
+
+class UsageError(P2PInferError, ValueError):
+    """An API or CLI argument the caller got wrong (input, layer counts, options)."""
+
+    code = "bad_input"
+
+
+class UnsupportedMode(UsageError):
+    """A query plan combines modes that cannot be honoured together; never silently dropped."""
+
+    code = "unsupported_mode"
+
+
+class IdentityError(P2PInferError, ValueError):
+    """The key file is unreadable, malformed, or too permissive."""
+
+    code = "bad_key"
+
+
+class TrainingFailed(P2PInferError):
+    """A model trained at first use missed its accuracy bar."""
+
+    code = "training_failed"
+
+
+# ---- the wire ----
 
 
 class FrameError(P2PInferError):
@@ -33,14 +81,28 @@ class ProtocolViolation(P2PInferError):
     code = "bad_request"
 
 
+class BadTensor(P2PInferError):
+    """A tensor on the wire has a wrong dtype, shape, size or non-finite values."""
+
+    code = "bad_tensor"
+
+
 class RecordError(P2PInferError):
     """A capability record failed verification (signature, binding, time, schema)."""
 
     code = "bad_record"
 
 
+class InvalidDhtValue(RecordError, ValueError):
+    """A DHT value or key our validator refuses (py-libp2p's validators raise ValueError)."""
+
+
+# ---- serving ----
+
+
 class UnknownModel(P2PInferError):
     code = "unknown_model"
+    retryable = True  # another peer may serve it
 
 
 class ManifestMismatch(P2PInferError):
@@ -53,16 +115,33 @@ class NotServed(P2PInferError):
     """The peer does not serve the requested layer range."""
 
     code = "not_served"
-
-
-class BadTensor(P2PInferError):
-    """A tensor on the wire has a wrong dtype, shape, size or non-finite values."""
-
-    code = "bad_tensor"
+    retryable = True
 
 
 class Overloaded(P2PInferError):
     code = "overloaded"
+    retryable = True
+
+
+class ArtifactNotFound(P2PInferError):
+    """No verifier artifact with that hash on this peer."""
+
+    code = "not_found"
+    retryable = True
+
+
+# ---- the network ----
+
+
+class PeerUnreachable(P2PInferError):
+    code = "unreachable"
+    retryable = True
+
+
+class NoRoute(P2PInferError):
+    """No set of live peers covers the layers a query still needs."""
+
+    code = "no_route"
 
 
 class RemoteError(P2PInferError):
@@ -74,12 +153,63 @@ class RemoteError(P2PInferError):
         self.peer = peer
         self.remote_message = message
 
-
-class NoRoute(P2PInferError):
-    """No set of live peers covers the layers a query still needs."""
-
-    code = "no_route"
+    @property  # type: ignore[override]
+    def retryable(self) -> bool:
+        return error_class(self.code).retryable
 
 
-class PeerUnreachable(P2PInferError):
-    code = "unreachable"
+# ---- verification ----
+
+
+class ConsensusError(P2PInferError):
+    """A commitment, reveal, certificate or piece of evidence breaks the consensus rules."""
+
+    code = "bad_consensus"
+
+
+class NoQuorum(ConsensusError):
+    code = "no_quorum"
+
+
+class Withheld(ConsensusError):
+    """A member refused to reveal (only adversaries in tests do)."""
+
+    code = "withheld"
+
+
+class VrfError(ConsensusError, ValueError):
+    """An invalid VRF key or proof (RFC 9381's "INVALID")."""
+
+    code = "bad_vrf"
+
+
+class AuditError(P2PInferError, ValueError):
+    """An audit log whose hash chain or signatures do not verify."""
+
+    code = "bad_audit"
+
+
+class ZkError(P2PInferError):
+    code = "zk_error"
+
+
+class NotProvable(ZkError):
+    code = "not_provable"
+
+
+class SwarmError(P2PInferError):
+    """The test harness could not start, reach or stop a swarm process."""
+
+    code = "swarm"
+
+
+def _subclasses(cls: type[P2PInferError]) -> list[type[P2PInferError]]:
+    return [cls] + [s for sub in cls.__subclasses__() for s in _subclasses(sub)]
+
+
+def error_class(code: str) -> type[P2PInferError]:
+    """The class whose ``code`` this is (the first defined); unknown codes map to the base."""
+    for cls in _subclasses(P2PInferError)[1:]:
+        if cls is not RemoteError and cls.__dict__.get("code") == code:
+            return cls
+    return P2PInferError

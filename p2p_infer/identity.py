@@ -8,6 +8,8 @@ libp2p derives it; computing it here keeps record verification free of libp2p.
 
 from __future__ import annotations
 
+from .errors import IdentityError
+
 import os
 import stat
 from dataclasses import dataclass
@@ -20,10 +22,6 @@ import nacl.signing
 _ED25519_PRIVATE_PREFIX = b"\x08\x01\x12\x20"  # protobuf: KeyType=Ed25519, Data=<32 bytes>
 _ED25519_PUBLIC_PREFIX = b"\x08\x01\x12\x20"
 _IDENTITY_MULTIHASH_PREFIX = b"\x00\x24"  # multihash code 0x00 (identity), length 36
-
-
-class IdentityError(ValueError):
-    """The key file is unreadable, malformed, or too permissive."""
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..config import default_cache_dir
-from ..errors import BadTensor, ManifestMismatch, UnknownModel
+from ..errors import BadTensor, ManifestMismatch, TrainingFailed, UnknownModel, UsageError
 from .manifest import Manifest, check_layers, module_hash
 
 log = structlog.get_logger("p2p_infer.models")
@@ -132,7 +132,7 @@ class MiniLM(SplitModel):
     @torch.inference_mode()
     def embed(self, inputs: Any) -> Activation:
         if not isinstance(inputs, str) or not inputs:
-            raise ValueError("minilm-l6 takes a non-empty string")
+            raise UsageError("minilm-l6 takes a non-empty string")
         enc = self.tokenizer([inputs], return_tensors="pt", truncation=True, max_length=self.max_tokens)
         hidden = self.bert.embeddings(input_ids=enc["input_ids"], token_type_ids=enc["token_type_ids"])
         return Activation(hidden, enc["attention_mask"].to(torch.int64))
@@ -237,7 +237,7 @@ class DigitsMLP(SplitModel):
             if accuracy >= MIN_ACCURACY:
                 return accuracy
             log.info("digits training below the bar, next seed", seed=self.seed + attempt, accuracy=round(accuracy, 4))
-        raise RuntimeError(f"digits classifier reached only {accuracy:.3f} test accuracy after {TRAIN_ATTEMPTS} seeds")
+        raise TrainingFailed(f"digits classifier reached only {accuracy:.3f} test accuracy after {TRAIN_ATTEMPTS} seeds")
 
     def _train_once(self, seed: int) -> float:
         x_train, y_train, x_test, y_test = self.dataset()
@@ -269,7 +269,7 @@ class DigitsMLP(SplitModel):
     def embed(self, inputs: Any) -> Activation:
         x = torch.as_tensor(inputs, dtype=torch.float32).reshape(1, 64)
         if not bool(torch.isfinite(x).all()) or bool((x < 0).any()) or bool((x > 16).any()):
-            raise ValueError("digits-mlp takes 64 pixel values in [0, 16]")
+            raise UsageError("digits-mlp takes 64 pixel values in [0, 16]")
         return Activation(self.embed_layer(x / 16.0))
 
     @torch.inference_mode()

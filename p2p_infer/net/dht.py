@@ -26,7 +26,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.validator import NamespacedValidator, Validator
 
-from ..errors import PeerUnreachable, RecordError
+from ..errors import InvalidDhtValue, PeerUnreachable, RecordError
 from .host import dial
 from ..proto.records import KEY_NAMESPACE, CapabilityRecord, newest, record_key, verify_record
 
@@ -52,11 +52,11 @@ class RecordValidator(Validator):
     def validate(self, key: str, value: bytes) -> None:
         parts = key.split("/")
         if len(parts) != 4 or parts[2] != "peer":
-            raise ValueError(f"unknown p2p-infer key {key!r}")
+            raise InvalidDhtValue(f"unknown p2p-infer key {key!r}")
         try:
             verify_record(value, expected_peer_id=parts[3])
         except RecordError as exc:
-            raise ValueError(exc.message) from None
+            raise InvalidDhtValue(exc.message) from None
 
     def select(self, key: str, values: list[bytes]) -> int:
         return newest(values)

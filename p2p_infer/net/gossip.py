@@ -21,6 +21,8 @@ from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
+from ..errors import ProtocolViolation
+
 TOPIC = "p2p-infer/consensus/v1"
 MAX_GOSSIP_BYTES = 900 * 1024
 GOSSIP_DELAY = 0.5  # seconds: audit traffic waits until the query has moved on
@@ -97,7 +99,7 @@ async def running_gossip(host: IHost, handle: GossipHandler) -> AsyncIterator[Go
                         try:
                             message = msgpack.unpackb(msg.data, raw=False)
                             if not isinstance(message, dict):
-                                raise ValueError("not a map")
+                                raise ProtocolViolation("gossip message is not a map")
                             await handle(_sender(msg.from_id), message)
                         except Exception as exc:  # one bad message must not stop auditing
                             log.info("gossip message dropped", error=f"{type(exc).__name__}: {exc}")

@@ -25,7 +25,7 @@ from ..proto.consensus import (
     sign_commit,
     sign_reveal,
 )
-from ..errors import NotServed, P2PInferError, ProtocolViolation
+from ..errors import NotServed, P2PInferError, ProtocolViolation, Withheld
 from ..net.framing import Message, protocol_id
 from ..identity import Identity
 from ..ml.models import Activation
@@ -40,10 +40,6 @@ log = structlog.get_logger("p2p_infer.committee")
 
 Compute = Callable[[Any, int, int, Activation], Awaitable[torch.Tensor]]
 Publish = Callable[[dict[str, Any]], None]
-
-
-class Withheld(P2PInferError):
-    code = "withheld"
 
 
 def activation_hash(hidden: dict[str, Any], mask: dict[str, Any] | None) -> bytes:

@@ -28,7 +28,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from .. import __version__
 from ..config import Settings, default_cache_dir
 from ..net.dht import Discovery
-from ..errors import NotServed, Overloaded, P2PInferError, ProtocolViolation, RemoteError
+from ..errors import ArtifactNotFound, NotServed, Overloaded, ProtocolViolation, RemoteError
 from .forward import FORWARD_PROTOCOL, RESULT_PROTOCOL, ForwardRequest, forward_reply, parse_forward_request
 from ..net.framing import Message
 from ..verify.zk import ARTIFACT_PROTOCOL
@@ -47,8 +47,6 @@ from ..net.streams import StreamPool
 log = structlog.get_logger("p2p_infer.peer")
 
 
-class ArtifactNotFound(P2PInferError):
-    code = "not_found"
 PROTOCOLS = (FORWARD_PROTOCOL, COMMITTEE_PROTOCOL, ARTIFACT_PROTOCOL)
 REPROVIDE_INTERVAL = 300.0
 MAX_PENDING_PROOFS = 64  # uncollected "proof follows" proofs kept per peer

@@ -10,7 +10,7 @@ from typing import Any
 import trio
 
 from ..config import default_cache_dir
-from ..errors import P2PInferError, ProtocolViolation
+from ..errors import P2PInferError, ProtocolViolation, UsageError
 from ..ml.models import Activation, SplitModel
 from ..verify.zk import ARTIFACT_PROTOCOL
 
@@ -68,7 +68,7 @@ async def verify_followed(client: Any, result: Any) -> dict[str, Any]:
     from ..verify.zk import ShardProof
 
     if result.proofs is None or id(result.proofs) not in client._followed:
-        raise ValueError("this result has no proofs to collect")
+        raise UsageError("this result has no proofs to collect")
     model, sent, received, pending = client._followed.pop(id(result.proofs))
     proofs = []
     for peer, token, first, last in pending:

@@ -9,6 +9,8 @@ the chain from there on; ``p2p-infer audit`` verifies it.
 
 from __future__ import annotations
 
+from ..errors import AuditError
+
 import hashlib
 import json
 import time
@@ -19,10 +21,6 @@ from typing import Any
 from ..identity import Identity, verify_signature
 
 GENESIS = "0" * 64
-
-
-class AuditError(ValueError):
-    pass
 
 
 def _canonical(seq: int, time_ms: int, kind: str, data: Any) -> bytes:

@@ -30,7 +30,7 @@ import msgpack
 import numpy as np
 
 from . import vrf
-from ..errors import P2PInferError
+from ..errors import ConsensusError, NoQuorum
 from ..identity import Identity, peer_id_from_public_key, verify_signature
 
 ATOL = 1e-4
@@ -38,14 +38,6 @@ RTOL = 1e-4
 MAX_TICKETS = 64  # candidates listed per stage in a certificate (bounds a verifier's work)
 COMMIT_DOMAIN = b"p2p-infer/commit/v1\n"
 REVEAL_DOMAIN = b"p2p-infer/reveal/v1\n"
-
-
-class ConsensusError(P2PInferError):
-    code = "bad_consensus"
-
-
-class NoQuorum(ConsensusError):
-    code = "no_quorum"
 
 
 def h(*parts: bytes) -> bytes:

@@ -37,6 +37,8 @@ Implementation notes:
 
 from __future__ import annotations
 
+from ..errors import VrfError
+
 import hashlib
 import hmac
 from typing import Final
@@ -91,10 +93,6 @@ _ENCODE_TO_CURVE_FRONT: Final[bytes] = b"\x01"
 _CHALLENGE_FRONT: Final[bytes] = b"\x02"
 _PROOF_TO_HASH_FRONT: Final[bytes] = b"\x03"
 _DOMAIN_SEPARATOR_BACK: Final[bytes] = b"\x00"
-
-
-class VrfError(ValueError):
-    """Raised for an invalid VRF key or proof (RFC 9381's "INVALID")."""
 
 
 # --------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ Used by the tests, the demo, the benchmarks and ``simulations/``::
 
 from __future__ import annotations
 
+from ..errors import SwarmError
+
 import atexit
 import json
 import os
@@ -39,10 +41,6 @@ def _kill_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-class SwarmError(RuntimeError):
-    pass
 
 
 @dataclass

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import P2PInferError
+from ..errors import NotProvable, ZkError
 from ..net.framing import protocol_id
 
 ZK_SCALE = 13
@@ -37,14 +37,6 @@ CONFIG = {"scale": ZK_SCALE, "decomp_base": DECOMP_BASE, "decomp_legs": DECOMP_L
           "output": "hashed", "params": "fixed", "opset": 18, "format": 1}
 ARTIFACT_PROTOCOL = protocol_id("artifact")  # verifier artifacts by SHA-256 (protocols/artifact.md)
 P_BN254 = 21888242871839275222246405745257275088548364400416034343698204186575808495617
-
-
-class ZkError(P2PInferError):
-    code = "zk_error"
-
-
-class NotProvable(ZkError):
-    code = "not_provable"
 
 
 def _ezkl() -> Any:
