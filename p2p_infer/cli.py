@@ -185,7 +185,7 @@ def cmd_peers(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _now_ms() -> int:
-    from .proto.records import now_ms
+    from .clock import now_ms
 
     return now_ms()
 
@@ -305,8 +305,9 @@ def cmd_verify_proofs(path: Path) -> int:
     locally from this machine's copy of the model, never taken from the file)."""
     import msgpack
 
-    from .verify import zk
     from .ml.models import known_manifests, load_model
+    from .verify import zk
+    from .verify.chain import local_kits, verify_chain
 
     try:
         data = msgpack.unpackb(path.read_bytes(), raw=False)
@@ -315,11 +316,8 @@ def cmd_verify_proofs(path: Path) -> int:
             raise zk.ZkError(f"proofs are for unknown model {str(data['model_id'])[:16]}...")
         proofs = [zk.ShardProof.from_wire(p) for p in data["chain"]]
         model = load_model(manifest.name, default_cache_dir())
-        circuits = zk.circuits_for(model, [(p.first, p.last) for p in proofs], default_cache_dir())
-        for proof in proofs:
-            c = circuits[(proof.first, proof.last)]
-            zk.verify_proof(proof, c.settings, c.vk, c.srs, default_cache_dir() / "zk" / "verify")
-        zk.check_chain(proofs, data["input_hash"], data["output_hash"])
+        kits = local_kits(model, [(p.first, p.last) for p in proofs], default_cache_dir())
+        verify_chain(proofs, kits, data["input_hash"], data["output_hash"], default_cache_dir() / "zk" / "verify")
     except (zk.ZkError, OSError, KeyError, TypeError, ValueError) as exc:
         print(f"INVALID: {getattr(exc, 'message', exc)}")
         return 1

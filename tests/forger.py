@@ -15,6 +15,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from p2p_infer.net.dht import Discovery
 from p2p_infer.net.host import full_addrs, parse_peer_addr, quiet_libp2p_logging, running_host
+from p2p_infer.clock import now_ms
 from p2p_infer.identity import Identity
 from p2p_infer.proto.records import SIGNING_DOMAIN, all_peers_key, encode_body, make_record, record_key
 
@@ -26,7 +27,7 @@ async def main(bootstrap: str, ready_file: str) -> None:
         discovery = Discovery(host, server=True, bootstrap=[parse_peer_addr(bootstrap)])
         async with background_trio_service(discovery.kad):
             await discovery.join()
-            record = make_record(me, addrs=full_addrs(host), throughput=1e9, ttl_ms=600_000)
+            record = make_record(me, addrs=full_addrs(host), throughput=1e9, ttl_ms=600_000, issued_at_ms=now_ms())
             body = encode_body(record)
             forged = msgpack.packb([1, body, impostor.sign(SIGNING_DOMAIN + body)], use_bin_type=True)
             key = record_key(me.peer_id).encode()

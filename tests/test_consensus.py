@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from p2p_infer.clock import now_ms
 from p2p_infer.proto.audit import AuditError, AuditLog, verify_log
 from p2p_infer.proto.consensus import (
     Certificate,
@@ -220,11 +221,11 @@ def test_reputation_rule():
 
 def test_audit_log_chain_and_tampering(tmp_path):
     path = tmp_path / "audit.log"
-    log = AuditLog(path, Identity.generate())
+    log = AuditLog(path, Identity.generate(), now_ms)
     for i in range(5):
         log.append("verdict", {"i": i, "member": "p"})
     assert len(verify_log(path)) == 5
-    AuditLog(path, log.identity).append("more", {})  # reopening continues the chain
+    AuditLog(path, log.identity, now_ms).append("more", {})  # reopening continues the chain
     assert len(verify_log(path)) == 6
     lines = path.read_text().splitlines()
     entry = json.loads(lines[2])

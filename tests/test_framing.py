@@ -7,12 +7,12 @@ from p2p_infer.errors import FrameError, FrameTooLarge, ProtocolViolation, Remot
 from p2p_infer.net.framing import (
     decode_payload,
     encode_frame,
-    protocol_id,
     read_message,
     request,
     serve_stream,
     write_message,
 )
+from p2p_infer.proto.wire import protocol_id
 
 
 class TrioStream:

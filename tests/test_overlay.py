@@ -15,7 +15,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from p2p_infer.net.dht import Discovery
 from p2p_infer.errors import PeerUnreachable
-from p2p_infer.node.forward import FORWARD_PROTOCOL
+from p2p_infer.proto.wire import FORWARD_PROTOCOL
 from p2p_infer.net.framing import read_message, request
 from p2p_infer.net.host import dial, open_stream, parse_peer_addr
 from p2p_infer.ml.models import manifest_for

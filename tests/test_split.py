@@ -11,12 +11,13 @@ import trio
 
 from p2p_infer.node.client import Client
 from p2p_infer.errors import NoRoute
-from p2p_infer.node.forward import FORWARD_PROTOCOL, ForwardRequest
+from p2p_infer.proto.forward import ForwardRequest
+from p2p_infer.proto.wire import FORWARD_PROTOCOL
 from p2p_infer.net.framing import request, write_message
 from p2p_infer.testing.harness import Swarm
 from p2p_infer.net.host import dial, open_stream, parse_peer_addr
 from p2p_infer.ml.models import Activation, DigitsMLP, load_model
-from p2p_infer.ml.tensors import encode_tensor
+from p2p_infer.ml.tensors import activation_to_wire, encode_tensor
 
 from .conftest import light_host
 
@@ -132,7 +133,7 @@ async def test_bad_forward_requests_get_clear_errors_and_the_peer_keeps_serving(
     model = load_model("minilm-l6")
     peer = swarm.peers["last"]
     act = model.embed("hello world")
-    good = ForwardRequest(model.model_id, 5, 5, act).to_wire()
+    good = ForwardRequest(model.model_id, 5, 5, *activation_to_wire(act)).to_wire()
 
     def variant(**patch):
         return {**good, **patch}

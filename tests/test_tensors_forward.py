@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from p2p_infer.errors import BadTensor, NotServed, ProtocolViolation, UnknownModel
-from p2p_infer.node.forward import ForwardRequest, Hop, forward_reply, parse_forward_reply, parse_forward_request
+from p2p_infer.proto.forward import ForwardRequest, Hop, forward_reply, parse_forward_reply, parse_forward_request
 from p2p_infer.ml.models import Activation, load_model
 from p2p_infer.ml.shards import ServeSpec, ShardServer
-from p2p_infer.ml.tensors import decode_tensor, encode_tensor
+from p2p_infer.ml.tensors import activation_from_wire, activation_to_wire, decode_tensor, encode_tensor
 
 
 def test_tensor_round_trip_is_exact():
@@ -45,11 +45,11 @@ def test_non_finite_values_are_refused(value):
 
 def test_forward_request_round_trip():
     act = Activation(torch.randn(1, 32), None)
-    req = ForwardRequest("ab" * 32, 1, 2, act, session="s", request_id="r", route=[Hop("p", ("/ip4/1.2.3.4/tcp/1",), 3, 3)], reply_to="c")
+    req = ForwardRequest("ab" * 32, 1, 2, *activation_to_wire(act), session="s", request_id="r", route=[Hop("p", ("/ip4/1.2.3.4/tcp/1",), 3, 3)], reply_to="c")
     back = parse_forward_request(req.to_wire())
-    assert torch.equal(back.act.hidden, act.hidden) and back.route == req.route and back.reply_to == "c"
-    hidden, timing = parse_forward_reply(forward_reply(act.hidden, 1.5, 0.5, "r"))
-    assert torch.equal(hidden, act.hidden) and timing == {"compute_ms": 1.5, "queue_ms": 0.5}
+    assert torch.equal(activation_from_wire(back.hidden, back.mask).hidden, act.hidden) and back.route == req.route and back.reply_to == "c"
+    hidden, timing = parse_forward_reply(forward_reply(encode_tensor(act.hidden), 1.5, 0.5, "r"))
+    assert torch.equal(decode_tensor(hidden), act.hidden) and timing == {"compute_ms": 1.5, "queue_ms": 0.5}
 
 
 @pytest.mark.parametrize(
@@ -64,7 +64,7 @@ def test_forward_request_round_trip():
     ],
 )
 def test_malformed_forward_requests(patch, reason):
-    wire = ForwardRequest("ab" * 32, 1, 2, Activation(torch.randn(1, 32))).to_wire()
+    wire = ForwardRequest("ab" * 32, 1, 2, encode_tensor(torch.randn(1, 32))).to_wire()
     wire.update(patch)
     with pytest.raises(ProtocolViolation, match=reason):
         parse_forward_request(wire)

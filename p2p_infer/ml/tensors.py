@@ -1,49 +1,43 @@
-"""Tensors on the wire: ``{"dtype", "shape", "data"}`` with raw little-endian bytes, never pickle.
-
-Decoding checks the dtype against an allow-list, the byte count against the shape, a size
-limit, and (for floats) that every value is finite, before any computation sees the data.
-"""
+"""torch <-> wire tensors: the only place torch meets the wire format of ``proto/tensors.py``."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..errors import BadTensor
+from ..proto.tensors import ALLOWED_DTYPES, DEFAULT_MAX_TENSOR_BYTES, WireTensor, wire_array
 
-ALLOWED_DTYPES = {"float32": torch.float32, "int64": torch.int64}
-DEFAULT_MAX_TENSOR_BYTES = 4 * 1024 * 1024
+__all__ = ["activation_from_wire", "activation_to_wire", "ALLOWED_DTYPES", "DEFAULT_MAX_TENSOR_BYTES", "WireTensor", "decode_tensor", "encode_tensor", "encode_optional", "decode_optional"]
 
 
-def encode_tensor(t: torch.Tensor) -> dict[str, Any]:
+def encode_tensor(t: torch.Tensor) -> WireTensor:
     name = str(t.dtype).removeprefix("torch.")
     if name not in ALLOWED_DTYPES:
-        raise BadTensor(f"dtype {name} cannot be sent; allowed: {sorted(ALLOWED_DTYPES)}")
+        raise BadTensor(f"dtype {name} cannot be sent; allowed: {list(ALLOWED_DTYPES)}")
     t = t.detach().contiguous().cpu()
     return {"dtype": name, "shape": list(t.shape), "data": t.numpy().tobytes()}
 
 
 def decode_tensor(obj: object, *, max_bytes: int = DEFAULT_MAX_TENSOR_BYTES, field: str = "tensor") -> torch.Tensor:
-    if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "data"}:
-        raise BadTensor(f"{field} must be a map with exactly dtype, shape and data")
-    dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
-    if dtype not in ALLOWED_DTYPES:
-        raise BadTensor(f"{field}: dtype {dtype!r} not allowed; allowed: {sorted(ALLOWED_DTYPES)}")
-    if not (isinstance(shape, list) and 0 < len(shape) <= 4 and all(isinstance(d, int) and 0 < d for d in shape)):
-        raise BadTensor(f"{field}: shape must be 1 to 4 positive integers, got {shape!r}")
-    if not isinstance(data, bytes):
-        raise BadTensor(f"{field}: data must be bytes")
-    itemsize = torch.empty((), dtype=ALLOWED_DTYPES[dtype]).element_size()
-    expected = math.prod(shape) * itemsize
-    if expected > max_bytes:
-        raise BadTensor(f"{field}: {expected} bytes exceeds the {max_bytes}-byte limit")
-    if len(data) != expected:
-        raise BadTensor(f"{field}: shape {shape} {dtype} needs {expected} bytes, got {len(data)}")
-    array = np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
-    tensor = torch.from_numpy(array.copy())
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        raise BadTensor(f"{field}: contains NaN or infinite values")
-    return tensor
+    return torch.from_numpy(wire_array(obj, max_bytes=max_bytes, field=field).copy())
+
+
+def encode_optional(t: torch.Tensor | None) -> WireTensor | None:
+    return None if t is None else encode_tensor(t)
+
+
+def decode_optional(obj: Any, *, field: str = "tensor") -> torch.Tensor | None:
+    return None if obj is None else decode_tensor(obj, field=field)
+
+
+def activation_to_wire(act: Any) -> tuple[WireTensor, WireTensor | None]:
+    """An :class:`~p2p_infer.ml.models.Activation` as the wire's (hidden, mask)."""
+    return encode_tensor(act.hidden), encode_optional(act.mask)
+
+
+def activation_from_wire(hidden: WireTensor, mask: WireTensor | None) -> Any:
+    from .models import Activation
+
+    return Activation(decode_tensor(hidden, field="hidden"), decode_optional(mask, field="mask"))

@@ -26,6 +26,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.validator import NamespacedValidator, Validator
 
+from ..clock import now_ms
 from ..errors import InvalidDhtValue, PeerUnreachable, RecordError
 from .host import dial
 from ..proto.records import KEY_NAMESPACE, CapabilityRecord, newest, record_key, verify_record
@@ -54,7 +55,7 @@ class RecordValidator(Validator):
         if len(parts) != 4 or parts[2] != "peer":
             raise InvalidDhtValue(f"unknown p2p-infer key {key!r}")
         try:
-            verify_record(value, expected_peer_id=parts[3])
+            verify_record(value, now=now_ms(), expected_peer_id=parts[3])
         except RecordError as exc:
             raise InvalidDhtValue(exc.message) from None
 
@@ -200,7 +201,7 @@ class Discovery:
             self.log.info("no record found", subject=peer_id)
             return None
         try:
-            return verify_record(envelope, expected_peer_id=peer_id, known_models=known_models)
+            return verify_record(envelope, now=now_ms(), expected_peer_id=peer_id, known_models=known_models)
         except RecordError as exc:
             self.log.info("record dropped", subject=peer_id, reason=exc.message)
             return None

@@ -15,7 +15,8 @@ import trio
 from libp2p.peer.id import ID
 
 from .dht import Discovery
-from ..proto.records import CapabilityRecord, ShardSpec, all_peers_key, model_key, now_ms
+from ..clock import now_ms
+from ..proto.records import CapabilityRecord, ShardSpec, all_peers_key, model_key
 
 log = structlog.get_logger("p2p_infer.directory")
 FETCH_CONCURRENCY = 8

@@ -14,26 +14,21 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from typing import Any, Protocol
+from typing import Protocol
 
 import msgpack
 import structlog
 import trio
 
 from ..errors import FrameError, FrameTooLarge, P2PInferError, ProtocolViolation, RemoteError
+from ..proto.wire import Message
 
-Message = dict[str, Any]
 HEADER_BYTES = 4
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 DEFAULT_READ_TIMEOUT = 30.0
 
 log = structlog.get_logger("p2p_infer.framing")
 remote_peer: ContextVar[str] = ContextVar("remote_peer", default="")  # set while a handler runs
-
-
-def protocol_id(name: str, version: str = "1.0.0") -> str:
-    """Every protocol is versioned: ``/p2p-infer/<name>/<version>``."""
-    return f"/p2p-infer/{name}/{version}"
 
 
 class Stream(Protocol):

@@ -22,9 +22,8 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
 from ..errors import ProtocolViolation
+from ..proto.wire import CONSENSUS_TOPIC, MAX_GOSSIP_BYTES
 
-TOPIC = "p2p-infer/consensus/v1"
-MAX_GOSSIP_BYTES = 900 * 1024
 GOSSIP_DELAY = 0.5  # seconds: audit traffic waits until the query has moved on
 log = structlog.get_logger("p2p_infer.gossip")
 
@@ -46,12 +45,12 @@ class Gossip:
     async def publish(self, message: dict[str, Any]) -> None:
         data = msgpack.packb(message, use_bin_type=True)
         if len(data) > MAX_GOSSIP_BYTES:
-            log.warning("gossip message too large, not sent", kind=message.get("kind"), size=len(data))
+            log.warning("gossip message too large, not sent", type=message.get("type"), size=len(data))
             return
         try:
-            await self.pubsub.publish(TOPIC, data)
+            await self.pubsub.publish(CONSENSUS_TOPIC, data)
         except Exception as exc:  # gossip is best effort: never fail the caller's real work
-            log.info("gossip publish failed", kind=message.get("kind"), error=f"{type(exc).__name__}: {exc}")
+            log.info("gossip publish failed", type=message.get("type"), error=f"{type(exc).__name__}: {exc}")
 
     async def _publish_later(self, message: dict[str, Any]) -> None:
         try:
@@ -65,7 +64,7 @@ class Gossip:
             nursery.start_soon(self._publish_later, message)
             self.pending += 1
         except RuntimeError:  # shutting down: the nursery takes no more work, and gossip is best effort
-            log.debug("gossip dropped at shutdown", kind=message.get("kind"))
+            log.debug("gossip dropped at shutdown", type=message.get("type"))
 
 
 @asynccontextmanager
@@ -87,7 +86,7 @@ async def running_gossip(host: IHost, handle: GossipHandler) -> AsyncIterator[Go
     try:
         async with background_trio_service(pubsub), background_trio_service(router):
             await pubsub.wait_until_ready()
-            subscription = await pubsub.subscribe(TOPIC)
+            subscription = await pubsub.subscribe(CONSENSUS_TOPIC)
             gossip = Gossip(pubsub)
             async with trio.open_nursery() as nursery:
 

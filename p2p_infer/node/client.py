@@ -25,11 +25,13 @@ import trio
 from libp2p.abc import IHost
 from libp2p.tools.anyio_service import background_trio_service
 
+from ..clock import now_ms
 from ..config import default_cache_dir
 from ..net.dht import Discovery
 from ..net.directory import Directory
 from ..errors import BadTensor, FrameError, NoRoute, P2PInferError, PeerUnreachable, ProtocolViolation, RemoteError
-from .forward import FORWARD_PROTOCOL, RESULT_PROTOCOL, ForwardRequest, Hop, parse_forward_reply
+from ..proto.forward import ForwardRequest, Hop, parse_forward_reply
+from ..proto.wire import FORWARD_PROTOCOL, RESULT_PROTOCOL
 from ..net.framing import Message, remote_peer
 from ..net.host import add_handler, full_addrs, parse_peer_addr, running_host
 from ..identity import Identity
@@ -41,7 +43,7 @@ from ..proto.consensus import outputs_agree
 from ..net.gossip import Gossip, running_gossip
 from ..proto.reputation import Reputation
 from ..proto.routing import Segment, Server, plan_route
-from ..ml.tensors import encode_tensor
+from ..ml.tensors import activation_to_wire, decode_tensor, encode_tensor
 from ..net.streams import StreamPool
 from ..verify.zk import ZkError
 
@@ -92,7 +94,7 @@ class Client:
         self.critical = critical  # ZK: every shard returns a proof; the client checks the chain
         self.proof_follows = proof_follows  # critical mode: results first, proofs via verify_followed()
         self.reputation = Reputation()
-        self.auditor = Auditor(self.reputation, AuditLog(audit_log, self.identity) if audit_log else None)
+        self.auditor = Auditor(self.reputation, AuditLog(audit_log, self.identity, now_ms) if audit_log else None)
         self.gossip: Gossip | None = None
         self._nursery: trio.Nursery | None = None
         self._trials: dict[str, bool] = {}  # peer -> passed
@@ -354,12 +356,13 @@ class Client:
     ) -> tuple[Any, HopReport]:
         """One hop; with ``proofs`` (critical mode) the peer must also prove its shard."""
         prove = proofs is not None
-        req = ForwardRequest(model.model_id, segment.first, segment.last, act, request_id=uuid.uuid4().hex,
+        req = ForwardRequest(model.model_id, segment.first, segment.last, *activation_to_wire(act), request_id=uuid.uuid4().hex,
                              prove=("follow" if self.proof_follows else True) if prove else False)
         sent = time.perf_counter()
         reply = await self._request(segment.peer_id, req.to_wire())
         round_trip = (time.perf_counter() - sent) * 1000
-        hidden, timing = parse_forward_reply(reply)
+        wire, timing = parse_forward_reply(reply)
+        hidden = decode_tensor(wire, field="hidden")
         model.check_activation(Activation(hidden, act.mask))
         if proofs is not None and self.proof_follows:
             token = reply.get("proof_token")
@@ -386,7 +389,7 @@ class Client:
         self._pending[request_id] = (send, route[-1].peer_id)
         try:
             first = route[0]
-            req = ForwardRequest(model.model_id, first.first, first.last, act, request_id=request_id,
+            req = ForwardRequest(model.model_id, first.first, first.last, *activation_to_wire(act), request_id=request_id,
                                  route=hops[1:], reply_to=str(self.host.get_id()), reply_addrs=tuple(full_addrs(self.host)))
             try:
                 await self._request(first.peer_id, req.to_wire())
@@ -403,7 +406,8 @@ class Client:
         if result["type"] == "forward_failed":
             failed.append(str(result.get("failed_peer") or result.get("at", "")))
             raise RemoteError(str(result.get("code")), str(result.get("message")), str(result.get("at")))
-        hidden, _ = parse_forward_reply(result)
+        wire, _ = parse_forward_reply(result)
+        hidden = decode_tensor(wire, field="hidden")
         model.check_activation(Activation(hidden, act.mask))
         reports = [HopReport(str(t.get("peer")), int(t.get("first", 0)), int(t.get("last", 0)),
                              float(t.get("compute_ms", 0.0)), float(t.get("queue_ms", 0.0))) for t in result.get("trace", [])]

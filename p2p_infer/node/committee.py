@@ -26,14 +26,13 @@ from ..proto.consensus import (
     sign_reveal,
 )
 from ..errors import NotServed, P2PInferError, ProtocolViolation, Withheld
-from ..net.framing import Message, protocol_id
+from ..proto.wire import COMMITTEE_PROTOCOL, ROUND, Message
 from ..identity import Identity
 from ..ml.models import Activation
 from ..ml.shards import ShardServer
-from ..proto.records import now_ms as _now_ms
+from ..clock import now_ms as _now_ms
 from ..ml.tensors import decode_tensor, encode_tensor
 
-COMMITTEE_PROTOCOL = protocol_id("committee")
 TEST_FAULTS = ("wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial")
 PENDING_TTL = 120.0  # seconds a member keeps an unrevealed output
 log = structlog.get_logger("p2p_infer.committee")
@@ -131,7 +130,7 @@ class CommitteeMember:
             output = await self._copy_someone(task_id) or output
         reveal = sign_reveal(self.identity, task_id, output_hash(output), nonce)
         # one gossip message per member and task (py-libp2p gossip costs ~ms of CPU each)
-        self.publish({"kind": "round", "commit": told_network.to_wire(), "reveal": reveal.to_wire(), "output": output})
+        self.publish({"type": ROUND, "commit": told_network.to_wire(), "reveal": reveal.to_wire(), "output": output})
         return {"type": "reveal", "reveal": reveal.to_wire(), "output": output}
 
     async def _copy_someone(self, task_id: bytes) -> dict[str, Any] | None:
@@ -146,7 +145,7 @@ class CommitteeMember:
 
     def on_gossip(self, message: dict[str, Any]) -> None:
         """Remember others' reveals (used only by the copy test fault)."""
-        if self.fault == "copy" and message.get("kind") == "round":
+        if self.fault == "copy" and message.get("type") == ROUND:
             try:
                 reveal = Reveal.from_wire(message.get("reveal"))
             except P2PInferError:

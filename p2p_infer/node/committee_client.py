@@ -27,9 +27,10 @@ from ..proto.consensus import (
     output_hash,
     request_hash,
 )
-from ..proto.records import now_ms
+from ..clock import now_ms
 from .results import HopReport
-from .committee import COMMITTEE_PROTOCOL, activation_hash, run_stage_round
+from ..proto.wire import COMMITTEE_PROTOCOL, VERDICTS
+from .committee import activation_hash, run_stage_round
 
 log = structlog.get_logger("p2p_infer.client")
 
@@ -43,7 +44,7 @@ async def run_committees(client: Any, model: SplitModel, act: Activation) -> tup
         return await run_stages(client, model, act)
     finally:
         if client._verdicts:
-            client._publish({"kind": "verdicts", "client": client.identity.peer_id, "stages": client._verdicts})
+            client._publish({"type": VERDICTS, "client": client.identity.peer_id, "stages": client._verdicts})
             client._verdicts = []
 
 

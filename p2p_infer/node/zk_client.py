@@ -12,7 +12,8 @@ import trio
 from ..config import default_cache_dir
 from ..errors import P2PInferError, ProtocolViolation, UsageError
 from ..ml.models import Activation, SplitModel
-from ..verify.zk import ARTIFACT_PROTOCOL
+from ..proto.wire import ARTIFACT_PROTOCOL
+from ..verify.chain import local_kits, verify_chain
 
 
 
@@ -28,8 +29,7 @@ async def check_proofs(client: Any, model: SplitModel, sent: Activation, receive
     fetched = 0
     kits: dict[tuple[int, int], zk.VerifierKit] = {}
     if manifest is None:
-        circuits = await trio.to_thread.run_sync(zk.circuits_for, model, [(p.first, p.last) for p in proofs], cache)
-        kits = {k: zk.VerifierKit(c.settings, c.vk, c.srs) for k, c in circuits.items()}
+        kits = await trio.to_thread.run_sync(local_kits, model, [(p.first, p.last) for p in proofs], cache)
         manifest = zk.load_zk_manifest(cache, model.model_id)
         assert manifest is not None
     for proof in proofs:
@@ -44,12 +44,9 @@ async def check_proofs(client: Any, model: SplitModel, sent: Activation, receive
         kits[(proof.first, proof.last)] = zk.VerifierKit(*paths)
     work = cache / "zk" / "verify"
     started = time.perf_counter()
-    for proof in proofs:
-        kit = kits[(proof.first, proof.last)]
-        await trio.to_thread.run_sync(zk.verify_proof, proof, kit.settings, kit.vk, kit.srs, work)
     first_hash = zk.hash_values(sent.hidden.flatten().tolist())
     last_hash = zk.hash_values(received.hidden.flatten().tolist())
-    zk.check_chain(proofs, first_hash, last_hash)
+    await trio.to_thread.run_sync(verify_chain, proofs, kits, first_hash, last_hash, work)
     return {
         "verified": True,
         "shards": [{"first": p.first, "last": p.last, "proof_bytes": len(p.proof),

@@ -13,7 +13,7 @@ from ..errors import AuditError
 
 import hashlib
 import json
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ def entry_hash(prev: str, seq: int, time_ms: int, kind: str, data: Any) -> str:
 class AuditLog:
     path: Path
     identity: Identity
+    clock: Callable[[], int]  # ms since the epoch; handed in by the driver
 
     def __post_init__(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -43,7 +44,7 @@ class AuditLog:
         self.head = entries[-1]["hash"] if entries else GENESIS
 
     def append(self, kind: str, data: dict[str, Any]) -> str:
-        time_ms = int(time.time() * 1000)
+        time_ms = self.clock()
         digest = entry_hash(self.head, self.seq, time_ms, kind, data)
         line = {"seq": self.seq, "time_ms": time_ms, "kind": kind, "data": data, "prev": self.head, "hash": digest,
                 "sig": self.identity.sign(bytes.fromhex(digest)).hex(), "signer": self.identity.public_key.hex()}

@@ -11,6 +11,7 @@ import structlog
 from .audit import AuditLog
 from .consensus import Commit, ConsensusError, Evidence, Reveal
 from .reputation import Reputation
+from .wire import EVIDENCE, ROUND, VERDICTS, message_type
 
 log = structlog.get_logger("p2p_infer.auditor")
 
@@ -24,15 +25,15 @@ class Auditor:
 
     def observe(self, sender: str, message: dict[str, Any]) -> list[Evidence]:
         """Handle one gossip message; return evidence this observer should publish."""
-        kind = message.get("kind")
+        kind = message_type(message)
         try:
-            if kind == "round":  # a member's commit and reveal for one task
+            if kind == ROUND:  # a member's commit and reveal for one task
                 evidence = self.on_commit(Commit.from_wire(message.get("commit")))
                 return evidence + self.on_reveal(Reveal.from_wire(message.get("reveal")))
-            if kind == "evidence":
+            if kind == EVIDENCE:
                 self.on_evidence(Evidence.from_wire(message.get("evidence")), reporter=sender)
                 return []
-            if kind == "verdicts":  # a client's verdicts on every stage of one query
+            if kind == VERDICTS:  # a client's verdicts on every stage of one query
                 for stage in message.get("stages") or []:
                     if isinstance(stage, dict):
                         self._log("verdict", {"reporter": sender, "client": message.get("client"), **_printable(stage)})
@@ -40,7 +41,7 @@ class Auditor:
         except ConsensusError as exc:
             log.info("gossip rejected", kind=kind, sender=sender, reason=exc.message)
             return []
-        log.info("unknown gossip kind", kind=kind, sender=sender)
+        log.info("unknown gossip message type", kind=kind, sender=sender)
         return []
 
     def on_commit(self, commit: Commit) -> list[Evidence]:
@@ -91,7 +92,7 @@ class Auditor:
 
 def evidence_message(evidence: Evidence) -> dict[str, Any]:
     """The gossip message carrying fault evidence (protocols/committee.md)."""
-    return {"kind": "evidence", "evidence": evidence.to_wire()}
+    return {"type": EVIDENCE, "evidence": evidence.to_wire()}
 
 
 MAX_TRACKED = 10_000  # commits and punished faults remembered (oldest forgotten first)
@@ -104,4 +105,4 @@ def _bound(table: dict[Any, Any]) -> None:
 
 
 def _printable(message: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v.hex() if isinstance(v, bytes) else v) for k, v in message.items() if k != "kind"}
+    return {k: (v.hex() if isinstance(v, bytes) else v) for k, v in message.items() if k != "type"}

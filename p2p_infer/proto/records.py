@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
@@ -73,10 +72,6 @@ class CapabilityRecord:
         return now_ms >= self.expires_at_ms
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 def body_fields(record: CapabilityRecord) -> list[object]:
     return [
         record.schema,
@@ -118,9 +113,9 @@ def make_record(
     software: str = "",
     protocols: Collection[str] = (),
     ttl_ms: int = 120_000,
-    issued_at_ms: int | None = None,
+    issued_at_ms: int,
 ) -> CapabilityRecord:
-    issued = now_ms() if issued_at_ms is None else issued_at_ms
+    issued = issued_at_ms
     return CapabilityRecord(
         peer_id=identity.peer_id,
         public_key=identity.public_key,
@@ -138,7 +133,7 @@ def make_record(
 def verify_record(
     envelope: bytes,
     *,
-    now: int | None = None,
+    now: int,
     known_models: Collection[str] | None = None,
     expected_peer_id: str | None = None,
 ) -> CapabilityRecord:
@@ -158,7 +153,7 @@ def verify_record(
         raise RecordError(f"public key does not match peer id {record.peer_id}")
     if expected_peer_id is not None and record.peer_id != expected_peer_id:
         raise RecordError(f"record is for {record.peer_id}, expected {expected_peer_id}")
-    _check_times(record, now_ms() if now is None else now)
+    _check_times(record, now)
     if known_models is not None:
         unknown = sorted({s.model_id for s in record.shards} - set(known_models))
         if unknown:

@@ -28,14 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import NotProvable, ZkError
-from ..net.framing import protocol_id
 
 ZK_SCALE = 13
 DECOMP_BASE = 256
 DECOMP_LEGS = 3
 CONFIG = {"scale": ZK_SCALE, "decomp_base": DECOMP_BASE, "decomp_legs": DECOMP_LEGS, "input": "hashed",
           "output": "hashed", "params": "fixed", "opset": 18, "format": 1}
-ARTIFACT_PROTOCOL = protocol_id("artifact")  # verifier artifacts by SHA-256 (protocols/artifact.md)
 P_BN254 = 21888242871839275222246405745257275088548364400416034343698204186575808495617
 
 

@@ -1,7 +1,8 @@
 """The forward protocol (``/p2p-infer/forward/1.0.0``): message schemas and their checks.
 
-Sans-IO: these functions build and parse messages; the peer's handler and the client do
-the I/O. ``protocols/forward.md`` is the normative description.
+Sans-IO and torch-free: these functions build and parse messages whose tensors are wire
+tensors (``proto/tensors.py``); the peer's handler and the client do the I/O and the
+torch conversion (``ml/tensors.py``). ``protocols/forward.md`` is the normative description.
 
 Request ``forward``: model id, layer range, session and request ids, the hidden state and
 its mask, and optionally ``route``: the hops after this one, for peer-to-peer forwarding
@@ -14,15 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from ..errors import ProtocolViolation
-from ..net.framing import Message, protocol_id
-from ..ml.models import Activation
-from ..ml.tensors import DEFAULT_MAX_TENSOR_BYTES, decode_tensor, encode_tensor
-
-FORWARD_PROTOCOL = protocol_id("forward")
-RESULT_PROTOCOL = protocol_id("forward-result")
+from .tensors import DEFAULT_MAX_TENSOR_BYTES, WireTensor, check_wire_tensor
+from .wire import FORWARD, FORWARD_PROTOCOL, FORWARD_RESULT, Message, expect, expect_reply
 MAX_ROUTE_HOPS = 32
 
 
@@ -42,7 +37,8 @@ class ForwardRequest:
     model_id: str
     first: int
     last: int
-    act: Activation
+    hidden: WireTensor
+    mask: WireTensor | None = None
     session: str = ""
     request_id: str = ""
     route: list[Hop] = field(default_factory=list)  # hops after this one (forwarding mode)
@@ -53,14 +49,14 @@ class ForwardRequest:
 
     def to_wire(self) -> Message:
         return {
-            "type": "forward",
+            "type": FORWARD,
             "model": self.model_id,
             "first": self.first,
             "last": self.last,
             "session": self.session,
             "request_id": self.request_id,
-            "hidden": encode_tensor(self.act.hidden),
-            "mask": None if self.act.mask is None else encode_tensor(self.act.mask),
+            "hidden": self.hidden,
+            "mask": self.mask,
             "route": [h.to_wire() for h in self.route],
             "reply_to": self.reply_to,
             "reply_addrs": list(self.reply_addrs),
@@ -70,16 +66,16 @@ class ForwardRequest:
 
 
 def parse_forward_request(message: Message, *, max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -> ForwardRequest:
-    if message.get("type") != "forward":
-        raise ProtocolViolation(f"unknown message type {message.get('type')!r} on {FORWARD_PROTOCOL}")
+    if expect(FORWARD_PROTOCOL, message) != FORWARD:
+        raise ProtocolViolation(f"expected forward, got {message.get('type')!r}")
     model, first, last = message.get("model"), message.get("first"), message.get("last")
     if not isinstance(model, str) or not model:
         raise ProtocolViolation("forward: 'model' must be a model id string")
     if not (isinstance(first, int) and isinstance(last, int) and 0 <= first <= last):
         raise ProtocolViolation("forward: 'first' and 'last' must be integers with 0 <= first <= last")
-    hidden = decode_tensor(message.get("hidden"), max_bytes=max_tensor_bytes, field="hidden")
+    hidden = check_wire_tensor(message.get("hidden"), max_bytes=max_tensor_bytes, field="hidden")
     raw_mask = message.get("mask")
-    mask = None if raw_mask is None else decode_tensor(raw_mask, max_bytes=max_tensor_bytes, field="mask")
+    mask = None if raw_mask is None else check_wire_tensor(raw_mask, max_bytes=max_tensor_bytes, field="mask")
     route_raw = message.get("route") or []
     if not isinstance(route_raw, list) or len(route_raw) > MAX_ROUTE_HOPS:
         raise ProtocolViolation(f"forward: 'route' must be a list of at most {MAX_ROUTE_HOPS} hops")
@@ -87,7 +83,8 @@ def parse_forward_request(message: Message, *, max_tensor_bytes: int = DEFAULT_M
         model_id=model,
         first=first,
         last=last,
-        act=Activation(hidden, mask),
+        hidden=hidden,
+        mask=mask,
         session=_short_str(message.get("session"), "session"),
         request_id=_short_str(message.get("request_id"), "request_id"),
         route=[_parse_hop(h) for h in route_raw],
@@ -144,20 +141,19 @@ def _parse_hop(raw: object) -> Hop:
     return Hop(raw["peer"], tuple(raw["addrs"]), raw["first"], raw["last"])
 
 
-def forward_reply(hidden: torch.Tensor, compute_ms: float, queue_ms: float, request_id: str = "") -> Message:
+def forward_reply(hidden: WireTensor, compute_ms: float, queue_ms: float, request_id: str = "") -> Message:
     return {
-        "type": "forward_result",
+        "type": FORWARD_RESULT,
         "request_id": request_id,
-        "hidden": encode_tensor(hidden),
+        "hidden": hidden,
         "timing": {"compute_ms": compute_ms, "queue_ms": queue_ms},
     }
 
 
-def parse_forward_reply(message: Message, *, max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -> tuple[torch.Tensor, dict[str, float]]:
-    if message.get("type") != "forward_result":
-        raise ProtocolViolation(f"expected forward_result, got {message.get('type')!r}")
+def parse_forward_reply(message: Message, *, max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -> tuple[WireTensor, dict[str, float]]:
+    expect_reply(message, FORWARD_RESULT)
     timing = message.get("timing") or {}
     if not isinstance(timing, dict):
         raise ProtocolViolation("forward_result: 'timing' must be a map")
-    hidden = decode_tensor(message.get("hidden"), max_bytes=max_tensor_bytes, field="hidden")
+    hidden = check_wire_tensor(message.get("hidden"), max_bytes=max_tensor_bytes, field="hidden")
     return hidden, {str(k): float(v) for k, v in timing.items() if isinstance(v, (int, float))}

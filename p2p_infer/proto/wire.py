@@ -1,0 +1,86 @@
+"""The wire vocabulary: every protocol id, gossip topic and message type, in one place.
+
+Every message, on a stream or in gossip, is a msgpack map keyed by ``type`` (framing:
+``protocols/framing.md``). :func:`expect` checks that a message is one its protocol
+allows, so each handler dispatches on names defined here and nowhere else. The typed
+messages of each protocol live in its codec module (``proto/forward.py``,
+``proto/committee_codec.py``, ...); this module holds the names they share.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ProtocolViolation
+
+Message = dict[str, Any]
+
+
+def protocol_id(name: str, version: str = "1.0.0") -> str:
+    """Every protocol is versioned: ``/p2p-infer/<name>/<version>``."""
+    return f"/p2p-infer/{name}/{version}"
+
+
+# ---- stream protocols ----
+FORWARD_PROTOCOL = protocol_id("forward")
+RESULT_PROTOCOL = protocol_id("forward-result")
+COMMITTEE_PROTOCOL = protocol_id("committee")
+ARTIFACT_PROTOCOL = protocol_id("artifact")
+SERVED_PROTOCOLS = (FORWARD_PROTOCOL, COMMITTEE_PROTOCOL, ARTIFACT_PROTOCOL)  # advertised in records
+
+# ---- gossip ----
+# v2: messages keyed by "type" like every stream message (v1 used "kind").
+CONSENSUS_TOPIC = "p2p-infer/consensus/v2"
+MAX_GOSSIP_BYTES = 900 * 1024
+
+# ---- message types ----
+ERROR = "error"
+# forward protocol
+FORWARD = "forward"
+FORWARD_RESULT = "forward_result"
+FORWARD_FAILED = "forward_failed"
+ACCEPTED = "accepted"
+OK = "ok"
+PING = "ping"
+PONG = "pong"
+GET_PROOF = "get_proof"
+PROOF = "proof"
+# committee protocol (request and reply share a name where the spec says so)
+TICKET = "ticket"
+EXECUTE = "execute"
+COMMIT = "commit"
+REVEAL = "reveal"
+# artifact protocol
+ARTIFACT = "artifact"
+# consensus gossip
+ROUND = "round"
+VERDICTS = "verdicts"
+EVIDENCE = "evidence"
+
+REQUESTS: dict[str, frozenset[str]] = {
+    FORWARD_PROTOCOL: frozenset({FORWARD, PING, GET_PROOF}),
+    RESULT_PROTOCOL: frozenset({FORWARD_RESULT, FORWARD_FAILED}),
+    COMMITTEE_PROTOCOL: frozenset({TICKET, EXECUTE, REVEAL}),
+    ARTIFACT_PROTOCOL: frozenset({ARTIFACT}),
+    CONSENSUS_TOPIC: frozenset({ROUND, VERDICTS, EVIDENCE}),
+}
+
+
+def message_type(message: Message) -> str:
+    kind = message.get("type")
+    return kind if isinstance(kind, str) else ""
+
+
+def expect(protocol: str, message: Message) -> str:
+    """The message's type, if ``protocol`` allows it as a request; else ProtocolViolation."""
+    kind = message_type(message)
+    if kind not in REQUESTS[protocol]:
+        raise ProtocolViolation(f"unknown message type {message.get('type')!r} on {protocol}")
+    return kind
+
+
+def expect_reply(message: Message, kind: str) -> Message:
+    """A reply must be of the one type its request calls for."""
+    if message_type(message) != kind:
+        raise ProtocolViolation(f"expected {kind}, got {message.get('type')!r}")
+    return message

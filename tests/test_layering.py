@@ -1,0 +1,84 @@
+"""The layering and size rules of docs/architecture.md, checked on the source tree."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).parent.parent / "p2p_infer"
+SANS_IO_BANNED = {"trio", "libp2p", "torch", "ezkl"}
+MAX_CLASS_LINES, MAX_FUNCTION_LINES = 300, 60
+
+
+def modules(sub: str = "") -> list[Path]:
+    return sorted((PACKAGE / sub).rglob("*.py"))
+
+
+def imported_top_levels(tree: ast.AST) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name.split(".")[0]) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.lineno, node.module.split(".")[0]))
+    return found
+
+
+def test_proto_is_sans_io():
+    """proto/ imports neither trio, libp2p, torch nor ezkl, not even inside a function."""
+    offenders = [f"{path.relative_to(PACKAGE)}:{line} imports {name}"
+                 for path in modules("proto") for line, name in imported_top_levels(ast.parse(path.read_text()))
+                 if name in SANS_IO_BANNED]
+    assert modules("proto") and not offenders, offenders
+
+
+def test_proto_reads_no_clock_or_global_randomness():
+    """Time and randomness come in as arguments: no time.time/monotonic, os.urandom or random.* calls."""
+    banned = {("time", "time"), ("time", "monotonic"), ("time", "perf_counter"), ("os", "urandom")}
+    offenders = []
+    for path in modules("proto"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                if (node.value.id, node.attr) in banned or node.value.id == "random":
+                    offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.value.id}.{node.attr}")
+    assert not offenders, offenders
+
+
+def test_proto_imports_nothing_above_it():
+    """proto/ may use errors and identity, never ml/, net/, node/, verify/ or testing/."""
+    above = {"ml", "net", "node", "verify", "testing", "cli", "config"}
+    offenders = []
+    for path in modules("proto"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 2 and (node.module or "").split(".")[0] in above:
+                offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno} from ..{node.module}")
+    assert not offenders, offenders
+
+
+@pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_oversized_class_or_function(path):
+    too_big = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            limit = MAX_CLASS_LINES if isinstance(node, ast.ClassDef) else MAX_FUNCTION_LINES
+            size = node.end_lineno - node.lineno + 1
+            if size > limit:
+                too_big.append(f"{node.name}: {size} lines (limit {limit})")
+    assert not too_big, too_big
+
+
+def test_every_error_is_a_p2p_infer_error():
+    import inspect
+
+    import p2p_infer.errors as errors
+
+    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass) if issubclass(c, Exception)]
+    assert classes and all(issubclass(c, errors.P2PInferError) for c in classes)
+    defined_elsewhere = []
+    for path in modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and path.name != "errors.py":
+                bases = {getattr(b, "id", getattr(b, "attr", "")) for b in node.bases}
+                if any(b.endswith(("Error", "Exception")) or b in {"Withheld", "NoQuorum"} for b in bases):
+                    defined_elsewhere.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}")
+    assert not defined_elsewhere, defined_elsewhere
