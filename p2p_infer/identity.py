@@ -8,8 +8,6 @@ libp2p derives it; computing it here keeps record verification free of libp2p.
 
 from __future__ import annotations
 
-from .errors import IdentityError
-
 import os
 import stat
 from dataclasses import dataclass
@@ -18,6 +16,8 @@ from pathlib import Path
 import base58
 import nacl.exceptions
 import nacl.signing
+
+from .errors import IdentityError
 
 _ED25519_PRIVATE_PREFIX = b"\x08\x01\x12\x20"  # protobuf: KeyType=Ed25519, Data=<32 bytes>
 _ED25519_PUBLIC_PREFIX = b"\x08\x01\x12\x20"
@@ -70,11 +70,29 @@ def verify_signature(public_key: bytes, message: bytes, signature: bytes) -> boo
 
 
 def save_identity(identity: Identity, path: Path) -> None:
-    """Write the key file with owner-only permissions (created 0600, never widened)."""
+    """Write the key file with owner-only permissions, crash-safe: the key goes to a 0600
+    temp file that is fsynced and then hard-linked into place, so a kill at any point
+    leaves either no key file or a whole one, and an existing key is never replaced."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(_ED25519_PRIVATE_PREFIX + identity.seed)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(_ED25519_PRIVATE_PREFIX + identity.seed)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)  # atomic, and raises FileExistsError instead of overwriting
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_identity(path: Path) -> Identity:
@@ -89,6 +107,10 @@ def load_identity(path: Path) -> Identity:
 
 def load_or_create_identity(path: Path) -> Identity:
     """Load the peer's key, creating it on first run."""
+    if path.exists() and path.stat().st_size == 0:
+        # Only a creation killed half-way by an older version leaves an empty key file:
+        # it never held a key, so nothing is lost by creating one.
+        path.unlink(missing_ok=True)
     if path.exists():
         return load_identity(path)
     identity = Identity.generate()

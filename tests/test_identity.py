@@ -60,3 +60,34 @@ def test_signatures_verify_only_for_the_right_key_and_message():
     assert not verify_signature(b.public_key, b"hello", sig)
     assert not verify_signature(a.public_key, b"hellO", sig)
     assert not verify_signature(a.public_key, b"hello", sig[:-1] + bytes([sig[-1] ^ 1]))
+
+
+KILLED_MID_CREATE = """
+import os, signal, sys
+from pathlib import Path
+from p2p_infer import identity
+real_link = os.link
+def link_then_die(src, dst):  # the temp key is written and fsynced; die before it is in place
+    os.kill(os.getpid(), signal.SIGKILL)
+os.link = link_then_die
+identity.load_or_create_identity(Path(sys.argv[1]))
+"""
+
+
+def test_kill_during_key_creation_restarts_cleanly(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "peer.key"
+    proc = subprocess.run([sys.executable, "-c", KILLED_MID_CREATE, str(path)], capture_output=True)
+    assert proc.returncode == -9
+    assert not path.exists()  # never a half-written key in place
+    first = load_or_create_identity(path)
+    assert load_or_create_identity(path) == first
+
+
+def test_empty_key_file_from_an_interrupted_creation_is_replaced(tmp_path):
+    path = tmp_path / "peer.key"
+    path.touch(mode=0o600)
+    ident = load_or_create_identity(path)
+    assert load_or_create_identity(path) == ident and path.stat().st_size == 36

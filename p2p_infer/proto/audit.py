@@ -9,18 +9,21 @@ the chain from there on; ``p2p-infer audit`` verifies it.
 
 from __future__ import annotations
 
-from ..errors import AuditError
-
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
+
+from ..errors import AuditError
 from ..identity import Identity, verify_signature
 
 GENESIS = "0" * 64
+log = structlog.get_logger("p2p_infer.audit")
 
 
 def _canonical(seq: int, time_ms: int, kind: str, data: Any) -> bytes:
@@ -39,6 +42,7 @@ class AuditLog:
 
     def __post_init__(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.repaired = repair_torn_tail(self.path, self.clock())
         entries = read_entries(self.path) if self.path.exists() else []
         self.seq = len(entries)
         self.head = entries[-1]["hash"] if entries else GENESIS
@@ -53,6 +57,25 @@ class AuditLog:
         self.seq += 1
         self.head = digest
         return digest
+
+
+def repair_torn_tail(path: Path, now_ms: int) -> Path | None:
+    """A kill or a full disk mid-append leaves a last line without its newline (or cut
+    JSON): move that tail to ``<log>.torn-<now_ms>`` and keep the whole entries before it.
+    Returns where the tail went, or None when the log was whole. Only the tail is
+    repaired: a damaged line in the middle is tampering for ``verify_log`` to report."""
+    data = path.read_bytes() if path.exists() else b""
+    if not data or data.endswith(b"\n"):  # every entry is written with its newline in one write
+        return None
+    cut = data.rfind(b"\n") + 1
+    aside = path.with_name(f"{path.name}.torn-{now_ms}")
+    aside.write_bytes(data[cut:])
+    with open(path, "r+b") as f:
+        f.truncate(cut)
+        f.flush()
+        os.fsync(f.fileno())
+    log.warning("audit log had a torn last line; moved aside", log=str(path), tail=str(aside), bytes=len(data) - cut)
+    return aside
 
 
 def read_entries(path: Path) -> list[dict[str, Any]]:

@@ -37,8 +37,6 @@ Implementation notes:
 
 from __future__ import annotations
 
-from ..errors import VrfError
-
 import hashlib
 import hmac
 from typing import Final
@@ -53,6 +51,8 @@ from nacl.bindings import (
     crypto_scalarmult_ed25519_base_noclamp,
     crypto_scalarmult_ed25519_noclamp,
 )
+
+from ..errors import VrfError
 
 __all__ = [
     "BETA_LEN",

@@ -12,8 +12,6 @@ Used by the tests, the demo, the benchmarks and ``simulations/``::
 
 from __future__ import annotations
 
-from ..errors import SwarmError
-
 import atexit
 import json
 import os
@@ -24,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..errors import SwarmError
 
 _LIVE: set[subprocess.Popen[bytes]] = set()
 
