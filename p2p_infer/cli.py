@@ -114,8 +114,19 @@ def main(argv: list[str] | None = None) -> int:
     except P2PInferError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
+    except BaseExceptionGroup as group:  # trio nurseries wrap errors; ours still get one line
+        ours, rest = group.split(P2PInferError)
+        if ours is None or rest is not None:
+            raise
+        print(f"error: {_first_leaf(ours).message}", file=sys.stderr)  # type: ignore[attr-defined]
+        return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def cmd_id(args: argparse.Namespace, settings: Settings) -> int:

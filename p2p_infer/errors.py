@@ -138,6 +138,12 @@ class PeerUnreachable(P2PInferError):
     retryable = True
 
 
+class ListenError(P2PInferError):
+    """The host cannot listen where it was told to (address in use, not ours, malformed)."""
+
+    code = "listen_failed"
+
+
 class NoRoute(P2PInferError):
     """No set of live peers covers the layers a query still needs."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -30,8 +31,9 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.transport.tcp import tcp as libp2p_tcp
 
-from ..errors import PeerUnreachable, P2PInferError
+from ..errors import ListenError, P2PInferError, PeerUnreachable
 from .framing import DEFAULT_MAX_FRAME, DEFAULT_READ_TIMEOUT, Handler, serve_stream
 from ..identity import Identity
 
@@ -69,17 +71,56 @@ def make_host(identity: Identity, listen: str = DEFAULT_LISTEN) -> IHost:
     )
 
 
+def _reuse_addr_only(sock: trio.socket.SocketType) -> None:
+    """py-libp2p 0.8.1 sets SO_REUSEPORT on listen sockets (for TCP hole punching, which we
+    do not use), so a second peer on a busy port "succeeds" and the kernel splits dials
+    between two peer ids. SO_REUSEADDR alone still allows a quick restart on the same port."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+
+libp2p_tcp._set_reuse_flags = _reuse_addr_only
+
+
 @asynccontextmanager
 async def running_host(identity: Identity, listen: str = DEFAULT_LISTEN) -> AsyncIterator[IHost]:
     """Run a host and always close it, so peers see us leave at once."""
     host = make_host(identity, listen)
-    async with host.run(listen_addrs=[multiaddr.Multiaddr(listen)]):
-        try:
-            yield host
-        finally:
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(5):
-                    await host.close()
+    try:
+        async with host.run(listen_addrs=[multiaddr.Multiaddr(listen)]):
+            try:
+                if not host.get_addrs():  # py-libp2p logs a failed listen and carries on without one
+                    raise ListenError(f"cannot listen on {listen}: {_why_not_listening(listen)}")
+                yield host
+            finally:
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(5):
+                        await host.close()
+    except BaseExceptionGroup as group:  # host.run's nursery wraps it; callers get the one error
+        matched, rest = group.split(ListenError)
+        if matched is None or rest is not None:
+            raise
+        raise _first_leaf(matched) from None
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+def _why_not_listening(listen: str) -> str:
+    """The operating system's reason, found by binding the address the way the host did."""
+    try:
+        ma = multiaddr.Multiaddr(listen)
+        ip = ma.value_for_protocol("ip4")
+        port = int(ma.value_for_protocol("tcp"))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            _reuse_addr_only(probe)  # type: ignore[arg-type]
+            probe.bind((ip, port))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    except Exception as exc:  # not an /ip4/.../tcp/N address
+        return f"unsupported address ({exc})"
+    return "the transport refused it"
 
 
 def parse_peer_addr(addr: str) -> PeerInfo:
