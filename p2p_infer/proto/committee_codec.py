@@ -10,16 +10,12 @@ from typing import Any
 
 from ..errors import ProtocolViolation
 from .consensus import Commit, Reveal, StageTask, Ticket, activation_digest, output_hash
+from .tensors import WireTensor, check_wire_tensor
+from .wire import COMMIT, COMMITTEE_PROTOCOL, EXECUTE, REVEAL, ROUND, TICKET, VERDICTS, Message, expect, expect_reply, message_type
 
-Message = dict[str, Any]
-WireTensor = dict[str, Any]
-
-TICKET = "ticket"
-EXECUTE = "execute"
-COMMIT = "commit"
-REVEAL = "reveal"
-ROUND = "round"
-VERDICTS = "verdicts"
+__all__ = ["ExecuteRequest", "MemberRequest", "Message", "RevealRequest", "TicketRequest", "WireTensor", "activation_hash",
+           "commit_reply", "is_round", "parse_commit_reply", "parse_request", "parse_reveal_reply", "parse_ticket_reply",
+           "reveal_reply", "round_message", "ticket_reply", "verdicts_message"]
 
 
 def activation_hash(hidden: WireTensor, mask: WireTensor | None) -> bytes:
@@ -83,17 +79,15 @@ class RevealRequest:
 
 
 MemberRequest = TicketRequest | ExecuteRequest | RevealRequest
-_REQUESTS: dict[str, type[TicketRequest] | type[ExecuteRequest] | type[RevealRequest]] = {
-    TICKET: TicketRequest, EXECUTE: ExecuteRequest, REVEAL: RevealRequest,
-}
 
 
-def parse_request(message: Message, protocol: str = "the committee protocol") -> MemberRequest:
-    kind = message.get("type")
-    parser = _REQUESTS.get(kind) if isinstance(kind, str) else None
-    if parser is None:
-        raise ProtocolViolation(f"unknown message type {kind!r} on {protocol}")
-    return parser.from_wire(message)
+def parse_request(message: Message) -> MemberRequest:
+    kind = expect(COMMITTEE_PROTOCOL, message)
+    if kind == TICKET:
+        return TicketRequest.from_wire(message)
+    if kind == EXECUTE:
+        return ExecuteRequest.from_wire(message)
+    return RevealRequest.from_wire(message)
 
 
 # ---- replies (member -> client) ----
@@ -111,25 +105,18 @@ def reveal_reply(reveal: Reveal, output: WireTensor) -> Message:
     return {"type": REVEAL, "reveal": reveal.to_wire(), "output": output}
 
 
-def _expect_reply(reply: Message, kind: str) -> None:
-    if reply.get("type") != kind:
-        raise ProtocolViolation(f"expected {kind}, got {reply.get('type')!r}")
-
-
 def parse_ticket_reply(reply: Message) -> Ticket:
-    _expect_reply(reply, TICKET)
-    return Ticket.from_wire(reply.get("ticket"))
+    return Ticket.from_wire(expect_reply(reply, TICKET).get("ticket"))
 
 
 def parse_commit_reply(reply: Message) -> Commit:
-    # today's members answer "commit"; the type was never checked, so neither is it here
-    return Commit.from_wire(reply.get("commit"))
+    return Commit.from_wire(expect_reply(reply, COMMIT).get("commit"))
 
 
 def parse_reveal_reply(reply: Message) -> tuple[Reveal, WireTensor]:
-    output = reply.get("output")
-    if not (isinstance(output, dict) and {"dtype", "shape", "data"} == set(output)):
-        raise ProtocolViolation("reveal: output must be a tensor")
+    expect_reply(reply, REVEAL)
+    # shape, dtype and finiteness before anything else looks at the output
+    output = check_wire_tensor(reply.get("output"), field="output")
     return Reveal.from_wire(reply.get("reveal")), output
 
 
@@ -138,13 +125,13 @@ def parse_reveal_reply(reply: Message) -> tuple[Reveal, WireTensor]:
 
 def round_message(commit: Commit, reveal: Reveal, output: WireTensor) -> Message:
     """A member's commit and reveal for one task, once, after revealing (for audit)."""
-    return {"kind": ROUND, "commit": commit.to_wire(), "reveal": reveal.to_wire(), "output": output}
+    return {"type": ROUND, "commit": commit.to_wire(), "reveal": reveal.to_wire(), "output": output}
 
 
 def is_round(message: Message) -> bool:
-    return message.get("kind") == ROUND
+    return message_type(message) == ROUND
 
 
 def verdicts_message(client: str, stages: list[dict[str, Any]]) -> Message:
     """A client's verdicts on every stage of one query, once per query."""
-    return {"kind": VERDICTS, "client": client, "stages": stages}
+    return {"type": VERDICTS, "client": client, "stages": stages}
