@@ -14,7 +14,7 @@ from p2p_infer.ml.tensors import encode_tensor
 from p2p_infer.proto.auditor import Auditor
 from p2p_infer.proto.committee_codec import ExecuteRequest, RevealRequest, TicketRequest, activation_hash, round_message
 from p2p_infer.proto.consensus import Commit, Reveal, StageTask, outputs_agree, request_hash
-from p2p_infer.proto.records import now_ms
+from p2p_infer.clock import now_ms
 from p2p_infer.proto.reputation import Reputation
 from p2p_infer.testing.adversaries import TEST_FAULTS, install
 
