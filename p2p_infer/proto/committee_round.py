@@ -216,11 +216,12 @@ class CommitteeRound:
         self.task = self.spec.task(self.attempt, now_ms)
         self.round, self.tickets = None, []
         peers = tuple(sorted(set(candidates) - self.excluded))
-        self._enter(Phase.TICKETS, peers, now_ms + self.spec.ticket_timeout_ms)
+        deadline = now_ms + self.spec.ticket_timeout_ms
+        self._enter(Phase.TICKETS, peers, deadline)
         if not peers:
             return self._close_tickets(now_ms)
         request = TicketRequest(self.task.seed, self.spec.model_id, self.spec.first, self.spec.last)
-        return [AskTickets(self.attempt, request, peers, self.deadline_ms)]  # type: ignore[arg-type]
+        return [AskTickets(self.attempt, request, peers, deadline)]
 
     def next_deadline_ms(self) -> int | None:
         return self.deadline_ms if self.phase in (Phase.TICKETS, Phase.COMMITS, Phase.REVEALS) else None
