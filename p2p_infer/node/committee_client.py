@@ -1,39 +1,55 @@
-"""The client's side of committee mode: one committee per remaining stage, re-runs on no
-quorum, verdicts and evidence."""
+"""The client's side of committee mode, as a thin trio driver over the sans-IO round in
+:mod:`proto.committee_round`: one committee per remaining stage, its requests sent
+concurrently, every answer fed to the machine, and its verdicts, reputation and
+evidence applied here. The stage verdicts are gossiped once per query."""
 
 from __future__ import annotations
 
 import os
 import time
-from functools import partial
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import structlog
+import trio
 
+from ..clock import now_ms
+from ..errors import P2PInferError
 from ..ml.models import Activation, SplitModel
 from ..ml.tensors import decode_tensor, encode_tensor
-from ..net.framing import Message
 from ..proto.auditor import evidence_message
-from ..proto.consensus import (
-    Certificate,
-    Commit,
-    ConsensusError,
-    Evidence,
-    NoQuorum,
-    StageCertificate,
-    StageDecision,
-    StageRound,
-    StageTask,
-    output_hash,
-    request_hash,
+from ..proto.committee_codec import (
+    ExecuteRequest,
+    RevealRequest,
+    WireTensor,
+    activation_hash,
+    parse_commit_reply,
+    parse_reveal_reply,
+    parse_ticket_reply,
+    verdicts_message,
 )
-from ..clock import now_ms
+from ..proto.committee_round import (
+    Action,
+    AskReveals,
+    AskTickets,
+    CommitteeRound,
+    Decided,
+    Failed,
+    Judgement,
+    ObserveCommit,
+    Rerun,
+    SendExecute,
+    StageSpec,
+    apply_judgement,
+)
+from ..proto.consensus import Certificate, Evidence, StageCertificate, StageDecision, output_hash, request_hash
+from ..proto.wire import COMMITTEE_PROTOCOL, Message
 from .results import HopReport
-from ..proto.wire import COMMITTEE_PROTOCOL, VERDICTS
-from .committee import activation_hash, run_stage_round
 
 log = structlog.get_logger("p2p_infer.client")
 
+Feed = Callable[[str, Message], list[Action]]
 
 
 async def run_committees(client: Any, model: SplitModel, act: Activation) -> tuple[Activation, list[HopReport], list[dict[str, Any]], bytes]:
@@ -44,12 +60,12 @@ async def run_committees(client: Any, model: SplitModel, act: Activation) -> tup
         return await run_stages(client, model, act)
     finally:
         if client._verdicts:
-            client._publish({"type": VERDICTS, "client": client.identity.peer_id, "stages": client._verdicts})
+            client._publish(verdicts_message(client.identity.peer_id, client._verdicts))
             client._verdicts = []
 
 
 async def run_stages(client: Any, model: SplitModel, act: Activation) -> tuple[Activation, list[HopReport], list[dict[str, Any]], bytes]:
-    nonce = os.urandom(32)
+    nonce = os.urandom(32)  # the client's nonce: its one source of randomness for the request
     first_input = activation_hash(encode_tensor(act.hidden), None if act.mask is None else encode_tensor(act.mask))
     req_hash = request_hash(model.model_id, first_input, nonce)
     stages: list[StageCertificate] = []
@@ -76,56 +92,100 @@ async def decide_stage(client: Any, model: SplitModel, stage: int, first: int, l
     """Run the stage's committee; on no quorum re-run with a fresh committee, bounded."""
     assert client.directory is not None and client.committee is not None
     hidden, mask = encode_tensor(act.hidden), None if act.mask is None else encode_tensor(act.mask)
-    excluded: set[str] = set()
-    failures: list[str] = []
-    for attempt in range(client.max_reruns + 1):
-        candidates = [s.peer_id for s in client.servers(model) if s.first <= first and last <= s.last and s.peer_id not in excluded]
-        task = StageTask(req_hash, stage, attempt, model.model_id, first, last, activation_hash(hidden, mask),
-                         client.committee, now_ms() + int(client.commit_timeout * 1000))
-        try:
-            rnd = await run_stage_round(partial(committee_request, client), task, sorted(set(candidates)), hidden, mask,
-                                        reveal_timeout=client.reveal_timeout, on_direct_commit=partial(on_direct_commit, client))
-        except NoQuorum as exc:
-            failures.append(exc.message)
-            break  # too few candidates: a re-run cannot do better
-        try:
-            decision = rnd.decide()
-        except NoQuorum as exc:
-            failures.append(exc.message)
-            judge(client, rnd, {m: rnd.faults.get(m, "no-quorum") for m in rnd.members})
-            excluded.update(m for m in rnd.members if m in rnd.faults)
-            log.warning("no quorum, re-running the stage with a fresh committee", stage=stage, attempt=attempt, reason=exc.message)
-            continue
-        judge(client, rnd, decision.verdicts, decision)
-        return decision, attempt + 1
-    raise NoQuorum(f"{model.name} stage {stage} (layers {first}-{last}) failed after {len(failures)} attempt(s): " + " | ".join(failures))
+    spec = StageSpec(req_hash, stage, model.model_id, model.name, first, last, activation_hash(hidden, mask), client.committee,
+                     commit_timeout_ms=int(client.commit_timeout * 1000), reveal_timeout_ms=int(client.reveal_timeout * 1000),
+                     max_reruns=client.max_reruns)
+    return await RoundDriver(client, model, CommitteeRound(spec), hidden, mask).run()
 
 
-def judge(client: Any, rnd: StageRound, verdicts: dict[str, str], decision: StageDecision | None = None) -> None:
-    """Apply reputation for one task and tell the network what was seen (off the critical path)."""
-    task_id = rnd.task.task_id
-    for member, verdict in verdicts.items():
-        client.reputation.record_task(member, task_id, fault=verdict not in ("agree", "no-quorum"))
-    client._verdicts.append({"task": task_id, "stage": rnd.task.stage, "verdicts": verdicts})  # gossiped once per query
-    for member, verdict in verdicts.items():
-        evidence = None
-        if verdict == "wrong-output" and decision is not None:
-            reveal, output = rnd.reveals[member]
-            evidence = Evidence("wrong-output", member, [rnd.commits[member]], reveal, output, decision.certificate)
-        elif verdict == "bad-reveal" and member in rnd.bad_reveals and not rnd.bad_reveals[member].opens(rnd.commits[member]):
-            evidence = Evidence("bad-reveal", member, [rnd.commits[member]], rnd.bad_reveals[member])
-        if evidence is not None:
+class RoundDriver:
+    """Carries out one stage round's actions over the client's stream pool."""
+
+    def __init__(self, client: Any, model: SplitModel, machine: CommitteeRound, hidden: WireTensor, mask: WireTensor | None) -> None:
+        self.client, self.model, self.machine = client, model, machine
+        self.hidden, self.mask = hidden, mask
+
+    def candidates(self) -> list[str]:
+        """The stage's providers, as the client sees them now (trusted, past their trial)."""
+        spec = self.machine.spec
+        return [s.peer_id for s in self.client.servers(self.model) if s.first <= spec.first and spec.last <= s.last]
+
+    async def run(self) -> tuple[StageDecision, int]:
+        queue: deque[Action] = deque(self.machine.start(now_ms(), self.candidates()))
+        while queue:
+            action = queue.popleft()
+            if isinstance(action, Decided):
+                self.judged(action.judgement)
+                return action.decision, action.attempts
+            if isinstance(action, Failed):
+                if action.judgement is not None:
+                    self.judged(action.judgement)
+                raise action.error
+            queue.extend(await self.perform(action))
+        raise AssertionError("the committee round stopped without an outcome")
+
+    async def perform(self, action: Action) -> list[Action]:
+        if isinstance(action, ObserveCommit):
+            publish_evidence(self.client, self.client.auditor.on_commit(action.commit))
+            return []
+        if isinstance(action, Rerun):
+            self.judged(action.judgement)
+            return self.machine.start(now_ms(), self.candidates())
+        if isinstance(action, AskTickets):
+            return await self.exchange(action.peers, action.request.to_wire(), action.deadline_ms, self.on_ticket)
+        if isinstance(action, SendExecute):
+            message = ExecuteRequest(action.task, self.hidden, self.mask).to_wire()
+            return await self.exchange(action.members, message, action.deadline_ms, self.on_commit)
+        if isinstance(action, AskReveals):
+            return await self.exchange(action.members, RevealRequest(action.task_id).to_wire(), action.deadline_ms, self.on_reveal)
+        raise AssertionError(f"unexpected committee action {action!r}")
+
+    async def exchange(self, peers: tuple[str, ...], message: Message, deadline_ms: int, feed: Feed) -> list[Action]:
+        """One phase: ask every peer at once and feed each answer to the machine. Requests
+        end by their own timeout at the phase deadline (a pooled stream must never be
+        cancelled mid-reply), so the phase ends when all have answered or timed out."""
+        timeout = max(0.0, (deadline_ms - now_ms()) / 1000)
+        out: list[Action] = []
+
+        async def ask(peer: str) -> None:
             try:
-                client.auditor.on_evidence(evidence, reporter=client.identity.peer_id)
-            except ConsensusError as exc:  # never publish what we could not check ourselves
-                log.error("own evidence did not verify", member=member, reason=exc.message)
-                continue
-            client._publish(evidence_message(evidence))
+                reply = await committee_request(self.client, peer, message, timeout)
+                actions = feed(peer, reply)
+            except P2PInferError as exc:
+                actions = self.machine.on_failure(peer, exc.message, now_ms())
+            for action in actions:  # the auditor hears commits at once; the rest waits for the phase
+                if isinstance(action, ObserveCommit):
+                    await self.perform(action)
+                else:
+                    out.append(action)
+
+        async with trio.open_nursery() as nursery:
+            for peer in peers:
+                nursery.start_soon(ask, peer)
+        return out or self.machine.poll(max(now_ms(), deadline_ms))  # everyone timed out: the deadline has passed
+
+    def on_ticket(self, peer: str, reply: Message) -> list[Action]:
+        return self.machine.on_ticket(peer, parse_ticket_reply(reply), now_ms())
+
+    def on_commit(self, peer: str, reply: Message) -> list[Action]:
+        return self.machine.on_commit(peer, parse_commit_reply(reply), now_ms())
+
+    def on_reveal(self, peer: str, reply: Message) -> list[Action]:
+        reveal, output = parse_reveal_reply(reply)
+        return self.machine.on_reveal(peer, reveal, output, now_ms())
+
+    def judged(self, judgement: Judgement) -> None:
+        """Reputation for one task, the verdicts for this query's gossip, and the evidence."""
+        client = self.client
+        evidence = apply_judgement(judgement, client.reputation, client.auditor, client.identity.peer_id)
+        client._verdicts.append(judgement.record())  # gossiped once per query
+        publish_evidence(client, evidence)
 
 
-def on_direct_commit(client: Any, commit: Commit) -> None:
-    for evidence in client.auditor.on_commit(commit):
-        client._publish(evidence_message(evidence))
+def publish_evidence(client: Any, evidence: list[Evidence]) -> None:
+    """The one place the client gossips fault evidence (off the critical path)."""
+    for item in evidence:
+        client._publish(evidence_message(item))
 
 
 async def committee_request(client: Any, peer_id: str, message: Message, timeout: float) -> Message:

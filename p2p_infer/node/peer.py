@@ -32,7 +32,7 @@ from ..ml.models import Activation
 from ..proto.audit import AuditLog
 from ..proto.auditor import Auditor, evidence_message
 from .artifact_handler import handle_artifact
-from .committee import CommitteeMember
+from ..testing.adversaries import install as install_behaviour
 from .forward_handler import ForwardHandler
 from .proof_handler import ProofHandler
 from ..net.gossip import Gossip, running_gossip
@@ -74,7 +74,9 @@ class Peer:
         self._nursery: trio.Nursery | None = None  # background forwarding work
         self.pool: StreamPool | None = None  # streams to next hops and clients (forwarding mode)
         self.gossip: Gossip | None = None
-        self.member = CommitteeMember(self.identity, None, self._compute_layers, self._publish, settings.test_fault)
+        # the committee member, and the hook on plain forward replies (honest unless --test-fault)
+        self.behaviour = install_behaviour(settings.test_fault, self.identity, self._compute_layers, self._publish)
+        self.member = self.behaviour.member
         audit_path = settings.audit_log or settings.key.with_suffix(".audit.log")
         self.auditor = Auditor(Reputation(), AuditLog(audit_path, self.identity, now_ms))
         self.log = log.bind(peer=self.identity.peer_id)

@@ -1,0 +1,137 @@
+"""The committee protocol's messages (``/p2p-infer/committee/1.0.0``) and its gossip, as
+typed values with their wire forms. Sans-IO and torch-free: tensors here are wire tensors
+(``{"dtype", "shape", "data"}``); the drivers do the I/O and the torch conversion.
+Normative description: ``protocols/committee.md``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ProtocolViolation
+from .consensus import Commit, Reveal, StageTask, Ticket, activation_digest, output_hash
+from .tensors import WireTensor, check_wire_tensor
+from .wire import COMMIT, COMMITTEE_PROTOCOL, EXECUTE, REVEAL, ROUND, TICKET, VERDICTS, Message, expect, expect_reply, message_type
+
+__all__ = ["ExecuteRequest", "MemberRequest", "Message", "RevealRequest", "TicketRequest", "WireTensor", "activation_hash",
+           "commit_reply", "is_round", "parse_commit_reply", "parse_request", "parse_reveal_reply", "parse_ticket_reply",
+           "reveal_reply", "round_message", "ticket_reply", "verdicts_message"]
+
+
+def activation_hash(hidden: WireTensor, mask: WireTensor | None) -> bytes:
+    """What a stage task binds as its input: the hidden state and its mask, as sent."""
+    return activation_digest(output_hash(hidden), b"" if mask is None else output_hash(mask))
+
+
+# ---- requests (client -> member) ----
+
+
+@dataclass(frozen=True)
+class TicketRequest:
+    seed: bytes
+    model_id: str
+    first: int
+    last: int
+
+    def to_wire(self) -> Message:
+        return {"type": TICKET, "seed": self.seed, "model": self.model_id, "first": self.first, "last": self.last}
+
+    @classmethod
+    def from_wire(cls, message: Message) -> TicketRequest:
+        seed, model_id, first, last = message.get("seed"), message.get("model"), message.get("first"), message.get("last")
+        if not (isinstance(seed, bytes) and len(seed) == 32 and isinstance(model_id, str) and isinstance(first, int) and isinstance(last, int)):
+            raise ProtocolViolation("ticket: needs seed (32 bytes), model, first, last")
+        return cls(seed, model_id, first, last)
+
+
+@dataclass(frozen=True)
+class ExecuteRequest:
+    task: StageTask
+    hidden: WireTensor
+    mask: WireTensor | None
+
+    def to_wire(self) -> Message:
+        return {"type": EXECUTE, "task": self.task.to_wire(), "hidden": self.hidden, "mask": self.mask}
+
+    @classmethod
+    def from_wire(cls, message: Message) -> ExecuteRequest:
+        # tensors are checked by the member's driver (shape, dtype, finiteness) before use
+        return cls(StageTask.from_wire(message.get("task")), message.get("hidden"), message.get("mask"))  # type: ignore[arg-type]
+
+    @property
+    def input_hash(self) -> bytes:
+        return activation_hash(self.hidden, self.mask)
+
+
+@dataclass(frozen=True)
+class RevealRequest:
+    task_id: bytes
+
+    def to_wire(self) -> Message:
+        return {"type": REVEAL, "task_id": self.task_id}
+
+    @classmethod
+    def from_wire(cls, message: Message) -> RevealRequest:
+        task_id = message.get("task_id")
+        if not isinstance(task_id, bytes):
+            raise ProtocolViolation("reveal: needs task_id")
+        return cls(task_id)
+
+
+MemberRequest = TicketRequest | ExecuteRequest | RevealRequest
+
+
+def parse_request(message: Message) -> MemberRequest:
+    kind = expect(COMMITTEE_PROTOCOL, message)
+    if kind == TICKET:
+        return TicketRequest.from_wire(message)
+    if kind == EXECUTE:
+        return ExecuteRequest.from_wire(message)
+    return RevealRequest.from_wire(message)
+
+
+# ---- replies (member -> client) ----
+
+
+def ticket_reply(ticket: Ticket) -> Message:
+    return {"type": TICKET, "ticket": ticket.to_wire()}
+
+
+def commit_reply(commit: Commit) -> Message:
+    return {"type": COMMIT, "commit": commit.to_wire()}
+
+
+def reveal_reply(reveal: Reveal, output: WireTensor) -> Message:
+    return {"type": REVEAL, "reveal": reveal.to_wire(), "output": output}
+
+
+def parse_ticket_reply(reply: Message) -> Ticket:
+    return Ticket.from_wire(expect_reply(reply, TICKET).get("ticket"))
+
+
+def parse_commit_reply(reply: Message) -> Commit:
+    return Commit.from_wire(expect_reply(reply, COMMIT).get("commit"))
+
+
+def parse_reveal_reply(reply: Message) -> tuple[Reveal, WireTensor]:
+    expect_reply(reply, REVEAL)
+    # shape, dtype and finiteness before anything else looks at the output
+    output = check_wire_tensor(reply.get("output"), field="output")
+    return Reveal.from_wire(reply.get("reveal")), output
+
+
+# ---- gossip on the consensus topic ----
+
+
+def round_message(commit: Commit, reveal: Reveal, output: WireTensor) -> Message:
+    """A member's commit and reveal for one task, once, after revealing (for audit)."""
+    return {"type": ROUND, "commit": commit.to_wire(), "reveal": reveal.to_wire(), "output": output}
+
+
+def is_round(message: Message) -> bool:
+    return message_type(message) == ROUND
+
+
+def verdicts_message(client: str, stages: list[dict[str, Any]]) -> Message:
+    """A client's verdicts on every stage of one query, once per query."""
+    return {"type": VERDICTS, "client": client, "stages": stages}

@@ -1,0 +1,345 @@
+"""The client's committee round for one stage, as a sans-IO state machine.
+
+In the style of rust-libp2p's ``ClosestPeersIter`` and h11: the driver feeds it events
+(:meth:`CommitteeRound.start`, ``on_ticket``, ``on_commit``, ``on_reveal``,
+``on_failure``, :meth:`~CommitteeRound.poll` for deadlines) and carries out the actions
+it returns (ask these candidates for tickets, send these members the task, ask these for
+reveals, then one of decided / re-run / failed). It never sends, never reads the clock
+and draws no randomness: every event carries ``now_ms``, and the request hash (with the
+client's nonce in it) comes in with the :class:`StageSpec`.
+
+The rules are :mod:`consensus`'s (``StageRound``, ``rank_tickets``, ``Evidence``); this
+module only sequences them: tickets -> committee -> commits -> reveals -> decision, and on
+no quorum a fresh committee (attempt + 1) without the members found faulty, at most
+``max_reruns`` times. Verdicts become reputation updates and evidence in :func:`judge`,
+and :func:`apply_judgement` applies them to a reputation table and an auditor.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import structlog
+
+from ..errors import ConsensusError, NoQuorum, UsageError
+from .auditor import Auditor
+from .committee_codec import TicketRequest, WireTensor
+from .consensus import Commit, Evidence, Reveal, StageDecision, StageRound, StageTask, Ticket, rank_tickets
+from .reputation import Reputation
+
+log = structlog.get_logger("p2p_infer.committee_round")
+
+TICKET_TIMEOUT_MS = 3000
+COMMIT_GRACE_MS = 1000  # wait past the deadline, so a late commit is judged late, not missing
+MIN_COMMIT_WAIT_MS = 500
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What one stage's committee runs, fixed before the first ticket is asked for."""
+
+    request_hash: bytes  # binds model, input and the client's nonce
+    stage: int
+    model_id: str
+    model_name: str
+    first: int
+    last: int
+    input_hash: bytes
+    k: int
+    commit_timeout_ms: int
+    reveal_timeout_ms: int
+    max_reruns: int
+    ticket_timeout_ms: int = TICKET_TIMEOUT_MS
+
+    def task(self, attempt: int, now_ms: int) -> StageTask:
+        return StageTask(self.request_hash, self.stage, attempt, self.model_id, self.first, self.last,
+                         self.input_hash, self.k, now_ms + self.commit_timeout_ms)
+
+    @property
+    def layers(self) -> str:
+        return f"stage {self.stage} (layers {self.first}-{self.last})"
+
+
+# ---- verdicts -> reputation -> evidence ----
+
+
+@dataclass(frozen=True)
+class ReputationUpdate:
+    member: str
+    task_id: bytes
+    fault: bool
+
+
+@dataclass
+class Judgement:
+    """What one closed round means for its members: one reputation update each (one task
+    counts once), the verdicts to gossip, and the signed evidence of provable faults."""
+
+    task_id: bytes
+    stage: int
+    verdicts: dict[str, str]
+    updates: list[ReputationUpdate]
+    evidence: list[Evidence]
+
+    def record(self) -> dict[str, object]:
+        """This stage's entry in the client's verdicts gossip."""
+        return {"task": self.task_id, "stage": self.stage, "verdicts": self.verdicts}
+
+
+NOT_A_FAULT = ("agree", "no-quorum")  # "no-quorum": disagreed where nobody could be shown wrong
+
+
+def judge(rnd: StageRound, verdicts: dict[str, str], decision: StageDecision | None = None) -> Judgement:
+    task_id = rnd.task.task_id
+    updates = [ReputationUpdate(m, task_id, v not in NOT_A_FAULT) for m, v in verdicts.items()]
+    evidence = [e for m, v in verdicts.items() if (e := evidence_for(rnd, m, v, decision)) is not None]
+    return Judgement(task_id, rnd.task.stage, dict(verdicts), updates, evidence)
+
+
+def evidence_for(rnd: StageRound, member: str, verdict: str, decision: StageDecision | None) -> Evidence | None:
+    """Signed proof of a fault, when the round holds one; missing or late members leave
+    none (a client could lie about what it received), so they only get a verdict."""
+    if verdict == "wrong-output" and decision is not None:
+        reveal, output = rnd.reveals[member]
+        return Evidence("wrong-output", member, [rnd.commits[member]], reveal, output, decision.certificate)
+    bad = rnd.bad_reveals.get(member)
+    if verdict == "bad-reveal" and bad is not None and not bad.opens(rnd.commits[member]):
+        return Evidence("bad-reveal", member, [rnd.commits[member]], bad)
+    return None
+
+
+def apply_judgement(judgement: Judgement, reputation: Reputation, auditor: Auditor, reporter: str) -> list[Evidence]:
+    """Score the members, then check our own evidence as any peer would; return the
+    evidence to publish (never what we could not check ourselves)."""
+    for update in judgement.updates:
+        reputation.record_task(update.member, update.task_id, fault=update.fault)
+    checked = []
+    for evidence in judgement.evidence:
+        try:
+            auditor.on_evidence(evidence, reporter=reporter)
+        except ConsensusError as exc:
+            log.error("own evidence did not verify", member=evidence.member, reason=exc.message)
+            continue
+        checked.append(evidence)
+    return checked
+
+
+# ---- actions ----
+
+
+@dataclass(frozen=True)
+class AskTickets:
+    attempt: int
+    request: TicketRequest
+    peers: tuple[str, ...]
+    deadline_ms: int
+
+
+@dataclass(frozen=True)
+class SendExecute:
+    task: StageTask
+    members: tuple[str, ...]
+    deadline_ms: int
+
+
+@dataclass(frozen=True)
+class AskReveals:
+    task_id: bytes
+    members: tuple[str, ...]
+    deadline_ms: int
+
+
+@dataclass(frozen=True)
+class ObserveCommit:
+    """A member's own signed commit, for the auditor: it may conflict with its gossip."""
+
+    commit: Commit
+
+
+@dataclass(frozen=True)
+class Decided:
+    decision: StageDecision
+    attempts: int
+    judgement: Judgement
+
+
+@dataclass(frozen=True)
+class Rerun:
+    """No quorum: start the next attempt (call :meth:`CommitteeRound.start` again)."""
+
+    attempt: int
+    excluded: frozenset[str]
+    reason: str
+    judgement: Judgement
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: NoQuorum
+    judgement: Judgement | None = None
+
+
+Action = AskTickets | SendExecute | AskReveals | ObserveCommit | Decided | Rerun | Failed
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"  # before start, and between a Rerun and the next start
+    TICKETS = "tickets"
+    COMMITS = "commits"
+    REVEALS = "reveals"
+    DONE = "done"
+
+
+# ---- the machine ----
+
+
+@dataclass
+class CommitteeRound:
+    spec: StageSpec
+    phase: Phase = Phase.IDLE
+    attempt: int = -1
+    excluded: set[str] = field(default_factory=set)
+    failures: list[str] = field(default_factory=list)
+    task: StageTask | None = None
+    round: StageRound | None = None
+    tickets: list[Ticket] = field(default_factory=list)
+    waiting: set[str] = field(default_factory=set)  # peers the current phase still waits for
+    deadline_ms: int | None = None
+
+    def start(self, now_ms: int, candidates: Iterable[str]) -> list[Action]:
+        """Begin the next attempt with the current providers of the stage's layers."""
+        if self.phase is not Phase.IDLE:
+            raise UsageError(f"{self.spec.layers}: start() while {self.phase.value}")
+        self.attempt += 1
+        self.task = self.spec.task(self.attempt, now_ms)
+        self.round, self.tickets = None, []
+        peers = tuple(sorted(set(candidates) - self.excluded))
+        deadline = now_ms + self.spec.ticket_timeout_ms
+        self._enter(Phase.TICKETS, peers, deadline)
+        if not peers:
+            return self._close_tickets(now_ms)
+        request = TicketRequest(self.task.seed, self.spec.model_id, self.spec.first, self.spec.last)
+        return [AskTickets(self.attempt, request, peers, deadline)]
+
+    def next_deadline_ms(self) -> int | None:
+        return self.deadline_ms if self.phase in (Phase.TICKETS, Phase.COMMITS, Phase.REVEALS) else None
+
+    def poll(self, now_ms: int) -> list[Action]:
+        """Close the current phase if its deadline has passed."""
+        deadline = self.next_deadline_ms()
+        if deadline is None or now_ms < deadline:
+            return []
+        if self.waiting:
+            log.info("deadline passed", phase=self.phase.value, stage=self.spec.stage, silent=sorted(self.waiting))
+        return self._close(now_ms)
+
+    # ---- events ----
+
+    def on_ticket(self, peer: str, ticket: Ticket, now_ms: int) -> list[Action]:
+        if not self._answered(Phase.TICKETS, peer):
+            return []
+        if ticket.peer_id == peer:  # a candidate speaks only for itself
+            self.tickets.append(ticket)
+        else:
+            log.info("ticket names another peer", asked=peer, named=ticket.peer_id)
+        return self._close(now_ms) if not self.waiting else []
+
+    def on_commit(self, peer: str, commit: Commit, now_ms: int) -> list[Action]:
+        if not self._answered(Phase.COMMITS, peer):
+            return []
+        actions: list[Action] = []
+        if commit.member != peer:  # a member speaks only for itself
+            log.info("commit names another member", asked=peer, named=commit.member)
+        else:
+            actions.append(ObserveCommit(commit))
+            assert self.round is not None
+            self.round.on_commit(commit, now_ms)
+        return actions + (self._close(now_ms) if not self.waiting else [])
+
+    def on_reveal(self, peer: str, reveal: Reveal, output: WireTensor, now_ms: int) -> list[Action]:
+        if not self._answered(Phase.REVEALS, peer):
+            return []
+        if reveal.member != peer:  # a member speaks only for itself
+            log.info("reveal names another member", asked=peer, named=reveal.member)
+        else:
+            assert self.round is not None
+            self.round.on_reveal(reveal, output)
+        return self._close(now_ms) if not self.waiting else []
+
+    def on_failure(self, peer: str, reason: str, now_ms: int) -> list[Action]:
+        """``peer`` did not answer the current phase's request (unreachable, error reply,
+        malformed reply): it counts as silent for this phase."""
+        if peer not in self.waiting:
+            return []
+        log.info("no answer", phase=self.phase.value, stage=self.spec.stage, peer=peer, reason=reason)
+        self.waiting.discard(peer)
+        return self._close(now_ms) if not self.waiting else []
+
+    # ---- transitions ----
+
+    def _answered(self, phase: Phase, peer: str) -> bool:
+        """Count an answer once, and only in the phase that asked for it (stale ones are dropped)."""
+        if self.phase is not phase or peer not in self.waiting:
+            return False
+        self.waiting.discard(peer)
+        return True
+
+    def _enter(self, phase: Phase, peers: Iterable[str], deadline_ms: int | None) -> None:
+        self.phase, self.waiting, self.deadline_ms = phase, set(peers), deadline_ms
+
+    def _close(self, now_ms: int) -> list[Action]:
+        if self.phase is Phase.TICKETS:
+            return self._close_tickets(now_ms)
+        if self.phase is Phase.COMMITS:
+            return self._close_commits(now_ms)
+        if self.phase is Phase.REVEALS:
+            return self._decide()
+        return []
+
+    def _close_tickets(self, now_ms: int) -> list[Action]:
+        assert self.task is not None
+        ranked = rank_tickets(self.tickets, self.task.seed)  # each VRF proof is verified once, here
+        committee = ranked[: self.spec.k]
+        if len(committee) < self.spec.k:  # too few candidates: a re-run cannot do better
+            self.failures.append(f"{self.spec.layers}: {len(committee)} eligible candidates for a committee of {self.spec.k}")
+            return self._fail(None)
+        self.round = StageRound(self.task, committee, ranked)
+        wait_until = max(now_ms + MIN_COMMIT_WAIT_MS, self.task.commit_deadline_ms + COMMIT_GRACE_MS)
+        self._enter(Phase.COMMITS, self.round.members, wait_until)
+        return [SendExecute(self.task, tuple(self.round.members), wait_until)]
+
+    def _close_commits(self, now_ms: int) -> list[Action]:
+        assert self.round is not None
+        committed = tuple(self.round.commits)
+        if not committed:
+            return self._decide()
+        deadline = now_ms + self.spec.reveal_timeout_ms
+        self._enter(Phase.REVEALS, committed, deadline)
+        return [AskReveals(self.round.task.task_id, committed, deadline)]
+
+    def _decide(self) -> list[Action]:
+        rnd = self.round
+        assert rnd is not None
+        try:
+            decision = rnd.decide()
+        except NoQuorum as exc:
+            return self._no_quorum(rnd, exc.message)
+        self._enter(Phase.DONE, (), None)
+        return [Decided(decision, self.attempt + 1, judge(rnd, decision.verdicts, decision))]
+
+    def _no_quorum(self, rnd: StageRound, reason: str) -> list[Action]:
+        self.failures.append(reason)
+        judgement = judge(rnd, {m: rnd.faults.get(m, "no-quorum") for m in rnd.members})
+        self.excluded.update(m for m in rnd.members if m in rnd.faults)
+        if self.attempt >= self.spec.max_reruns:
+            return self._fail(judgement)
+        log.warning("no quorum, re-running the stage with a fresh committee", stage=self.spec.stage, attempt=self.attempt, reason=reason)
+        self._enter(Phase.IDLE, (), None)
+        return [Rerun(self.attempt + 1, frozenset(self.excluded), reason, judgement)]
+
+    def _fail(self, judgement: Judgement | None) -> list[Action]:
+        self._enter(Phase.DONE, (), None)
+        error = NoQuorum(f"{self.spec.model_name} {self.spec.layers} failed after {len(self.failures)} attempt(s): " + " | ".join(self.failures))
+        return [Failed(error, judgement)]

@@ -1,0 +1,224 @@
+"""Misbehaving peers for tests and simulations (``p2p-infer peer --test-fault KIND``).
+
+Each adversary wraps one piece of an honest peer and changes only what it must: the
+stage computation (wrong output, zeros, a commitment made too late), the member's reveal
+step (withheld, or an output copied from gossip), the gossip it publishes (another
+commitment than the client got), or its plain forward replies (lying after its trial).
+The honest code in ``node/`` and ``proto/`` knows nothing of them. :func:`install` is the
+one place a peer turns ``settings.test_fault`` into its committee member and hooks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import structlog
+import torch
+import trio
+
+from ..clock import now_ms
+from ..errors import ConfigError, P2PInferError, Withheld
+from ..identity import Identity
+from ..ml.models import Activation
+from ..node.committee import (
+    CommitteeMember,
+    LayersCompute,
+    Member,
+    Publish,
+    StageCompute,
+    dispatch,
+    layers_compute,
+)
+from ..proto.committee_codec import ExecuteRequest, RevealRequest, TicketRequest, WireTensor, is_round
+from ..proto.consensus import Commit, Reveal, StageTask, commitment, sign_commit
+from ..proto.wire import Message
+
+TEST_FAULTS = ("wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial")
+NOISE = 0.5  # far outside the agreement tolerance: a wrong output is never "close enough"
+LATE_BY_S = 0.3  # past the commit deadline, inside the client's grace, so it is judged late
+COPY_WAIT_S = 2.0  # how long a copier waits for someone else's gossiped reveal
+log = structlog.get_logger("p2p_infer.adversaries")
+
+ForwardHook = Callable[[torch.Tensor], torch.Tensor]
+
+
+# ---- compute wrappers ----
+
+
+def wrong_output(compute: StageCompute) -> StageCompute:
+    """Computes honestly, then adds noise: outvoted, and caught with wrong-output evidence."""
+
+    async def run(task: StageTask, model: Any, act: Activation) -> torch.Tensor:
+        out = await compute(task, model, act)
+        return out + torch.randn(out.shape) * NOISE
+
+    return run
+
+
+def zeros(_compute: StageCompute) -> StageCompute:
+    """Computes nothing: the copier commits to zeros and hopes to copy later."""
+
+    async def run(task: StageTask, model: Any, act: Activation) -> torch.Tensor:
+        return torch.zeros_like(act.hidden)
+
+    return run
+
+
+def late_commit(compute: StageCompute) -> StageCompute:
+    """Computes honestly, but only lets the member sign once the commit deadline is past."""
+
+    async def run(task: StageTask, model: Any, act: Activation) -> torch.Tensor:
+        out = await compute(task, model, act)
+        await trio.sleep(max(0.0, (task.commit_deadline_ms - now_ms()) / 1000) + LATE_BY_S)
+        return out
+
+    return run
+
+
+# ---- member wrappers ----
+
+
+class MemberWrapper:
+    """Delegates every step to an honest member; an adversary overrides one."""
+
+    def __init__(self, inner: CommitteeMember) -> None:
+        self.inner = inner
+
+    @property
+    def shards(self) -> Any:
+        return self.inner.shards
+
+    @shards.setter
+    def shards(self, value: Any) -> None:
+        self.inner.shards = value
+
+    async def handle(self, message: Message) -> Message:
+        return await dispatch(self, message)
+
+    def ticket(self, request: TicketRequest) -> Message:
+        return self.inner.ticket(request)
+
+    async def execute(self, request: ExecuteRequest) -> Message:
+        return await self.inner.execute(request)
+
+    async def reveal(self, request: RevealRequest) -> Message:
+        return await self.inner.reveal(request)
+
+    def on_gossip(self, message: dict[str, Any]) -> None:
+        self.inner.on_gossip(message)
+
+
+class NoReveal(MemberWrapper):
+    """Commits like everyone, then never reveals (and so publishes nothing)."""
+
+    async def reveal(self, request: RevealRequest) -> Message:
+        self.inner.core.take(request.task_id, self.inner.clock())
+        raise Withheld("reveal withheld (test fault)")
+
+
+class Copier(MemberWrapper):
+    """Waits for another member's gossiped reveal and reveals that output as its own. Its
+    commitment was made before anyone revealed, so the copied reveal cannot open it."""
+
+    def __init__(self, inner: CommitteeMember) -> None:
+        super().__init__(inner)
+        self.seen: dict[bytes, list[tuple[Reveal, Any]]] = {}
+
+    def on_gossip(self, message: dict[str, Any]) -> None:
+        if not is_round(message):
+            return
+        try:
+            reveal = Reveal.from_wire(message.get("reveal"))
+        except P2PInferError:
+            return
+        if reveal.member != self.inner.identity.peer_id:
+            self.seen.setdefault(reveal.task_id, []).append((reveal, message.get("output")))
+
+    async def reveal(self, request: RevealRequest) -> Message:
+        copied = await self._copy_someone(request.task_id)
+        pending = self.inner.core.pending.get(request.task_id)
+        if copied is not None and pending is not None:
+            self.inner.core.pending[request.task_id] = replace(pending, output=copied)
+        return await self.inner.reveal(request)
+
+    async def _copy_someone(self, task_id: bytes) -> WireTensor | None:
+        with trio.move_on_after(COPY_WAIT_S):
+            while True:
+                for _, output in self.seen.get(task_id, []):
+                    if isinstance(output, dict):
+                        return output
+                await trio.sleep(0.02)
+        return None
+
+
+# ---- gossip wrapper ----
+
+
+def equivocating(publish: Publish, identity: Identity) -> Publish:
+    """Gossips a different signed commitment for the task than the one the client got;
+    the client, holding both, turns them into equivocation evidence."""
+
+    def send(message: dict[str, Any]) -> None:
+        if is_round(message):
+            told_client = Commit.from_wire(message["commit"])
+            other = commitment(told_client.task_id, os.urandom(32), os.urandom(32))
+            message = {**message, "commit": sign_commit(identity, told_client.task_id, other, now_ms()).to_wire()}
+        publish(message)
+
+    return send
+
+
+# ---- forward wrapper ----
+
+
+@dataclass
+class LieAfterTrial:
+    """Answers its first plain forward request honestly, like a peer passing its trial
+    task, then adds 0.5 to every output (caught by spot checks)."""
+
+    served: int = 0
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.served += 1
+        return hidden if self.served <= 1 else hidden + NOISE
+
+
+def honest_forward(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden
+
+
+# ---- installing one ----
+
+
+@dataclass
+class Behaviour:
+    """What a peer runs: its committee member and the hook on its plain forward replies."""
+
+    member: Member
+    forward_output: ForwardHook = field(default=honest_forward)
+
+
+def install(fault: str, identity: Identity, compute: LayersCompute, publish: Publish) -> Behaviour:
+    """The peer's committee member and hooks for ``--test-fault fault`` ("" = honest)."""
+    if fault and fault not in TEST_FAULTS:
+        raise ConfigError(f"unknown --test-fault {fault!r}; known: {', '.join(TEST_FAULTS)}")
+    stage_compute = layers_compute(compute)
+    if fault:
+        log.warning("test fault installed: this peer misbehaves on purpose", peer=identity.peer_id, fault=fault)
+    if fault == "wrong-output":
+        stage_compute = wrong_output(stage_compute)
+    elif fault == "late-commit":
+        stage_compute = late_commit(stage_compute)
+    elif fault == "copy":
+        stage_compute = zeros(stage_compute)
+    elif fault == "equivocate":
+        publish = equivocating(publish, identity)
+    member = CommitteeMember(identity, None, stage_compute, publish)
+    if fault == "no-reveal":
+        return Behaviour(NoReveal(member))
+    if fault == "copy":
+        return Behaviour(Copier(member))
+    return Behaviour(member, LieAfterTrial() if fault == "lie-after-trial" else honest_forward)

@@ -1,0 +1,126 @@
+"""The member's trio handler and the test adversaries that wrap it, with no network: the
+requests go straight to ``handle`` and the gossip into a list."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from p2p_infer.errors import ConfigError, ProtocolViolation, Withheld
+from p2p_infer.identity import Identity
+from p2p_infer.ml.tensors import encode_tensor
+from p2p_infer.proto.auditor import Auditor
+from p2p_infer.proto.committee_codec import ExecuteRequest, RevealRequest, TicketRequest, activation_hash, round_message
+from p2p_infer.proto.consensus import Commit, Reveal, StageTask, outputs_agree, request_hash
+from p2p_infer.clock import now_ms
+from p2p_infer.proto.reputation import Reputation
+from p2p_infer.testing.adversaries import TEST_FAULTS, install
+
+MODEL = "cd" * 32
+HIDDEN = encode_tensor(torch.ones(1, 8))
+
+
+@dataclass
+class FakeModel:
+    def check_activation(self, act) -> None:
+        assert act.hidden.shape == (1, 8)
+
+
+class FakeShards:
+    def serving(self, model_id: str, first: int, last: int) -> FakeModel:
+        return FakeModel()
+
+
+async def double(model, first, last, act):
+    return act.hidden * 2
+
+
+def member_for(fault: str):
+    published: list[dict] = []
+    behaviour = install(fault, Identity.generate(), double, published.append)
+    behaviour.member.shards = FakeShards()
+    return behaviour, published
+
+
+def execute(deadline_in_ms: int = 2000) -> dict:
+    task = StageTask(request_hash(MODEL, b"i" * 32, b"n" * 32), 0, 0, MODEL, 1, 1, activation_hash(HIDDEN, None), 3,
+                     now_ms() + deadline_in_ms)
+    return ExecuteRequest(task, HIDDEN, None).to_wire()
+
+
+async def commit_and_reveal(member, message: dict) -> tuple[Commit, Reveal, dict]:
+    commit = Commit.from_wire((await member.handle(message))["commit"])
+    reply = await member.handle(RevealRequest(commit.task_id).to_wire())
+    return commit, Reveal.from_wire(reply["reveal"]), reply["output"]
+
+
+async def test_an_honest_member_commits_once_reveals_once_and_gossips_the_round():
+    behaviour, published = member_for("")
+    ticket = await behaviour.member.handle(TicketRequest(b"s" * 32, MODEL, 1, 1).to_wire())
+    assert ticket["type"] == "ticket"
+    message = execute()
+    first = (await behaviour.member.handle(message))["commit"]
+    assert (await behaviour.member.handle(message))["commit"] == first  # one commitment per task
+    reply = await behaviour.member.handle(RevealRequest(Commit.from_wire(first).task_id).to_wire())
+    reveal = Reveal.from_wire(reply["reveal"])
+    assert reveal.opens(Commit.from_wire(first))
+    assert outputs_agree(reply["output"], encode_tensor(torch.ones(1, 8) * 2))
+    assert published == [round_message(Commit.from_wire(first), reveal, reply["output"])]
+    with pytest.raises(ProtocolViolation, match="unknown message type"):
+        await behaviour.member.handle({"type": "bogus"})
+
+
+async def test_wrong_output_commits_to_and_reveals_a_wrong_output():
+    behaviour, _ = member_for("wrong-output")
+    commit, reveal, output = await commit_and_reveal(behaviour.member, execute())
+    assert reveal.opens(commit) and not outputs_agree(output, encode_tensor(torch.ones(1, 8) * 2))
+
+
+async def test_no_reveal_withholds_and_publishes_nothing():
+    behaviour, published = member_for("no-reveal")
+    commit = Commit.from_wire((await behaviour.member.handle(execute()))["commit"])
+    with pytest.raises(Withheld):
+        await behaviour.member.handle(RevealRequest(commit.task_id).to_wire())
+    assert published == []
+
+
+async def test_late_commit_signs_after_the_deadline():
+    behaviour, _ = member_for("late-commit")
+    message = execute(deadline_in_ms=50)
+    commit = Commit.from_wire((await behaviour.member.handle(message))["commit"])
+    assert commit.committed_at_ms > StageTask.from_wire(message["task"]).commit_deadline_ms
+
+
+async def test_the_copier_reveals_a_copied_output_that_cannot_open_its_commitment():
+    honest, gossip = member_for("")
+    copier, _ = member_for("copy")
+    message = execute()
+    await commit_and_reveal(honest.member, message)
+    copier.member.on_gossip(gossip[0])
+    commit, reveal, output = await commit_and_reveal(copier.member, message)
+    assert output == gossip[0]["output"] and not reveal.opens(commit)
+
+
+async def test_the_equivocator_gossips_another_commitment_than_the_client_got():
+    behaviour, published = member_for("equivocate")
+    told_client, _, _ = await commit_and_reveal(behaviour.member, execute())
+    gossiped = Commit.from_wire(published[0]["commit"])
+    assert gossiped.task_id == told_client.task_id and gossiped.commitment != told_client.commitment
+    auditor = Auditor(Reputation())
+    auditor.on_commit(told_client)
+    assert [e.kind for e in auditor.on_commit(gossiped)] == ["equivocation"]
+
+
+def test_lie_after_trial_is_honest_once_then_lies():
+    behaviour, _ = member_for("lie-after-trial")
+    hidden = torch.zeros(1, 4)
+    assert torch.equal(behaviour.forward_output(hidden), hidden)
+    assert torch.equal(behaviour.forward_output(hidden), hidden + 0.5)
+    assert torch.equal(member_for("")[0].forward_output(hidden), hidden)
+
+
+def test_unknown_faults_are_refused_with_the_known_ones():
+    with pytest.raises(ConfigError, match="unknown --test-fault 'bogus'; known: " + ", ".join(TEST_FAULTS)):
+        install("bogus", Identity.generate(), double, lambda _m: None)

@@ -1,0 +1,314 @@
+"""The committee machines driven with no network, on a virtual clock: the client's round
+(proto/committee_round.py) against members' cores (proto/committee_member.py)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pytest
+
+from p2p_infer.errors import ProtocolViolation, UsageError
+from p2p_infer.identity import Identity
+from p2p_infer.proto.auditor import Auditor
+from p2p_infer.proto.committee_codec import activation_hash
+from p2p_infer.proto.committee_member import PENDING_TTL_MS, MemberCore
+from p2p_infer.proto.committee_round import (
+    COMMIT_GRACE_MS,
+    AskReveals,
+    AskTickets,
+    CommitteeRound,
+    Decided,
+    Failed,
+    ObserveCommit,
+    Rerun,
+    SendExecute,
+    StageSpec,
+    apply_judgement,
+)
+from p2p_infer.proto.consensus import StageTask, output_hash, request_hash
+from p2p_infer.proto.reputation import Reputation, updated
+
+MODEL = "ab" * 32
+NOW = 1_000_000
+
+
+def tensor(values) -> dict:
+    a = np.asarray(values, dtype="<f4").reshape(1, -1)
+    return {"dtype": "float32", "shape": list(a.shape), "data": a.tobytes()}
+
+
+HIDDEN = tensor(np.ones(32))
+INPUT = activation_hash(HIDDEN, None)
+HONEST = tensor(np.linspace(-1, 1, 32))
+
+
+def wrong(shift: float = 0.5) -> dict:
+    return tensor(np.linspace(-1, 1, 32) + shift)
+
+
+def make_spec(**changes) -> StageSpec:
+    spec = StageSpec(request_hash(MODEL, INPUT, b"n" * 32), 0, MODEL, "test-model", 1, 2, INPUT, 3,
+                     commit_timeout_ms=2000, reveal_timeout_ms=5000, max_reruns=2)
+    return replace(spec, **changes)
+
+
+@dataclass
+class SimMember:
+    """A member on the simulated network: an honest core, with a behaviour for tests."""
+
+    core: MemberCore
+    output: dict = field(default_factory=lambda: HONEST)
+    behaviour: str = ""  # "", "no-reveal", "late-commit", "silent"
+
+
+@dataclass
+class Sim:
+    """Carries the round's actions to the members and their answers back, in time order."""
+
+    machine: CommitteeRound
+    members: dict[str, SimMember]
+    now: int = NOW
+    observed: list = field(default_factory=list)
+
+    def step(self, actions: list) -> list:
+        out: list = []
+        for action in actions:
+            if isinstance(action, AskTickets):
+                out += self.tickets(action)
+            elif isinstance(action, SendExecute):
+                out += self.execute(action)
+            elif isinstance(action, AskReveals):
+                out += self.reveals(action)
+            elif isinstance(action, ObserveCommit):
+                self.observed.append(action.commit)
+            else:
+                out.append(action)
+        if not out and self.machine.next_deadline_ms() is not None:  # nobody answers: time passes
+            self.now = self.machine.next_deadline_ms()
+            out = self.machine.poll(self.now)
+        return out
+
+    def tickets(self, ask: AskTickets) -> list:
+        out = []
+        for peer in ask.peers:
+            if self.members[peer].behaviour != "silent":
+                out += self.machine.on_ticket(peer, self.members[peer].core.ticket(ask.request.seed), self.at(10))
+        return out
+
+    def execute(self, send: SendExecute) -> list:
+        out = []
+        order = sorted(send.members, key=lambda m: self.members[m].behaviour == "late-commit")  # late ones last
+        for peer in order:
+            member = self.members[peer]
+            if member.behaviour == "silent":
+                continue
+            member.core.check_execute(send.task, INPUT, self.now)
+            when = send.task.commit_deadline_ms + 300 if member.behaviour == "late-commit" else self.now + 10
+            commit = member.core.commit(send.task, member.output, os.urandom(32), self.at_time(when))
+            out += self.machine.on_commit(peer, commit, self.now)
+        return out
+
+    def reveals(self, ask: AskReveals) -> list:
+        out = []
+        for peer in ask.members:
+            member = self.members[peer]
+            if member.behaviour == "no-reveal":
+                out += self.machine.on_failure(peer, "withheld", self.at(10))
+                continue
+            reveal, pending = member.core.reveal(ask.task_id, self.at(10))
+            out += self.machine.on_reveal(peer, reveal, pending.output, self.now)
+        return out
+
+    def at(self, delay: int) -> int:
+        return self.at_time(self.now + delay)
+
+    def at_time(self, when: int) -> int:
+        self.now = max(self.now, when)
+        return self.now
+
+    def until_outcome(self, actions: list):
+        while not any(isinstance(a, (Decided, Rerun, Failed)) for a in actions):
+            actions = self.step(actions)
+        return next(a for a in actions if isinstance(a, (Decided, Rerun, Failed)))
+
+
+def swarm(n: int, **spec_changes) -> Sim:
+    members = {m.core.peer_id: m for m in (SimMember(MemberCore(Identity.generate())) for _ in range(n))}
+    return Sim(CommitteeRound(make_spec(**spec_changes)), members)
+
+
+def start(sim: Sim, candidates=None) -> list:
+    return sim.machine.start(sim.now, list(sim.members) if candidates is None else candidates)
+
+
+# ---- the client's round ----
+
+
+@pytest.mark.parametrize("fault,verdict", [("wrong", "wrong-output"), ("no-reveal", "missing-reveal"), ("late-commit", "late-commit")])
+def test_one_faulty_member_of_three_is_outvoted_judged_and_scored(fault, verdict):
+    sim = swarm(3)
+    bad = next(iter(sim.members))
+    if fault == "wrong":
+        sim.members[bad].output = wrong()
+    else:
+        sim.members[bad].behaviour = fault
+    outcome = sim.until_outcome(start(sim))
+    assert isinstance(outcome, Decided) and outcome.attempts == 1
+    assert outcome.decision.output == HONEST
+    outcome.decision.certificate.verify()
+    assert outcome.decision.verdicts == {m: (verdict if m == bad else "agree") for m in sim.members}
+    assert {u.member: u.fault for u in outcome.judgement.updates} == {m: m == bad for m in sim.members}
+    assert {c.member for c in sim.observed} == set(sim.members)  # every direct commit goes to the auditor
+    reputation = Reputation()
+    auditor = Auditor(Reputation())
+    published = apply_judgement(outcome.judgement, reputation, auditor, reporter="client")
+    assert reputation.of(bad) == pytest.approx(updated(1.0, True))
+    if fault == "wrong":  # provable: signed evidence any peer can check
+        assert [(e.kind, e.member) for e in published] == [("wrong-output", bad)]
+        published[0].verify()
+        assert auditor.reputation.of(bad) == pytest.approx(updated(1.0, True))
+    else:  # missing or late: a verdict only, no evidence (a client could lie about it)
+        assert published == []
+
+
+def test_a_rerun_after_no_quorum_excludes_the_faulty_and_draws_a_fresh_committee():
+    sim = swarm(5)
+    actions = sim.step(start(sim))  # tickets answered: the committee is drawn
+    assert isinstance(actions[0], SendExecute)
+    first_committee = list(actions[0].members)
+    silent = first_committee[:2]
+    for peer in silent:
+        sim.members[peer].behaviour = "no-reveal"
+    rerun = sim.until_outcome(actions)
+    assert isinstance(rerun, Rerun) and rerun.attempt == 1 and rerun.excluded == frozenset(silent)
+    assert "1 of 3 agree, 2 needed" in rerun.reason
+    assert {rerun.judgement.verdicts[p] for p in silent} == {"missing-reveal"}
+    again = start(sim)
+    assert isinstance(again[0], AskTickets) and set(again[0].peers) == set(sim.members) - set(silent)
+    assert again[0].request.seed != sim.machine.spec.task(0, NOW).seed  # attempt 1: a fresh seed
+    outcome = sim.until_outcome(again)
+    assert isinstance(outcome, Decided) and outcome.attempts == 2
+    assert outcome.decision.certificate.task.attempt == 1
+    assert set(outcome.decision.verdicts.values()) == {"agree"} and not set(outcome.decision.verdicts) & set(silent)
+
+
+def test_no_quorum_after_max_reruns_names_stage_layers_and_attempts():
+    sim = swarm(3, max_reruns=1)
+    for i, member in enumerate(sim.members.values()):
+        member.output = wrong(0.5 * i)  # three different outputs: nobody agrees, nobody is provably wrong
+    rerun = sim.until_outcome(start(sim))
+    assert isinstance(rerun, Rerun) and rerun.excluded == frozenset()
+    assert set(rerun.judgement.verdicts.values()) == {"no-quorum"}
+    assert not any(u.fault for u in rerun.judgement.updates)
+    failed = sim.until_outcome(start(sim))
+    assert isinstance(failed, Failed)
+    assert "test-model stage 0 (layers 1-2) failed after 2 attempt(s)" in failed.error.message
+    assert failed.error.message.count("1 of 3 agree") == 2
+
+
+def test_excluding_the_faulty_can_leave_too_few_candidates():
+    sim = swarm(3)
+    for member in list(sim.members.values())[:2]:
+        member.behaviour = "no-reveal"
+    assert isinstance(sim.until_outcome(start(sim)), Rerun)
+    failed = sim.until_outcome(start(sim))
+    assert isinstance(failed, Failed) and failed.judgement is None
+    assert "failed after 2 attempt(s)" in failed.error.message
+    assert "1 eligible candidates for a committee of 3" in failed.error.message
+
+
+def test_ticket_deadline_expires_on_virtual_time():
+    sim = swarm(3)
+    ask = start(sim)[0]
+    assert isinstance(ask, AskTickets) and ask.deadline_ms == NOW + 3000
+    assert sim.machine.poll(NOW + 2999) == []
+    failed = sim.machine.poll(NOW + 3000)
+    assert isinstance(failed[0], Failed) and "0 eligible candidates" in failed[0].error.message
+    assert sim.machine.on_ticket(ask.peers[0], sim.members[ask.peers[0]].core.ticket(ask.request.seed), NOW + 3001) == []
+
+
+def test_commit_deadline_expires_on_virtual_time():
+    sim = swarm(3, max_reruns=0)
+    send = sim.step(start(sim))[0]
+    assert isinstance(send, SendExecute)
+    assert send.deadline_ms == send.task.commit_deadline_ms + COMMIT_GRACE_MS
+    assert sim.machine.next_deadline_ms() == send.deadline_ms
+    assert sim.machine.poll(send.deadline_ms - 1) == []
+    failed = sim.machine.poll(send.deadline_ms)[0]
+    assert isinstance(failed, Failed) and set(failed.judgement.verdicts.values()) == {"missing-commit"}
+    assert all(u.fault for u in failed.judgement.updates)
+
+
+def test_reveal_deadline_expires_on_virtual_time():
+    sim = swarm(3, max_reruns=0)
+    send = sim.step(start(sim))[0]
+    ask = [a for a in sim.step([send]) if isinstance(a, AskReveals)][0]
+    assert ask.deadline_ms == sim.now + 5000 and set(ask.members) == set(sim.members)
+    assert sim.machine.poll(ask.deadline_ms - 1) == []
+    failed = sim.machine.poll(ask.deadline_ms)[0]
+    assert isinstance(failed, Failed) and set(failed.judgement.verdicts.values()) == {"missing-reveal"}
+
+
+def test_words_about_someone_else_blame_no_one():
+    sim = swarm(3, max_reruns=0)
+    send = sim.step(start(sim))[0]
+    a, b, c = send.members
+    commits = {p: sim.members[p].core.commit(send.task, HONEST, os.urandom(32), NOW) for p in send.members}
+    assert sim.machine.on_commit(a, commits[b], NOW) == []  # a answers with b's commit: ignored
+    assert sim.machine.on_commit("stranger", commits[c], NOW) == []  # not asked: ignored
+    out = sim.machine.on_commit(b, commits[b], NOW) + sim.machine.on_commit(c, commits[c], NOW)
+    assert [x.commit.member for x in out if isinstance(x, ObserveCommit)] == [b, c]
+    ask = [x for x in out if isinstance(x, AskReveals)][0]
+    assert set(ask.members) == {b, c}
+    decided = sim.until_outcome([ask])
+    assert isinstance(decided, Decided) and decided.decision.verdicts == {a: "missing-commit", b: "agree", c: "agree"}
+
+
+def test_start_is_refused_while_a_round_runs():
+    sim = swarm(3)
+    start(sim)
+    with pytest.raises(UsageError):
+        start(sim)
+
+
+# ---- the member's rules ----
+
+
+def member_task(deadline: int = NOW + 2000) -> StageTask:
+    return StageTask(request_hash(MODEL, INPUT, b"n" * 32), 0, 0, MODEL, 1, 2, INPUT, 3, deadline)
+
+
+def test_a_member_signs_one_commitment_per_task():
+    core = MemberCore(Identity.generate())
+    task = member_task()
+    first = core.commit(task, HONEST, os.urandom(32), NOW)
+    assert core.commit(task, wrong(), os.urandom(32), NOW + 5) == first  # a repeated execute gets the same commit
+    assert core.existing_commit(task, NOW + 10) == first
+    reveal, pending = core.reveal(task.task_id, NOW + 20)
+    assert pending.output == HONEST and reveal.opens(first) and reveal.output_hash == output_hash(HONEST)
+    with pytest.raises(ProtocolViolation, match="no pending output"):
+        core.reveal(task.task_id, NOW + 30)  # revealed once
+    assert core.commit(task, wrong(), os.urandom(32), NOW + 40) == first  # still never a second commitment
+
+
+def test_a_member_checks_input_and_deadline_before_computing():
+    core = MemberCore(Identity.generate())
+    task = member_task()
+    core.check_execute(task, INPUT, task.commit_deadline_ms)
+    with pytest.raises(ProtocolViolation, match="input does not match"):
+        core.check_execute(task, b"x" * 32, NOW)
+    with pytest.raises(ProtocolViolation, match="deadline has passed"):
+        core.check_execute(task, INPUT, task.commit_deadline_ms + 1)
+
+
+def test_pending_outputs_expire_on_the_passed_in_clock():
+    core = MemberCore(Identity.generate())
+    task = member_task()
+    core.commit(task, HONEST, os.urandom(32), NOW)
+    core.expire(NOW + PENDING_TTL_MS)
+    assert task.task_id in core.pending  # kept for the whole TTL
+    with pytest.raises(ProtocolViolation, match="no pending output"):
+        core.reveal(task.task_id, NOW + PENDING_TTL_MS + 1)
+    assert core.existing_commit(task, NOW + PENDING_TTL_MS + 1) is None and not core.committed
