@@ -1,0 +1,168 @@
+"""A query's modes as one value: transport x checks x privacy, validated before anything is sent.
+
+Each axis is an independent choice, and a :class:`QueryPlan` combines them. Not every
+combination is built: :meth:`QueryPlan.validate` refuses the ones that are not with an
+:class:`~p2p_infer.errors.UnsupportedMode` that names the combination (and the flags that
+asked for it), rather than quietly running some other mode. Sans-IO.
+
+Supported today: ``direct`` with no check, ``spot-check``, ``committee`` or ``zk``;
+``forwarding`` with no check. Privacy is ``plain`` only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from ..errors import UnsupportedMode
+
+Transport = Literal["direct", "forwarding"]
+Check = Literal["none", "spot-check", "committee", "zk", "tee"]
+Privacy = Literal["plain", "threshold"]
+
+SUPPORTED: frozenset[tuple[Transport, Check]] = frozenset(
+    {("direct", "none"), ("direct", "spot-check"), ("direct", "committee"), ("direct", "zk"), ("forwarding", "none")}
+)
+NOT_BUILT = {"tee": "TEE attestation", "threshold": "threshold privacy"}
+
+# How a user asks for each choice, so an error names what they typed.
+FLAGS = {
+    "forwarding": "--forwarding",
+    "committee": "--committee K",
+    "zk": "--mode critical",
+    "spot-check": "spot_check=P",
+    "tee": "check=tee",
+    "threshold": "privacy=threshold",
+}
+
+# Why a pair of checks cannot run together yet.
+CHECK_CONFLICTS = {
+    frozenset({"committee", "zk"}): "committee stages do not verify ZK proofs yet, so every proof would be dropped unchecked",
+    frozenset({"spot-check", "zk"}): "a proven shard needs no spot check; pick one",
+    frozenset({"spot-check", "committee"}): "committee stages are already re-run on k peers; pick one",
+}
+
+# Why forwarding cannot carry a check yet.
+FORWARDING_CONFLICTS = {
+    "zk": "proofs are collected and checked hop by hop; drop --forwarding",
+    "committee": "committee stages are sent from the client; drop --forwarding",
+    "spot-check": "spot checks re-run stages from the client; drop --forwarding",
+}
+
+
+def _named(choice: str) -> str:
+    flag = FLAGS.get(choice)
+    return f"{choice} ({flag})" if flag else choice
+
+
+def _refuse(first: str, second: str, why: str) -> UnsupportedMode:
+    flags = " with ".join(FLAGS[c] for c in (first, second) if c in FLAGS)
+    return UnsupportedMode(f"unsupported mode: {first} with {second} ({flags}): {why}")
+
+
+@dataclass(frozen=True)
+class QueryPlan:
+    """Everything that decides how a query runs, before it runs."""
+
+    transport: Transport = "direct"
+    checks: tuple[Check, ...] = ()  # composable; () is no check
+    privacy: Privacy = "plain"
+    committee_k: int | None = None  # members per stage (check committee)
+    spot_check: float = 0.0  # probability a stage is re-run on another provider (check spot-check)
+    proof_follows: bool = False  # zk: the result first, the proofs collected afterwards
+    local_layers: int = 1  # layers the client runs itself, after the embedding
+    max_retries: int = 3  # failed hops a query survives
+    max_reruns: int = 2  # committee re-runs of a stage without quorum
+    trial: bool = True  # a known-answer task to each provider before live traffic
+
+    def __post_init__(self) -> None:
+        checks = (self.checks,) if isinstance(self.checks, str) else tuple(self.checks)
+        unique = tuple(dict.fromkeys(c for c in checks if c != "none"))
+        object.__setattr__(self, "checks", unique)
+
+    @classmethod
+    def from_options(
+        cls,
+        *,
+        forwarding: bool = False,
+        committee: int | None = None,
+        critical: bool = False,
+        spot_check: float = 0.0,
+        proof_follows: bool = False,
+        local_layers: int = 1,
+        max_retries: int = 3,
+        max_reruns: int = 2,
+        trial: bool = True,
+    ) -> QueryPlan:
+        """The plan the client's keyword arguments (and the CLI's flags) ask for."""
+        checks: list[Check] = []
+        if committee is not None:
+            checks.append("committee")
+        if critical:
+            checks.append("zk")
+        if spot_check:
+            checks.append("spot-check")
+        return cls(transport="forwarding" if forwarding else "direct", checks=tuple(checks), committee_k=committee,
+                   spot_check=spot_check, proof_follows=proof_follows, local_layers=local_layers,
+                   max_retries=max_retries, max_reruns=max_reruns, trial=trial)
+
+    @property
+    def check(self) -> Check:
+        """The one check this plan runs ("none" without); call after :meth:`validate`."""
+        if len(self.checks) > 1:
+            self.validate()
+        return self.checks[0] if self.checks else "none"
+
+    def describe(self) -> str:
+        return "+".join([self.transport, *(self.checks or ("none",)), self.privacy])
+
+    def validate(self) -> QueryPlan:
+        """Raise :class:`UnsupportedMode` naming the first combination not built; else self."""
+        self._known_choices()
+        self._built_choices()
+        self._check_pairs()
+        self._transport_and_check()
+        self._parameters()
+        return self
+
+    def _known_choices(self) -> None:
+        for axis, value, allowed in (("transport", self.transport, Transport), ("privacy", self.privacy, Privacy)):
+            if value not in get_args(allowed):
+                raise UnsupportedMode(f"unsupported mode: {axis} {value!r} (known: {', '.join(get_args(allowed))})")
+        for check in self.checks:
+            if check not in get_args(Check):
+                raise UnsupportedMode(f"unsupported mode: check {check!r} (known: {', '.join(get_args(Check))})")
+
+    def _built_choices(self) -> None:
+        for choice in (*self.checks, self.privacy):
+            if choice in NOT_BUILT:
+                raise UnsupportedMode(f"unsupported mode: {_named(choice)}: {NOT_BUILT[choice]} is not built yet")
+
+    def _check_pairs(self) -> None:
+        for i, first in enumerate(self.checks):
+            for second in self.checks[i + 1:]:
+                why = CHECK_CONFLICTS.get(frozenset({first, second}), "these checks do not combine yet")
+                raise _refuse(first, second, why)
+
+    def _transport_and_check(self) -> None:
+        check = self.checks[0] if self.checks else "none"
+        if (self.transport, check) not in SUPPORTED:
+            raise _refuse(self.transport, check, FORWARDING_CONFLICTS.get(check, "not built yet"))
+
+    def _parameters(self) -> None:
+        checks = set(self.checks)
+        if "committee" in checks and (self.committee_k is None or self.committee_k < 1):
+            raise UnsupportedMode(f"unsupported mode: committee of k={self.committee_k} (--committee K needs K >= 1)")
+        if "committee" not in checks and self.committee_k is not None:
+            raise UnsupportedMode(f"unsupported mode: committee size k={self.committee_k} without check committee")
+        if "spot-check" in checks and not 0.0 < self.spot_check <= 1.0:
+            raise UnsupportedMode(f"unsupported mode: spot-check probability {self.spot_check} (must be in (0, 1])")
+        if "spot-check" not in checks and self.spot_check:
+            raise UnsupportedMode(f"unsupported mode: spot-check probability {self.spot_check} without check spot-check")
+        if self.proof_follows and "zk" not in checks:
+            raise UnsupportedMode("unsupported mode: proof_follows without zk (--proof-follows needs --mode critical)")
+        if self.local_layers < 1:
+            raise UnsupportedMode("unsupported mode: the client runs at least one layer itself (local_layers >= 1)")
+        for name in ("max_retries", "max_reruns"):
+            if getattr(self, name) < 0:
+                raise UnsupportedMode(f"unsupported mode: {name}={getattr(self, name)} (must be >= 0)")
