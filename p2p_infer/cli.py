@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="critical: every shard returns a ZK proof and the client verifies the chain (provable models)")
     p.add_argument("--save-proofs", type=Path, metavar="FILE", help="write the verified proof chain here (critical mode)")
     p.add_argument("--proof-follows", action="store_true", help="critical mode: print the result first, then verify the proofs")
+    p.add_argument("--spot-check", type=float, default=0.0, metavar="P",
+                   help="re-run each stage on another provider with probability P in (0, 1]; the client's weights settle disagreements")
     p.add_argument("input", help="text for minilm-l6; for digits-mlp 64 comma-separated values or test:N")
 
     p = sub.add_parser("verify", help="check a saved quorum certificate or proof chain offline (exit 0 only if valid)")
@@ -225,7 +227,17 @@ def parse_query_input(model: str, text: str) -> Any:
     return [float(v) for v in text.split(",")]
 
 
+def query_plan(args: argparse.Namespace) -> Any:
+    """The flags as a QueryPlan, validated: an unsupported combination fails here, before any network."""
+    from .proto.plan import QueryPlan
+
+    return QueryPlan.from_options(forwarding=args.forwarding, committee=args.committee, critical=args.mode == "critical",
+                                  spot_check=args.spot_check, proof_follows=args.proof_follows,
+                                  local_layers=args.local_layers).validate()
+
+
 def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
+    plan = query_plan(args)  # UnsupportedMode: main() prints its one line and exits 1
     import trio
 
     from .node.client import Client
@@ -236,9 +248,7 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     inputs = parse_query_input(args.model, args.input)
 
     async def query() -> dict[str, Any]:
-        async with Client(bootstrap_addrs(settings), local_layers=args.local_layers, forwarding=args.forwarding,
-                          committee=args.committee, commit_timeout=args.commit_timeout,
-                          critical=args.mode == "critical", proof_follows=args.proof_follows) as client:
+        async with Client(bootstrap_addrs(settings), plan=plan, commit_timeout=args.commit_timeout) as client:
             result = await client.run(args.model, inputs)
             if args.proof_follows and result.proofs is not None:
                 if not args.json:

@@ -236,7 +236,7 @@ def test_spot_checks_follow_the_rng():
 
 def test_zk_asks_for_proofs_and_returns_them_in_route_order():
     m = machine(QueryPlan(checks=("zk",), proof_follows=True))
-    actions, proofs, hop = m.start(0.0), [], 0
+    actions, hop = m.start(0.0), 0
     while not isinstance(actions[-1], Done):
         send = only(actions, SendHop)
         assert send.prove == "follow"

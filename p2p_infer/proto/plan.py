@@ -30,7 +30,7 @@ FLAGS = {
     "forwarding": "--forwarding",
     "committee": "--committee K",
     "zk": "--mode critical",
-    "spot-check": "spot_check=P",
+    "spot-check": "--spot-check P",
     "tee": "check=tee",
     "threshold": "privacy=threshold",
 }

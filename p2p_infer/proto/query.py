@@ -12,9 +12,9 @@ failed peer's stream (:class:`Forget`), and finally :class:`Done` or :class:`Fai
 
 The machine never sends and never reads the clock: ``now`` comes with every event (seconds
 on any monotonic clock), randomness only from the ``rng`` it is given, so tests drive it on
-virtual time with no network. Activations are wire tensors (``ml.tensors.encode_tensor``
-maps), compared with ``consensus.outputs_agree``; proofs and proof tokens are opaque
-``evidence``. The attention mask never changes along a route, so the driver keeps it.
+virtual time with no network. Activations are wire tensors (``proto/tensors.py``),
+compared with ``consensus.outputs_agree``; proofs and proof tokens are opaque
+``evidence``. The attention mask never changes along a route: every send carries it as given.
 
 Failover: a failed hop's peer is excluded and the layers still to run are re-routed from
 the last good activation, up to ``plan.max_retries`` failed hops; then :class:`NoRoute`
@@ -41,8 +41,8 @@ from ..errors import NoRoute, P2PInferError, RemoteError, UnsupportedMode
 from .consensus import outputs_agree
 from .plan import QueryPlan
 from .routing import Segment, Server, plan_route
+from .tensors import WireTensor
 
-Wire = dict[str, Any]  # an encode_tensor map: {"dtype", "shape", "data"}
 Purpose = Literal["hop", "check", "forward", "trial"]
 
 
@@ -94,10 +94,11 @@ class SendHop:
     peer_id: str
     first: int
     last: int
-    activation: Wire
+    activation: WireTensor
     deadline: float
     purpose: Purpose = "hop"
     prove: bool | str = False  # zk: True = proof in the reply, "follow" = a token to fetch it later
+    mask: WireTensor | None = None  # the attention mask, for sequence models
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,9 @@ class SendForward:
 
     request_id: str
     route: tuple[RouteStep, ...]
-    activation: Wire
+    activation: WireTensor
     deadline: float
+    mask: WireTensor | None = None
 
     @property
     def reply_from(self) -> str:
@@ -140,7 +142,8 @@ class Arbitrate:
 
     first: int
     last: int
-    activation: Wire
+    activation: WireTensor
+    mask: WireTensor | None = None
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,7 @@ class HopTrace:
 
 @dataclass(frozen=True)
 class Done:
-    output: Wire  # the activation after the last remote layer
+    output: WireTensor  # the activation after the last remote layer
     hops: tuple[HopTrace, ...]
     mode: str
     failed: tuple[str, ...]
@@ -201,11 +204,11 @@ class _Held:
     """A primary's answer waiting on its spot check."""
 
     hop: _Pending
-    output: Wire
+    output: WireTensor
     trace: HopTrace
     evidence: Any
     check: dict[str, Any]
-    second: Wire | None = None
+    second: WireTensor | None = None
 
 
 def new_request_id(rng: random.Random) -> str:
@@ -217,9 +220,19 @@ def hop_trace(pending: _Pending, timing: Mapping[str, float], now: float) -> Hop
                     float(timing.get("queue_ms", 0.0)), (now - pending.sent_at) * 1000)
 
 
-def forwarded_traces(trace: Sequence[Mapping[str, Any]]) -> tuple[HopTrace, ...]:
-    return tuple(HopTrace(str(t.get("peer")), int(t.get("first", 0)), int(t.get("last", 0)),
-                          float(t.get("compute_ms", 0.0)), float(t.get("queue_ms", 0.0))) for t in trace)
+def forwarded_traces(trace: object) -> tuple[HopTrace, ...]:
+    """The per-hop timings a forwarded result reports (peers write them: read defensively)."""
+    entries = trace if isinstance(trace, list) else []
+    return tuple(HopTrace(str(t.get("peer")), _int(t.get("first")), _int(t.get("last")), _float(t.get("compute_ms")),
+                          _float(t.get("queue_ms"))) for t in entries if isinstance(t, dict))
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _float(value: object) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
 @dataclass
@@ -229,14 +242,15 @@ class QueryMachine:
     plan: QueryPlan
     model_name: str
     n_layers: int
-    activation: Wire  # the last good activation: what a failover replays
+    activation: WireTensor  # the last good activation: what a failover replays
     servers: Sequence[Server]
     rng: random.Random
+    mask: WireTensor | None = None  # constant along the route
     reputation: Callable[[str], float] = lambda _peer: 1.0
     timeout: float = 30.0  # seconds a peer has to answer one request
     pos: int = field(init=False)  # the next layer to run
     failed: list[str] = field(init=False, default_factory=list)
-    _sent: Wire = field(init=False)  # what the client sent first (a forwarding fallback restarts from it)
+    _sent: WireTensor = field(init=False)  # what the client sent first (a forwarding fallback restarts from it)
     _hops: list[HopTrace] = field(init=False, default_factory=list)
     _evidence: list[Any] = field(init=False, default_factory=list)
     _checks: list[dict[str, Any]] = field(init=False, default_factory=list)
@@ -269,8 +283,8 @@ class QueryMachine:
         self._refreshed = True
         return self._next(now)
 
-    def on_reply(self, request_id: str, output: Wire, now: float, *, timing: Mapping[str, float] | None = None,
-                 evidence: Any = None, trace: Sequence[Mapping[str, Any]] = ()) -> list[Action]:
+    def on_reply(self, request_id: str, output: WireTensor, now: float, *, timing: Mapping[str, float] | None = None,
+                 evidence: Any = None, trace: object = ()) -> list[Action]:
         """A checked answer (the driver validated the tensor and any proof). Late or unknown ids are ignored."""
         pending = self._pending.pop(request_id, None)
         if pending is None or self.finished:
@@ -299,7 +313,7 @@ class QueryMachine:
         pending.deadline = now + self.timeout
         return [AwaitResult(request_id, pending.deadline)]
 
-    def on_arbitration(self, truth: Wire, now: float) -> list[Action]:
+    def on_arbitration(self, truth: WireTensor, now: float) -> list[Action]:
         """The client's own output for the disputed stage: it judges both providers."""
         held = self._held
         if held is None or held.second is None:
@@ -342,12 +356,12 @@ class QueryMachine:
     def _send_hop(self, peer_id: str, first: int, last: int, purpose: Purpose, now: float) -> SendHop:
         request_id = self._track(purpose, peer_id, first, last, now)
         prove: bool | str = ("follow" if self.plan.proof_follows else True) if self.plan.check == "zk" else False
-        return SendHop(request_id, peer_id, first, last, self.activation, now + self.timeout, purpose, prove)
+        return SendHop(request_id, peer_id, first, last, self.activation, now + self.timeout, purpose, prove, self.mask)
 
     def _send_forward(self, route: list[Segment], now: float) -> SendForward:
         request_id = self._track("forward", route[0].peer_id, route[0].first, route[-1].last, now)
         steps = tuple(RouteStep(s.peer_id, s.first, s.last) for s in route)
-        return SendForward(request_id, steps, self.activation, now + self.timeout)
+        return SendForward(request_id, steps, self.activation, now + self.timeout, self.mask)
 
     def _track(self, purpose: Purpose, peer_id: str, first: int, last: int, now: float) -> str:
         request_id = new_request_id(self.rng)
@@ -356,7 +370,7 @@ class QueryMachine:
 
     # ---- hop by hop ----
 
-    def _on_hop_reply(self, hop: _Pending, output: Wire, trace: HopTrace, evidence: Any, now: float) -> list[Action]:
+    def _on_hop_reply(self, hop: _Pending, output: WireTensor, trace: HopTrace, evidence: Any, now: float) -> list[Action]:
         checker = self._pick_checker(hop)
         if checker is None:
             return self._accept(hop, output, trace, evidence, now)
@@ -364,7 +378,7 @@ class QueryMachine:
         self._held = _Held(hop, output, trace, evidence, check)
         return [self._send_hop(checker, hop.first, hop.last, "check", now)]
 
-    def _accept(self, hop: _Pending, output: Wire, trace: HopTrace, evidence: Any, now: float) -> list[Action]:
+    def _accept(self, hop: _Pending, output: WireTensor, trace: HopTrace, evidence: Any, now: float) -> list[Action]:
         self.activation = output
         self._hops.append(trace)
         if self.plan.check == "zk":
@@ -397,7 +411,7 @@ class QueryMachine:
                   and s.peer_id != hop.peer_id and s.peer_id not in self.failed]
         return self.rng.choice(others) if others else None
 
-    def _on_check_reply(self, second: Wire, now: float) -> list[Action]:
+    def _on_check_reply(self, second: WireTensor, now: float) -> list[Action]:
         held = self._held
         assert held is not None
         if outputs_agree(held.output, second):
@@ -405,7 +419,7 @@ class QueryMachine:
             records: list[Action] = [Record(held.hop.peer_id, False), Record(held.check["checker"], False)]
             return records + self._settle_check(None, now)
         held.second = second
-        return [Arbitrate(held.hop.first, held.hop.last, self.activation)]
+        return [Arbitrate(held.hop.first, held.hop.last, self.activation, self.mask)]
 
     def _settle_check(self, outcome: str | None, now: float) -> list[Action]:
         held = self._held
@@ -431,7 +445,7 @@ class QueryMachine:
 
     # ---- the end ----
 
-    def _finish(self, output: Wire, hops: tuple[HopTrace, ...]) -> list[Action]:
+    def _finish(self, output: WireTensor, hops: tuple[HopTrace, ...]) -> list[Action]:
         self.finished = True
         return [Done(output, hops, self._mode, tuple(self.failed), tuple(self._checks), tuple(self._evidence))]
 

@@ -15,15 +15,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .consensus import outputs_agree
-from .query import HopFailure, Record, SendHop, Wire, new_request_id
+from .query import HopFailure, Record, SendHop, new_request_id
+from .tensors import WireTensor
 
 
 @dataclass(frozen=True)
 class TrialTask:
     peer_id: str
     layer: int
-    activation: Wire  # random input of the model's hidden shape
-    expected: Wire  # the client's own output for ``layer`` on it
+    activation: WireTensor  # random input of the model's hidden shape
+    expected: WireTensor  # the client's own output for ``layer`` on it
+    mask: WireTensor | None = None
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,11 @@ class Admission:
         for task in tasks:
             request_id = new_request_id(self.rng)
             self._running[request_id] = _Running(task, now + self.timeout)
-            sends.append(SendHop(request_id, task.peer_id, task.layer, task.layer, task.activation, now + self.timeout, "trial"))
+            sends.append(SendHop(request_id, task.peer_id, task.layer, task.layer, task.activation, now + self.timeout,
+                                 "trial", mask=task.mask))
         return sends
 
-    def on_reply(self, request_id: str, output: Wire, now: float) -> list[Record | Admit]:
+    def on_reply(self, request_id: str, output: WireTensor, now: float) -> list[Record | Admit]:
         running = self._running.pop(request_id, None)
         if running is None:
             return []
