@@ -199,6 +199,25 @@ def test_critical_queries_over_two_peers(tmp_path):
 
 
 @pytest.mark.slow
+def test_critical_mode_with_a_committee_is_refused_by_name(tmp_path):
+    """Committee stages would drop every ZK proof unchecked: the CLI refuses the combination
+    by name, in one line, before it sends anything (issue 8)."""
+    with Swarm(tmp_path) as swarm:
+        swarm.start_bootstrap()
+        swarm.start_peers([["digits-mlp:1-2"], ["digits-mlp:3-3"]])
+        swarm.wait_discoverable()
+        refused = swarm.cli("query", "--model", "digits-mlp", "--committee", "3", "--mode", "critical", "test:0", check=False)
+        assert refused.returncode != 0 and refused.stdout == ""
+        assert "committee with zk" in refused.stderr and "--committee K with --mode critical" in refused.stderr
+        assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+        forwarding = swarm.cli("query", "--model", "digits-mlp", "--forwarding", "--mode", "critical", "test:0", check=False)
+        assert forwarding.returncode != 0 and "forwarding with zk (--forwarding with --mode critical)" in forwarding.stderr
+        # the same swarm still answers a supported critical query
+        out = json.loads(swarm.cli("query", "--model", "digits-mlp", "--mode", "critical", "--json", "test:0").stdout)
+        assert out["mode"] == "critical" and out["proofs"]["verified"] is True
+
+
+@pytest.mark.slow
 async def test_proof_follows_the_result(tmp_path):
     from p2p_infer.node.client import Client
 
