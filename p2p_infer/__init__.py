@@ -34,6 +34,7 @@ _LAZY = {
     "connect": "p2p_infer.node.client",
     "QueryResult": "p2p_infer.node.results",
     "HopReport": "p2p_infer.node.results",
+    "QueryPlan": "p2p_infer.proto.plan",
     "Peer": "p2p_infer.node.peer",
     "Settings": "p2p_infer.config",
     "Identity": "p2p_infer.identity",
