@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from p2p_infer.errors import NoRoute, RemoteError, UnsupportedMode
+from p2p_infer.errors import NoRoute, RemoteError, UnsupportedMode, UsageError
 from p2p_infer.proto.plan import QueryPlan
 from p2p_infer.proto.query import (
     Arbitrate,
@@ -92,6 +92,14 @@ def test_failover_mid_route_replays_the_last_good_activation_and_excludes_the_pe
     done = only(answer(m, last, 0.4), Done)
     assert done.failed == ("b",) and "b" not in {h.peer_id for h in done.hops}
     assert values(done.output) == values(run_layers(START, 1, 5))
+
+
+def test_a_peer_that_falls_under_the_trust_threshold_mid_query_is_skipped():
+    scores = {"b": 1.0}
+    m = machine(reputation=lambda peer: scores.get(peer, 1.0), min_reputation=0.5)
+    first = only(m.start(0.0), SendHop)
+    scores["b"] = 0.4  # e.g. a spot check elsewhere caught it
+    assert only(answer(m, first, 0.1), SendHop).peer_id == "b2"
 
 
 def test_a_wrong_answer_is_penalised_and_routed_around():
@@ -250,7 +258,7 @@ def test_a_machine_refuses_an_unsupported_plan_before_sending():
         machine(QueryPlan(transport="forwarding", checks=("zk",)))
     with pytest.raises(UnsupportedMode, match="committee"):
         machine(QueryPlan(checks=("committee",), committee_k=3))  # committees have their own driver
-    with pytest.raises(UnsupportedMode, match="keeps 6 locally"):
+    with pytest.raises(UsageError, match="keeps 6 locally"):
         machine(QueryPlan(local_layers=6))
 
 

@@ -203,7 +203,8 @@ class Client:
     async def _run_machine(self, model: SplitModel, act: Activation) -> tuple[Activation, dict[str, Any]]:
         """Hop by hop, forwarding, spot-checked or proven: the query machine decides, the driver does the I/O."""
         machine = QueryMachine(self.query_plan, model.name, len(model.layers), encode_tensor(act.hidden), self.servers(model),
-                               self._rng, mask=encode_optional(act.mask), reputation=self.reputation.of, timeout=self.request_timeout)
+                               self._rng, mask=encode_optional(act.mask), reputation=self.reputation.of,
+                               min_reputation=self.reputation.threshold, timeout=self.request_timeout)
         done = await QueryDriver(self, model).drive(machine)
         received = Activation(decode_tensor(done.output, field="output"), act.mask)
         route = [HopReport(h.peer_id, h.first, h.last, h.compute_ms, h.queue_ms, h.round_trip_ms) for h in done.hops]

@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..errors import NoRoute, P2PInferError, RemoteError, UnsupportedMode
+from ..errors import NoRoute, P2PInferError, RemoteError, UnsupportedMode, UsageError
 from .consensus import outputs_agree
 from .plan import QueryPlan
 from .routing import Segment, Server, plan_route
@@ -246,7 +246,8 @@ class QueryMachine:
     servers: Sequence[Server]
     rng: random.Random
     mask: WireTensor | None = None  # constant along the route
-    reputation: Callable[[str], float] = lambda _peer: 1.0
+    reputation: Callable[[str], float] = lambda _peer: 1.0  # read live: a fault mid-query counts at once
+    min_reputation: float = 0.0  # servers under it are skipped (the client's trust threshold)
     timeout: float = 30.0  # seconds a peer has to answer one request
     pos: int = field(init=False)  # the next layer to run
     failed: list[str] = field(init=False, default_factory=list)
@@ -266,7 +267,7 @@ class QueryMachine:
         if self.plan.check not in ("none", "spot-check", "zk"):
             raise UnsupportedMode(f"unsupported mode: check {self.plan.check} has its own driver, not QueryMachine")
         if self.plan.local_layers >= self.n_layers:
-            raise UnsupportedMode(f"{self.model_name} has {self.n_layers} layers; the client keeps {self.plan.local_layers} locally")
+            raise UsageError(f"{self.model_name} has {self.n_layers} layers; the client keeps {self.plan.local_layers} locally")
         self.pos = self.plan.local_layers
         self._sent = self.activation
         self._forwarding = self.plan.transport == "forwarding"
@@ -339,7 +340,8 @@ class QueryMachine:
 
     def _route_from(self, first: int) -> list[Segment]:
         return plan_route(self.servers, first, self.n_layers - 1, exclude=self.failed, reputation=self.reputation,
-                          model_name=self.model_name, whole_shards=self.plan.check == "zk")
+                          min_reputation=self.min_reputation, model_name=self.model_name,
+                          whole_shards=self.plan.check == "zk")
 
     def _next(self, now: float) -> list[Action]:
         """Plan from ``pos``; on no route, refresh the directory once, then give up."""
@@ -408,7 +410,8 @@ class QueryMachine:
         if self.plan.check != "spot-check" or not self.rng.random() < self.plan.spot_check:
             return None
         others = [s.peer_id for s in self.servers if s.first <= hop.first and hop.last <= s.last
-                  and s.peer_id != hop.peer_id and s.peer_id not in self.failed]
+                  and s.peer_id != hop.peer_id and s.peer_id not in self.failed
+                  and self.reputation(s.peer_id) >= self.min_reputation]
         return self.rng.choice(others) if others else None
 
     def _on_check_reply(self, second: WireTensor, now: float) -> list[Action]:
