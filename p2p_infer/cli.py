@@ -26,6 +26,17 @@ def _network(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", metavar="MULTIADDR", help="listen address (default /ip4/127.0.0.1/tcp/0)")
 
 
+def _committee_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--committee", type=int, metavar="K",
+                   help="run each stage on a VRF-chosen committee of K >= 3 peers (commit-reveal, quorum)")
+    p.add_argument("--commit-timeout", type=float, default=5.0, help="seconds members have to commit (committee mode)")
+    p.add_argument("--save-cert", type=Path, metavar="FILE", help="write the quorum certificate here (committee mode)")
+    p.add_argument("--save-output", type=Path, metavar="FILE",
+                   help="write the certified output activation here, for verify --output (committee mode)")
+    p.add_argument("--save-input", type=Path, metavar="FILE",
+                   help="write the activation sent to the first committee here, for verify --input (committee mode)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p2p-infer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,9 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forwarding", action="store_true", help="peers pass activations along the route")
     p.add_argument("--compare", action="store_true", help="also run the model locally and print the difference")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    p.add_argument("--committee", type=int, metavar="K", help="run each stage on a VRF-chosen committee of K peers (commit-reveal, quorum)")
-    p.add_argument("--commit-timeout", type=float, default=5.0, help="seconds members have to commit (committee mode)")
-    p.add_argument("--save-cert", type=Path, metavar="FILE", help="write the quorum certificate here (committee mode)")
+    _committee_flags(p)
     p.add_argument("--mode", choices=["general", "critical"], default="general",
                    help="critical: every shard returns a ZK proof and the client verifies the chain (provable models)")
     p.add_argument("--save-proofs", type=Path, metavar="FILE", help="write the verified proof chain here (critical mode)")
@@ -80,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("certificate", type=Path, help="a --save-cert file, or a --save-proofs file with --proofs")
     p.add_argument("--proofs", action="store_true", help="the file is a proof chain (critical mode)")
+    p.add_argument("--output", type=Path, metavar="FILE", help="check that this activation file (--save-output) is the certified output")
+    p.add_argument("--input", type=Path, metavar="FILE", help="check that this activation file (--save-input) is the certified input")
 
     p = sub.add_parser("audit", help="print an audit log and verify its hash chain and signatures")
     _common(p)
@@ -264,6 +275,7 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
             if args.save_cert is not None and result.certificate is not None:
                 args.save_cert.write_bytes(result.certificate)
                 out["certificate_file"] = str(args.save_cert)
+            out.update(save_certified(args, getattr(client, "last_certified", None) if result.certificate else None))
             if args.compare:
                 model = await client.model(args.model)
                 out["local_check"] = compare_outputs(result.output, model.run_local(inputs))
@@ -275,6 +287,17 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print_result(out)
     return 0
+
+
+def save_certified(args: argparse.Namespace, certified: dict[str, bytes] | None) -> dict[str, str]:
+    """Write the certified input and output activations where the flags ask (committee mode)."""
+    written = {}
+    for flag, part in (("save_input", "input"), ("save_output", "output")):
+        path = getattr(args, flag)
+        if path is not None and certified is not None:
+            path.write_bytes(certified[part])
+            written[f"{part}_file"] = str(path)
+    return written
 
 
 def proof_file(result: Any) -> bytes:
@@ -350,7 +373,10 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     if args.proofs:
         return cmd_verify_proofs(args.certificate)
     from .proto.consensus import Certificate, ConsensusError
+    from .identity import peer_id_from_public_key
     from .ml.models import known_manifests
+
+    from .proto.consensus import read_activation_file
 
     try:
         cert = Certificate.decode(args.certificate.read_bytes())
@@ -358,13 +384,22 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
         if cert.model_id not in layers:
             raise ConsensusError(f"certificate is for unknown model {cert.model_id[:16]}...")
         lines = cert.verify(known_layers=lambda mid: layers[mid])
+        if args.input is not None:
+            cert.check_input(*read_activation_file(args.input.read_bytes()))
+            lines.append(f"input {args.input}: is the activation the client sent the first committee")
+        if args.output is not None:
+            cert.check_output(*read_activation_file(args.output.read_bytes()))
+            lines.append(f"output {args.output}: is the certified output")
     except (ConsensusError, OSError) as exc:
         print(f"INVALID: {getattr(exc, 'message', exc)}")
         return 1
-    print(f"VALID certificate for model {cert.model_id[:16]}..., request {cert.request_hash.hex()[:16]}...")
+    print(f"VALID certificate for model {cert.model_id[:16]}..., request {cert.request_hash.hex()[:16]}..., "
+          f"client {peer_id_from_public_key(cert.client_key)}")
     for line in lines:
         print(f"  {line}")
     print(f"  output hash {cert.output_hash.hex()}")
+    if args.output is None:
+        print("  (no --output given: this says a quorum agreed on some output, not on the one you hold)")
     return 0
 
 

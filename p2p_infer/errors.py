@@ -56,6 +56,12 @@ class IdentityError(P2PInferError, ValueError):
     code = "bad_key"
 
 
+class PuzzleUnsolved(IdentityError):
+    """A key whose peer id does not solve the identity puzzle (protocols/records.md)."""
+
+    code = "puzzle_unsolved"
+
+
 class TrainingFailed(P2PInferError):
     """A model trained at first use missed its accuracy bar."""
 
@@ -175,6 +181,13 @@ class ConsensusError(P2PInferError):
 
 class NoQuorum(ConsensusError):
     code = "no_quorum"
+
+
+class NotSelected(ConsensusError):
+    """A member refuses a task its client's signed candidate set does not select it for
+    (or a request from someone other than the task's client)."""
+
+    code = "not_selected"
 
 
 class Withheld(ConsensusError):

@@ -4,6 +4,12 @@ The key file holds the libp2p protobuf encoding of the private key (type Ed25519
 32-byte seed: 36 bytes in all), so ``libp2p.load_identity`` reads the same file. The
 peer id is the identity multihash of the protobuf-encoded public key, exactly as
 libp2p derives it; computing it here keeps record verification free of libp2p.
+
+Identities are costly (S/Kademlia's static puzzle): a key counts only if
+``SHA-256(SHA-256(peer id bytes))`` starts with ``PUZZLE_DIFFICULTY`` zero bits, so every
+identity costs about ``2**PUZZLE_DIFFICULTY`` key derivations to make and one hash to check.
+Records, tickets and candidate sets of keys that do not solve it are refused
+(``protocols/records.md``, ``docs/consensus.md`` for what that buys and what it does not).
 """
 
 from __future__ import annotations
@@ -14,14 +20,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import base58
+import hashlib
+
 import nacl.exceptions
 import nacl.signing
+from nacl.bindings import crypto_sign_seed_keypair
 
-from .errors import IdentityError
+from .errors import IdentityError, PuzzleUnsolved
 
 _ED25519_PRIVATE_PREFIX = b"\x08\x01\x12\x20"  # protobuf: KeyType=Ed25519, Data=<32 bytes>
 _ED25519_PUBLIC_PREFIX = b"\x08\x01\x12\x20"
 _IDENTITY_MULTIHASH_PREFIX = b"\x00\x24"  # multihash code 0x00 (identity), length 36
+# 12 bits: ~4096 key derivations, ~0.1 CPU-s per identity at ~25 us each (fast enough for
+# tests that make hundreds of keys). Each extra bit doubles the cost; it is a protocol
+# constant (records schema 2), so changing it is a protocol version bump.
+PUZZLE_DIFFICULTY = 12
 
 
 @dataclass(frozen=True)
@@ -40,7 +53,16 @@ class Identity:
 
     @classmethod
     def generate(cls) -> Identity:
-        return cls.from_seed(os.urandom(32))
+        """A fresh key that solves the identity puzzle (about 2**PUZZLE_DIFFICULTY tries)."""
+        while True:
+            seed = os.urandom(32)
+            public, _ = crypto_sign_seed_keypair(seed)  # the cheapest Ed25519 derivation PyNaCl offers
+            if solves_puzzle(public):
+                return cls(seed=seed, public_key=public)
+
+    @property
+    def solves_puzzle(self) -> bool:
+        return solves_puzzle(self.public_key)
 
     @property
     def peer_id(self) -> str:
@@ -59,6 +81,23 @@ def peer_id_bytes_from_public_key(public_key: bytes) -> bytes:
 def peer_id_from_public_key(public_key: bytes) -> str:
     """The base58 peer id ("12D3KooW...") libp2p derives from an Ed25519 key."""
     return base58.b58encode(peer_id_bytes_from_public_key(public_key)).decode()
+
+
+def puzzle_hash(public_key: bytes) -> bytes:
+    """``SHA-256(SHA-256(peer id bytes))``: the value the identity puzzle constrains."""
+    return hashlib.sha256(hashlib.sha256(peer_id_bytes_from_public_key(public_key)).digest()).digest()
+
+
+def leading_zero_bits(digest: bytes) -> int:
+    value = int.from_bytes(digest, "big")
+    return len(digest) * 8 - value.bit_length()
+
+
+def solves_puzzle(public_key: bytes, difficulty: int = PUZZLE_DIFFICULTY) -> bool:
+    """Whether the key's peer id is a solved identity puzzle (False for malformed keys)."""
+    if len(public_key) != 32:
+        return False
+    return leading_zero_bits(puzzle_hash(public_key)) >= difficulty
 
 
 def verify_signature(public_key: bytes, message: bytes, signature: bytes) -> bool:
@@ -112,10 +151,19 @@ def load_or_create_identity(path: Path) -> Identity:
         # it never held a key, so nothing is lost by creating one.
         path.unlink(missing_ok=True)
     if path.exists():
-        return load_identity(path)
+        return _require_puzzle(load_identity(path), path)
     identity = Identity.generate()
     try:
         save_identity(identity, path)
     except FileExistsError:  # another process created it between exists() and open()
-        return load_identity(path)
+        return _require_puzzle(load_identity(path), path)
+    return identity
+
+
+def _require_puzzle(identity: Identity, path: Path) -> Identity:
+    # A key made before the puzzle existed would start a peer whose records everyone
+    # refuses: say so at start instead of serving nobody. It is never replaced silently.
+    if not identity.solves_puzzle:
+        raise PuzzleUnsolved(f"key file {path} ({identity.peer_id}) does not solve the identity puzzle "
+                             f"({PUZZLE_DIFFICULTY} leading zero bits); move it aside to create a new key")
     return identity

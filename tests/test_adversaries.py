@@ -11,15 +11,26 @@ import torch
 from p2p_infer.errors import ConfigError, ProtocolViolation, Withheld
 from p2p_infer.identity import Identity
 from p2p_infer.ml.tensors import encode_tensor
+from p2p_infer.net.framing import remote_peer
 from p2p_infer.proto.auditor import Auditor
 from p2p_infer.proto.committee_codec import ExecuteRequest, RevealRequest, TicketRequest, activation_hash, round_message
-from p2p_infer.proto.consensus import Commit, Reveal, StageTask, outputs_agree, request_hash
+from p2p_infer.proto.consensus import CandidateSet, Commit, Reveal, StageTask, output_hash, outputs_agree, request_hash
 from p2p_infer.clock import now_ms
 from p2p_infer.proto.reputation import Reputation
 from p2p_infer.testing.adversaries import TEST_FAULTS, install
+from p2p_infer.testing.population import draw, identities, provider
 
 MODEL = "cd" * 32
 HIDDEN = encode_tensor(torch.ones(1, 8))
+CLIENT = identities(1)[0]
+
+
+@pytest.fixture(autouse=True)
+def from_the_client():
+    """Requests arrive on a stream from the task's client (the handler reads the remote peer)."""
+    token = remote_peer.set(CLIENT.peer_id)
+    yield
+    remote_peer.reset(token)
 
 
 @dataclass
@@ -37,17 +48,20 @@ async def double(model, first, last, act):
     return act.hidden * 2
 
 
-def member_for(fault: str):
+def member_for(fault: str, slot: int = 0):
     published: list[dict] = []
-    behaviour = install(fault, Identity.generate(), double, published.append)
+    behaviour = install(fault, identities(3, offset=1)[slot], double, published.append)
     behaviour.member.shards = FakeShards()
     return behaviour, published
 
 
 def execute(deadline_in_ms: int = 2000) -> dict:
-    task = StageTask(request_hash(MODEL, b"i" * 32, b"n" * 32), 0, 0, MODEL, 1, 1, activation_hash(HIDDEN, None), 3,
-                     now_ms() + deadline_in_ms)
-    return ExecuteRequest(task, HIDDEN, None).to_wire()
+    """A task for the three pool identities after the client: k=3, so all three are members."""
+    now = now_ms()
+    task = StageTask(request_hash(MODEL, output_hash(HIDDEN), b"", b"n" * 32, CLIENT.public_key), 0, 0, MODEL, 1, 1,
+                     activation_hash(HIDDEN, None), 3, now, now + deadline_in_ms, CLIENT.public_key)
+    pool = [provider(i, MODEL, 1, 1, now - 10_000) for i in identities(3, offset=1)]
+    return ExecuteRequest(draw(CLIENT, task, pool), HIDDEN, None).to_wire()
 
 
 async def commit_and_reveal(member, message: dict) -> tuple[Commit, Reveal, dict]:
@@ -67,7 +81,8 @@ async def test_an_honest_member_commits_once_reveals_once_and_gossips_the_round(
     reveal = Reveal.from_wire(reply["reveal"])
     assert reveal.opens(Commit.from_wire(first))
     assert outputs_agree(reply["output"], encode_tensor(torch.ones(1, 8) * 2))
-    assert published == [round_message(Commit.from_wire(first), reveal, reply["output"])]
+    candidates = CandidateSet.from_wire(message["candidates"])
+    assert published == [round_message(candidates, Commit.from_wire(first), reveal, reply["output"])]
     with pytest.raises(ProtocolViolation, match="unknown message type"):
         await behaviour.member.handle({"type": "bogus"})
 
@@ -90,12 +105,12 @@ async def test_late_commit_signs_after_the_deadline():
     behaviour, _ = member_for("late-commit")
     message = execute(deadline_in_ms=50)
     commit = Commit.from_wire((await behaviour.member.handle(message))["commit"])
-    assert commit.committed_at_ms > StageTask.from_wire(message["task"]).commit_deadline_ms
+    assert commit.committed_at_ms > CandidateSet.from_wire(message["candidates"]).task.commit_deadline_ms
 
 
 async def test_the_copier_reveals_a_copied_output_that_cannot_open_its_commitment():
     honest, gossip = member_for("")
-    copier, _ = member_for("copy")
+    copier, _ = member_for("copy", slot=1)
     message = execute()
     await commit_and_reveal(honest.member, message)
     copier.member.on_gossip(gossip[0])
@@ -108,9 +123,10 @@ async def test_the_equivocator_gossips_another_commitment_than_the_client_got():
     told_client, _, _ = await commit_and_reveal(behaviour.member, execute())
     gossiped = Commit.from_wire(published[0]["commit"])
     assert gossiped.task_id == told_client.task_id and gossiped.commitment != told_client.commitment
+    candidates = CandidateSet.from_wire(published[0]["candidates"])
     auditor = Auditor(Reputation())
-    auditor.on_commit(told_client)
-    assert [e.kind for e in auditor.on_commit(gossiped)] == ["equivocation"]
+    auditor.on_commit(told_client, candidates)
+    assert [e.kind for e in auditor.on_commit(gossiped, candidates)] == ["equivocation"]
 
 
 def test_lie_after_trial_is_honest_once_then_lies():

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pytest
 
-from p2p_infer.errors import ProtocolViolation, UsageError
+from p2p_infer.errors import NotSelected, ProtocolViolation, UsageError
 from p2p_infer.identity import Identity
 from p2p_infer.proto.auditor import Auditor
 from p2p_infer.proto.committee_codec import activation_hash
@@ -29,9 +29,11 @@ from p2p_infer.proto.committee_round import (
 )
 from p2p_infer.proto.consensus import StageTask, output_hash, request_hash
 from p2p_infer.proto.reputation import Reputation, updated
+from p2p_infer.testing.population import draw, identities, provider
 
 MODEL = "ab" * 32
-NOW = 1_000_000
+NOW = 1_764_000_000_000
+CLIENT = identities(1)[0]
 
 
 def tensor(values) -> dict:
@@ -49,8 +51,8 @@ def wrong(shift: float = 0.5) -> dict:
 
 
 def make_spec(**changes) -> StageSpec:
-    spec = StageSpec(request_hash(MODEL, INPUT, b"n" * 32), 0, MODEL, "test-model", 1, 2, INPUT, 3,
-                     commit_timeout_ms=2000, reveal_timeout_ms=5000, max_reruns=2)
+    spec = StageSpec(request_hash(MODEL, output_hash(HIDDEN), b"", b"n" * 32, CLIENT.public_key), 0, MODEL, "test-model", 1, 2, INPUT, 3,
+                     commit_timeout_ms=2000, reveal_timeout_ms=5000, max_reruns=2, client=CLIENT)
     return replace(spec, **changes)
 
 
@@ -61,6 +63,10 @@ class SimMember:
     core: MemberCore
     output: dict = field(default_factory=lambda: HONEST)
     behaviour: str = ""  # "", "no-reveal", "late-commit", "silent"
+
+    @property
+    def record(self) -> bytes:
+        return provider(self.core.identity, MODEL, 1, 2, NOW - 10_000).record
 
 
 @dataclass
@@ -104,9 +110,9 @@ class Sim:
             member = self.members[peer]
             if member.behaviour == "silent":
                 continue
-            member.core.check_execute(send.task, INPUT, self.now)
+            member.core.check_execute(send.candidates, INPUT, CLIENT.peer_id, self.now)
             when = send.task.commit_deadline_ms + 300 if member.behaviour == "late-commit" else self.now + 10
-            commit = member.core.commit(send.task, member.output, os.urandom(32), self.at_time(when))
+            commit = member.core.commit(send.candidates, member.output, os.urandom(32), self.at_time(when))
             out += self.machine.on_commit(peer, commit, self.now)
         return out
 
@@ -117,7 +123,7 @@ class Sim:
             if member.behaviour == "no-reveal":
                 out += self.machine.on_failure(peer, "withheld", self.at(10))
                 continue
-            reveal, pending = member.core.reveal(ask.task_id, self.at(10))
+            reveal, pending = member.core.reveal(ask.task_id, CLIENT.peer_id, self.at(10))
             out += self.machine.on_reveal(peer, reveal, pending.output, self.now)
         return out
 
@@ -135,12 +141,13 @@ class Sim:
 
 
 def swarm(n: int, **spec_changes) -> Sim:
-    members = {m.core.peer_id: m for m in (SimMember(MemberCore(Identity.generate())) for _ in range(n))}
+    members = {m.core.peer_id: m for m in (SimMember(MemberCore(ident)) for ident in identities(n, offset=1))}
     return Sim(CommitteeRound(make_spec(**spec_changes)), members)
 
 
 def start(sim: Sim, candidates=None) -> list:
-    return sim.machine.start(sim.now, list(sim.members) if candidates is None else candidates)
+    peers = list(sim.members) if candidates is None else candidates
+    return sim.machine.start(sim.now, {p: sim.members[p].record for p in peers})
 
 
 # ---- the client's round ----
@@ -255,7 +262,7 @@ def test_words_about_someone_else_blame_no_one():
     sim = swarm(3, max_reruns=0)
     send = sim.step(start(sim))[0]
     a, b, c = send.members
-    commits = {p: sim.members[p].core.commit(send.task, HONEST, os.urandom(32), NOW) for p in send.members}
+    commits = {p: sim.members[p].core.commit(send.candidates, HONEST, os.urandom(32), NOW) for p in send.members}
     assert sim.machine.on_commit(a, commits[b], NOW) == []  # a answers with b's commit: ignored
     assert sim.machine.on_commit("stranger", commits[c], NOW) == []  # not asked: ignored
     out = sim.machine.on_commit(b, commits[b], NOW) + sim.machine.on_commit(c, commits[c], NOW)
@@ -276,39 +283,75 @@ def test_start_is_refused_while_a_round_runs():
 # ---- the member's rules ----
 
 
-def member_task(deadline: int = NOW + 2000) -> StageTask:
-    return StageTask(request_hash(MODEL, INPUT, b"n" * 32), 0, 0, MODEL, 1, 2, INPUT, 3, deadline)
+def member_draw(deadline: int = NOW + 2000, k: int = 3, n: int = 3):
+    """A candidate set of n providers (the first n pool identities after the client)."""
+    task = StageTask(request_hash(MODEL, output_hash(HIDDEN), b"", b"n" * 32, CLIENT.public_key), 0, 0, MODEL, 1, 2, INPUT, k,
+                     NOW, deadline, CLIENT.public_key)
+    pool = [provider(i, MODEL, 1, 2, NOW - 10_000) for i in identities(n, offset=1)]
+    return draw(CLIENT, task, pool), pool
 
 
 def test_a_member_signs_one_commitment_per_task():
-    core = MemberCore(Identity.generate())
-    task = member_task()
-    first = core.commit(task, HONEST, os.urandom(32), NOW)
-    assert core.commit(task, wrong(), os.urandom(32), NOW + 5) == first  # a repeated execute gets the same commit
+    signed, pool = member_draw()
+    core = MemberCore(pool[0].identity)
+    task = signed.task
+    first = core.commit(signed, HONEST, os.urandom(32), NOW)
+    assert first.candidates_id == signed.id
+    assert core.commit(signed, wrong(), os.urandom(32), NOW + 5) == first  # a repeated execute gets the same commit
     assert core.existing_commit(task, NOW + 10) == first
-    reveal, pending = core.reveal(task.task_id, NOW + 20)
+    reveal, pending = core.reveal(task.task_id, CLIENT.peer_id, NOW + 20)
     assert pending.output == HONEST and reveal.opens(first) and reveal.output_hash == output_hash(HONEST)
     with pytest.raises(ProtocolViolation, match="no pending output"):
-        core.reveal(task.task_id, NOW + 30)  # revealed once
-    assert core.commit(task, wrong(), os.urandom(32), NOW + 40) == first  # still never a second commitment
+        core.reveal(task.task_id, CLIENT.peer_id, NOW + 30)  # revealed once
+    assert core.commit(signed, wrong(), os.urandom(32), NOW + 40) == first  # still never a second commitment
 
 
 def test_a_member_checks_input_and_deadline_before_computing():
-    core = MemberCore(Identity.generate())
-    task = member_task()
-    core.check_execute(task, INPUT, task.commit_deadline_ms)
+    signed, pool = member_draw()
+    core = MemberCore(pool[0].identity)
+    core.check_execute(signed, INPUT, CLIENT.peer_id, signed.task.commit_deadline_ms)
     with pytest.raises(ProtocolViolation, match="input does not match"):
-        core.check_execute(task, b"x" * 32, NOW)
+        core.check_execute(signed, b"x" * 32, CLIENT.peer_id, NOW)
     with pytest.raises(ProtocolViolation, match="deadline has passed"):
-        core.check_execute(task, INPUT, task.commit_deadline_ms + 1)
+        core.check_execute(signed, INPUT, CLIENT.peer_id, signed.task.commit_deadline_ms + 1)
+
+
+def test_a_member_executes_only_what_its_candidate_set_selects_it_for():
+    signed, pool = member_draw(n=4)
+    members = set(signed.members)
+    outsider = next(p for p in pool if p.peer_id not in members)  # the fourth-ranked candidate
+    with pytest.raises(NotSelected, match="not among the k smallest"):
+        MemberCore(outsider.identity).check_execute(signed, INPUT, CLIENT.peer_id, NOW)
+    member = MemberCore(next(p for p in pool if p.peer_id in members).identity)
+    member.check_execute(signed, INPUT, CLIENT.peer_id, NOW)
+    with pytest.raises(NotSelected, match="task is"):  # someone else relays the client's task
+        member.check_execute(signed, INPUT, pool[3].peer_id, NOW)
+    with pytest.raises(NotSelected, match="below the minimum"):
+        member.check_execute(member_draw(k=1, n=1)[0], INPUT, CLIENT.peer_id, NOW)
+
+
+def test_only_the_tasks_client_gets_the_reveal():
+    signed, pool = member_draw()
+    core = MemberCore(pool[0].identity)
+    core.commit(signed, HONEST, os.urandom(32), NOW)
+    with pytest.raises(NotSelected, match="only the task's client"):
+        core.reveal(signed.task.task_id, pool[1].peer_id, NOW + 1)  # a peer asking early could copy the output
+    reveal, _ = core.reveal(signed.task.task_id, CLIENT.peer_id, NOW + 2)  # still there for the client
+    assert reveal.member == pool[0].peer_id
 
 
 def test_pending_outputs_expire_on_the_passed_in_clock():
-    core = MemberCore(Identity.generate())
-    task = member_task()
-    core.commit(task, HONEST, os.urandom(32), NOW)
+    signed, pool = member_draw()
+    core = MemberCore(pool[0].identity)
+    task = signed.task
+    core.commit(signed, HONEST, os.urandom(32), NOW)
     core.expire(NOW + PENDING_TTL_MS)
     assert task.task_id in core.pending  # kept for the whole TTL
     with pytest.raises(ProtocolViolation, match="no pending output"):
-        core.reveal(task.task_id, NOW + PENDING_TTL_MS + 1)
+        core.reveal(task.task_id, CLIENT.peer_id, NOW + PENDING_TTL_MS + 1)
     assert core.existing_commit(task, NOW + PENDING_TTL_MS + 1) is None and not core.committed
+
+
+def test_a_committee_below_the_minimum_is_refused_before_anything_is_sent():
+    with pytest.raises(UsageError, match="k >= 3"):
+        make_spec(k=1)

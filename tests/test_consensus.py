@@ -17,6 +17,7 @@ from p2p_infer.proto.consensus import (
     StageRound,
     StageTask,
     Ticket,
+    activation_digest,
     commitment,
     make_ticket,
     output_hash,
@@ -29,9 +30,12 @@ from p2p_infer.proto.consensus import (
 )
 from p2p_infer.identity import Identity
 from p2p_infer.proto.reputation import Reputation, updated
+from p2p_infer.testing.population import draw, identities, providers
 
 MODEL = "ab" * 32
-NOW = 1_000_000
+NOW = 1_764_000_000_000
+CLIENT = identities(1)[0]
+HIDDEN_HASH = b"i" * 32
 
 
 def tensor(values) -> dict:
@@ -43,27 +47,27 @@ HONEST = tensor(np.linspace(-1, 1, 32))
 WRONG = tensor(np.linspace(-1, 1, 32) + 0.5)
 
 
-def make_task(stage=0, input_hash=b"i" * 32, k=3, nonce=b"n" * 32, first=1, last=2):
-    return StageTask(request_hash(MODEL, b"i" * 32, nonce), stage, 0, MODEL, first, last, input_hash, k, NOW + 1000)
+def make_task(stage=0, input_hash=activation_digest(HIDDEN_HASH, b""), k=3, nonce=b"n" * 32, first=1, last=2):
+    return StageTask(request_hash(MODEL, HIDDEN_HASH, b"", nonce, CLIENT.public_key), stage, 0, MODEL, first, last, input_hash, k,
+                     NOW, NOW + 1000, CLIENT.public_key)
 
 
 def committee_for(task, n_candidates=5):
-    ids = [Identity.generate() for _ in range(n_candidates)]
-    tickets = [make_ticket(i, task.seed) for i in ids]
-    chosen = select_committee(tickets, task.seed, task.k)
-    by_id = {i.peer_id: i for i in ids}
-    return [by_id[t.peer_id] for t in chosen], chosen, tickets
+    pool = providers(n_candidates, MODEL, 1, 2, NOW - 10_000, offset=1)
+    signed = draw(CLIENT, task, pool)
+    by_id = {p.peer_id: p.identity for p in pool}
+    return [by_id[m] for m in signed.members], signed, [c.ticket for c in signed.candidates]
 
 
 def play(task, members, outputs, *, late=(), no_reveal=(), bad_reveal=()):
     """Run one round where members[i] computes outputs[i]."""
-    _, chosen, tickets = committee_for_cache[task]
-    rnd = StageRound(task, chosen, tickets)
+    _, signed, _ = committee_for_cache[task]
+    rnd = StageRound(signed, signed.committee())
     nonces = {}
     for ident, out in zip(members, outputs):
         nonce = os.urandom(32)
         nonces[ident.peer_id] = nonce
-        c = sign_commit(ident, task.task_id, commitment(task.task_id, output_hash(out), nonce), NOW)
+        c = sign_commit(ident, task.task_id, signed.id, commitment(task.task_id, output_hash(out), nonce), NOW)
         rnd.on_commit(c, NOW + (5000 if ident.peer_id in late else 10))
     for ident, out in zip(members, outputs):
         if ident.peer_id in no_reveal:
@@ -90,7 +94,8 @@ def test_quorum_sizes():
 
 def test_sortition_is_deterministic_verifiable_and_rejects_forgeries(setup):
     task, members = setup
-    _, chosen, tickets = committee_for_cache[task]
+    _, signed, tickets = committee_for_cache[task]
+    chosen = signed.committee()
     assert [t.peer_id for t in select_committee(list(reversed(tickets)), task.seed, 3)] == [t.peer_id for t in chosen]
     forged = Ticket(tickets[0].peer_id, tickets[0].public_key, tickets[1].proof)
     with pytest.raises(ConsensusError, match="bad VRF proof"):
@@ -142,16 +147,18 @@ def test_equivocation_is_detected_and_provable(setup):
     rnd = play(task, members, [HONEST] * 3)
     liar = members[0]
     first = rnd.commits[liar.peer_id]
-    other = sign_commit(liar, task.task_id, commitment(task.task_id, output_hash(WRONG), b"x" * 32), NOW)
+    other = sign_commit(liar, task.task_id, rnd.candidates.id, commitment(task.task_id, output_hash(WRONG), b"x" * 32), NOW)
     rnd.on_commit(other, NOW + 20)
     decision = rnd.decide()
     assert decision.verdicts[liar.peer_id] == "equivocation"
     assert decision.output == HONEST
-    Evidence("equivocation", liar.peer_id, [first, other]).verify()
+    Evidence("equivocation", liar.peer_id, [first, other], candidates=rnd.candidates).verify()
     with pytest.raises(ConsensusError):
-        Evidence("equivocation", liar.peer_id, [first, first]).verify()
+        Evidence("equivocation", liar.peer_id, [first, first], candidates=rnd.candidates).verify()
     with pytest.raises(ConsensusError):  # commits by someone else are no evidence against the liar
-        Evidence("equivocation", liar.peer_id, [rnd.commits[members[1].peer_id], other]).verify()
+        Evidence("equivocation", liar.peer_id, [rnd.commits[members[1].peer_id], other], candidates=rnd.candidates).verify()
+    with pytest.raises(ConsensusError, match="candidate set"):  # nor is anything without the set that selected it
+        Evidence("equivocation", liar.peer_id, [first, other]).verify()
 
 
 def test_wrong_output_evidence_is_checkable_by_anyone(setup):
@@ -169,13 +176,13 @@ def test_wrong_output_evidence_is_checkable_by_anyone(setup):
 
 def test_copier_cannot_open_its_commitment_with_a_copied_output(setup):
     task, members = setup
-    _, chosen, tickets = committee_for_cache[task]
-    rnd = StageRound(task, chosen, tickets)
+    _, signed, _ = committee_for_cache[task]
+    rnd = StageRound(signed, signed.committee())
     nonces = {m.peer_id: os.urandom(32) for m in members}
     copier = members[2]
     for m in members:  # the copier commits before it can know the others' outputs
         committed = output_hash(HONEST) if m is not copier else output_hash(tensor(np.zeros(32)))
-        rnd.on_commit(sign_commit(m, task.task_id, commitment(task.task_id, committed, nonces[m.peer_id]), NOW), NOW + 1)
+        rnd.on_commit(sign_commit(m, task.task_id, signed.id, commitment(task.task_id, committed, nonces[m.peer_id]), NOW), NOW + 1)
     for m in members:  # ...then reveals the honest output it copied
         rnd.on_reveal(sign_reveal(m, task.task_id, output_hash(HONEST), nonces[m.peer_id]), HONEST)
     assert rnd.decide().verdicts[copier.peer_id] == "bad-reveal"
@@ -184,7 +191,7 @@ def test_copier_cannot_open_its_commitment_with_a_copied_output(setup):
 def test_certificate_tampering_is_detected(setup):
     task, members = setup
     stage = play(task, members, [HONEST] * 3).decide().certificate
-    cert = Certificate(MODEL, b"n" * 32, b"i" * 32, b"", [stage])
+    cert = Certificate(MODEL, CLIENT.public_key, b"n" * 32, HIDDEN_HASH, b"", [stage])
     assert cert.verify() and Certificate.decode(cert.encode()).verify()
     raw = cert.encode()
     mutations = 0
@@ -271,7 +278,8 @@ def test_auditor_memory_is_bounded(monkeypatch):
 
     monkeypatch.setattr(auditor_module, "MAX_TRACKED", 5)
     auditor = Auditor(Reputation())
-    ident = Identity.generate()
+    member = identities(1, offset=1)[0]
     for i in range(20):
-        auditor.on_commit(sign_commit(ident, bytes([i]) * 32, b"c" * 32, NOW))
-    assert len(auditor.commits) == 5
+        signed = draw(CLIENT, make_task(nonce=bytes([i]) * 32), providers(3, MODEL, 1, 2, NOW - 10_000, offset=1))
+        auditor.on_commit(sign_commit(member, signed.task.task_id, signed.id, b"c" * 32, NOW), signed)
+    assert len(auditor.commits) == 5 and len(auditor.committees) == 5

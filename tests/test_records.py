@@ -6,7 +6,7 @@ import msgpack
 import pytest
 
 from p2p_infer.errors import RecordError
-from p2p_infer.identity import Identity
+from p2p_infer.identity import Identity, puzzle_hash
 from p2p_infer.proto.records import (
     MAX_RECORD_BYTES,
     SIGNING_DOMAIN,
@@ -33,7 +33,9 @@ def _record(ident: Identity, **kw) -> CapabilityRecord:
                        issued_at_ms=kw.pop("issued_at_ms", NOW), ttl_ms=kw.pop("ttl_ms", 60_000), **kw)
 
 
-def test_vector_matches_code_byte_for_byte():
+def test_v1_vector_still_encodes_byte_for_byte_and_is_refused():
+    """record.json is schema 1: its bytes still come out of the encoder, but schema 1 (keys
+    that need not solve the identity puzzle, and this one does not) is no longer accepted."""
     ident = Identity.from_seed(bytes.fromhex(VECTOR["seed_hex"]))
     assert ident.public_key.hex() == VECTOR["public_key_hex"]
     assert ident.peer_id == VECTOR["peer_id"]
@@ -42,16 +44,43 @@ def test_vector_matches_code_byte_for_byte():
         peer_id=r["peer_id"], public_key=ident.public_key, addrs=tuple(r["addrs"]),
         shards=tuple(ShardSpec(*s) for s in r["shards"]), throughput=r["throughput"], load=r["load"], tee=r["tee"],
         tee_attestation=bytes.fromhex(r["tee_attestation_hex"]), software=r["software"], protocols=tuple(r["protocols"]),
-        issued_at_ms=r["issued_at_ms"], expires_at_ms=r["expires_at_ms"],
+        issued_at_ms=r["issued_at_ms"], expires_at_ms=r["expires_at_ms"], schema=1,
     )
     assert encode_body(rec).hex() == VECTOR["body_hex"]
     assert (SIGNING_DOMAIN + encode_body(rec)).hex() == VECTOR["signed_bytes_hex"]
     assert sign_record(rec, ident).hex() == VECTOR["envelope_hex"]
     assert ident.sign(bytes.fromhex(VECTOR["signed_bytes_hex"])).hex() == VECTOR["signature_hex"]
-    assert verify_record(bytes.fromhex(VECTOR["envelope_hex"]), now=VECTOR["verify_at_ms"]) == rec
+    assert not ident.solves_puzzle
+    with pytest.raises(RecordError, match="unsupported record schema 1"):
+        verify_record(bytes.fromhex(VECTOR["envelope_hex"]), now=VECTOR["verify_at_ms"])
     assert record_key(ident.peer_id) == VECTOR["dht_value_key"]
     keys = VECTOR["provider_keys"]
     assert (all_peers_key(), model_key(MODEL), shard_key(rec.shards[0])) == (keys["all_peers"], keys["model"], keys["shard"])
+
+
+def test_v2_vector_matches_code_byte_for_byte():
+    v2 = json.loads((Path(__file__).parent.parent / "protocols" / "test-vectors" / "record-v2.json").read_text())
+    ident = Identity.from_seed(bytes.fromhex(v2["identity"]["seed_hex"]))
+    assert (ident.public_key.hex(), ident.peer_id) == (v2["identity"]["public_key_hex"], v2["identity"]["peer_id"])
+    assert ident.solves_puzzle and puzzle_hash(ident.public_key).hex() == v2["identity"]["puzzle_hash_hex"]
+    r = v2["record"]
+    rec = make_record(ident, addrs=r["addrs"], shards=[ShardSpec(*s) for s in r["shards"]], throughput=r["throughput"], load=r["load"],
+                      software=r["software"], protocols=r["protocols"], ttl_ms=r["ttl_ms"], issued_at_ms=r["issued_at_ms"])
+    assert encode_body(rec).hex() == v2["body_hex"]
+    assert (SIGNING_DOMAIN + encode_body(rec)).hex() == v2["signed_bytes_hex"]
+    assert sign_record(rec, ident).hex() == v2["envelope_hex"]
+    assert ident.sign(bytes.fromhex(v2["signed_bytes_hex"])).hex() == v2["signature_hex"]
+    read = verify_record(bytes.fromhex(v2["envelope_hex"]), now=v2["verify_at_ms"])
+    assert read == rec and read.envelope.hex() == v2["envelope_hex"]
+    assert record_key(ident.peer_id) == v2["dht_value_key"]
+    keys = v2["provider_keys"]
+    assert (all_peers_key(), model_key(MODEL), shard_key(rec.shards[0])) == (keys["all_peers"], keys["model"], keys["shard"])
+
+
+def test_a_key_that_does_not_solve_the_puzzle_is_refused():
+    lazy = next(i for i in (Identity.from_seed(bytes([n]) * 32) for n in range(256)) if not i.solves_puzzle)
+    with pytest.raises(RecordError, match="does not solve the identity puzzle"):
+        verify_record(sign_record(_record(lazy), lazy), now=NOW)
 
 
 def test_round_trip():

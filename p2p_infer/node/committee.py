@@ -1,5 +1,6 @@
-"""The committee protocol's member side (``/p2p-infer/committee/1.0.0``), as a thin trio
-handler: decode the request, check it against the served shards, compute (torch, in the
+"""The committee protocol's member side (``/p2p-infer/committee/2.0.0``), as a thin trio
+handler: decode the request, check it against the served shards and the client's signed
+candidate set (the member computes only tasks it was selected for), compute (torch, in the
 peer's worker threads), and let the sans-IO rules in :mod:`proto.committee_member` sign
 and remember. Test misbehaviour lives in :mod:`testing.adversaries`, which wraps the
 pieces of an honest member; nothing here knows about it. Spec: ``protocols/committee.md``."""
@@ -18,6 +19,7 @@ from ..identity import Identity
 from ..ml.models import Activation
 from ..ml.shards import ShardServer
 from ..ml.tensors import activation_from_wire, encode_tensor
+from ..net.framing import remote_peer
 from ..proto.committee_codec import (
     ExecuteRequest,
     RevealRequest,
@@ -110,14 +112,15 @@ class CommitteeMember:
             return commit_reply(known)
         act = activation_from_wire(request.hidden, request.mask)
         model.check_activation(act)
-        self.core.check_execute(task, request.input_hash, self.clock())
+        # the stream's remote peer, authenticated by Noise: only the task's client may ask
+        self.core.check_execute(request.candidates, request.input_hash, remote_peer.get(), self.clock())
         output = encode_tensor(await self.compute(task, model, act))
-        return commit_reply(self.core.commit(task, output, self.nonce(), self.clock()))
+        return commit_reply(self.core.commit(request.candidates, output, self.nonce(), self.clock()))
 
     async def reveal(self, request: RevealRequest) -> Message:
-        reveal, pending = self.core.reveal(request.task_id, self.clock())
+        reveal, pending = self.core.reveal(request.task_id, remote_peer.get(), self.clock())
         # one gossip message per member and task (py-libp2p gossip costs ~ms of CPU each)
-        self.publish(round_message(pending.commit, reveal, pending.output))
+        self.publish(round_message(pending.candidates, pending.commit, reveal, pending.output))
         return reveal_reply(reveal, pending.output)
 
     def on_gossip(self, message: dict[str, Any]) -> None:

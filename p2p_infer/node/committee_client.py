@@ -1,7 +1,13 @@
 """The client's side of committee mode, as a thin trio driver over the sans-IO round in
 :mod:`proto.committee_round`: one committee per remaining stage, its requests sent
 concurrently, every answer fed to the machine, and its verdicts, reputation and
-evidence applied here. The stage verdicts are gossiped once per query."""
+evidence applied here. The stage verdicts are gossiped once per query.
+
+Each candidate goes into the signed candidate set with the record the client's directory
+holds for it; a record younger than ``MIN_RECORD_AGE_MS`` (just re-published) is waited
+for, at most that long, rather than dropped. After a query, ``client.last_certified``
+holds the certified input and output as activation files (``--save-input``,
+``--save-output``), for ``p2p-infer verify CERT --input/--output``."""
 
 from __future__ import annotations
 
@@ -43,7 +49,8 @@ from ..proto.committee_round import (
     StageSpec,
     apply_judgement,
 )
-from ..proto.consensus import Certificate, Evidence, StageCertificate, StageDecision, output_hash, request_hash
+from ..proto.consensus import Certificate, Evidence, StageCertificate, StageDecision, activation_file, output_hash, request_hash
+from ..proto.sortition import MIN_RECORD_AGE_MS
 from ..proto.wire import COMMITTEE_PROTOCOL, Message
 from .results import HopReport
 
@@ -66,8 +73,9 @@ async def run_committees(client: Any, model: SplitModel, act: Activation) -> tup
 
 async def run_stages(client: Any, model: SplitModel, act: Activation) -> tuple[Activation, list[HopReport], list[dict[str, Any]], bytes]:
     nonce = os.urandom(32)  # the client's nonce: its one source of randomness for the request
-    first_input = activation_hash(encode_tensor(act.hidden), None if act.mask is None else encode_tensor(act.mask))
-    req_hash = request_hash(model.model_id, first_input, nonce)
+    first_hidden, first_mask = encode_tensor(act.hidden), None if act.mask is None else encode_tensor(act.mask)
+    hidden_hash, mask_hash = output_hash(first_hidden), b"" if first_mask is None else output_hash(first_mask)
+    req_hash = request_hash(model.model_id, hidden_hash, mask_hash, nonce, client.identity.public_key)
     stages: list[StageCertificate] = []
     reports: list[dict[str, Any]] = []
     hops: list[Any] = []
@@ -83,8 +91,9 @@ async def run_stages(client: Any, model: SplitModel, act: Activation) -> tuple[A
         hops.append(HopReport(",".join(m for m, v in decision.verdicts.items() if v == "agree"), segment.first, segment.last,
                               round_trip_ms=(time.perf_counter() - started) * 1000))
         pos = segment.last + 1
-    mask_hash = b"" if act.mask is None else output_hash(encode_tensor(act.mask))
-    cert = Certificate(model.model_id, nonce, first_input, mask_hash, stages)
+    cert = Certificate(model.model_id, client.identity.public_key, nonce, hidden_hash, mask_hash, stages)
+    client.last_certified = {"input": activation_file(first_hidden, first_mask),
+                             "output": activation_file(stages[-1].outputs[0], first_mask)}
     return act, hops, reports, cert.encode()
 
 
@@ -94,7 +103,7 @@ async def decide_stage(client: Any, model: SplitModel, stage: int, first: int, l
     hidden, mask = encode_tensor(act.hidden), None if act.mask is None else encode_tensor(act.mask)
     spec = StageSpec(req_hash, stage, model.model_id, model.name, first, last, activation_hash(hidden, mask), client.committee,
                      commit_timeout_ms=int(client.commit_timeout * 1000), reveal_timeout_ms=int(client.reveal_timeout * 1000),
-                     max_reruns=client.max_reruns)
+                     max_reruns=client.max_reruns, client=client.identity)
     return await RoundDriver(client, model, CommitteeRound(spec), hidden, mask).run()
 
 
@@ -105,13 +114,25 @@ class RoundDriver:
         self.client, self.model, self.machine = client, model, machine
         self.hidden, self.mask = hidden, mask
 
-    def candidates(self) -> list[str]:
-        """The stage's providers, as the client sees them now (trusted, past their trial)."""
-        spec = self.machine.spec
-        return [s.peer_id for s in self.client.servers(self.model) if s.first <= spec.first and spec.last <= s.last]
+    def candidates(self) -> dict[str, Any]:
+        """The stage's providers, as the client sees them now (trusted, past their trial),
+        with the record the directory holds for each."""
+        spec, records = self.machine.spec, self.client.directory.records
+        peers = [s.peer_id for s in self.client.servers(self.model) if s.first <= spec.first and spec.last <= s.last]
+        return {p: records[p] for p in peers if p in records and records[p].envelope}
+
+    async def start(self) -> list[Action]:
+        """Start an attempt; a record issued under MIN_RECORD_AGE_MS ago is waited for (once,
+        at most that long): listed now, every member would refuse the candidate set."""
+        found = self.candidates()
+        young = [r.issued_at_ms + MIN_RECORD_AGE_MS - now_ms() for r in found.values()]
+        if young and max(young) > 0:
+            await trio.sleep(min(max(young), MIN_RECORD_AGE_MS) / 1000 + 0.001)
+            found = self.candidates()
+        return self.machine.start(now_ms(), {p: r.envelope for p, r in found.items()})
 
     async def run(self) -> tuple[StageDecision, int]:
-        queue: deque[Action] = deque(self.machine.start(now_ms(), self.candidates()))
+        queue: deque[Action] = deque(await self.start())
         while queue:
             action = queue.popleft()
             if isinstance(action, Decided):
@@ -126,15 +147,17 @@ class RoundDriver:
 
     async def perform(self, action: Action) -> list[Action]:
         if isinstance(action, ObserveCommit):
-            publish_evidence(self.client, self.client.auditor.on_commit(action.commit))
+            publish_evidence(self.client, self.client.auditor.on_commit(action.commit, action.candidates))
             return []
         if isinstance(action, Rerun):
             self.judged(action.judgement)
-            return self.machine.start(now_ms(), self.candidates())
+            return await self.start()
         if isinstance(action, AskTickets):
             return await self.exchange(action.peers, action.request.to_wire(), action.deadline_ms, self.on_ticket)
         if isinstance(action, SendExecute):
-            message = ExecuteRequest(action.task, self.hidden, self.mask).to_wire()
+            # our own set: the auditor need not re-verify every ticket on the critical path
+            self.client.auditor.remember_committee(action.candidates, action.members)
+            message = ExecuteRequest(action.candidates, self.hidden, self.mask).to_wire()
             return await self.exchange(action.members, message, action.deadline_ms, self.on_commit)
         if isinstance(action, AskReveals):
             return await self.exchange(action.members, RevealRequest(action.task_id).to_wire(), action.deadline_ms, self.on_reveal)

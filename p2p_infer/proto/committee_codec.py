@@ -1,4 +1,4 @@
-"""The committee protocol's messages (``/p2p-infer/committee/1.0.0``) and its gossip, as
+"""The committee protocol's messages (``/p2p-infer/committee/2.0.0``) and its gossip, as
 typed values with their wire forms. Sans-IO and torch-free: tensors here are wire tensors
 (``{"dtype", "shape", "data"}``); the drivers do the I/O and the torch conversion.
 Normative description: ``protocols/committee.md``."""
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ProtocolViolation
-from .consensus import Commit, Reveal, StageTask, Ticket, activation_digest, output_hash
+from .consensus import CandidateSet, Commit, Reveal, StageTask, Ticket, activation_digest, output_hash
 from .tensors import WireTensor, check_wire_tensor
 from .wire import COMMIT, COMMITTEE_PROTOCOL, EXECUTE, REVEAL, ROUND, TICKET, VERDICTS, Message, expect, expect_reply, message_type
 
@@ -46,17 +46,24 @@ class TicketRequest:
 
 @dataclass(frozen=True)
 class ExecuteRequest:
-    task: StageTask
+    """The task comes inside the candidate set the client signed: the member checks from it
+    alone that it is among the k smallest tickets before computing anything."""
+
+    candidates: CandidateSet
     hidden: WireTensor
     mask: WireTensor | None
 
+    @property
+    def task(self) -> StageTask:
+        return self.candidates.task
+
     def to_wire(self) -> Message:
-        return {"type": EXECUTE, "task": self.task.to_wire(), "hidden": self.hidden, "mask": self.mask}
+        return {"type": EXECUTE, "candidates": self.candidates.to_wire(), "hidden": self.hidden, "mask": self.mask}
 
     @classmethod
     def from_wire(cls, message: Message) -> ExecuteRequest:
         # tensors are checked by the member's driver (shape, dtype, finiteness) before use
-        return cls(StageTask.from_wire(message.get("task")), message.get("hidden"), message.get("mask"))  # type: ignore[arg-type]
+        return cls(CandidateSet.from_wire(message.get("candidates")), message.get("hidden"), message.get("mask"))  # type: ignore[arg-type]
 
     @property
     def input_hash(self) -> bytes:
@@ -123,9 +130,10 @@ def parse_reveal_reply(reply: Message) -> tuple[Reveal, WireTensor]:
 # ---- gossip on the consensus topic ----
 
 
-def round_message(commit: Commit, reveal: Reveal, output: WireTensor) -> Message:
-    """A member's commit and reveal for one task, once, after revealing (for audit)."""
-    return {"type": ROUND, "commit": commit.to_wire(), "reveal": reveal.to_wire(), "output": output}
+def round_message(candidates: CandidateSet, commit: Commit, reveal: Reveal, output: WireTensor) -> Message:
+    """A member's commit and reveal for one task, once, after revealing (for audit), with
+    the candidate set that selected it: auditors check the member was on the committee."""
+    return {"type": ROUND, "candidates": candidates.to_wire(), "commit": commit.to_wire(), "reveal": reveal.to_wire(), "output": output}
 
 
 def is_round(message: Message) -> bool:

@@ -1,15 +1,17 @@
-"""A committee member's rules, sans-IO: tickets, one commitment per task, pending outputs
-that expire, reveals. The clock and the nonces come in as arguments; the trio handler in
+"""A committee member's rules, sans-IO: tickets, the check that it was selected, one
+commitment per task, pending outputs that expire, reveals to the task's client only. The
+clock, the nonces and who is asking come in as arguments; the trio handler in
 ``node/committee.py`` decodes, computes and calls these. Spec: ``protocols/committee.md``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import ProtocolViolation
+from ..errors import ConsensusError, NotSelected, ProtocolViolation
 from ..identity import Identity
 from .committee_codec import WireTensor
-from .consensus import Commit, Reveal, StageTask, Ticket, commitment, make_ticket, output_hash, sign_commit, sign_reveal
+from .consensus import CandidateSet, Commit, Reveal, StageTask, Ticket, commitment, make_ticket, output_hash, sign_commit, sign_reveal
+from .records import CLOCK_SKEW_MS
 
 PENDING_TTL_MS = 120_000  # how long a member keeps an unrevealed output (and its one commitment)
 
@@ -21,6 +23,7 @@ class Pending:
     output: WireTensor
     nonce: bytes
     commit: Commit
+    candidates: CandidateSet
     expires_ms: int
 
 
@@ -45,36 +48,55 @@ class MemberCore:
         entry = self.committed.get(task.task_id)
         return None if entry is None else entry[0]
 
-    def check_execute(self, task: StageTask, input_hash: bytes, now_ms: int) -> None:
-        """What must hold before computing: the input is the task's, the deadline ahead."""
+    def check_execute(self, candidates: CandidateSet, input_hash: bytes, requester: str, now_ms: int) -> None:
+        """What must hold before computing: the task's own client asks, the input is the
+        task's, the deadline is ahead, and the candidate set the client signed selects us.
+        Anything else is a task nobody legitimately gave us, and evidence about it could
+        only be a frame."""
+        task = candidates.task
+        if requester != task.client_id:
+            raise NotSelected(f"execute: the task is {task.client_id}'s, not {requester or 'an unknown peer'}'s")
         if input_hash != task.input_hash:
             raise ProtocolViolation("execute: input does not match the task's input hash")
         if now_ms > task.commit_deadline_ms:
             raise ProtocolViolation("execute: the commit deadline has passed")
+        if task.requested_at_ms > now_ms + CLOCK_SKEW_MS:
+            raise ProtocolViolation("execute: the task is dated in the future")
+        try:
+            members = candidates.members
+        except ConsensusError as exc:
+            raise NotSelected(f"execute: invalid candidate set: {exc.message}") from None
+        if self.peer_id not in members:
+            raise NotSelected("execute: this member is not among the k smallest tickets of the candidate set")
 
-    def commit(self, task: StageTask, output: WireTensor, nonce: bytes, now_ms: int) -> Commit:
-        """Sign the one commitment for ``task`` to ``output``; if a duplicate request raced
+    def commit(self, candidates: CandidateSet, output: WireTensor, nonce: bytes, now_ms: int) -> Commit:
+        """Sign the one commitment for the task to ``output``; if a duplicate request raced
         this one and committed first, return that commitment and forget this output."""
+        task = candidates.task
         task_id = task.task_id
         known = self.existing_commit(task, now_ms)
         if known is not None:
             return known
-        signed = sign_commit(self.identity, task_id, commitment(task_id, output_hash(output), nonce), now_ms)
+        signed = sign_commit(self.identity, task_id, candidates.id, commitment(task_id, output_hash(output), nonce), now_ms)
         expires = now_ms + self.ttl_ms
         self.committed[task_id] = (signed, expires)
-        self.pending[task_id] = Pending(output, nonce, signed, expires)
+        self.pending[task_id] = Pending(output, nonce, signed, candidates, expires)
         return signed
 
-    def take(self, task_id: bytes, now_ms: int) -> Pending:
-        """Remove and return the unrevealed output of a task (each is revealed once)."""
+    def take(self, task_id: bytes, requester: str, now_ms: int) -> Pending:
+        """Remove and return the unrevealed output of a task (each is revealed once, and
+        only to the task's client: anyone else asking early could copy it)."""
         self.expire(now_ms)
-        entry = self.pending.pop(task_id, None)
+        entry = self.pending.get(task_id)
         if entry is None:
             raise ProtocolViolation("reveal: no pending output for this task")
+        if requester != entry.candidates.task.client_id:
+            raise NotSelected("reveal: only the task's client may ask for the reveal")
+        del self.pending[task_id]
         return entry
 
-    def reveal(self, task_id: bytes, now_ms: int) -> tuple[Reveal, Pending]:
-        entry = self.take(task_id, now_ms)
+    def reveal(self, task_id: bytes, requester: str, now_ms: int) -> tuple[Reveal, Pending]:
+        entry = self.take(task_id, requester, now_ms)
         return sign_reveal(self.identity, task_id, output_hash(entry.output), entry.nonce), entry
 
     def expire(self, now_ms: int) -> None:

@@ -9,7 +9,8 @@ and draws no randomness: every event carries ``now_ms``, and the request hash (w
 client's nonce in it) comes in with the :class:`StageSpec`.
 
 The rules are :mod:`consensus`'s (``StageRound``, ``rank_tickets``, ``Evidence``); this
-module only sequences them: tickets -> committee -> commits -> reveals -> decision, and on
+module only sequences them: tickets -> signed candidate set -> committee -> commits ->
+reveals -> decision, and on
 no quorum a fresh committee (attempt + 1) without the members found faulty, at most
 ``max_reruns`` times. Verdicts become reputation updates and evidence in :func:`judge`,
 and :func:`apply_judgement` applies them to a reputation table and an auditor.
@@ -18,16 +19,32 @@ and :func:`apply_judgement` applies them to a reputation table and an auditor.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import structlog
 
 from ..errors import ConsensusError, NoQuorum, UsageError
+from ..identity import Identity
 from .auditor import Auditor
 from .committee_codec import TicketRequest, WireTensor
-from .consensus import Commit, Evidence, Reveal, StageDecision, StageRound, StageTask, Ticket, rank_tickets
+from .consensus import (
+    MAX_CANDIDATES,
+    MIN_K,
+    Candidate,
+    CandidateSet,
+    Commit,
+    Evidence,
+    Reveal,
+    StageDecision,
+    StageRound,
+    StageTask,
+    Ticket,
+    rank_tickets,
+    sign_candidates,
+)
 from .reputation import Reputation
+from .sortition import MAX_COMMIT_WINDOW_MS, check_candidate_record
 
 log = structlog.get_logger("p2p_infer.committee_round")
 
@@ -51,11 +68,18 @@ class StageSpec:
     commit_timeout_ms: int
     reveal_timeout_ms: int
     max_reruns: int
+    client: Identity  # signs the candidate sets; its key is in request_hash and in every task
     ticket_timeout_ms: int = TICKET_TIMEOUT_MS
+
+    def __post_init__(self) -> None:
+        if self.k < MIN_K:  # members refuse such tasks and certificates are refused: say so before sending
+            raise UsageError(f"a committee needs k >= {MIN_K} (docs/consensus.md); got k={self.k}")
+        if not 0 < self.commit_timeout_ms <= MAX_COMMIT_WINDOW_MS:
+            raise UsageError(f"the commit timeout must be within (0, {MAX_COMMIT_WINDOW_MS}] ms")
 
     def task(self, attempt: int, now_ms: int) -> StageTask:
         return StageTask(self.request_hash, self.stage, attempt, self.model_id, self.first, self.last,
-                         self.input_hash, self.k, now_ms + self.commit_timeout_ms)
+                         self.input_hash, self.k, now_ms, now_ms + self.commit_timeout_ms, self.client.public_key)
 
     @property
     def layers(self) -> str:
@@ -106,7 +130,7 @@ def evidence_for(rnd: StageRound, member: str, verdict: str, decision: StageDeci
         return Evidence("wrong-output", member, [rnd.commits[member]], reveal, output, decision.certificate)
     bad = rnd.bad_reveals.get(member)
     if verdict == "bad-reveal" and bad is not None and not bad.opens(rnd.commits[member]):
-        return Evidence("bad-reveal", member, [rnd.commits[member]], bad)
+        return Evidence("bad-reveal", member, [rnd.commits[member]], bad, candidates=rnd.candidates)
     return None
 
 
@@ -139,9 +163,13 @@ class AskTickets:
 
 @dataclass(frozen=True)
 class SendExecute:
-    task: StageTask
+    candidates: CandidateSet  # the signed candidate set, with the task: what each member checks
     members: tuple[str, ...]
     deadline_ms: int
+
+    @property
+    def task(self) -> StageTask:
+        return self.candidates.task
 
 
 @dataclass(frozen=True)
@@ -156,6 +184,7 @@ class ObserveCommit:
     """A member's own signed commit, for the auditor: it may conflict with its gossip."""
 
     commit: Commit
+    candidates: CandidateSet
 
 
 @dataclass(frozen=True)
@@ -205,17 +234,20 @@ class CommitteeRound:
     task: StageTask | None = None
     round: StageRound | None = None
     tickets: list[Ticket] = field(default_factory=list)
+    records: dict[str, bytes] = field(default_factory=dict)  # this attempt's candidates' record envelopes
     waiting: set[str] = field(default_factory=set)  # peers the current phase still waits for
     deadline_ms: int | None = None
 
-    def start(self, now_ms: int, candidates: Iterable[str]) -> list[Action]:
-        """Begin the next attempt with the current providers of the stage's layers."""
+    def start(self, now_ms: int, candidates: Mapping[str, bytes]) -> list[Action]:
+        """Begin the next attempt with the current providers of the stage's layers, each
+        with the signed record the client holds for it (it goes into the candidate set)."""
         if self.phase is not Phase.IDLE:
             raise UsageError(f"{self.spec.layers}: start() while {self.phase.value}")
         self.attempt += 1
         self.task = self.spec.task(self.attempt, now_ms)
         self.round, self.tickets = None, []
-        peers = tuple(sorted(set(candidates) - self.excluded))
+        self.records = {p: env for p, env in candidates.items() if p not in self.excluded}
+        peers = tuple(sorted(self.records))
         deadline = now_ms + self.spec.ticket_timeout_ms
         self._enter(Phase.TICKETS, peers, deadline)
         if not peers:
@@ -253,8 +285,8 @@ class CommitteeRound:
         if commit.member != peer:  # a member speaks only for itself
             log.info("commit names another member", asked=peer, named=commit.member)
         else:
-            actions.append(ObserveCommit(commit))
             assert self.round is not None
+            actions.append(ObserveCommit(commit, self.round.candidates))
             self.round.on_commit(commit, now_ms)
         return actions + (self._close(now_ms) if not self.waiting else [])
 
@@ -300,15 +332,31 @@ class CommitteeRound:
 
     def _close_tickets(self, now_ms: int) -> list[Action]:
         assert self.task is not None
-        ranked = rank_tickets(self.tickets, self.task.seed)  # each VRF proof is verified once, here
-        committee = ranked[: self.spec.k]
+        eligible = self._eligible(rank_tickets(self.tickets, self.task.seed))  # each VRF proof is verified once, here
+        committee = [c.ticket for c in eligible[: self.spec.k]]
         if len(committee) < self.spec.k:  # too few candidates: a re-run cannot do better
             self.failures.append(f"{self.spec.layers}: {len(committee)} eligible candidates for a committee of {self.spec.k}")
             return self._fail(None)
-        self.round = StageRound(self.task, committee, ranked)
+        signed = sign_candidates(self.spec.client, self.task, eligible)
+        self.round = StageRound(signed, committee)
         wait_until = max(now_ms + MIN_COMMIT_WAIT_MS, self.task.commit_deadline_ms + COMMIT_GRACE_MS)
         self._enter(Phase.COMMITS, self.round.members, wait_until)
-        return [SendExecute(self.task, tuple(self.round.members), wait_until)]
+        return [SendExecute(signed, tuple(self.round.members), wait_until)]
+
+    def _eligible(self, ranked: list[Ticket]) -> list[Candidate]:
+        """Ranked candidates whose record a verifier will accept (the rest are left out, not
+        signed into a set every member would then refuse), at most MAX_CANDIDATES."""
+        assert self.task is not None
+        out = []
+        for ticket in ranked[:MAX_CANDIDATES]:
+            envelope = self.records.get(ticket.peer_id, b"")
+            try:
+                check_candidate_record(self.task, ticket.peer_id, envelope)
+            except ConsensusError as exc:
+                log.info("candidate left out", peer=ticket.peer_id, reason=exc.message)
+                continue
+            out.append(Candidate(ticket, envelope))
+        return out
 
     def _close_commits(self, now_ms: int) -> list[Action]:
         assert self.round is not None

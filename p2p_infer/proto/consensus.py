@@ -1,50 +1,63 @@
-"""Committee consensus for one stage: sortition, commit-reveal, quorum, certificates.
+"""Committee consensus for one stage: commit-reveal, quorum, certificates, evidence.
 
-Sans-IO: plain data and functions; the peer and client adapters do the I/O. The rules
-(``docs/consensus.md``, ``protocols/committee.md``):
+Sans-IO: plain data and functions; the peer and client adapters do the I/O. Who may sit on
+a committee (tasks, tickets, the client's signed candidate set) is :mod:`sortition`'s; the
+rules here (``docs/consensus.md``, ``protocols/committee.md``):
 
-* **Request and seeds.** ``request_hash = H(model_id, input_hash, client_nonce)``; the
-  sortition seed of stage *i*, attempt *a* is ``H(request_hash, i, a)``. Each candidate
-  (a provider of the stage's layers) proves ``beta = VRF(sk, seed)``; the committee is the
-  k candidates with the smallest beta. Nobody can choose its beta for a given seed, and
-  the seed is fixed before anyone sees a VRF output.
 * **Commit.** A member computes the stage output *m*, draws a 32-byte nonce *r* and signs
-  ``commitment = H(task_id, H(m), r)`` before the commit deadline.
+  ``commitment = H(task_id, H(m), r)`` with the id of the candidate set it was selected
+  under, before the commit deadline.
 * **Reveal.** After the commit phase closes, members reveal ``(H(m), r)`` signed, plus *m*.
   A reveal whose hash differs from the commitment is a fault; so is a missing or late
   commit and a missing reveal.
 * **Quorum.** Outputs agree when ``|a - b| <= ATOL + RTOL * |b|`` elementwise. The stage
   result is accepted only if at least ``ceil(2k/3)`` members' valid reveals agree with one
-  output; the certificate is their signed commits and reveals, bound to the task.
+  output; the certificate is their signed commits and reveals, bound to the candidate set.
+* **Evidence** counts only against a member its candidate set selects, and wrong-output
+  evidence only with a stage certificate that is itself valid.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 import numpy as np
 
-from . import vrf
-from ..errors import ConsensusError, NoQuorum
+from ..errors import BadTensor, ConsensusError, NoQuorum
 from ..identity import Identity, peer_id_from_public_key, verify_signature
+from .sortition import (
+    MAX_CANDIDATES,
+    MIN_K,
+    Candidate,
+    CandidateSet,
+    StageTask,
+    Ticket,
+    _expect,
+    h,
+    make_ticket,
+    rank_tickets,
+    request_hash,
+    select_committee,
+    sign_candidates,
+    stage_seed,
+)
+from .tensors import check_wire_tensor
+
+__all__ = [
+    "ATOL", "CERT_VERSION", "Candidate", "CandidateSet", "Certificate", "Commit", "ConsensusError", "Evidence", "MAX_CANDIDATES",
+    "MIN_K", "NoQuorum", "RTOL", "Reveal", "StageCertificate", "StageDecision", "StageRound", "StageTask", "Ticket",
+    "activation_digest", "activation_file", "commitment", "h", "make_ticket", "output_hash", "outputs_agree", "quorum_size",
+    "rank_tickets", "read_activation_file", "request_hash", "select_committee", "sign_candidates", "sign_commit", "sign_reveal",
+    "stage_seed",
+]
 
 ATOL = 1e-4
 RTOL = 1e-4
-MAX_TICKETS = 64  # candidates listed per stage in a certificate (bounds a verifier's work)
-COMMIT_DOMAIN = b"p2p-infer/commit/v1\n"
+COMMIT_DOMAIN = b"p2p-infer/commit/v2\n"
 REVEAL_DOMAIN = b"p2p-infer/reveal/v1\n"
-
-
-def h(*parts: bytes) -> bytes:
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(len(part).to_bytes(8, "big") + part)  # length-prefixed: no ambiguity
-    return digest.digest()
 
 
 def quorum_size(k: int) -> int:
@@ -74,100 +87,16 @@ def outputs_agree(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return bool(np.all(np.isfinite(x)) and np.all(np.abs(x - y) <= ATOL + RTOL * np.abs(y)))
 
 
-# ---- requests, seeds and sortition ----
+def _tensor(raw: Any, what: str) -> dict[str, Any]:
+    """A checked wire tensor in its one canonical form (so an encoding round-trips byte for byte)."""
+    try:
+        t = check_wire_tensor(raw, field=what)
+    except BadTensor as exc:
+        raise ConsensusError(exc.message) from None
+    return {"dtype": t["dtype"], "shape": list(t["shape"]), "data": t["data"]}
 
 
-def request_hash(model_id: str, input_hash: bytes, client_nonce: bytes) -> bytes:
-    return h(b"p2p-infer/request/v1", model_id.encode(), input_hash, client_nonce)
-
-
-def stage_seed(req_hash: bytes, stage: int, attempt: int) -> bytes:
-    return h(b"p2p-infer/sortition/v1", req_hash, stage.to_bytes(4, "big"), attempt.to_bytes(4, "big"))
-
-
-@dataclass(frozen=True)
-class Ticket:
-    """A candidate's VRF proof over a stage seed: its lottery ticket for the committee."""
-
-    peer_id: str
-    public_key: bytes
-    proof: bytes
-
-    def beta(self, seed: bytes) -> bytes:
-        """Verify the proof and return the VRF output; raises ConsensusError if invalid."""
-        if peer_id_from_public_key(self.public_key) != self.peer_id:
-            raise ConsensusError(f"ticket key does not match peer id {self.peer_id}")
-        try:
-            return vrf.verify(self.public_key, self.proof, seed)
-        except vrf.VrfError as exc:
-            raise ConsensusError(f"bad VRF proof from {self.peer_id}: {exc}") from None
-
-    def to_wire(self) -> list[Any]:
-        return [self.peer_id, self.public_key, self.proof]
-
-    @classmethod
-    def from_wire(cls, raw: Any) -> Ticket:
-        _expect(isinstance(raw, list) and len(raw) == 3 and isinstance(raw[0], str) and isinstance(raw[1], bytes) and isinstance(raw[2], bytes)
-                and len(raw[1]) == 32 and len(raw[2]) == vrf.PROOF_LEN, "ticket must be [peer_id, public_key (32 B), proof (80 B)]")
-        return cls(raw[0], raw[1], raw[2])
-
-
-def make_ticket(identity: Identity, seed: bytes) -> Ticket:
-    return Ticket(identity.peer_id, identity.public_key, vrf.prove(identity.seed, seed))
-
-
-def select_committee(tickets: Sequence[Ticket], seed: bytes, k: int) -> list[Ticket]:
-    """The k valid tickets with the smallest VRF output (invalid ones never count)."""
-    return rank_tickets(tickets, seed)[:k]
-
-
-def rank_tickets(tickets: Sequence[Ticket], seed: bytes) -> list[Ticket]:
-    """Every valid ticket (one per peer), by VRF output, smallest first."""
-    ranked, seen = [], set()
-    for t in tickets:
-        if t.peer_id in seen:
-            continue
-        try:
-            ranked.append((t.beta(seed), t))
-        except ConsensusError:
-            continue  # a forged ticket never displaces the peer's real one
-        seen.add(t.peer_id)
-    ranked.sort(key=lambda pair: pair[0])
-    return [t for _, t in ranked]
-
-
-# ---- the task a committee executes ----
-
-
-@dataclass(frozen=True)
-class StageTask:
-    request_hash: bytes
-    stage: int
-    attempt: int
-    model_id: str
-    first: int
-    last: int
-    input_hash: bytes
-    k: int
-    commit_deadline_ms: int
-
-    @property
-    def seed(self) -> bytes:
-        return stage_seed(self.request_hash, self.stage, self.attempt)
-
-    def to_wire(self) -> list[Any]:
-        return [self.request_hash, self.stage, self.attempt, self.model_id, self.first, self.last, self.input_hash, self.k, self.commit_deadline_ms]
-
-    @classmethod
-    def from_wire(cls, raw: Any) -> StageTask:
-        ok = isinstance(raw, list) and len(raw) == 9 and isinstance(raw[0], bytes) and isinstance(raw[3], str) and isinstance(raw[6], bytes)
-        ok = ok and all(isinstance(raw[i], int) for i in (1, 2, 4, 5, 7, 8))
-        _expect(ok, "task must be [request_hash, stage, attempt, model_id, first, last, input_hash, k, deadline]")
-        return cls(*raw)
-
-    @property
-    def task_id(self) -> bytes:
-        return h(b"p2p-infer/task/v1", msgpack.packb(self.to_wire(), use_bin_type=True))
+# ---- commit and reveal ----
 
 
 def commitment(task_id: bytes, out_hash: bytes, nonce: bytes) -> bytes:
@@ -177,6 +106,7 @@ def commitment(task_id: bytes, out_hash: bytes, nonce: bytes) -> bytes:
 @dataclass(frozen=True)
 class Commit:
     task_id: bytes
+    candidates_id: bytes  # the candidate set the member was selected under (CandidateSet.id)
     member: str
     public_key: bytes
     commitment: bytes
@@ -184,19 +114,20 @@ class Commit:
     signature: bytes = b""
 
     def body(self) -> bytes:
-        return msgpack.packb([self.task_id, self.member, self.public_key, self.commitment, self.committed_at_ms], use_bin_type=True)
+        return msgpack.packb([self.task_id, self.candidates_id, self.member, self.public_key, self.commitment, self.committed_at_ms],
+                             use_bin_type=True)
 
     def valid_signature(self) -> bool:
         return peer_id_from_public_key(self.public_key) == self.member and verify_signature(self.public_key, COMMIT_DOMAIN + self.body(), self.signature)
 
     def to_wire(self) -> list[Any]:
-        return [self.task_id, self.member, self.public_key, self.commitment, self.committed_at_ms, self.signature]
+        return [self.task_id, self.candidates_id, self.member, self.public_key, self.commitment, self.committed_at_ms, self.signature]
 
     @classmethod
     def from_wire(cls, raw: Any) -> Commit:
-        ok = isinstance(raw, list) and len(raw) == 6 and isinstance(raw[1], str) and isinstance(raw[4], int)
-        ok = ok and all(isinstance(raw[i], bytes) for i in (0, 2, 3, 5)) and len(raw[2]) == 32 and len(raw[5]) == 64
-        _expect(ok, "commit must be [task_id, member, public_key (32 B), commitment, committed_at_ms, signature (64 B)]")
+        ok = isinstance(raw, list) and len(raw) == 7 and isinstance(raw[2], str) and isinstance(raw[5], int)
+        ok = ok and all(isinstance(raw[i], bytes) for i in (0, 1, 3, 4, 6)) and len(raw[3]) == 32 and len(raw[6]) == 64
+        _expect(ok, "commit must be [task_id, candidates_id, member, public_key (32 B), commitment, committed_at_ms, signature (64 B)]")
         return cls(*raw)
 
 
@@ -233,9 +164,9 @@ class Reveal:
         return cls(*raw)
 
 
-def sign_commit(identity: Identity, task_id: bytes, commit_value: bytes, now_ms: int) -> Commit:
-    unsigned = Commit(task_id, identity.peer_id, identity.public_key, commit_value, now_ms)
-    return Commit(*unsigned.to_wire()[:5], signature=identity.sign(COMMIT_DOMAIN + unsigned.body()))
+def sign_commit(identity: Identity, task_id: bytes, candidates_id: bytes, commit_value: bytes, now_ms: int) -> Commit:
+    unsigned = Commit(task_id, candidates_id, identity.peer_id, identity.public_key, commit_value, now_ms)
+    return Commit(*unsigned.to_wire()[:6], signature=identity.sign(COMMIT_DOMAIN + unsigned.body()))
 
 
 def sign_reveal(identity: Identity, task_id: bytes, out_hash: bytes, nonce: bytes) -> Reveal:
@@ -254,15 +185,19 @@ class StageRound:
 
     Feed it with :meth:`on_commit` (with the time it arrived) and :meth:`on_reveal`, then
     call :meth:`decide`. Every member ends with a verdict: ``agree`` or one of FAULTS.
+    ``committee`` is the candidate set's k smallest tickets, as the client ranked them.
     """
 
-    task: StageTask
+    candidates: CandidateSet
     committee: list[Ticket]
-    tickets: list[Ticket] = field(default_factory=list)  # every candidate's ticket, for the certificate
     commits: dict[str, Commit] = field(default_factory=dict)
     reveals: dict[str, tuple[Reveal, dict[str, Any]]] = field(default_factory=dict)
     faults: dict[str, str] = field(default_factory=dict)
     bad_reveals: dict[str, Reveal] = field(default_factory=dict)
+
+    @property
+    def task(self) -> StageTask:
+        return self.candidates.task
 
     @property
     def members(self) -> list[str]:
@@ -272,7 +207,7 @@ class StageRound:
         member = commit.member
         if member not in self.members or not commit.valid_signature():
             return  # unsigned words blame no one
-        if commit.task_id != self.task.task_id:
+        if commit.task_id != self.task.task_id or commit.candidates_id != self.candidates.id:
             self.faults.setdefault(member, "bad-commit")
             return
         if received_at_ms > self.task.commit_deadline_ms or commit.committed_at_ms > self.task.commit_deadline_ms:
@@ -291,10 +226,9 @@ class StageRound:
             return  # no valid, timely commit (or already revealed): this reveal cannot count
         if not reveal.valid_signature():
             return  # unsigned words blame no one
-        if not reveal.valid_signature() or not reveal.opens(commit) or output_hash(output) != reveal.output_hash:
+        if not reveal.opens(commit) or output_hash(output) != reveal.output_hash:
             self.faults[member] = "bad-reveal"
-            if reveal.valid_signature() and reveal.member == member:
-                self.bad_reveals[member] = reveal  # signed proof of the fault
+            self.bad_reveals[member] = reveal  # signed proof of the fault
             return
         self.reveals[member] = (reveal, output)
 
@@ -319,16 +253,14 @@ class StageRound:
         for m in valid:
             if m not in best:
                 self.faults[m] = "wrong-output"
-        accepted = self.reveals[best[0]][1]
         cert = StageCertificate(
-            task=self.task,
-            tickets=list(self.tickets or self.committee),
+            candidates=self.candidates,
             commits=[self.commits[m] for m in best],
             reveals=[self.reveals[m][0] for m in best],
             outputs=[self.reveals[m][1] for m in best],
         )
         verdicts = {m: self.faults.get(m, "agree") for m in self.members}
-        return StageDecision(output=accepted, certificate=cert, verdicts=verdicts)
+        return StageDecision(output=self.reveals[best[0]][1], certificate=cert, verdicts=verdicts)
 
 
 @dataclass
@@ -338,13 +270,19 @@ class StageDecision:
     verdicts: dict[str, str]  # member -> "agree" or a fault
 
 
+STAGE_FIELDS = ("candidates", "commits", "reveals", "outputs")
+
+
 @dataclass
 class StageCertificate:
-    task: StageTask
-    tickets: list[Ticket]
+    candidates: CandidateSet  # the task, every candidate's ticket and record, signed by the client
     commits: list[Commit]
     reveals: list[Reveal]
     outputs: list[dict[str, Any]]
+
+    @property
+    def task(self) -> StageTask:
+        return self.candidates.task
 
     @property
     def output_hash(self) -> bytes:
@@ -352,41 +290,34 @@ class StageCertificate:
 
     def to_wire(self) -> dict[str, Any]:
         return {
-            "task": self.task.to_wire(),
-            "tickets": [t.to_wire() for t in self.tickets],
+            "candidates": self.candidates.to_wire(),
             "commits": [c.to_wire() for c in self.commits],
             "reveals": [r.to_wire() for r in self.reveals],
-            "outputs": self.outputs,
+            "outputs": [_tensor(o, "output") for o in self.outputs],
         }
 
     @classmethod
     def from_wire(cls, raw: Any) -> StageCertificate:
-        _expect(isinstance(raw, dict) and {"task", "tickets", "commits", "reveals", "outputs"} <= set(raw), "stage certificate fields missing")
-        outputs = raw["outputs"]
-        _expect(isinstance(outputs, list) and all(isinstance(o, dict) and {"dtype", "shape", "data"} == set(o) for o in outputs), "outputs must be tensors")
-        _expect(isinstance(raw["tickets"], list) and len(raw["tickets"]) <= MAX_TICKETS, f"at most {MAX_TICKETS} tickets per stage")
+        _expect(isinstance(raw, dict) and set(raw) == set(STAGE_FIELDS), f"a stage certificate has exactly {', '.join(STAGE_FIELDS)}")
+        _expect(all(isinstance(raw[k], list) for k in STAGE_FIELDS[1:]), "commits, reveals and outputs must be lists")
         return cls(
-            task=StageTask.from_wire(raw["task"]),
-            tickets=[Ticket.from_wire(t) for t in raw["tickets"]],
+            candidates=CandidateSet.from_wire(raw["candidates"]),
             commits=[Commit.from_wire(c) for c in raw["commits"]],
             reveals=[Reveal.from_wire(r) for r in raw["reveals"]],
-            outputs=outputs,
+            outputs=[_tensor(o, "output") for o in raw["outputs"]],
         )
 
     def verify(self) -> None:
         """Check everything a third party can check offline; raise ConsensusError saying what failed."""
-        task, seed = self.task, self.task.seed
-        _expect(len({t.peer_id for t in self.tickets}) == len(self.tickets), "a candidate is listed twice")
-        ranked = rank_tickets(self.tickets, seed)  # each VRF proof checked once
-        _expect(len(ranked) == len(self.tickets), f"stage {task.stage}: a listed candidate's VRF ticket is invalid")
-        committee = {t.peer_id for t in ranked[: task.k]}
-        _expect(len(committee) == task.k, f"stage {task.stage}: {len(committee)} valid tickets for a committee of {task.k}")
-        _expect(len(self.commits) == len(self.reveals) == len(self.outputs), "commits, reveals and outputs must pair up")
+        task = self.task
+        committee = set(self.candidates.members)  # signature, k, puzzle, tickets, records: sortition.py
+        _expect(bool(self.outputs) and len(self.commits) == len(self.reveals) == len(self.outputs), "commits, reveals and outputs must pair up")
         _expect(len(self.commits) >= quorum_size(task.k), f"stage {task.stage}: {len(self.commits)} agreeing members, quorum is {quorum_size(task.k)}")
         _expect(len({c.member for c in self.commits}) == len(self.commits), "a member is counted twice")
         for commit, reveal, output in zip(self.commits, self.reveals, self.outputs):
-            _expect(commit.member in committee, f"{commit.member} is not on the committee the VRF tickets select")
+            _expect(commit.member in committee, f"{commit.member} is not on the committee the candidate set selects")
             _expect(commit.task_id == task.task_id, f"commit of {commit.member} is for another task")
+            _expect(commit.candidates_id == self.candidates.id, f"commit of {commit.member} is under another candidate set")
             _expect(commit.valid_signature(), f"bad commit signature from {commit.member}")
             _expect(commit.committed_at_ms <= task.commit_deadline_ms, f"commit of {commit.member} is after the deadline")
             _expect(reveal.valid_signature(), f"bad reveal signature from {reveal.member}")
@@ -395,27 +326,31 @@ class StageCertificate:
             _expect(outputs_agree(output, self.outputs[0]), f"output of {reveal.member} disagrees with the accepted output")
 
 
-def _expect(condition: bool, reason: str) -> None:
-    if not condition:
-        raise ConsensusError(reason)
-
-
 # ---- whole-request certificate ----
 
-CERT_VERSION = 1
+CERT_VERSION = 2
+HEADER_FIELDS = ("version", "model_id", "client_key", "client_nonce", "hidden_hash", "mask_hash", "stages")
 
 
 @dataclass
 class Certificate:
+    """Every header field is in ``request_hash``, which every task (and so every signature
+    in the certificate) binds; the encoding is canonical, so no byte can change unnoticed."""
+
     model_id: str
+    client_key: bytes  # the client's Ed25519 key: it signed every stage's candidate set
     client_nonce: bytes
-    input_hash: bytes  # activation digest of what the client sent to the first stage
-    mask_hash: bytes  # output_hash of the attention mask every stage received (b"" if none)
+    hidden_hash: bytes  # tensor hash of the hidden state the client sent to the first stage
+    mask_hash: bytes  # tensor hash of the attention mask every stage received (b"" if none)
     stages: list[StageCertificate]
 
     @property
     def request_hash(self) -> bytes:
-        return request_hash(self.model_id, self.input_hash, self.client_nonce)
+        return request_hash(self.model_id, self.hidden_hash, self.mask_hash, self.client_nonce, self.client_key)
+
+    @property
+    def input_hash(self) -> bytes:
+        return activation_digest(self.hidden_hash, self.mask_hash)
 
     @property
     def output_hash(self) -> bytes:
@@ -423,8 +358,8 @@ class Certificate:
 
     def encode(self) -> bytes:
         return msgpack.packb(
-            {"version": CERT_VERSION, "model_id": self.model_id, "client_nonce": self.client_nonce,
-             "input_hash": self.input_hash, "mask_hash": self.mask_hash, "stages": [s.to_wire() for s in self.stages]},
+            {"version": CERT_VERSION, "model_id": self.model_id, "client_key": self.client_key, "client_nonce": self.client_nonce,
+             "hidden_hash": self.hidden_hash, "mask_hash": self.mask_hash, "stages": [s.to_wire() for s in self.stages]},
             use_bin_type=True,
         )
 
@@ -434,11 +369,16 @@ class Certificate:
             raw = msgpack.unpackb(data, raw=False)
         except Exception as exc:
             raise ConsensusError(f"certificate is not msgpack: {exc}") from None
-        _expect(isinstance(raw, dict) and raw.get("version") == CERT_VERSION, "unknown certificate version")
-        header_ok = isinstance(raw.get("model_id"), str) and all(isinstance(raw.get(k), bytes) for k in ("client_nonce", "input_hash", "mask_hash"))
-        _expect(header_ok, "certificate header fields missing")
-        _expect(isinstance(raw.get("stages"), list) and raw["stages"], "certificate has no stages")
-        return cls(raw["model_id"], raw["client_nonce"], raw["input_hash"], raw["mask_hash"], [StageCertificate.from_wire(s) for s in raw["stages"]])
+        _expect(isinstance(raw, dict) and raw.get("version") == CERT_VERSION, f"unknown certificate version (this reader knows {CERT_VERSION})")
+        _expect(set(raw) == set(HEADER_FIELDS), f"a certificate has exactly {', '.join(HEADER_FIELDS)}")
+        ok = isinstance(raw["model_id"], str) and all(isinstance(raw[k], bytes) for k in HEADER_FIELDS[2:6])
+        ok = ok and len(raw["client_key"]) == 32 and len(raw["client_nonce"]) == 32 and len(raw["hidden_hash"]) == 32
+        _expect(ok and len(raw["mask_hash"]) in (0, 32), "certificate header fields missing or malformed")
+        _expect(isinstance(raw["stages"], list) and raw["stages"], "certificate has no stages")
+        cert = cls(raw["model_id"], raw["client_key"], raw["client_nonce"], raw["hidden_hash"], raw["mask_hash"],
+                   [StageCertificate.from_wire(s) for s in raw["stages"]])
+        _expect(cert.encode() == data, "certificate is not in its canonical encoding")  # no byte is outside what is checked
+        return cert
 
     def verify(self, known_layers: Callable[[str], int] | None = None) -> list[str]:
         """Verify every stage and the chain between them; return one line per stage."""
@@ -447,29 +387,65 @@ class Certificate:
         for i, stage in enumerate(self.stages):
             task = stage.task
             _expect(task.request_hash == self.request_hash, f"stage {i} is bound to another request")
+            _expect(task.client_key == self.client_key, f"stage {i} is another client's task")
             _expect(task.model_id == self.model_id, f"stage {i} is for another model")
             _expect(task.stage == i, f"stage {i} claims index {task.stage}")
             _expect(task.input_hash == expected_input, f"stage {i} input is not the previous stage's accepted output")
             _expect(expected_first is None or task.first == expected_first, f"stage {i} does not start where stage {i - 1} ended")
             stage.verify()
-            lines.append(f"stage {i}: layers {task.first}-{task.last}, {len(stage.commits)}/{task.k} agree (attempt {task.attempt})")
+            lines.append(f"stage {i}: layers {task.first}-{task.last}, {len(stage.commits)}/{task.k} agree of "
+                         f"{len(stage.candidates.candidates)} candidates (attempt {task.attempt})")
             expected_input, expected_first = activation_digest(stage.output_hash, self.mask_hash), task.last + 1
         if known_layers is not None:
             _expect(self.stages[-1].task.last == known_layers(self.model_id) - 1, "certificate does not cover the model's last layer")
         return lines
 
+    def check_output(self, hidden: dict[str, Any], mask: dict[str, Any] | None) -> None:
+        """``hidden`` (and its mask, when given) is exactly the output this certificate accepted."""
+        _expect(output_hash(hidden) == self.output_hash, "the output is not the one the certificate accepted")
+        _expect(mask is None or output_hash(mask) == self.mask_hash, "the output's mask is not the certificate's")
+
+    def check_input(self, hidden: dict[str, Any], mask: dict[str, Any] | None) -> None:
+        """``hidden`` and ``mask`` are exactly what the client sent the first stage."""
+        _expect(output_hash(hidden) == self.hidden_hash, "the input is not the one the certificate's client sent")
+        _expect((b"" if mask is None else output_hash(mask)) == self.mask_hash, "the input's mask is not the certificate's")
+
+
+ACTIVATION_FILE_VERSION = 1
+
+
+def activation_file(hidden: dict[str, Any], mask: dict[str, Any] | None) -> bytes:
+    """A saved activation (``--save-output``, ``--save-input``): what ``verify`` checks a certificate against."""
+    return msgpack.packb({"version": ACTIVATION_FILE_VERSION, "hidden": _tensor(hidden, "hidden"),
+                          "mask": None if mask is None else _tensor(mask, "mask")}, use_bin_type=True)
+
+
+def read_activation_file(data: bytes) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    try:
+        raw = msgpack.unpackb(data, raw=False)
+    except Exception as exc:
+        raise ConsensusError(f"activation file is not msgpack: {exc}") from None
+    _expect(isinstance(raw, dict) and raw.get("version") == ACTIVATION_FILE_VERSION and "hidden" in raw, "not an activation file")
+    return _tensor(raw["hidden"], "hidden"), None if raw.get("mask") is None else _tensor(raw["mask"], "mask")
+
 
 # ---- fault evidence anyone can check ----
+
+EVIDENCE_KINDS = ("equivocation", "bad-reveal", "wrong-output")
 
 
 @dataclass
 class Evidence:
     """Signed data proving a member misbehaved, checkable by any peer without trust.
 
+    Always: the member is on the committee its (valid) candidate set selects, and its
+    commits are for that task, the first under that very set.
+
     * ``equivocation``: two commits by the member for one task with different commitments.
     * ``bad-reveal``: the member's commit and a reveal it signed that does not open it.
     * ``wrong-output``: the member's commit and reveal (opening it) of an output that
-      disagrees with the output a quorum certificate for the same task accepted.
+      disagrees with the output a valid stage certificate for the same task accepted; the
+      certificate's candidate set is the one the member was selected under.
     """
 
     kind: str
@@ -478,6 +454,7 @@ class Evidence:
     reveal: Reveal | None = None
     output: dict[str, Any] | None = None
     stage: StageCertificate | None = None
+    candidates: CandidateSet | None = None  # equivocation and bad-reveal (wrong-output: the stage's)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -487,36 +464,53 @@ class Evidence:
             "reveal": None if self.reveal is None else self.reveal.to_wire(),
             "output": self.output,
             "stage": None if self.stage is None else self.stage.to_wire(),
+            "candidates": None if self.candidates is None else self.candidates.to_wire(),
         }
 
     @classmethod
     def from_wire(cls, raw: Any) -> Evidence:
-        _expect(isinstance(raw, dict) and raw.get("kind") in ("equivocation", "bad-reveal", "wrong-output"), "unknown evidence kind")
+        _expect(isinstance(raw, dict) and raw.get("kind") in EVIDENCE_KINDS, "unknown evidence kind")
+        _expect(isinstance(raw.get("commits"), list) and len(raw["commits"]) <= 2, "evidence holds one or two commits")
         return cls(
             kind=raw["kind"],
             member=str(raw.get("member")),
-            commits=[Commit.from_wire(c) for c in raw.get("commits") or []],
+            commits=[Commit.from_wire(c) for c in raw["commits"]],
             reveal=None if raw.get("reveal") is None else Reveal.from_wire(raw["reveal"]),
-            output=raw.get("output"),
+            output=None if raw.get("output") is None else _tensor(raw["output"], "output"),
             stage=None if raw.get("stage") is None else StageCertificate.from_wire(raw["stage"]),
+            candidates=None if raw.get("candidates") is None else CandidateSet.from_wire(raw["candidates"]),
         )
 
+    @property
+    def selection(self) -> CandidateSet | None:
+        """The candidate set the accused was selected under."""
+        return self.stage.candidates if self.kind == "wrong-output" and self.stage is not None else self.candidates
+
     def verify(self) -> None:
-        _expect(bool(self.commits) and all(c.member == self.member and c.valid_signature() for c in self.commits), "evidence commits are not the member's")
+        selection = self.selection
+        _expect(selection is not None, "evidence needs the candidate set the member was selected under")
+        assert selection is not None
+        _expect(self.member in selection.members, f"{self.member} is not on the committee its candidate set selects")
+        task_id = selection.task.task_id
+        _expect(bool(self.commits) and all(c.member == self.member and c.valid_signature() and c.task_id == task_id for c in self.commits),
+                "evidence commits are not the member's signed commits for the task")
+        _expect(self.commits[0].candidates_id == selection.id, "the member's commit is under another candidate set")
         if self.kind == "equivocation":
-            a, b = self.commits[:2] if len(self.commits) >= 2 else (self.commits[0], self.commits[0])
-            _expect(a.task_id == b.task_id and a.commitment != b.commitment, "no two conflicting commits for one task")
+            _expect(len(self.commits) == 2 and self.commits[0].commitment != self.commits[1].commitment, "no two conflicting commits for one task")
             return
         commit, reveal = self.commits[0], self.reveal
-        _expect(reveal is not None and reveal.member == self.member and reveal.valid_signature(), "evidence needs the member's signed reveal")
+        _expect(reveal is not None and reveal.member == self.member and reveal.task_id == task_id and reveal.valid_signature(),
+                "evidence needs the member's signed reveal for the task")
         assert reveal is not None
         if self.kind == "bad-reveal":
-            _expect(reveal.task_id == commit.task_id and not reveal.opens(commit), "the reveal opens the commitment")
+            _expect(not reveal.opens(commit), "the reveal opens the commitment")
             return
+        self._verify_wrong_output(commit, reveal)
+
+    def _verify_wrong_output(self, commit: Commit, reveal: Reveal) -> None:
         _expect(reveal.opens(commit), "the reveal does not open the commitment")
         _expect(self.output is not None and output_hash(self.output) == reveal.output_hash, "evidence output does not match the reveal")
-        _expect(self.stage is not None, "wrong-output evidence needs the stage certificate")
         assert self.stage is not None and self.output is not None
-        _expect(self.stage.task.task_id == commit.task_id, "certificate is for another task")
-        self.stage.verify()
+        self.stage.verify()  # the quorum it contradicts must itself be valid under every rule
         _expect(not outputs_agree(self.output, self.stage.outputs[0]), "the member's output agrees with the quorum")
+        _expect(self.member not in {c.member for c in self.stage.commits}, "the accused is in the quorum it contradicts")

@@ -8,6 +8,10 @@ Envelope: ``msgpack([1, body, signature])`` where ``body`` is the msgpack array 
 record's fields in a fixed order and ``signature = Ed25519(DOMAIN || body)``. Signing the
 encoded body (rather than re-encoding a parsed record) means a verifier never has to
 reproduce an encoding to check a signature.
+
+Schema 2 (same fields as 1) adds one rule: the signing key solves the identity puzzle
+(``identity.PUZZLE_DIFFICULTY``). Schema 1 records came from keys that need not, so they
+are refused rather than read with the old rules.
 """
 
 from __future__ import annotations
@@ -15,14 +19,14 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import msgpack
 
 from ..errors import RecordError
-from ..identity import Identity, peer_id_from_public_key, verify_signature
+from ..identity import PUZZLE_DIFFICULTY, Identity, peer_id_from_public_key, solves_puzzle, verify_signature
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ENVELOPE_VERSION = 1
 SIGNING_DOMAIN = b"p2p-infer/capability-record/v1\n"
 MAX_RECORD_BYTES = 16 * 1024
@@ -67,6 +71,9 @@ class CapabilityRecord:
     issued_at_ms: int = 0
     expires_at_ms: int = 0
     schema: int = field(default=SCHEMA_VERSION)
+    # the signed envelope this record was read from (b"" for one built locally): certificates
+    # carry it so a third party can check the record without the DHT
+    envelope: bytes = field(default=b"", compare=False, repr=False)
 
     def is_expired(self, now_ms: int) -> bool:
         return now_ms >= self.expires_at_ms
@@ -140,8 +147,9 @@ def verify_record(
     """Parse and check a record envelope; raise :class:`RecordError` saying why it fails.
 
     Checks, in order: size, envelope shape, signature over the body, body schema, the
-    public key's binding to the peer id, the time window, and (when given) that every
-    shard names a known model and that the record is the expected peer's.
+    public key's binding to the peer id, the identity puzzle, the time window, and (when
+    given) that every shard names a known model and that the record is the expected peer's.
+    The record returned keeps ``envelope``.
     """
     if len(envelope) > MAX_RECORD_BYTES:
         raise RecordError(f"record is {len(envelope)} bytes, limit {MAX_RECORD_BYTES}")
@@ -151,6 +159,8 @@ def verify_record(
         raise RecordError(f"bad signature on record of {record.peer_id}")
     if peer_id_from_public_key(record.public_key) != record.peer_id:
         raise RecordError(f"public key does not match peer id {record.peer_id}")
+    if not solves_puzzle(record.public_key):
+        raise RecordError(f"identity {record.peer_id} does not solve the identity puzzle ({PUZZLE_DIFFICULTY} leading zero bits)")
     if expected_peer_id is not None and record.peer_id != expected_peer_id:
         raise RecordError(f"record is for {record.peer_id}, expected {expected_peer_id}")
     _check_times(record, now)
@@ -158,7 +168,7 @@ def verify_record(
         unknown = sorted({s.model_id for s in record.shards} - set(known_models))
         if unknown:
             raise RecordError(f"record of {record.peer_id} names unknown model(s) {unknown}")
-    return record
+    return replace(record, envelope=envelope)
 
 
 def _open_envelope(envelope: bytes) -> tuple[bytes, bytes]:

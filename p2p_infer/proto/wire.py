@@ -24,13 +24,16 @@ def protocol_id(name: str, version: str = "1.0.0") -> str:
 # ---- stream protocols ----
 FORWARD_PROTOCOL = protocol_id("forward")
 RESULT_PROTOCOL = protocol_id("forward-result")
-COMMITTEE_PROTOCOL = protocol_id("committee")
+# 2.0.0: execute carries the client-signed candidate set (a member checks it was selected),
+# tasks name their client and request time, commits bind the candidate set
+COMMITTEE_PROTOCOL = protocol_id("committee", "2.0.0")
 ARTIFACT_PROTOCOL = protocol_id("artifact")
 SERVED_PROTOCOLS = (FORWARD_PROTOCOL, COMMITTEE_PROTOCOL, ARTIFACT_PROTOCOL)  # advertised in records
 
 # ---- gossip ----
 # v2: messages keyed by "type" like every stream message (v1 used "kind").
-CONSENSUS_TOPIC = "p2p-infer/consensus/v2"
+# v3: rounds carry the candidate set, evidence counts only against its committee.
+CONSENSUS_TOPIC = "p2p-infer/consensus/v3"
 MAX_GOSSIP_BYTES = 900 * 1024
 
 # ---- message types ----

@@ -23,6 +23,7 @@ from ..clock import now_ms
 from ..errors import ConfigError, P2PInferError, Withheld
 from ..identity import Identity
 from ..ml.models import Activation
+from ..net.framing import remote_peer
 from ..node.committee import (
     CommitteeMember,
     LayersCompute,
@@ -115,7 +116,7 @@ class NoReveal(MemberWrapper):
     """Commits like everyone, then never reveals (and so publishes nothing)."""
 
     async def reveal(self, request: RevealRequest) -> Message:
-        self.inner.core.take(request.task_id, self.inner.clock())
+        self.inner.core.take(request.task_id, remote_peer.get(), self.inner.clock())
         raise Withheld("reveal withheld (test fault)")
 
 
@@ -165,7 +166,7 @@ def equivocating(publish: Publish, identity: Identity) -> Publish:
         if is_round(message):
             told_client = Commit.from_wire(message["commit"])
             other = commitment(told_client.task_id, os.urandom(32), os.urandom(32))
-            message = {**message, "commit": sign_commit(identity, told_client.task_id, other, now_ms()).to_wire()}
+            message = {**message, "commit": sign_commit(identity, told_client.task_id, told_client.candidates_id, other, now_ms()).to_wire()}
         publish(message)
 
     return send
