@@ -3,6 +3,8 @@ fault, two wrong members out of three, certificates checked offline, gossiped ev
 
 import json
 import signal  # noqa: F401
+import subprocess
+import sys
 import time
 
 import pytest
@@ -13,6 +15,8 @@ from p2p_infer.proto.consensus import Certificate, NoQuorum
 from p2p_infer.testing.harness import Swarm
 from p2p_infer.ml.models import DigitsMLP, load_model
 from p2p_infer.proto.reputation import updated
+
+from .conftest import TESTS
 
 pytestmark = pytest.mark.slow
 ALL = ["digits-mlp:1-1", "digits-mlp:2-2", "digits-mlp:3-3"]
@@ -162,6 +166,53 @@ async def test_two_wrong_members_of_three_give_no_result(tmp_path):
         async with Client([swarm.bootstrap.addr], committee=3, commit_timeout=2.0, max_reruns=1) as c:
             with pytest.raises(NoQuorum, match=r"stage 0 \(layers 1-1\) failed after 2 attempt"):
                 await c.classify(sample(0))
+
+
+def wait_file(path, proc, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, (path.parent / "framer.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        time.sleep(0.2)
+    return json.loads(path.read_text())
+
+
+async def test_an_outsider_cannot_frame_an_honest_member(tmp_path):
+    """Issue 9, over real processes: a peer on no committee (tests/framer.py, written from the
+    spec) sends execute for tasks it made up, then gossips wrong-output evidence built from
+    the victim's real signed round. The victim refuses; every auditor refuses the evidence
+    (a valid control reaches them all); the victim's reputation moves nowhere."""
+    with Swarm(tmp_path) as swarm:
+        start(swarm, {name: (["digits-mlp:1-3"], "") for name in ("h1", "h2", "h3")})
+        victim = swarm.peers["h1"].peer_id
+        ready, report = tmp_path / "framer.ready", tmp_path / "framer.report"
+        with open(tmp_path / "framer.log", "wb") as log:
+            proc = subprocess.Popen([sys.executable, str(TESTS / "framer.py"), swarm.bootstrap.addr, victim, str(ready), str(report)],
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            refusals = wait_file(ready, proc, 90)["refusals"]
+            assert all("not_selected" in r for r in refusals), refusals
+            assert "below the minimum of 3" in refusals[0] and "does not solve the puzzle" in refusals[1], refusals
+            async with Client([swarm.bootstrap.addr], committee=3, commit_timeout=2.0) as c:
+                result = await c.classify(sample(5))
+                assert set(result.stages[0]["verdicts"].values()) == {"agree"}
+                before = c.reputation.of(victim)
+                control = wait_file(report, proc, 90)["control"]
+                await wait_for(lambda: c.reputation.of(control) < 1.0, timeout=40)  # the framer's gossip reached us
+                assert c.reputation.of(victim) == before
+            deadline = time.monotonic() + 40
+            for name in ("bootstrap", "h1", "h2", "h3"):
+                while True:
+                    entries = audit_entries(swarm, name)
+                    if any(e["kind"] == "evidence" and e["data"]["member"] == control for e in entries):
+                        break
+                    assert time.monotonic() < deadline, f"control evidence never reached {name}"
+                    time.sleep(0.5)
+                assert not [e for e in entries if e["kind"] == "evidence" and e["data"]["member"] == victim], name
+                assert not [e for e in entries if e["kind"] == "reputation" and e["data"]["peer"] == victim], name
+        finally:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 async def test_spot_checks_catch_a_peer_that_lies_after_its_trial(tmp_path):
