@@ -2,7 +2,9 @@
 where M = 1 for a wrong, missing or late result and 0 otherwise.
 
 Each peer and client keeps its own table from what it observes itself and from verified
-fault evidence; routing and sortition skip peers under ``threshold``. A peer new to this
+fault evidence; routing and sortition skip peers under ``threshold``. A peer's table moves
+only through :meth:`Auditor.on_evidence` (``proto/auditor.py``): evidence against a member
+its client-signed candidate set selects, with a valid certificate for wrong outputs. A peer new to this
 observer is on probation until it passes a trial task with a known answer. Sans-IO.
 """
 
