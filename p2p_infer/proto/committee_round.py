@@ -10,9 +10,8 @@ client's nonce in it) comes in with the :class:`StageSpec`.
 
 The rules are :mod:`consensus`'s (``StageRound``, ``rank_tickets``, ``Evidence``); this
 module only sequences them: tickets -> signed candidate set -> committee -> commits ->
-reveals -> decision, and on
-no quorum a fresh committee (attempt + 1) without the members found faulty, at most
-``max_reruns`` times. Verdicts become reputation updates and evidence in :func:`judge`,
+reveals -> decision, and on no quorum a fresh committee (attempt + 1) without the members
+found faulty, at most ``max_reruns`` times. Verdicts become reputation updates and evidence in :func:`judge`,
 and :func:`apply_judgement` applies them to a reputation table and an auditor.
 """
 
