@@ -372,11 +372,9 @@ def cmd_verify_proofs(path: Path) -> int:
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     if args.proofs:
         return cmd_verify_proofs(args.certificate)
-    from .proto.consensus import Certificate, ConsensusError
     from .identity import peer_id_from_public_key
     from .ml.models import known_manifests
-
-    from .proto.consensus import read_activation_file
+    from .proto.consensus import Certificate, ConsensusError, read_activation_file
 
     try:
         cert = Certificate.decode(args.certificate.read_bytes())

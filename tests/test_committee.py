@@ -99,17 +99,34 @@ async def test_wrong_output_missing_reveal_and_late_commit_are_outvoted(faults1,
 
 def test_tampered_certificate_fails_verification(faults1, tmp_path):
     result = faults1.cli("query", "--model", "digits-mlp", "--committee", "3", "--commit-timeout", "2",
-                         "--save-cert", str(tmp_path / "c.cert"), "--json", "test:3")
+                         "--save-cert", str(tmp_path / "c.cert"), "--save-output", str(tmp_path / "c.out"),
+                         "--save-input", str(tmp_path / "c.in"), "--json", "test:3")
     data = json.loads(result.stdout)
     assert len(data["stages"]) == 3
     raw = (tmp_path / "c.cert").read_bytes()
     assert faults1.cli("verify", str(tmp_path / "c.cert")).returncode == 0
+    check = faults1.cli("verify", str(tmp_path / "c.cert"), "--output", str(tmp_path / "c.out"), "--input", str(tmp_path / "c.in"))
+    assert "is the certified output" in check.stdout
+    wrong = check_output_mismatch(faults1, tmp_path)
+    assert wrong.returncode == 1 and "INVALID: the output is not the one the certificate accepted" in wrong.stdout
     for pos in (40, len(raw) // 3, len(raw) // 2, len(raw) - 100):
         tampered = bytearray(raw)
         tampered[pos] ^= 0x04
         (tmp_path / "t.cert").write_bytes(bytes(tampered))
         check = faults1.cli("verify", str(tmp_path / "t.cert"), check=False)
         assert check.returncode == 1 and "INVALID" in check.stdout, pos
+
+
+def check_output_mismatch(swarm: Swarm, tmp_path) -> "subprocess.CompletedProcess[str]":
+    """verify --output with the certified output changed in its last byte."""
+    import msgpack
+
+    saved = msgpack.unpackb((tmp_path / "c.out").read_bytes())
+    data = bytearray(saved["hidden"]["data"])
+    data[-1] ^= 0x01
+    saved["hidden"]["data"] = bytes(data)
+    (tmp_path / "w.out").write_bytes(msgpack.packb(saved, use_bin_type=True))
+    return swarm.cli("verify", str(tmp_path / "c.cert"), "--output", str(tmp_path / "w.out"), check=False)
 
 
 def test_audit_log_tampering_is_detected(faults1, tmp_path):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from ..errors import UnsupportedMode
+from .sortition import MIN_K
 
 Transport = Literal["direct", "forwarding"]
 Check = Literal["none", "spot-check", "committee", "zk", "tee"]
@@ -151,8 +152,8 @@ class QueryPlan:
 
     def _parameters(self) -> None:
         checks = set(self.checks)
-        if "committee" in checks and (self.committee_k is None or self.committee_k < 1):
-            raise UnsupportedMode(f"unsupported mode: committee of k={self.committee_k} (--committee K needs K >= 1)")
+        if "committee" in checks and (self.committee_k is None or self.committee_k < MIN_K):
+            raise UnsupportedMode(f"unsupported mode: committee of k={self.committee_k} (--committee K needs K >= {MIN_K}: docs/consensus.md)")
         if "committee" not in checks and self.committee_k is not None:
             raise UnsupportedMode(f"unsupported mode: committee size k={self.committee_k} without check committee")
         if "spot-check" in checks and not 0.0 < self.spot_check <= 1.0:
