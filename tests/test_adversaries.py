@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from p2p_infer.errors import ConfigError, ProtocolViolation, Withheld
+from p2p_infer.errors import ConfigError, ProtocolViolation
 from p2p_infer.identity import Identity
 from p2p_infer.ml.tensors import encode_tensor
 from p2p_infer.net.framing import remote_peer
 from p2p_infer.proto.auditor import Auditor
-from p2p_infer.proto.committee_codec import ExecuteRequest, RevealRequest, TicketRequest, activation_hash, round_message
+from p2p_infer.proto.committee_codec import ExecuteRequest, TicketRequest, activation_hash, parse_result_reply, round_message
 from p2p_infer.proto.consensus import CandidateSet, Commit, Reveal, StageTask, output_hash, outputs_agree, request_hash
 from p2p_infer.clock import now_ms
 from p2p_infer.proto.reputation import Reputation
@@ -48,9 +48,9 @@ async def double(model, first, last, act):
     return act.hidden * 2
 
 
-def member_for(fault: str, slot: int = 0):
+def member_for(fault: str, slot: int = 0, later=None):
     published: list[dict] = []
-    behaviour = install(fault, identities(3, offset=1)[slot], double, published.append)
+    behaviour = install(fault, identities(3, offset=1)[slot], double, published.append, later)
     behaviour.member.shards = FakeShards()
     return behaviour, published
 
@@ -65,26 +65,27 @@ def execute(deadline_in_ms: int = 2000) -> dict:
 
 
 async def commit_and_reveal(member, message: dict) -> tuple[Commit, Reveal, dict]:
-    commit = Commit.from_wire((await member.handle(message))["commit"])
-    reply = await member.handle(RevealRequest(commit.task_id).to_wire())
-    return commit, Reveal.from_wire(reply["reveal"]), reply["output"]
+    answer = parse_result_reply(await member.handle(message))
+    return answer.commit, answer.reveal, answer.output
 
 
-async def test_an_honest_member_commits_once_reveals_once_and_gossips_the_round():
-    behaviour, published = member_for("")
+async def test_an_honest_member_answers_once_in_one_reply_and_gossips_after_the_deadline():
+    held: list[tuple[int, object]] = []
+    behaviour, published = member_for("", later=lambda at, thunk: held.append((at, thunk)))
     ticket = await behaviour.member.handle(TicketRequest(b"s" * 32, MODEL, 1, 1).to_wire())
     assert ticket["type"] == "ticket"
     message = execute()
-    first = (await behaviour.member.handle(message))["commit"]
-    assert (await behaviour.member.handle(message))["commit"] == first  # one commitment per task
-    reply = await behaviour.member.handle(RevealRequest(Commit.from_wire(first).task_id).to_wire())
-    reveal = Reveal.from_wire(reply["reveal"])
-    assert reveal.opens(Commit.from_wire(first))
-    assert outputs_agree(reply["output"], encode_tensor(torch.ones(1, 8) * 2))
+    first = await behaviour.member.handle(message)
+    assert first["type"] == "result" and await behaviour.member.handle(message) == first  # one answer per task
+    answer = parse_result_reply(first)
+    assert answer.reveal.opens(answer.commit)
+    assert outputs_agree(answer.output, encode_tensor(torch.ones(1, 8) * 2))
     candidates = CandidateSet.from_wire(message["candidates"])
-    assert published == [round_message(candidates, Commit.from_wire(first), reveal, reply["output"])]
+    assert published == [] and [at for at, _ in held] == [candidates.task.commit_deadline_ms + 1]  # held past the deadline
+    held[0][1]()
+    assert published == [round_message(candidates, answer.commit, answer.reveal, answer.output)]
     with pytest.raises(ProtocolViolation, match="unknown message type"):
-        await behaviour.member.handle({"type": "bogus"})
+        await behaviour.member.handle({"type": "reveal", "task_id": answer.commit.task_id})  # no reveal request in 3.0.0
 
 
 async def test_wrong_output_commits_to_and_reveals_a_wrong_output():
@@ -95,27 +96,32 @@ async def test_wrong_output_commits_to_and_reveals_a_wrong_output():
 
 async def test_no_reveal_withholds_and_publishes_nothing():
     behaviour, published = member_for("no-reveal")
-    commit = Commit.from_wire((await behaviour.member.handle(execute()))["commit"])
-    with pytest.raises(Withheld):
-        await behaviour.member.handle(RevealRequest(commit.task_id).to_wire())
+    answer = parse_result_reply(await behaviour.member.handle(execute()))
+    assert answer.reveal is None and answer.output is None
     assert published == []
 
 
 async def test_late_commit_signs_after_the_deadline():
     behaviour, _ = member_for("late-commit")
     message = execute(deadline_in_ms=50)
-    commit = Commit.from_wire((await behaviour.member.handle(message))["commit"])
+    commit = parse_result_reply(await behaviour.member.handle(message)).commit
     assert commit.committed_at_ms > CandidateSet.from_wire(message["candidates"]).task.commit_deadline_ms
 
 
-async def test_the_copier_reveals_a_copied_output_that_cannot_open_its_commitment():
-    honest, gossip = member_for("")
+async def test_the_copier_finds_nothing_to_copy_before_the_deadline_and_answers_zeros():
+    held: list = []
+    honest, gossip = member_for("", later=lambda at, thunk: held.append(thunk))
     copier, _ = member_for("copy", slot=1)
-    message = execute()
+    message = execute(deadline_in_ms=300)
     await commit_and_reveal(honest.member, message)
-    copier.member.on_gossip(gossip[0])
+    assert gossip == []  # the honest round is held until the deadline: nothing to copy in time
     commit, reveal, output = await commit_and_reveal(copier.member, message)
-    assert output == gossip[0]["output"] and not reveal.opens(commit)
+    assert reveal.opens(commit) and not outputs_agree(output, encode_tensor(torch.ones(1, 8) * 2))
+    held[0]()
+    copier.member.on_gossip(gossip[0])  # seen in time, it would copy (which the held gossip prevents)
+    again, _ = member_for("copy", slot=2)
+    again.member.on_gossip(gossip[0])
+    assert (await commit_and_reveal(again.member, message))[2] == gossip[0]["output"]
 
 
 async def test_the_equivocator_gossips_another_commitment_than_the_client_got():

@@ -12,11 +12,10 @@ import pytest
 from p2p_infer.errors import NotSelected, ProtocolViolation, UsageError
 from p2p_infer.identity import Identity
 from p2p_infer.proto.auditor import Auditor
-from p2p_infer.proto.committee_codec import activation_hash
+from p2p_infer.proto.committee_codec import MemberAnswer, activation_hash
 from p2p_infer.proto.committee_member import PENDING_TTL_MS, MemberCore
 from p2p_infer.proto.committee_round import (
     COMMIT_GRACE_MS,
-    AskReveals,
     AskTickets,
     CommitteeRound,
     Decided,
@@ -52,7 +51,7 @@ def wrong(shift: float = 0.5) -> dict:
 
 def make_spec(**changes) -> StageSpec:
     spec = StageSpec(request_hash(MODEL, output_hash(HIDDEN), b"", b"n" * 32, CLIENT.public_key), 0, MODEL, "test-model", 1, 2, INPUT, 3,
-                     commit_timeout_ms=2000, reveal_timeout_ms=5000, max_reruns=2, client=CLIENT)
+                     commit_timeout_ms=2000, max_reruns=2, client=CLIENT)
     return replace(spec, **changes)
 
 
@@ -85,8 +84,6 @@ class Sim:
                 out += self.tickets(action)
             elif isinstance(action, SendExecute):
                 out += self.execute(action)
-            elif isinstance(action, AskReveals):
-                out += self.reveals(action)
             elif isinstance(action, ObserveCommit):
                 self.observed.append(action.commit)
             else:
@@ -112,19 +109,10 @@ class Sim:
                 continue
             member.core.check_execute(send.candidates, INPUT, CLIENT.peer_id, self.now)
             when = send.task.commit_deadline_ms + 300 if member.behaviour == "late-commit" else self.now + 10
-            commit = member.core.commit(send.candidates, member.output, os.urandom(32), self.at_time(when))
-            out += self.machine.on_commit(peer, commit, self.now)
-        return out
-
-    def reveals(self, ask: AskReveals) -> list:
-        out = []
-        for peer in ask.members:
-            member = self.members[peer]
-            if member.behaviour == "no-reveal":
-                out += self.machine.on_failure(peer, "withheld", self.at(10))
-                continue
-            reveal, pending = member.core.reveal(ask.task_id, CLIENT.peer_id, self.at(10))
-            out += self.machine.on_reveal(peer, reveal, pending.output, self.now)
+            answer = member.core.answer(send.candidates, member.output, os.urandom(32), self.at_time(when),
+                                        reveal=member.behaviour != "no-reveal")
+            for action in self.machine.on_answer(peer, answer, self.now):
+                (self.observed.append(action.commit) if isinstance(action, ObserveCommit) else out.append(action))
         return out
 
     def at(self, delay: int) -> int:
@@ -248,28 +236,34 @@ def test_commit_deadline_expires_on_virtual_time():
     assert all(u.fault for u in failed.judgement.updates)
 
 
-def test_reveal_deadline_expires_on_virtual_time():
-    sim = swarm(3, max_reruns=0)
-    send = sim.step(start(sim))[0]
-    ask = [a for a in sim.step([send]) if isinstance(a, AskReveals)][0]
-    assert ask.deadline_ms == sim.now + 5000 and set(ask.members) == set(sim.members)
-    assert sim.machine.poll(ask.deadline_ms - 1) == []
-    failed = sim.machine.poll(ask.deadline_ms)[0]
-    assert isinstance(failed, Failed) and set(failed.judgement.verdicts.values()) == {"missing-reveal"}
+def test_one_round_trip_per_stage_and_prefetched_tickets_skip_the_ticket_phase():
+    sim = swarm(3)
+    seed = sim.machine.spec.task(0, NOW).seed
+    tickets = [m.core.ticket(seed) for m in sim.members.values()]
+    actions = sim.machine.start(NOW, {p: m.record for p, m in sim.members.items()}, tickets=tickets)
+    assert [type(a) for a in actions] == [SendExecute]  # no ticket round: straight to the task
+    kinds = []
+    while not any(isinstance(a, Decided) for a in actions):
+        actions = sim.step(actions)
+        kinds += [type(a).__name__ for a in actions]
+    assert "SendExecute" not in kinds and "AskTickets" not in kinds  # the answers decide: no reveal round
+    decided = next(a for a in actions if isinstance(a, Decided))
+    decided.decision.certificate.verify()
+    stale = [m.core.ticket(b"x" * 32) for m in sim.members.values()]  # tickets for another seed rank nowhere
+    failed = swarm(3).machine.start(NOW, {p: m.record for p, m in sim.members.items()}, tickets=stale)
+    assert isinstance(failed[0], Failed) and "0 eligible candidates" in failed[0].error.message
 
 
 def test_words_about_someone_else_blame_no_one():
     sim = swarm(3, max_reruns=0)
     send = sim.step(start(sim))[0]
     a, b, c = send.members
-    commits = {p: sim.members[p].core.commit(send.candidates, HONEST, os.urandom(32), NOW) for p in send.members}
-    assert sim.machine.on_commit(a, commits[b], NOW) == []  # a answers with b's commit: ignored
-    assert sim.machine.on_commit("stranger", commits[c], NOW) == []  # not asked: ignored
-    out = sim.machine.on_commit(b, commits[b], NOW) + sim.machine.on_commit(c, commits[c], NOW)
+    answers = {p: sim.members[p].core.answer(send.candidates, HONEST, os.urandom(32), NOW) for p in send.members}
+    assert [x for x in sim.machine.on_answer(a, answers[b], NOW) if not isinstance(x, ObserveCommit)] == []  # b's words: ignored
+    assert sim.machine.on_answer("stranger", answers[c], NOW) == []  # not asked: ignored
+    out = sim.machine.on_answer(b, answers[b], NOW) + sim.machine.on_answer(c, answers[c], NOW)
     assert [x.commit.member for x in out if isinstance(x, ObserveCommit)] == [b, c]
-    ask = [x for x in out if isinstance(x, AskReveals)][0]
-    assert set(ask.members) == {b, c}
-    decided = sim.until_outcome([ask])
+    decided = next(x for x in out if isinstance(x, Decided))
     assert isinstance(decided, Decided) and decided.decision.verdicts == {a: "missing-commit", b: "agree", c: "agree"}
 
 
@@ -304,6 +298,17 @@ def test_a_member_signs_one_commitment_per_task():
     with pytest.raises(ProtocolViolation, match="no pending output"):
         core.reveal(task.task_id, CLIENT.peer_id, NOW + 30)  # revealed once
     assert core.commit(signed, wrong(), os.urandom(32), NOW + 40) == first  # still never a second commitment
+
+
+def test_a_member_answers_once_with_commit_reveal_and_output():
+    signed, pool = member_draw()
+    core = MemberCore(pool[0].identity)
+    answer = core.answer(signed, HONEST, os.urandom(32), NOW)
+    assert answer.reveal is not None and answer.reveal.opens(answer.commit) and answer.output == HONEST
+    assert core.answer(signed, wrong(), os.urandom(32), NOW + 5) == answer  # a repeated execute: the same answer
+    assert core.existing_answer(signed.task, NOW + PENDING_TTL_MS + 1) is None  # answers expire
+    withheld = MemberCore(pool[1].identity).answer(signed, HONEST, os.urandom(32), NOW, reveal=False)
+    assert withheld == MemberAnswer(withheld.commit, None, None)
 
 
 def test_a_member_checks_input_and_deadline_before_computing():

@@ -75,7 +75,6 @@ class Client:
         refresh_interval: float = 10.0,
         committee: int | None = None,
         commit_timeout: float = 5.0,
-        reveal_timeout: float = 5.0,
         max_reruns: int = 2,
         spot_check: float = 0.0,
         trial: bool = True,
@@ -92,7 +91,6 @@ class Client:
         self.local_layers = self.query_plan.local_layers
         self.max_reruns = self.query_plan.max_reruns
         self.commit_timeout = commit_timeout
-        self.reveal_timeout = reveal_timeout
         self.bootstrap = [parse_peer_addr(a) for a in bootstrap]
         self.identity = identity or Identity.generate()
         self.listen = listen

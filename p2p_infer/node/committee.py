@@ -1,4 +1,4 @@
-"""The committee protocol's member side (``/p2p-infer/committee/2.0.0``), as a thin trio
+"""The committee protocol's member side (``/p2p-infer/committee/3.0.0``), as a thin trio
 handler: decode the request, check it against the served shards and the client's signed
 candidate set (the member computes only tasks it was selected for), compute (torch, in the
 peer's worker threads), and let the sans-IO rules in :mod:`proto.committee_member` sign
@@ -22,12 +22,11 @@ from ..ml.tensors import activation_from_wire, encode_tensor
 from ..net.framing import remote_peer
 from ..proto.committee_codec import (
     ExecuteRequest,
-    RevealRequest,
+    MemberAnswer,
     TicketRequest,
     activation_hash,
-    commit_reply,
     parse_request,
-    reveal_reply,
+    result_reply,
     round_message,
     ticket_reply,
 )
@@ -35,11 +34,12 @@ from ..proto.committee_member import MemberCore
 from ..proto.consensus import StageTask
 from ..proto.wire import Message
 
-__all__ = ["CommitteeMember", "Member", "StageCompute", "activation_hash", "dispatch", "layers_compute"]
+__all__ = ["CommitteeMember", "Later", "Member", "StageCompute", "activation_hash", "dispatch", "layers_compute"]
 
 LayersCompute = Callable[[Any, int, int, Activation], Awaitable[torch.Tensor]]  # the peer's (model, first, last, act)
 StageCompute = Callable[[StageTask, Any, Activation], Awaitable[torch.Tensor]]  # one stage task's output
 Publish = Callable[[dict[str, Any]], None]
+Later = Callable[[int, Callable[[], None]], None]  # run the thunk once the clock reads at least the given ms
 Clock = Callable[[], int]
 
 
@@ -65,26 +65,24 @@ class Steps(Protocol):
 
     async def execute(self, request: ExecuteRequest) -> Message: ...
 
-    async def reveal(self, request: RevealRequest) -> Message: ...
-
 
 async def dispatch(member: Steps, message: Message) -> Message:
     """One request to the member's step for it (shared by the honest member and wrappers)."""
     request = parse_request(message)
     if isinstance(request, TicketRequest):
         return member.ticket(request)
-    if isinstance(request, ExecuteRequest):
-        return await member.execute(request)
-    return await member.reveal(request)
+    return await member.execute(request)
 
 
 class CommitteeMember:
     def __init__(self, identity: Identity, shards: ShardServer | None, compute: StageCompute, publish: Publish,
-                 *, clock: Clock = now_ms, nonce: Callable[[], bytes] = lambda: os.urandom(32)) -> None:
+                 *, clock: Clock = now_ms, nonce: Callable[[], bytes] = lambda: os.urandom(32),
+                 later: Later | None = None) -> None:
         self.core = MemberCore(identity)
         self.shards = shards
         self.compute = compute
         self.publish = publish
+        self.later: Later = later or (lambda _at, thunk: thunk())
         self.clock = clock
         self.nonce = nonce
 
@@ -105,23 +103,26 @@ class CommitteeMember:
         return ticket_reply(self.core.ticket(request.seed))
 
     async def execute(self, request: ExecuteRequest) -> Message:
+        return result_reply(await self.answer(request))
+
+    async def answer(self, request: ExecuteRequest, *, reveal: bool = True) -> MemberAnswer:
         task = request.task
         model = self.served(task.model_id, task.first, task.last)
-        known = self.core.existing_commit(task, self.clock())
+        known = self.core.existing_answer(task, self.clock())
         if known is not None:  # never sign two commitments for one task (that is equivocation)
-            return commit_reply(known)
+            return known
         act = activation_from_wire(request.hidden, request.mask)
         model.check_activation(act)
         # the stream's remote peer, authenticated by Noise: only the task's client may ask
         self.core.check_execute(request.candidates, request.input_hash, remote_peer.get(), self.clock())
         output = encode_tensor(await self.compute(task, model, act))
-        return commit_reply(self.core.commit(request.candidates, output, self.nonce(), self.clock()))
-
-    async def reveal(self, request: RevealRequest) -> Message:
-        reveal, pending = self.core.reveal(request.task_id, remote_peer.get(), self.clock())
-        # one gossip message per member and task (py-libp2p gossip costs ~ms of CPU each)
-        self.publish(round_message(pending.candidates, pending.commit, reveal, pending.output))
-        return reveal_reply(reveal, pending.output)
+        answer = self.core.answer(request.candidates, output, self.nonce(), self.clock(), reveal=reveal)
+        if answer.reveal is not None and answer.output is not None:
+            # one gossip message per member and task, after the commit deadline: no member can
+            # copy it in time, and it costs the client's critical path nothing
+            message = round_message(request.candidates, answer.commit, answer.reveal, answer.output)
+            self.later(task.commit_deadline_ms + 1, lambda: self.publish(message))
+        return answer
 
     def on_gossip(self, message: dict[str, Any]) -> None:
         """An honest member needs nothing from gossip (the peer's auditor reads it)."""

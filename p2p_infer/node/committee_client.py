@@ -1,7 +1,10 @@
 """The client's side of committee mode, as a thin trio driver over the sans-IO round in
 :mod:`proto.committee_round`: one committee per remaining stage, its requests sent
 concurrently, every answer fed to the machine, and its verdicts, reputation and
-evidence applied here. The stage verdicts are gossiped once per query.
+evidence applied here. The stage verdicts are gossiped once per query. The route is
+planned once per query and every stage's first-attempt tickets are asked for in one
+concurrent round (a ticket depends only on the request hash, stage and attempt); each
+stage then costs one round trip (committee/3.0.0: execute -> commit + reveal + output).
 
 Each candidate goes into the signed candidate set with the record the client's directory
 holds for it; a record younger than ``MIN_RECORD_AGE_MS`` (just re-published) is waited
@@ -27,17 +30,16 @@ from ..ml.tensors import decode_tensor, encode_tensor
 from ..proto.auditor import evidence_message
 from ..proto.committee_codec import (
     ExecuteRequest,
-    RevealRequest,
+    TicketRequest,
     WireTensor,
     activation_hash,
-    parse_commit_reply,
-    parse_reveal_reply,
+    parse_result_reply,
     parse_ticket_reply,
     verdicts_message,
 )
 from ..proto.committee_round import (
+    TICKET_TIMEOUT_MS,
     Action,
-    AskReveals,
     AskTickets,
     CommitteeRound,
     Decided,
@@ -49,7 +51,7 @@ from ..proto.committee_round import (
     StageSpec,
     apply_judgement,
 )
-from ..proto.consensus import Certificate, Evidence, StageCertificate, StageDecision, activation_file, output_hash, request_hash
+from ..proto.consensus import Certificate, Evidence, StageCertificate, StageDecision, Ticket, activation_file, output_hash, request_hash, stage_seed
 from ..proto.sortition import MIN_RECORD_AGE_MS
 from ..proto.wire import COMMITTEE_PROTOCOL, Message
 from .results import HopReport
@@ -79,47 +81,74 @@ async def run_stages(client: Any, model: SplitModel, act: Activation) -> tuple[A
     stages: list[StageCertificate] = []
     reports: list[dict[str, Any]] = []
     hops: list[Any] = []
-    pos = client.local_layers
-    while pos < len(model.layers):
-        segment = (await client._plan_or_refresh(model, pos, ()))[0]
+    segments = await client._plan_or_refresh(model, client.local_layers, ())
+    tickets = await prefetch_tickets(client, model, req_hash, [(s.first, s.last) for s in segments])
+    for segment, stage_tickets in zip(segments, tickets):
         started = time.perf_counter()
-        decision, attempts = await decide_stage(client, model, len(stages), segment.first, segment.last, act, req_hash)
+        decision, attempts = await decide_stage(client, model, len(stages), segment.first, segment.last, act, req_hash, stage_tickets)
         act = Activation(decode_tensor(decision.output, field="output"), act.mask)
         stages.append(decision.certificate)
         reports.append({"stage": len(reports), "first": segment.first, "last": segment.last, "attempts": attempts,
                         "verdicts": decision.verdicts})
         hops.append(HopReport(",".join(m for m, v in decision.verdicts.items() if v == "agree"), segment.first, segment.last,
                               round_trip_ms=(time.perf_counter() - started) * 1000))
-        pos = segment.last + 1
     cert = Certificate(model.model_id, client.identity.public_key, nonce, hidden_hash, mask_hash, stages)
     client.last_certified = {"input": activation_file(first_hidden, first_mask),
                              "output": activation_file(stages[-1].outputs[0], first_mask)}
     return act, hops, reports, cert.encode()
 
 
-async def decide_stage(client: Any, model: SplitModel, stage: int, first: int, last: int, act: Activation, req_hash: bytes) -> tuple[StageDecision, int]:
+def stage_candidates(client: Any, model: SplitModel, first: int, last: int) -> dict[str, Any]:
+    """The stage's providers, as the client sees them now (trusted, past their trial),
+    with the record the directory holds for each."""
+    records = client.directory.records
+    peers = [s.peer_id for s in client.servers(model) if s.first <= first and last <= s.last]
+    return {p: records[p] for p in peers if p in records and records[p].envelope}
+
+
+async def prefetch_tickets(client: Any, model: SplitModel, req_hash: bytes, stages: list[tuple[int, int]]) -> list[list[Ticket]]:
+    """Every stage's first-attempt tickets in one concurrent round (the machine verifies
+    each against its seed when it ranks them; a ticket for another peer is dropped)."""
+    found: list[list[Ticket]] = [[] for _ in stages]
+
+    async def ask(i: int, peer: str, message: Message) -> None:
+        try:
+            ticket = parse_ticket_reply(await committee_request(client, peer, message, TICKET_TIMEOUT_MS / 1000))
+        except P2PInferError as exc:
+            log.info("no ticket", peer=peer, stage=i, reason=exc.message)
+            return
+        if ticket.peer_id == peer:
+            found[i].append(ticket)
+
+    async with trio.open_nursery() as nursery:
+        for i, (first, last) in enumerate(stages):
+            message = TicketRequest(stage_seed(req_hash, i, 0), model.model_id, first, last).to_wire()
+            for peer in stage_candidates(client, model, first, last):
+                nursery.start_soon(ask, i, peer, message)
+    return found
+
+
+async def decide_stage(client: Any, model: SplitModel, stage: int, first: int, last: int, act: Activation, req_hash: bytes,
+                       tickets: list[Ticket] | None = None) -> tuple[StageDecision, int]:
     """Run the stage's committee; on no quorum re-run with a fresh committee, bounded."""
     assert client.directory is not None and client.committee is not None
     hidden, mask = encode_tensor(act.hidden), None if act.mask is None else encode_tensor(act.mask)
     spec = StageSpec(req_hash, stage, model.model_id, model.name, first, last, activation_hash(hidden, mask), client.committee,
-                     commit_timeout_ms=int(client.commit_timeout * 1000), reveal_timeout_ms=int(client.reveal_timeout * 1000),
-                     max_reruns=client.max_reruns, client=client.identity)
-    return await RoundDriver(client, model, CommitteeRound(spec), hidden, mask).run()
+                     commit_timeout_ms=int(client.commit_timeout * 1000), max_reruns=client.max_reruns, client=client.identity)
+    return await RoundDriver(client, model, CommitteeRound(spec), hidden, mask, tickets).run()
 
 
 class RoundDriver:
     """Carries out one stage round's actions over the client's stream pool."""
 
-    def __init__(self, client: Any, model: SplitModel, machine: CommitteeRound, hidden: WireTensor, mask: WireTensor | None) -> None:
+    def __init__(self, client: Any, model: SplitModel, machine: CommitteeRound, hidden: WireTensor, mask: WireTensor | None,
+                 tickets: list[Ticket] | None = None) -> None:
         self.client, self.model, self.machine = client, model, machine
         self.hidden, self.mask = hidden, mask
+        self.prefetched = tickets  # the first attempt's tickets, asked for with every other stage's
 
     def candidates(self) -> dict[str, Any]:
-        """The stage's providers, as the client sees them now (trusted, past their trial),
-        with the record the directory holds for each."""
-        spec, records = self.machine.spec, self.client.directory.records
-        peers = [s.peer_id for s in self.client.servers(self.model) if s.first <= spec.first and spec.last <= s.last]
-        return {p: records[p] for p in peers if p in records and records[p].envelope}
+        return stage_candidates(self.client, self.model, self.machine.spec.first, self.machine.spec.last)
 
     async def start(self) -> list[Action]:
         """Start an attempt; a record issued under MIN_RECORD_AGE_MS ago is waited for (once,
@@ -129,7 +158,8 @@ class RoundDriver:
         if young and max(young) > 0:
             await trio.sleep(min(max(young), MIN_RECORD_AGE_MS) / 1000 + 0.001)
             found = self.candidates()
-        return self.machine.start(now_ms(), {p: r.envelope for p, r in found.items()})
+        tickets, self.prefetched = (self.prefetched if self.machine.attempt < 0 else None), None
+        return self.machine.start(now_ms(), {p: r.envelope for p, r in found.items()}, tickets)
 
     async def run(self) -> tuple[StageDecision, int]:
         queue: deque[Action] = deque(await self.start())
@@ -158,9 +188,7 @@ class RoundDriver:
             # our own set: the auditor need not re-verify every ticket on the critical path
             self.client.auditor.remember_committee(action.candidates, action.members)
             message = ExecuteRequest(action.candidates, self.hidden, self.mask).to_wire()
-            return await self.exchange(action.members, message, action.deadline_ms, self.on_commit)
-        if isinstance(action, AskReveals):
-            return await self.exchange(action.members, RevealRequest(action.task_id).to_wire(), action.deadline_ms, self.on_reveal)
+            return await self.exchange(action.members, message, action.deadline_ms, self.on_answer)
         raise AssertionError(f"unexpected committee action {action!r}")
 
     async def exchange(self, peers: tuple[str, ...], message: Message, deadline_ms: int, feed: Feed) -> list[Action]:
@@ -190,12 +218,8 @@ class RoundDriver:
     def on_ticket(self, peer: str, reply: Message) -> list[Action]:
         return self.machine.on_ticket(peer, parse_ticket_reply(reply), now_ms())
 
-    def on_commit(self, peer: str, reply: Message) -> list[Action]:
-        return self.machine.on_commit(peer, parse_commit_reply(reply), now_ms())
-
-    def on_reveal(self, peer: str, reply: Message) -> list[Action]:
-        reveal, output = parse_reveal_reply(reply)
-        return self.machine.on_reveal(peer, reveal, output, now_ms())
+    def on_answer(self, peer: str, reply: Message) -> list[Action]:
+        return self.machine.on_answer(peer, parse_result_reply(reply), now_ms())
 
     def judged(self, judgement: Judgement) -> None:
         """Reputation for one task, the verdicts for this query's gossip, and the evidence."""

@@ -75,7 +75,7 @@ class Peer:
         self.pool: StreamPool | None = None  # streams to next hops and clients (forwarding mode)
         self.gossip: Gossip | None = None
         # the committee member, and the hook on plain forward replies (honest unless --test-fault)
-        self.behaviour = install_behaviour(settings.test_fault, self.identity, self._compute_layers, self._publish)
+        self.behaviour = install_behaviour(settings.test_fault, self.identity, self._compute_layers, self._publish, self._later)
         self.member = self.behaviour.member
         audit_path = settings.audit_log or settings.key.with_suffix(".audit.log")
         self.auditor = Auditor(Reputation(), AuditLog(audit_path, self.identity, now_ms))
@@ -192,6 +192,16 @@ class Peer:
     def _publish(self, message: dict[str, Any]) -> None:
         if self.gossip is not None and self._nursery is not None:
             self.gossip.publish_soon(self._nursery, message)
+
+    def _later(self, at_ms: int, thunk: Callable[[], None]) -> None:
+        """Run ``thunk`` in the background once the clock reads ``at_ms`` (the member's
+        round gossip, held until the commit deadline has passed)."""
+        if self._nursery is not None:
+            self._nursery.start_soon(self._run_at, at_ms, thunk)
+
+    async def _run_at(self, at_ms: int, thunk: Callable[[], None]) -> None:
+        await trio.sleep(max(0.0, (at_ms - now_ms()) / 1000))
+        thunk()
 
     async def on_gossip(self, sender: str, message: dict[str, Any]) -> None:
         self.member.on_gossip(message)

@@ -1,4 +1,4 @@
-"""The committee protocol's messages (``/p2p-infer/committee/2.0.0``) and its gossip, as
+"""The committee protocol's messages (``/p2p-infer/committee/3.0.0``) and its gossip, as
 typed values with their wire forms. Sans-IO and torch-free: tensors here are wire tensors
 (``{"dtype", "shape", "data"}``); the drivers do the I/O and the torch conversion.
 Normative description: ``protocols/committee.md``."""
@@ -11,11 +11,11 @@ from typing import Any
 from ..errors import ProtocolViolation
 from .consensus import CandidateSet, Commit, Reveal, StageTask, Ticket, activation_digest, output_hash
 from .tensors import WireTensor, check_wire_tensor
-from .wire import COMMIT, COMMITTEE_PROTOCOL, EXECUTE, REVEAL, ROUND, TICKET, VERDICTS, Message, expect, expect_reply, message_type
+from .wire import COMMITTEE_PROTOCOL, EXECUTE, RESULT, ROUND, TICKET, VERDICTS, Message, expect, expect_reply, message_type
 
-__all__ = ["ExecuteRequest", "MemberRequest", "Message", "RevealRequest", "TicketRequest", "WireTensor", "activation_hash",
-           "commit_reply", "is_round", "parse_commit_reply", "parse_request", "parse_reveal_reply", "parse_ticket_reply",
-           "reveal_reply", "round_message", "ticket_reply", "verdicts_message"]
+__all__ = ["ExecuteRequest", "MemberAnswer", "MemberRequest", "Message", "TicketRequest", "WireTensor", "activation_hash",
+           "is_round", "parse_request", "parse_result_reply", "parse_ticket_reply", "result_reply", "round_message",
+           "ticket_reply", "verdicts_message"]
 
 
 def activation_hash(hidden: WireTensor, mask: WireTensor | None) -> bytes:
@@ -70,31 +70,15 @@ class ExecuteRequest:
         return activation_hash(self.hidden, self.mask)
 
 
-@dataclass(frozen=True)
-class RevealRequest:
-    task_id: bytes
-
-    def to_wire(self) -> Message:
-        return {"type": REVEAL, "task_id": self.task_id}
-
-    @classmethod
-    def from_wire(cls, message: Message) -> RevealRequest:
-        task_id = message.get("task_id")
-        if not isinstance(task_id, bytes):
-            raise ProtocolViolation("reveal: needs task_id")
-        return cls(task_id)
-
-
-MemberRequest = TicketRequest | ExecuteRequest | RevealRequest
+MemberRequest = TicketRequest | ExecuteRequest
 
 
 def parse_request(message: Message) -> MemberRequest:
     kind = expect(COMMITTEE_PROTOCOL, message)
     if kind == TICKET:
         return TicketRequest.from_wire(message)
-    if kind == EXECUTE:
-        return ExecuteRequest.from_wire(message)
-    return RevealRequest.from_wire(message)
+    assert kind == EXECUTE
+    return ExecuteRequest.from_wire(message)
 
 
 # ---- replies (member -> client) ----
@@ -104,35 +88,46 @@ def ticket_reply(ticket: Ticket) -> Message:
     return {"type": TICKET, "ticket": ticket.to_wire()}
 
 
-def commit_reply(commit: Commit) -> Message:
-    return {"type": COMMIT, "commit": commit.to_wire()}
+@dataclass(frozen=True)
+class MemberAnswer:
+    """A member's whole answer to one task, in the one reply to ``execute``: its signed
+    commitment, the signed reveal that opens it, and the output. Members never see each
+    other's replies, so nothing is gained by a second round trip for the reveal; what
+    commit-reveal still guards (a member copying another's output from gossip) is guarded
+    by gossiping the round only after the commit deadline. ``reveal`` is None when a
+    member withholds it (a fault: missing-reveal)."""
 
-
-def reveal_reply(reveal: Reveal, output: WireTensor) -> Message:
-    return {"type": REVEAL, "reveal": reveal.to_wire(), "output": output}
+    commit: Commit
+    reveal: Reveal | None
+    output: WireTensor | None
 
 
 def parse_ticket_reply(reply: Message) -> Ticket:
     return Ticket.from_wire(expect_reply(reply, TICKET).get("ticket"))
 
 
-def parse_commit_reply(reply: Message) -> Commit:
-    return Commit.from_wire(expect_reply(reply, COMMIT).get("commit"))
+def result_reply(answer: MemberAnswer) -> Message:
+    reveal = None if answer.reveal is None else answer.reveal.to_wire()
+    return {"type": RESULT, "commit": answer.commit.to_wire(), "reveal": reveal, "output": answer.output}
 
 
-def parse_reveal_reply(reply: Message) -> tuple[Reveal, WireTensor]:
-    expect_reply(reply, REVEAL)
+def parse_result_reply(reply: Message) -> MemberAnswer:
+    expect_reply(reply, RESULT)
+    commit = Commit.from_wire(reply.get("commit"))
+    if reply.get("reveal") is None:
+        return MemberAnswer(commit, None, None)
     # shape, dtype and finiteness before anything else looks at the output
     output = check_wire_tensor(reply.get("output"), field="output")
-    return Reveal.from_wire(reply.get("reveal")), output
+    return MemberAnswer(commit, Reveal.from_wire(reply.get("reveal")), output)
 
 
 # ---- gossip on the consensus topic ----
 
 
 def round_message(candidates: CandidateSet, commit: Commit, reveal: Reveal, output: WireTensor) -> Message:
-    """A member's commit and reveal for one task, once, after revealing (for audit), with
-    the candidate set that selected it: auditors check the member was on the committee."""
+    """A member's commit and reveal for one task, once, for audit, with the candidate set
+    that selected it (auditors check the member was on the committee). Published only
+    after the task's commit deadline, so no member can copy an output in time."""
     return {"type": ROUND, "candidates": candidates.to_wire(), "commit": commit.to_wire(), "reveal": reveal.to_wire(), "output": output}
 
 

@@ -1,5 +1,6 @@
 """A committee member's rules, sans-IO: tickets, the check that it was selected, one
-commitment per task, pending outputs that expire, reveals to the task's client only. The
+commitment per task, and one answer (commit + reveal + output) per task, to the task's
+client only, repeated unchanged if asked again; answers expire. The
 clock, the nonces and who is asking come in as arguments; the trio handler in
 ``node/committee.py`` decodes, computes and calls these. Spec: ``protocols/committee.md``."""
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ConsensusError, NotSelected, ProtocolViolation
 from ..identity import Identity
-from .committee_codec import WireTensor
+from .committee_codec import MemberAnswer, WireTensor
 from .consensus import CandidateSet, Commit, Reveal, StageTask, Ticket, commitment, make_ticket, output_hash, sign_commit, sign_reveal
 from .records import CLOCK_SKEW_MS
 
@@ -33,6 +34,7 @@ class MemberCore:
     ttl_ms: int = PENDING_TTL_MS
     committed: dict[bytes, tuple[Commit, int]] = field(default_factory=dict)  # task -> (our one commit, expiry)
     pending: dict[bytes, Pending] = field(default_factory=dict)
+    answers: dict[bytes, tuple[MemberAnswer, int]] = field(default_factory=dict)  # task -> (our one answer, expiry)
 
     @property
     def peer_id(self) -> str:
@@ -83,6 +85,28 @@ class MemberCore:
         self.pending[task_id] = Pending(output, nonce, signed, candidates, expires)
         return signed
 
+    def existing_answer(self, task: StageTask, now_ms: int) -> MemberAnswer | None:
+        """The answer already given for this task: a repeated ``execute`` gets it back."""
+        self.expire(now_ms)
+        entry = self.answers.get(task.task_id)
+        return None if entry is None else entry[0]
+
+    def answer(self, candidates: CandidateSet, output: WireTensor, nonce: bytes, now_ms: int, *, reveal: bool = True) -> MemberAnswer:
+        """Commit to ``output`` and open the commitment at once (committee/3.0.0: one round
+        trip); the answer is kept so a repeated request gets the same one."""
+        task_id = candidates.task.task_id
+        known = self.existing_answer(candidates.task, now_ms)
+        if known is not None:
+            return known
+        signed = self.commit(candidates, output, nonce, now_ms)
+        if not reveal or task_id not in self.pending:  # withheld (a test fault), or a racing request committed first
+            answer = MemberAnswer(signed, None, None)
+        else:
+            opened, entry = self.reveal(task_id, candidates.task.client_id, now_ms)
+            answer = MemberAnswer(signed, opened, entry.output)
+        self.answers[task_id] = (answer, now_ms + self.ttl_ms)
+        return answer
+
     def take(self, task_id: bytes, requester: str, now_ms: int) -> Pending:
         """Remove and return the unrevealed output of a task (each is revealed once, and
         only to the task's client: anyone else asking early could copy it)."""
@@ -104,3 +128,5 @@ class MemberCore:
             del self.pending[task_id]
         for task_id in [t for t, (_, exp) in self.committed.items() if exp < now_ms]:
             del self.committed[task_id]
+        for task_id in [t for t, (_, exp) in self.answers.items() if exp < now_ms]:
+            del self.answers[task_id]

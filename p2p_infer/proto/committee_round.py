@@ -1,17 +1,22 @@
 """The client's committee round for one stage, as a sans-IO state machine.
 
 In the style of rust-libp2p's ``ClosestPeersIter`` and h11: the driver feeds it events
-(:meth:`CommitteeRound.start`, ``on_ticket``, ``on_commit``, ``on_reveal``,
-``on_failure``, :meth:`~CommitteeRound.poll` for deadlines) and carries out the actions
-it returns (ask these candidates for tickets, send these members the task, ask these for
-reveals, then one of decided / re-run / failed). It never sends, never reads the clock
+(:meth:`CommitteeRound.start`, ``on_ticket``, ``on_answer``, ``on_failure``,
+:meth:`~CommitteeRound.poll` for deadlines) and carries out the actions it returns (ask
+these candidates for tickets, send these members the task, then one of decided / re-run /
+failed). Since committee/3.0.0 a member answers the task in one round trip: its signed
+commit, the signed reveal and the output together (members never see each other's replies;
+the audit gossip waits for the commit deadline). Tickets depend only on the request hash,
+stage and attempt, so the driver may ask for every stage's first-attempt tickets in one
+round per query and hand them to :meth:`~CommitteeRound.start`. It never sends, never reads the clock
 and draws no randomness: every event carries ``now_ms``, and the request hash (with the
 client's nonce in it) comes in with the :class:`StageSpec`.
 
 The rules are :mod:`consensus`'s (``StageRound``, ``rank_tickets``, ``Evidence``); this
-module only sequences them: tickets -> signed candidate set -> committee -> commits ->
-reveals -> decision, and on no quorum a fresh committee (attempt + 1) without the members
-found faulty, at most ``max_reruns`` times. Verdicts become reputation updates and evidence in :func:`judge`,
+module only sequences them: tickets -> signed candidate set -> committee -> answers
+(commit + reveal) -> decision, and on
+no quorum a fresh committee (attempt + 1) without the members found faulty, at most
+``max_reruns`` times. Verdicts become reputation updates and evidence in :func:`judge`,
 and :func:`apply_judgement` applies them to a reputation table and an auditor.
 """
 
@@ -26,7 +31,7 @@ import structlog
 from ..errors import ConsensusError, NoQuorum, UsageError
 from ..identity import Identity
 from .auditor import Auditor
-from .committee_codec import TicketRequest, WireTensor
+from .committee_codec import MemberAnswer, TicketRequest
 from .consensus import (
     MAX_CANDIDATES,
     MIN_K,
@@ -34,7 +39,6 @@ from .consensus import (
     CandidateSet,
     Commit,
     Evidence,
-    Reveal,
     StageDecision,
     StageRound,
     StageTask,
@@ -65,7 +69,6 @@ class StageSpec:
     input_hash: bytes
     k: int
     commit_timeout_ms: int
-    reveal_timeout_ms: int
     max_reruns: int
     client: Identity  # signs the candidate sets; its key is in request_hash and in every task
     ticket_timeout_ms: int = TICKET_TIMEOUT_MS
@@ -172,13 +175,6 @@ class SendExecute:
 
 
 @dataclass(frozen=True)
-class AskReveals:
-    task_id: bytes
-    members: tuple[str, ...]
-    deadline_ms: int
-
-
-@dataclass(frozen=True)
 class ObserveCommit:
     """A member's own signed commit, for the auditor: it may conflict with its gossip."""
 
@@ -209,14 +205,13 @@ class Failed:
     judgement: Judgement | None = None
 
 
-Action = AskTickets | SendExecute | AskReveals | ObserveCommit | Decided | Rerun | Failed
+Action = AskTickets | SendExecute | ObserveCommit | Decided | Rerun | Failed
 
 
 class Phase(enum.Enum):
     IDLE = "idle"  # before start, and between a Rerun and the next start
     TICKETS = "tickets"
-    COMMITS = "commits"
-    REVEALS = "reveals"
+    ANSWERS = "answers"  # commit + reveal + output, in one reply per member
     DONE = "done"
 
 
@@ -237,9 +232,11 @@ class CommitteeRound:
     waiting: set[str] = field(default_factory=set)  # peers the current phase still waits for
     deadline_ms: int | None = None
 
-    def start(self, now_ms: int, candidates: Mapping[str, bytes]) -> list[Action]:
+    def start(self, now_ms: int, candidates: Mapping[str, bytes], tickets: Iterable[Ticket] | None = None) -> list[Action]:
         """Begin the next attempt with the current providers of the stage's layers, each
-        with the signed record the client holds for it (it goes into the candidate set)."""
+        with the signed record the client holds for it (it goes into the candidate set).
+        ``tickets``: this attempt's tickets, already fetched (the driver asks for every
+        stage's first-attempt tickets in one round per query); the ticket phase is skipped."""
         if self.phase is not Phase.IDLE:
             raise UsageError(f"{self.spec.layers}: start() while {self.phase.value}")
         self.attempt += 1
@@ -249,13 +246,16 @@ class CommitteeRound:
         peers = tuple(sorted(self.records))
         deadline = now_ms + self.spec.ticket_timeout_ms
         self._enter(Phase.TICKETS, peers, deadline)
-        if not peers:
+        if tickets is not None:
+            self.tickets = [t for t in tickets if t.peer_id in self.records]  # ranking verifies each on this seed
+            self.waiting = set()
+        if not peers or tickets is not None:
             return self._close_tickets(now_ms)
         request = TicketRequest(self.task.seed, self.spec.model_id, self.spec.first, self.spec.last)
         return [AskTickets(self.attempt, request, peers, deadline)]
 
     def next_deadline_ms(self) -> int | None:
-        return self.deadline_ms if self.phase in (Phase.TICKETS, Phase.COMMITS, Phase.REVEALS) else None
+        return self.deadline_ms if self.phase in (Phase.TICKETS, Phase.ANSWERS) else None
 
     def poll(self, now_ms: int) -> list[Action]:
         """Close the current phase if its deadline has passed."""
@@ -277,27 +277,24 @@ class CommitteeRound:
             log.info("ticket names another peer", asked=peer, named=ticket.peer_id)
         return self._close(now_ms) if not self.waiting else []
 
-    def on_commit(self, peer: str, commit: Commit, now_ms: int) -> list[Action]:
-        if not self._answered(Phase.COMMITS, peer):
+    def on_answer(self, peer: str, answer: MemberAnswer, now_ms: int) -> list[Action]:
+        """A member's one reply: its commit (judged by when it arrived) and, unless it
+        withheld it, the reveal and output."""
+        if not self._answered(Phase.ANSWERS, peer):
             return []
         actions: list[Action] = []
-        if commit.member != peer:  # a member speaks only for itself
-            log.info("commit names another member", asked=peer, named=commit.member)
+        if answer.commit.member != peer:  # a member speaks only for itself
+            log.info("commit names another member", asked=peer, named=answer.commit.member)
         else:
             assert self.round is not None
-            actions.append(ObserveCommit(commit, self.round.candidates))
-            self.round.on_commit(commit, now_ms)
+            actions.append(ObserveCommit(answer.commit, self.round.candidates))
+            self.round.on_commit(answer.commit, now_ms)
+            if answer.reveal is not None and answer.output is not None:
+                if answer.reveal.member == peer:
+                    self.round.on_reveal(answer.reveal, answer.output)
+                else:
+                    log.info("reveal names another member", asked=peer, named=answer.reveal.member)
         return actions + (self._close(now_ms) if not self.waiting else [])
-
-    def on_reveal(self, peer: str, reveal: Reveal, output: WireTensor, now_ms: int) -> list[Action]:
-        if not self._answered(Phase.REVEALS, peer):
-            return []
-        if reveal.member != peer:  # a member speaks only for itself
-            log.info("reveal names another member", asked=peer, named=reveal.member)
-        else:
-            assert self.round is not None
-            self.round.on_reveal(reveal, output)
-        return self._close(now_ms) if not self.waiting else []
 
     def on_failure(self, peer: str, reason: str, now_ms: int) -> list[Action]:
         """``peer`` did not answer the current phase's request (unreachable, error reply,
@@ -323,9 +320,7 @@ class CommitteeRound:
     def _close(self, now_ms: int) -> list[Action]:
         if self.phase is Phase.TICKETS:
             return self._close_tickets(now_ms)
-        if self.phase is Phase.COMMITS:
-            return self._close_commits(now_ms)
-        if self.phase is Phase.REVEALS:
+        if self.phase is Phase.ANSWERS:
             return self._decide()
         return []
 
@@ -339,7 +334,7 @@ class CommitteeRound:
         signed = sign_candidates(self.spec.client, self.task, eligible)
         self.round = StageRound(signed, committee)
         wait_until = max(now_ms + MIN_COMMIT_WAIT_MS, self.task.commit_deadline_ms + COMMIT_GRACE_MS)
-        self._enter(Phase.COMMITS, self.round.members, wait_until)
+        self._enter(Phase.ANSWERS, self.round.members, wait_until)
         return [SendExecute(signed, tuple(self.round.members), wait_until)]
 
     def _eligible(self, ranked: list[Ticket]) -> list[Candidate]:
@@ -356,15 +351,6 @@ class CommitteeRound:
                 continue
             out.append(Candidate(ticket, envelope))
         return out
-
-    def _close_commits(self, now_ms: int) -> list[Action]:
-        assert self.round is not None
-        committed = tuple(self.round.commits)
-        if not committed:
-            return self._decide()
-        deadline = now_ms + self.spec.reveal_timeout_ms
-        self._enter(Phase.REVEALS, committed, deadline)
-        return [AskReveals(self.round.task.task_id, committed, deadline)]
 
     def _decide(self) -> list[Action]:
         rnd = self.round

@@ -26,7 +26,10 @@ FORWARD_PROTOCOL = protocol_id("forward")
 RESULT_PROTOCOL = protocol_id("forward-result")
 # 2.0.0: execute carries the client-signed candidate set (a member checks it was selected),
 # tasks name their client and request time, commits bind the candidate set
-COMMITTEE_PROTOCOL = protocol_id("committee", "2.0.0")
+# 3.0.0: one round trip per stage: execute is answered with the signed commit, the signed
+# reveal and the output together (no reveal request); members gossip the round only once
+# the commit deadline has passed
+COMMITTEE_PROTOCOL = protocol_id("committee", "3.0.0")
 ARTIFACT_PROTOCOL = protocol_id("artifact")
 SERVED_PROTOCOLS = (FORWARD_PROTOCOL, COMMITTEE_PROTOCOL, ARTIFACT_PROTOCOL)  # advertised in records
 
@@ -53,6 +56,7 @@ TICKET = "ticket"
 EXECUTE = "execute"
 COMMIT = "commit"
 REVEAL = "reveal"
+RESULT = "result"  # the reply to execute (3.0.0): commit + reveal + output
 # artifact protocol
 ARTIFACT = "artifact"
 # consensus gossip
@@ -63,7 +67,7 @@ EVIDENCE = "evidence"
 REQUESTS: dict[str, frozenset[str]] = {
     FORWARD_PROTOCOL: frozenset({FORWARD, PING, GET_PROOF}),
     RESULT_PROTOCOL: frozenset({FORWARD_RESULT, FORWARD_FAILED}),
-    COMMITTEE_PROTOCOL: frozenset({TICKET, EXECUTE, REVEAL}),
+    COMMITTEE_PROTOCOL: frozenset({TICKET, EXECUTE}),
     ARTIFACT_PROTOCOL: frozenset({ARTIFACT}),
     CONSENSUS_TOPIC: frozenset({ROUND, VERDICTS, EVIDENCE}),
 }

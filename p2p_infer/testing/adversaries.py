@@ -1,8 +1,8 @@
 """Misbehaving peers for tests and simulations (``p2p-infer peer --test-fault KIND``).
 
 Each adversary wraps one piece of an honest peer and changes only what it must: the
-stage computation (wrong output, zeros, a commitment made too late), the member's reveal
-step (withheld, or an output copied from gossip), the gossip it publishes (another
+stage computation (wrong output, a commitment made too late), the member's answer
+(reveal withheld, or an output copied from gossip), the gossip it publishes (another
 commitment than the client got), or its plain forward replies (lying after its trial).
 The honest code in ``node/`` and ``proto/`` knows nothing of them. :func:`install` is the
 one place a peer turns ``settings.test_fault`` into its committee member and hooks.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -20,20 +20,22 @@ import torch
 import trio
 
 from ..clock import now_ms
-from ..errors import ConfigError, P2PInferError, Withheld
+from ..errors import ConfigError, P2PInferError
 from ..identity import Identity
 from ..ml.models import Activation
+from ..ml.tensors import decode_tensor
 from ..net.framing import remote_peer
 from ..node.committee import (
     CommitteeMember,
     LayersCompute,
+    Later,
     Member,
     Publish,
     StageCompute,
     dispatch,
     layers_compute,
 )
-from ..proto.committee_codec import ExecuteRequest, RevealRequest, TicketRequest, WireTensor, is_round
+from ..proto.committee_codec import ExecuteRequest, TicketRequest, WireTensor, is_round, result_reply
 from ..proto.consensus import Commit, Reveal, StageTask, commitment, sign_commit
 from ..proto.wire import Message
 
@@ -55,15 +57,6 @@ def wrong_output(compute: StageCompute) -> StageCompute:
     async def run(task: StageTask, model: Any, act: Activation) -> torch.Tensor:
         out = await compute(task, model, act)
         return out + torch.randn(out.shape) * NOISE
-
-    return run
-
-
-def zeros(_compute: StageCompute) -> StageCompute:
-    """Computes nothing: the copier commits to zeros and hopes to copy later."""
-
-    async def run(task: StageTask, model: Any, act: Activation) -> torch.Tensor:
-        return torch.zeros_like(act.hidden)
 
     return run
 
@@ -105,28 +98,27 @@ class MemberWrapper:
     async def execute(self, request: ExecuteRequest) -> Message:
         return await self.inner.execute(request)
 
-    async def reveal(self, request: RevealRequest) -> Message:
-        return await self.inner.reveal(request)
-
     def on_gossip(self, message: dict[str, Any]) -> None:
         self.inner.on_gossip(message)
 
 
 class NoReveal(MemberWrapper):
-    """Commits like everyone, then never reveals (and so publishes nothing)."""
+    """Answers with its signed commitment and withholds the reveal (and so publishes nothing)."""
 
-    async def reveal(self, request: RevealRequest) -> Message:
-        self.inner.core.take(request.task_id, remote_peer.get(), self.inner.clock())
-        raise Withheld("reveal withheld (test fault)")
+    async def execute(self, request: ExecuteRequest) -> Message:
+        return result_reply(await self.inner.answer(request, reveal=False))
 
 
 class Copier(MemberWrapper):
-    """Waits for another member's gossiped reveal and reveals that output as its own. Its
-    commitment was made before anyone revealed, so the copied reveal cannot open it."""
+    """Computes nothing and commits to another member's gossiped output if one arrives
+    before the commit deadline, else to zeros. Honest members gossip a round only after
+    the deadline, so in a network there is never anything to copy in time: the copier
+    answers zeros and is outvoted (wrong-output)."""
 
     def __init__(self, inner: CommitteeMember) -> None:
         super().__init__(inner)
         self.seen: dict[bytes, list[tuple[Reveal, Any]]] = {}
+        inner.compute = self.compute
 
     def on_gossip(self, message: dict[str, Any]) -> None:
         if not is_round(message):
@@ -138,17 +130,15 @@ class Copier(MemberWrapper):
         if reveal.member != self.inner.identity.peer_id:
             self.seen.setdefault(reveal.task_id, []).append((reveal, message.get("output")))
 
-    async def reveal(self, request: RevealRequest) -> Message:
-        copied = await self._copy_someone(request.task_id)
-        pending = self.inner.core.pending.get(request.task_id)
-        if copied is not None and pending is not None:
-            self.inner.core.pending[request.task_id] = replace(pending, output=copied)
-        return await self.inner.reveal(request)
+    async def compute(self, task: StageTask, model: Any, act: Activation) -> torch.Tensor:
+        copied = await self._copy_someone(task)
+        return torch.zeros_like(act.hidden) if copied is None else decode_tensor(copied, field="output")
 
-    async def _copy_someone(self, task_id: bytes) -> WireTensor | None:
-        with trio.move_on_after(COPY_WAIT_S):
+    async def _copy_someone(self, task: StageTask) -> WireTensor | None:
+        wait = min(COPY_WAIT_S, max(0.0, (task.commit_deadline_ms - now_ms()) / 1000 - 0.1))
+        with trio.move_on_after(wait):
             while True:
-                for _, output in self.seen.get(task_id, []):
+                for _, output in self.seen.get(task.task_id, []):
                     if isinstance(output, dict):
                         return output
                 await trio.sleep(0.02)
@@ -202,7 +192,7 @@ class Behaviour:
     forward_output: ForwardHook = field(default=honest_forward)
 
 
-def install(fault: str, identity: Identity, compute: LayersCompute, publish: Publish) -> Behaviour:
+def install(fault: str, identity: Identity, compute: LayersCompute, publish: Publish, later: Later | None = None) -> Behaviour:
     """The peer's committee member and hooks for ``--test-fault fault`` ("" = honest)."""
     if fault and fault not in TEST_FAULTS:
         raise ConfigError(f"unknown --test-fault {fault!r}; known: {', '.join(TEST_FAULTS)}")
@@ -213,11 +203,9 @@ def install(fault: str, identity: Identity, compute: LayersCompute, publish: Pub
         stage_compute = wrong_output(stage_compute)
     elif fault == "late-commit":
         stage_compute = late_commit(stage_compute)
-    elif fault == "copy":
-        stage_compute = zeros(stage_compute)
     elif fault == "equivocate":
         publish = equivocating(publish, identity)
-    member = CommitteeMember(identity, None, stage_compute, publish)
+    member = CommitteeMember(identity, None, stage_compute, publish, later=later)
     if fault == "no-reveal":
         return Behaviour(NoReveal(member))
     if fault == "copy":
