@@ -24,7 +24,6 @@ from ..errors import ConfigError, P2PInferError
 from ..identity import Identity
 from ..ml.models import Activation
 from ..ml.tensors import decode_tensor
-from ..net.framing import remote_peer
 from ..node.committee import (
     CommitteeMember,
     LayersCompute,
