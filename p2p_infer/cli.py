@@ -301,11 +301,13 @@ def save_certified(args: argparse.Namespace, certified: dict[str, bytes] | None)
 
 
 def proof_file(result: Any) -> bytes:
-    import msgpack
+    """The verified chain, the layers it covers and the output it proves (protocols/artifact.md)."""
+    from .verify import zk
+    from .verify.chain import ProofChainFile
 
     p = result.proofs
-    return msgpack.packb({"version": 1, "model_id": result.model_id, "input_hash": p["input_hash"],
-                          "output_hash": p["output_hash"], "chain": p["chain"]}, use_bin_type=True)
+    return ProofChainFile(result.model_id, p["first_layer"], p["last_layer"], p["input_hash"], tuple(p["output"]),
+                          tuple(zk.ShardProof.from_wire(c) for c in p["chain"]), result.output).encode()
 
 
 def compare_outputs(remote: dict[str, Any], local: dict[str, Any]) -> dict[str, Any]:
@@ -346,26 +348,25 @@ def print_result(out: dict[str, Any]) -> None:
 
 def cmd_verify_proofs(path: Path) -> int:
     """Check a saved proof chain with only settings, verifying keys and SRS (built or cached
-    locally from this machine's copy of the model, never taken from the file)."""
-    import msgpack
-
+    locally from this machine's copy of the model, never taken from the file), the layer
+    count of this machine's manifest, and the output the file claims."""
     from .ml.models import known_manifests, load_model
     from .verify import zk
-    from .verify.chain import local_kits, verify_chain
+    from .verify.chain import ProofChainFile, verify_saved
 
     try:
-        data = msgpack.unpackb(path.read_bytes(), raw=False)
-        manifest = known_manifests(default_cache_dir()).get(data["model_id"])
+        saved = ProofChainFile.decode(path.read_bytes())
+        manifest = known_manifests(default_cache_dir()).get(saved.model_id)
         if manifest is None:
-            raise zk.ZkError(f"proofs are for unknown model {str(data['model_id'])[:16]}...")
-        proofs = [zk.ShardProof.from_wire(p) for p in data["chain"]]
+            raise zk.ZkError(f"proofs are for unknown model {saved.model_id[:16]}...")
         model = load_model(manifest.name, default_cache_dir())
-        kits = local_kits(model, [(p.first, p.last) for p in proofs], default_cache_dir())
-        verify_chain(proofs, kits, data["input_hash"], data["output_hash"], default_cache_dir() / "zk" / "verify")
+        lines = verify_saved(saved, model, manifest.num_layers, default_cache_dir())
     except (zk.ZkError, OSError, KeyError, TypeError, ValueError) as exc:
         print(f"INVALID: {getattr(exc, 'message', exc)}")
         return 1
-    print(f"VALID proof chain for {manifest.name}: " + ", ".join(f"layers {p.first}-{p.last}" for p in proofs))
+    print(f"VALID proof chain for {manifest.name}: " + ", ".join(f"layers {p.first}-{p.last}" for p in saved.proofs))
+    for line in lines:
+        print(f"  {line}")
     return 0
 
 

@@ -168,11 +168,18 @@ def test_critical_queries_over_two_peers(tmp_path):
             assert swarm.cli("verify", "--proofs", str(proofs_file)).returncode == 0
         # a saved chain whose claimed output was changed no longer verifies offline
         data = msgpack.unpackb(proofs_file.read_bytes())
-        data["output_hash"] = zk.hash_values([0.0] * 32)
+        assert data["version"] == 2 and (data["first_layer"], data["last_layer"]) == (1, 3)
+        data["output"] = [0.0] * 32
         bad = tmp_path / "bad.bin"
         bad.write_bytes(msgpack.packb(data, use_bin_type=True))
         result = swarm.cli("verify", "--proofs", str(bad), check=False)
-        assert result.returncode == 1 and "INVALID" in result.stdout
+        assert result.returncode == 1 and "INVALID: the output received is not the output the last proof" in result.stdout
+        # ...nor does one whose last shard was dropped (issue 9: the chain must reach the model's last layer)
+        data = msgpack.unpackb(proofs_file.read_bytes())
+        data["chain"] = data["chain"][:1]
+        bad.write_bytes(msgpack.packb(data, use_bin_type=True))
+        result = swarm.cli("verify", "--proofs", str(bad), check=False)
+        assert result.returncode == 1 and "chain was cut" in result.stdout
         # a client whose cache holds only the weights and the ZK manifest (the pins) fetches
         # settings, verifying keys and SRS from the peers, checking each against its pin
         fresh = tmp_path / "fresh-cache"

@@ -36,5 +36,5 @@ class QueryResult:
         data = asdict(self)
         data["certificate"] = None if self.certificate is None else f"{len(self.certificate)} bytes"
         if self.proofs is not None:
-            data["proofs"] = {k: v for k, v in self.proofs.items() if k != "chain"}
+            data["proofs"] = {k: v for k, v in self.proofs.items() if k not in ("chain", "output")}
         return data

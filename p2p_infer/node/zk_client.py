@@ -4,6 +4,7 @@ proof and the hash chain."""
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,9 @@ async def check_proofs(client: Any, model: SplitModel, sent: Activation, receive
     started = time.perf_counter()
     first_hash = zk.hash_values(sent.hidden.flatten().tolist())
     last_hash = zk.hash_values(received.hidden.flatten().tolist())
-    await trio.to_thread.run_sync(verify_chain, proofs, kits, first_hash, last_hash, work)
+    # the same coverage rule as `verify --proofs`: from the client's first remote layer to the model's last
+    await trio.to_thread.run_sync(partial(verify_chain, proofs, kits, first_hash, last_hash, work,
+                                          first_layer=client.local_layers, n_layers=len(model.layers)))
     return {
         "verified": True,
         "shards": [{"first": p.first, "last": p.last, "proof_bytes": len(p.proof),
@@ -55,6 +58,9 @@ async def check_proofs(client: Any, model: SplitModel, sent: Activation, receive
         "artifacts_fetched": fetched,
         "input_hash": first_hash,
         "output_hash": last_hash,
+        "first_layer": client.local_layers,
+        "last_layer": len(model.layers) - 1,
+        "output": received.hidden.flatten().tolist(),  # the claimed output a saved chain carries
         "chain": [p.to_wire() for p in proofs],
     }
 
