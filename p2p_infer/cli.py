@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default 1)")
         p.add_argument("--ready-file", type=Path, help="write {peer_id, addrs, pid} as JSON here once serving")
         p.add_argument("--audit-log", type=Path, help="append-only signed audit log (default: KEY with .audit.log)")
+        p.add_argument("--checkpoint-interval", type=float, help="seconds between gossiped checkpoints of the audit log (default 60)")
+        p.add_argument("--witness-file", type=Path, help="where witnessed checkpoints of other peers are kept (default: KEY with .witnesses)")
         if name == "peer":
             p.add_argument("--test-fault", choices=["wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial"],
                            help="TESTING AID, off by default: make this peer misbehave in committees")
@@ -92,17 +94,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, metavar="FILE", help="check that this activation file (--save-output) is the certified output")
     p.add_argument("--input", type=Path, metavar="FILE", help="check that this activation file (--save-input) is the certified input")
 
-    p = sub.add_parser("audit", help="print an audit log and verify its hash chain and signatures")
+    _audit_parser(sub)
+    return parser
+
+
+def _audit_parser(sub: Any) -> None:
+    p = sub.add_parser("audit", help="print an audit log and verify it against its peer's key and witnessed checkpoints")
     _common(p)
     p.add_argument("--log", type=Path, help="audit log file (default: the key file with .audit.log)")
+    p.add_argument("--peer", metavar="PEER_ID", help="whose log it is: signatures are checked with the key this id embeds "
+                   "(default: the --key file's peer), never with a key written in the log")
+    p.add_argument("--witness", type=Path, action="append", metavar="FILE",
+                   help="witnessed checkpoints (another peer's .witnesses file; repeatable; default: this node's own)")
     p.add_argument("--json", action="store_true")
-    return parser
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     for name in ("key", "listen", "bootstrap", "bootstrap_file", "serve", "log_format", "log_level",
-                 "record_ttl", "max_concurrent", "torch_threads", "ready_file", "audit_log", "test_fault"):
+                 "record_ttl", "max_concurrent", "torch_threads", "ready_file", "audit_log", "test_fault",
+                 "checkpoint_interval", "witness_file"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -403,21 +414,62 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
-    from .proto.audit import AuditError, verify_log
+    """Verify a log's chain, then (given whose it is) its signatures against the peer's own key
+    and every checkpoint of that peer that witnesses saw (docs/operator.md, "Audit log")."""
+    from .proto.audit import verify_log
+    from .proto.checkpoints import check_log_against
+    from .errors import AuditError
 
     path = args.log or settings.audit_log or settings.key.with_suffix(".audit.log")
     try:
         entries = verify_log(path)
+        peer = audit_peer(args, settings)
+        anchoring = None if peer is None else check_log_against(entries, peer, witnessed(args, settings, peer))
     except (AuditError, OSError) as exc:
-        print(f"INVALID audit log {path}: {exc}")
+        print(f"INVALID audit log {path}: {getattr(exc, 'message', exc)}")
         return 1
+    summary = audit_summary(path, len(entries), peer, anchoring)
     if args.json:
-        print(json.dumps({"log": str(path), "entries": entries}))
+        print(json.dumps({"log": str(path), "entries": entries, "peer": peer, "summary": summary,
+                          "anchored_at": None if anchoring is None else anchoring.anchored_at,
+                          "checkpoints": 0 if anchoring is None else len(anchoring.checked)}))
     else:
         for e in entries:
             print(f"{e['seq']:5d} {e['kind']:10s} {json.dumps(e['data'], sort_keys=True)}")
-        print(f"{len(entries)} entries, hash chain and signatures verified ({path})")
+        print(summary)
     return 0
+
+
+def audit_peer(args: argparse.Namespace, settings: Settings) -> str | None:
+    """Whose log: --peer, else the peer of an explicit --key, else (default log) this node's own key."""
+    from .identity import load_identity
+
+    if args.peer:
+        return str(args.peer)
+    if args.key is not None or (args.log is None and settings.key.exists()):
+        return load_identity(settings.key).peer_id
+    return None
+
+
+def witnessed(args: argparse.Namespace, settings: Settings, peer: str) -> list[Any]:
+    """Every checkpoint of ``peer`` in the --witness files, or in this node's own witness store."""
+    from .node.anchors import load_witness_file
+
+    files = args.witness or ([settings.witness_path()] if settings.witness_path().exists() else [])
+    return [c for f in files for c in load_witness_file(f).of(peer)]
+
+
+def audit_summary(path: Path, n: int, peer: str | None, anchoring: Any) -> str:
+    if peer is None:
+        return (f"{n} entries, hash chain and signatures verified ({path}); NOT ANCHORED: the signer was taken "
+                "from the log itself, so a re-signed, truncated or emptied log passes too (give --peer or --key)")
+    line = f"{n} entries, hash chain and signatures verified against {peer}'s own key ({path})"
+    if not anchoring.checked:
+        return line + "; NOT ANCHORED: no witnessed checkpoint of this peer, so a cut tail cannot be detected (give --witness)"
+    tail = anchoring.entries - anchoring.anchored_at
+    return (line + f"; consistent with {len(anchoring.checked)} witnessed checkpoint(s), anchored through entry "
+            f"{anchoring.anchored_at - 1} ({tail} later entr{'y' if tail == 1 else 'ies'} not yet anchored)"
+            + "".join(f"; {note}" for note in anchoring.notes))
 
 
 COMMANDS = {

@@ -39,6 +39,11 @@ class Settings:
     ready_file: Path | None = None
     test_fault: str = ""  # testing aid, see docs/operator.md
     audit_log: Path | None = None  # default: the key file's name with .audit.log
+    checkpoint_interval: float = 60.0  # seconds between signed checkpoints of the audit log (when it grew)
+    witness_file: Path | None = None  # others' checkpoints this peer witnessed; default: the key file with .witnesses
+
+    def witness_path(self) -> Path:
+        return self.witness_file or self.key.with_suffix(".witnesses")
 
     def republish_every(self) -> float:
         return self.republish_interval or self.record_ttl / 3

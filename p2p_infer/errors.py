@@ -208,6 +208,30 @@ class AuditError(P2PInferError, ValueError):
     code = "bad_audit"
 
 
+class CheckpointError(AuditError):
+    """A signed audit-log checkpoint that is malformed or not signed by the peer it names."""
+
+    code = "bad_checkpoint"
+
+
+class AuditTruncated(AuditError):
+    """Entries a signed checkpoint vouched for are missing from the log (tail or head cut)."""
+
+    code = "audit_truncated"
+
+
+class AuditRewritten(AuditError):
+    """The log's entry at a checkpointed count is not the head the peer signed: history replaced."""
+
+    code = "audit_rewritten"
+
+
+class AuditForeignSigner(AuditError):
+    """Entries not signed by the key the peer id embeds: the log was re-signed or replaced."""
+
+    code = "audit_foreign_signer"
+
+
 class ZkError(P2PInferError):
     code = "zk_error"
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import msgpack
 import pytest
+import structlog
 
-from p2p_infer.cli import main
+from p2p_infer.cli import main as cli_main
 from p2p_infer.config import default_cache_dir
 from p2p_infer.errors import ZkError
 from p2p_infer.ml.models import DigitsMLP, load_model
@@ -19,6 +20,14 @@ from p2p_infer.verify.chain import ProofChainFile, check_coverage, verify_chain
 from .test_zk import RANGES, prove_chain
 
 N_LAYERS = 4  # digits-mlp: the client runs layer 0, peers 1-3
+
+
+def main(argv: list[str]) -> int:
+    """The CLI in-process; it points structlog at pytest's captured stderr, so put that back after."""
+    try:
+        return cli_main(argv)
+    finally:
+        structlog.reset_defaults()
 
 
 @pytest.mark.parametrize("ranges, reason", [

@@ -31,6 +31,7 @@ from ..proto.records import all_peers_key, make_record, model_key, shard_key, si
 from ..ml.models import Activation
 from ..proto.audit import AuditLog
 from ..proto.auditor import Auditor, evidence_message
+from .anchors import Anchors
 from .artifact_handler import handle_artifact
 from ..testing.adversaries import install as install_behaviour
 from .forward_handler import ForwardHandler
@@ -78,7 +79,11 @@ class Peer:
         self.behaviour = install_behaviour(settings.test_fault, self.identity, self._compute_layers, self._publish, self._later)
         self.member = self.behaviour.member
         audit_path = settings.audit_log or settings.key.with_suffix(".audit.log")
-        self.auditor = Auditor(Reputation(), AuditLog(audit_path, self.identity, now_ms))
+        audit = AuditLog(audit_path, self.identity, now_ms)
+        self.auditor = Auditor(Reputation(), audit)
+        # signed checkpoints of our log out, others' checkpoints kept (witnessed) in (node/anchors.py)
+        self.anchors = Anchors(self.identity, audit, settings.witness_path(), settings.checkpoint_interval, self._publish)
+        self.auditor.witnesses = self.anchors.witnesses
         self.log = log.bind(peer=self.identity.peer_id)
 
     # ---- lifecycle ----
@@ -108,6 +113,7 @@ class Peer:
                     self._nursery = nursery
                     await nursery.start(self._publish_loop, discovery)
                     nursery.start_soon(discovery.maintain, self.settings.refresh_interval)
+                    nursery.start_soon(self.anchors.run)
                     addrs = full_addrs(host)
                     self._write_ready_file(addrs)
                     self.log.info(

@@ -14,9 +14,10 @@ from typing import Any
 import structlog
 
 from .audit import AuditLog
+from .checkpoints import WitnessTable, witness
 from .consensus import CandidateSet, Commit, ConsensusError, Evidence, Reveal
 from .reputation import Reputation
-from .wire import EVIDENCE, ROUND, VERDICTS, message_type
+from .wire import CHECKPOINT, EVIDENCE, ROUND, VERDICTS, message_type
 
 log = structlog.get_logger("p2p_infer.auditor")
 
@@ -28,6 +29,7 @@ class Auditor:
     commits: dict[tuple[bytes, str], Commit] = field(default_factory=dict)
     punished: dict[tuple[str, str, bytes], None] = field(default_factory=dict)  # (kind, member, task_id), ordered
     committees: dict[bytes, frozenset[str]] = field(default_factory=dict)  # candidate set id -> members (verified)
+    witnesses: WitnessTable | None = None  # peers keep others' audit-log checkpoints (proto/checkpoints.py)
 
     def observe(self, sender: str, message: dict[str, Any]) -> list[Evidence]:
         """Handle one gossip message; return evidence this observer should publish."""
@@ -39,6 +41,9 @@ class Auditor:
                 return evidence + self.on_reveal(Reveal.from_wire(message.get("reveal")), candidates)
             if kind == EVIDENCE:
                 self.on_evidence(Evidence.from_wire(message.get("evidence")), reporter=sender)
+                return []
+            if kind == CHECKPOINT:  # kept, not logged: logging it would change our own log at every checkpoint
+                witness(self.witnesses, sender, message)
                 return []
             if kind == VERDICTS:  # a client's verdicts on every stage of one query
                 for stage in message.get("stages") or []:

@@ -63,13 +63,14 @@ ARTIFACT = "artifact"
 ROUND = "round"
 VERDICTS = "verdicts"
 EVIDENCE = "evidence"
+CHECKPOINT = "checkpoint"  # a peer's signed audit-log head (proto/checkpoints.py); additive on topic v3
 
 REQUESTS: dict[str, frozenset[str]] = {
     FORWARD_PROTOCOL: frozenset({FORWARD, PING, GET_PROOF}),
     RESULT_PROTOCOL: frozenset({FORWARD_RESULT, FORWARD_FAILED}),
     COMMITTEE_PROTOCOL: frozenset({TICKET, EXECUTE}),
     ARTIFACT_PROTOCOL: frozenset({ARTIFACT}),
-    CONSENSUS_TOPIC: frozenset({ROUND, VERDICTS, EVIDENCE}),
+    CONSENSUS_TOPIC: frozenset({ROUND, VERDICTS, EVIDENCE, CHECKPOINT}),
 }
 
 
