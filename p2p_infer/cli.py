@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint-interval", type=float, help="seconds between gossiped checkpoints of the audit log (default 60)")
         p.add_argument("--witness-file", type=Path, help="where witnessed checkpoints of other peers are kept (default: KEY with .witnesses)")
         if name == "peer":
-            p.add_argument("--test-fault", choices=["wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial"],
+            p.add_argument("--test-fault", choices=["wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial",
+                                                     "claims-fast"],
                            help="TESTING AID, off by default: make this peer misbehave in committees")
 
     p = sub.add_parser("peers", help="list live peers and their verified capabilities")

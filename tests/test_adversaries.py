@@ -146,3 +146,22 @@ def test_lie_after_trial_is_honest_once_then_lies():
 def test_unknown_faults_are_refused_with_the_known_ones():
     with pytest.raises(ConfigError, match="unknown --test-fault 'bogus'; known: " + ", ".join(TEST_FAULTS)):
         install("bogus", Identity.generate(), double, lambda _m: None)
+
+
+async def test_claims_fast_advertises_1e9_is_slow_and_lies_after_each_clients_first_request():
+    from p2p_infer.net.framing import remote_peer
+
+    behaviour, _ = member_for("claims-fast")
+    assert behaviour.advertise(250.0) == 1e9
+    hidden = torch.zeros(1, 4)
+    for client in ("c1", "c2"):  # honest once per client: it passes every new client's first-contact trial
+        remote_peer.set(client)
+        assert torch.equal(behaviour.forward_output(hidden), hidden)
+        assert torch.equal(behaviour.forward_output(hidden), hidden + 0.5)
+    import trio
+
+    started = trio.current_time()
+    await behaviour.pace()
+    assert trio.current_time() - started >= 0.05
+    honest, _ = member_for("")
+    assert honest.advertise(250.0) == 250.0

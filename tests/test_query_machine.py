@@ -264,7 +264,7 @@ def test_a_machine_refuses_an_unsupported_plan_before_sending():
 
 def trial_tasks() -> list[TrialTask]:
     x = wire([0.5, 0.25])
-    return [TrialTask(peer, 3, x, run_layers(x, 3, 3)) for peer in ("honest", "liar", "silent")]
+    return [TrialTask(peer, 3, 3, x, run_layers(x, 3, 3), session=f"s-{peer}") for peer in ("honest", "liar", "silent")]
 
 
 def test_trials_admit_the_honest_penalise_the_liar_and_do_not_judge_the_silent():
@@ -272,6 +272,7 @@ def test_trials_admit_the_honest_penalise_the_liar_and_do_not_judge_the_silent()
     assert admission.untried([("honest", 3), ("liar", 3), ("silent", 3)]) == {"honest": 3, "liar": 3, "silent": 3}
     sends = {s.peer_id: s for s in admission.start(trial_tasks(), 0.0)}
     assert {s.purpose for s in sends.values()} == {"trial"} and all((s.first, s.last) == (3, 3) for s in sends.values())
+    assert {s.session for s in sends.values()} == {"s-honest", "s-liar", "s-silent"}
     assert admission.on_reply(sends["honest"].request_id, run_layers(sends["honest"].activation, 3, 3), 0.1) == [
         Record("honest", False), Admit("honest")]
     assert admission.on_reply(sends["liar"].request_id, wire([9.0, 9.0]), 0.1) == [Record("liar", True)]

@@ -15,6 +15,7 @@ leave the client.
 from __future__ import annotations
 
 import os
+import random
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -85,6 +86,11 @@ class SplitModel(ABC):
             return Activation(hidden, torch.ones(1, tokens, dtype=torch.int64))
         return Activation(torch.relu(torch.randn(1, size)) if random else torch.zeros(1, size))
 
+    @abstractmethod
+    def synthetic_input(self, tokens: int, rng: random.Random) -> Activation:
+        """A made-up raw input of ``tokens`` tokens, embedded: what trial tasks start from, so a
+        trial's hidden states have the statistics of real ones, not of Gaussian noise."""
+
     def verify_weights(self, indices: range | None = None) -> None:
         check_layers(self.manifest, self.layers, indices or range(len(self.layers)))
 
@@ -97,6 +103,9 @@ def _runtime() -> dict[str, str]:
     import transformers
 
     return {"torch": torch.__version__.split("+")[0], "transformers": transformers.__version__}
+
+
+WORD_IDS = (1996, 29612)  # bert-base-uncased: the whole words and word pieces, after the specials and single characters
 
 
 class MiniLM(SplitModel):
@@ -136,6 +145,15 @@ class MiniLM(SplitModel):
         enc = self.tokenizer([inputs], return_tensors="pt", truncation=True, max_length=self.max_tokens)
         hidden = self.bert.embeddings(input_ids=enc["input_ids"], token_type_ids=enc["token_type_ids"])
         return Activation(hidden, enc["attention_mask"].to(torch.int64))
+
+    @torch.inference_mode()
+    def synthetic_input(self, tokens: int, rng: random.Random) -> Activation:
+        """[CLS], random whole-word-vocabulary tokens, [SEP]: as long as the live query."""
+        n = min(max(tokens, 3), self.max_tokens)
+        words = [rng.randrange(WORD_IDS[0], WORD_IDS[1]) for _ in range(n - 2)]
+        ids = torch.tensor([[self.tokenizer.cls_token_id, *words, self.tokenizer.sep_token_id]])
+        hidden = self.bert.embeddings(input_ids=ids, token_type_ids=torch.zeros_like(ids))
+        return Activation(hidden, torch.ones(1, n, dtype=torch.int64))
 
     def _layer_forward(self, layer: nn.Module, act: Activation) -> torch.Tensor:
         from transformers.masking_utils import create_bidirectional_mask
@@ -187,6 +205,7 @@ class DigitsMLP(SplitModel):
         self.layers = [nn.Sequential(nn.Linear(self.hidden_size, self.hidden_size), nn.ReLU()) for _ in range(self.num_layers)]
         self.head = nn.Linear(self.hidden_size, 10)
         self.net = nn.Sequential(self.embed_layer, *self.layers, self.head)
+        self._train_images: torch.Tensor | None = None
         path = (cache_dir or default_cache_dir()) / "models" / f"{self.name}-seed{self.seed}.pt"
         self.accuracy = self._load_or_train(path)
         self.net.eval()
@@ -271,6 +290,15 @@ class DigitsMLP(SplitModel):
         if not bool(torch.isfinite(x).all()) or bool((x < 0).any()) or bool((x > 16).any()):
             raise UsageError("digits-mlp takes 64 pixel values in [0, 16]")
         return Activation(self.embed_layer(x / 16.0))
+
+    @torch.inference_mode()
+    def synthetic_input(self, tokens: int, rng: random.Random) -> Activation:
+        """A training image with pixel noise (the client holds the data set)."""
+        if self._train_images is None:
+            self._train_images = self.dataset()[0]
+        image = self._train_images[rng.randrange(len(self._train_images))]
+        noise = torch.tensor([rng.gauss(0.0, 1.0) for _ in range(64)])
+        return self.embed((image + noise).clamp(0.0, 16.0).tolist())
 
     @torch.inference_mode()
     def shard_inputs(self, first: int) -> torch.Tensor:

@@ -43,10 +43,10 @@ from ..proto.auditor import Auditor, evidence_message
 from ..proto.plan import QueryPlan
 from ..proto.query import QueryMachine
 from ..proto.reputation import Reputation
-from ..proto.routing import Segment, Server, plan_route
+from ..proto.routing import Segment, Server, ThroughputBook, plan_route
 from ..proto.trial import Admission
 from ..proto.wire import FORWARD_PROTOCOL, RESULT_PROTOCOL, Message
-from . import committee_client, zk_client
+from . import committee_client, trials, zk_client
 from .query_driver import ForwardResults, QueryDriver
 from .results import HopReport, QueryResult
 
@@ -100,6 +100,7 @@ class Client:
         self.auditor = Auditor(self.reputation, AuditLog(audit_log, self.identity, now_ms) if audit_log else None)
         self._rng = random.SystemRandom()  # request ids and spot-check draws: unguessable by peers
         self.admission = Admission(self._rng, timeout=request_timeout)  # trial verdicts, kept across queries
+        self.throughput = ThroughputBook()  # what routing ranks peers by: timed here, never taken from records
         self.results = ForwardResults()
         self.gossip: Gossip | None = None
         self._nursery: trio.Nursery | None = None
@@ -183,11 +184,13 @@ class Client:
         act = model.embed(inputs)
         act = Activation(model.run_layers(act, 0, self.local_layers - 1), act.mask)
         local_ms = (time.perf_counter() - started) * 1000
-        await self._admit_servers(model)
+        await self._admit_servers(model, act)
+        live = time.perf_counter()
         if self.query_plan.check == "committee":
             received, fields = await self._run_committee(model, act)
         else:
             received, fields = await self._run_machine(model, act)
+        self.admission.on_query_done(time.perf_counter() - live)  # later trials are spread over this long
         finish_start = time.perf_counter()
         output = model.finish(received)
         local_ms += (time.perf_counter() - finish_start) * 1000
@@ -223,13 +226,13 @@ class Client:
     # ---- routing ----
 
     def servers(self, model: SplitModel) -> list[Server]:
-        """Servers of ``model`` this client will use: trusted, and past their trial task."""
+        """Servers of ``model`` this client will use: trusted, and past their trial task; ranked
+        by the throughput this client measured (a record's claim can only lower an untimed peer's)."""
         assert self.directory is not None
-        return [
-            Server(r.peer_id, s.first, s.last, r.throughput, r.load, self.rtt_ms.get(r.peer_id))
-            for r, s in self.directory.shards_of(model.model_id)
-            if self.reputation.trusted(r.peer_id) and (not self.query_plan.trial or self.admission.admitted(r.peer_id))
-        ]
+        shards = [(r, s) for r, s in self.directory.shards_of(model.model_id)
+                  if self.reputation.trusted(r.peer_id) and (not self.query_plan.trial or self.admission.admitted(r.peer_id))]
+        speed = self.throughput.effective({r.peer_id: r.throughput for r, _ in shards})
+        return [Server(r.peer_id, s.first, s.last, speed[r.peer_id], r.load, self.rtt_ms.get(r.peer_id)) for r, s in shards]
 
     def plan(self, model: SplitModel, first: int, exclude: Sequence[str] = ()) -> list[Segment]:
         return plan_route(self.servers(model), first, len(model.layers) - 1, exclude=exclude, reputation=self.reputation.of,
@@ -243,10 +246,11 @@ class Client:
             await self.refresh()  # maybe a replacement joined since the last refresh
             return self.plan(model, pos, exclude)
 
-    async def _admit_servers(self, model: SplitModel) -> None:
-        """Trial tasks: a known answer from each untried provider before it gets live traffic."""
+    async def _admit_servers(self, model: SplitModel, act: Activation) -> None:
+        """Trial tasks shaped like this query's hops: waited for when the query cannot route
+        without an untried peer, else mixed into the live traffic (``node/trials.py``)."""
         if self.query_plan.trial and self.directory is not None:
-            await QueryDriver(self, model).admit(self.admission)
+            await trials.trials_for_query(self, model, act)
 
     # ---- critical mode: ZK proofs ----
 

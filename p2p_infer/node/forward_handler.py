@@ -49,6 +49,7 @@ class ForwardHandler:
         hidden, compute_ms, queue_ms = await self.peer.compute(model, req.first, req.last, act)
         self.forwards_served += 1
         hidden = self.peer.behaviour.forward_output(hidden)  # identity unless a --test-fault says otherwise
+        await self.peer.behaviour.pace()  # no pause unless a --test-fault says otherwise
         return forward_reply(encode_tensor(hidden), compute_ms, queue_ms, req.request_id)
 
     def _pong(self) -> Message:

@@ -159,7 +159,7 @@ class Peer:
             self.identity,
             addrs=full_addrs(self.host),
             shards=self.shards.shards if self.shards else [],
-            throughput=self.throughput,
+            throughput=self.behaviour.advertise(self.throughput),  # the measured value unless a --test-fault lies
             load=self.load(),
             software=f"p2p-infer/{__version__}",
             protocols=SERVED_PROTOCOLS,

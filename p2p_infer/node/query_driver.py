@@ -19,7 +19,7 @@ import trio
 
 from ..errors import P2PInferError, ProtocolViolation
 from ..ml.models import SplitModel
-from ..ml.tensors import activation_from_wire, encode_optional, encode_tensor
+from ..ml.tensors import activation_from_wire, encode_tensor
 from ..net.framing import remote_peer
 from ..net.host import full_addrs
 from ..proto.forward import ForwardRequest, Hop, parse_forward_reply
@@ -38,14 +38,13 @@ from ..proto.query import (
     SendHop,
 )
 from ..proto.tensors import WireTensor
-from ..proto.trial import Admission, Admit, TrialTask
+from ..proto.trial import Admit
 from ..proto.wire import FORWARD_FAILED, FORWARD_RESULT, OK, RESULT_PROTOCOL, Message, expect, message_type
 
 if TYPE_CHECKING:
     from .client import Client
 
 log = structlog.get_logger("p2p_infer.client")
-TRIAL_TOKENS = 8  # sequence length of a trial task's random input
 
 
 @dataclass(frozen=True)
@@ -165,17 +164,24 @@ class QueryDriver:
     async def exchange(self, send: SendHop) -> Reply | HopFailure:
         """Send one stage; a failure to answer, or an answer that fails the checks (the peer's fault)."""
         message = ForwardRequest(self.model.model_id, send.first, send.last, send.activation, send.mask,
-                                 request_id=send.request_id, prove=send.prove).to_wire()
+                                 session=send.session, request_id=send.request_id, prove=send.prove).to_wire()
+        sent_at = self.now()
         try:  # the pool turns timeouts, resets and bad addresses into PeerUnreachable
-            reply = await self.client._request(send.peer_id, message, timeout=max(send.deadline - self.now(), 1e-3))
+            reply = await self.client._request(send.peer_id, message, timeout=max(send.deadline - sent_at, 1e-3))
         except P2PInferError as exc:
             return HopFailure.from_error(exc)
+        elapsed_ms = (self.now() - sent_at) * 1000
         try:
             hidden, timing = parse_forward_reply(reply)
             self._check_activation(hidden, send.mask)
-            return Reply(hidden, timing, self._evidence(send, reply))
+            evidence = self._evidence(send, reply)
         except P2PInferError as exc:
             return HopFailure.wrong_answer(exc)
+        if not send.prove:  # a proof's seconds of proving say nothing about plain throughput
+            # timed here, by the client: routing never takes a peer's word for its speed
+            self.client.throughput.observe(send.peer_id, send.last - send.first + 1, elapsed_ms,
+                                           self.client.rtt_ms.get(send.peer_id))
+        return Reply(hidden, timing, evidence)
 
     def _check_activation(self, hidden: WireTensor, mask: WireTensor | None) -> None:
         """The model's shapes and dtypes (the codec already checked the tensor itself)."""
@@ -206,7 +212,8 @@ class QueryDriver:
         assert client.host is not None
         hops = [Hop(s.peer_id, tuple(client._addrs_of(s.peer_id)), s.first, s.last) for s in send.route[1:]]
         message = ForwardRequest(self.model.model_id, first.first, first.last, send.activation, send.mask,
-                                 request_id=send.request_id, route=hops, reply_to=str(client.host.get_id()),
+                                 session=send.session, request_id=send.request_id, route=hops,
+                                 reply_to=str(client.host.get_id()),
                                  reply_addrs=tuple(full_addrs(client.host))).to_wire()
         with client.results.expect(send.request_id, send.reply_from) as inbox:
             try:
@@ -235,29 +242,3 @@ class QueryDriver:
             log.info("forwarding failed, falling back to client-driven hops", reason=exc.message)
             return machine.on_failure(send.request_id, HopFailure.wrong_answer(exc), now)
         return machine.on_reply(send.request_id, hidden, now, trace=result.get("trace"))
-
-    # ---- trial tasks ----
-
-    async def admit(self, admission: Admission) -> None:
-        """A trial task to every untried provider of the model, all at once."""
-        assert self.client.directory is not None
-        shards = self.client.directory.shards_of(self.model.model_id)
-        untried = admission.untried((r.peer_id, s.first) for r, s in shards)
-        tasks = [self._trial_task(peer, layer) for peer, layer in untried.items()]
-        async with trio.open_nursery() as nursery:
-            for send in admission.start(tasks, self.now()):
-                nursery.start_soon(self._trial, admission, send)
-
-    def _trial_task(self, peer_id: str, layer: int) -> TrialTask:
-        act = self.model.sample_activation(tokens=TRIAL_TOKENS, random=True)
-        expected = encode_tensor(self.model.run_layers(act, layer, layer))
-        return TrialTask(peer_id, layer, encode_tensor(act.hidden), expected, encode_optional(act.mask))
-
-    async def _trial(self, admission: Admission, send: SendHop) -> None:
-        outcome = await self.exchange(send)
-        if isinstance(outcome, HopFailure):
-            log.info("trial task failed to run", peer=send.peer_id, reason=outcome.reason)
-            self._apply(admission.on_failure(send.request_id, outcome, self.now()))
-            return
-        self._apply(admission.on_reply(send.request_id, outcome.output, self.now()))
-        log.info("trial task", peer=send.peer_id, passed=admission.admitted(send.peer_id))

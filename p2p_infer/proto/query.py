@@ -99,6 +99,7 @@ class SendHop:
     purpose: Purpose = "hop"
     prove: bool | str = False  # zk: True = proof in the reply, "follow" = a token to fetch it later
     mask: WireTensor | None = None  # the attention mask, for sequence models
+    session: str = ""  # one per query (a trial draws its own), so no request stands out by having none
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class SendForward:
     activation: WireTensor
     deadline: float
     mask: WireTensor | None = None
+    session: str = ""
 
     @property
     def reply_from(self) -> str:
@@ -249,6 +251,7 @@ class QueryMachine:
     reputation: Callable[[str], float] = lambda _peer: 1.0  # read live: a fault mid-query counts at once
     min_reputation: float = 0.0  # servers under it are skipped (the client's trust threshold)
     timeout: float = 30.0  # seconds a peer has to answer one request
+    session: str = ""  # sent with every request of this query; drawn from the rng when not given
     pos: int = field(init=False)  # the next layer to run
     failed: list[str] = field(init=False, default_factory=list)
     _sent: WireTensor = field(init=False)  # what the client sent first (a forwarding fallback restarts from it)
@@ -269,6 +272,7 @@ class QueryMachine:
         if self.plan.local_layers >= self.n_layers:
             raise UsageError(f"{self.model_name} has {self.n_layers} layers; the client keeps {self.plan.local_layers} locally")
         self.pos = self.plan.local_layers
+        self.session = self.session or new_request_id(self.rng)
         self._sent = self.activation
         self._forwarding = self.plan.transport == "forwarding"
         self._mode = "critical" if self.plan.check == "zk" else "forwarding" if self._forwarding else "client"
@@ -358,12 +362,13 @@ class QueryMachine:
     def _send_hop(self, peer_id: str, first: int, last: int, purpose: Purpose, now: float) -> SendHop:
         request_id = self._track(purpose, peer_id, first, last, now)
         prove: bool | str = ("follow" if self.plan.proof_follows else True) if self.plan.check == "zk" else False
-        return SendHop(request_id, peer_id, first, last, self.activation, now + self.timeout, purpose, prove, self.mask)
+        return SendHop(request_id, peer_id, first, last, self.activation, now + self.timeout, purpose, prove, self.mask,
+                       self.session)
 
     def _send_forward(self, route: list[Segment], now: float) -> SendForward:
         request_id = self._track("forward", route[0].peer_id, route[0].first, route[-1].last, now)
         steps = tuple(RouteStep(s.peer_id, s.first, s.last) for s in route)
-        return SendForward(request_id, steps, self.activation, now + self.timeout, self.mask)
+        return SendForward(request_id, steps, self.activation, now + self.timeout, self.mask, self.session)
 
     def _track(self, purpose: Purpose, peer_id: str, first: int, last: int, now: float) -> str:
         request_id = new_request_id(self.rng)

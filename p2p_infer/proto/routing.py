@@ -5,13 +5,20 @@ layer to run), and a server that holds layers ``[first, last]`` gives an edge fr
 ``p`` in its range to every ``q + 1`` with ``p <= q <= last``, costing its round trip plus
 its compute time for those layers, scaled up by its load. Servers with a reputation
 under the threshold, or excluded after a failure, are left out.
+
+The throughput a route is planned with is the client's own measurement
+(:class:`ThroughputBook`), never what a peer claims: issue 9's liar advertised 1e9
+layers/s in its record and won every route. A claim only ever *lowers* the estimate of a
+peer the client has not timed yet.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
+import statistics
+from collections import deque
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 
 from ..errors import NoRoute
 
@@ -23,7 +30,7 @@ class Server:
     peer_id: str
     first: int
     last: int
-    throughput: float  # layer forwards per second (advertised)
+    throughput: float  # layer forwards per second: measured by the client (ThroughputBook.effective)
     load: float = 0.0
     rtt_ms: float | None = None  # measured by the client; None = not yet
 
@@ -99,3 +106,46 @@ def plan_route(
 
 def route_cost_ms(route: list[Segment]) -> float:
     return sum(segment_cost_ms(s.server, s.last - s.first + 1) for s in route)
+
+
+# ---- throughput the client measured ----
+
+MAX_SAMPLES = 16  # per peer: the median of the latest ones, so one slow or lucky request moves nothing
+MAX_MEASURED_PEERS = 4096
+MIN_COMPUTE_MS = 0.05  # a reply faster than the ping is measurement noise, not infinite speed
+
+
+@dataclass
+class ThroughputBook:
+    """Layers per second per peer, from the client's own timed requests (live hops, spot
+    checks and trials alike: a peer cannot tell them apart, so it cannot be fast only when timed)."""
+
+    samples: dict[str, deque[float]] = field(default_factory=dict)
+
+    def observe(self, peer_id: str, layers: int, elapsed_ms: float, rtt_ms: float | None = None) -> None:
+        """One request for ``layers`` layers answered ``elapsed_ms`` after it was sent; the
+        round trip measured by ping (when known) is the network's share of that."""
+        compute_ms = max(elapsed_ms - (rtt_ms or 0.0), MIN_COMPUTE_MS)
+        window = self.samples.pop(peer_id, None) or deque(maxlen=MAX_SAMPLES)
+        window.append(1000.0 * max(layers, 1) / compute_ms)
+        self.samples[peer_id] = window  # most recently measured last; the oldest are forgotten first
+        while len(self.samples) > MAX_MEASURED_PEERS:
+            self.samples.pop(next(iter(self.samples)))
+
+    def measured(self, peer_id: str) -> float | None:
+        window = self.samples.get(peer_id)
+        return statistics.median(window) if window else None
+
+    def effective(self, claims: Mapping[str, float]) -> dict[str, float]:
+        """The throughput to route each peer of ``claims`` (peer -> advertised) with: its
+        measured median; for a peer not timed yet, its claim capped at the median of the
+        measured peers (or, when none is, the median claim), so it can never outrank
+        measured peers by saying so, while an honest "I am slow" still counts."""
+        medians = [m for m in (self.measured(p) for p in claims) if m is not None]
+        positive = [c for c in claims.values() if c > 0]
+        reference = statistics.median(medians) if medians else statistics.median(positive) if positive else 1.0
+        out = {}
+        for peer, claim in claims.items():
+            mine = self.measured(peer)
+            out[peer] = mine if mine is not None else min(claim, reference) if claim > 0 else reference
+        return out

@@ -11,7 +11,7 @@ one place a peer turns ``settings.test_fault`` into its committee member and hoo
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,10 +38,12 @@ from ..proto.committee_codec import ExecuteRequest, TicketRequest, WireTensor, i
 from ..proto.consensus import Commit, Reveal, StageTask, commitment, sign_commit
 from ..proto.wire import Message
 
-TEST_FAULTS = ("wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial")
+TEST_FAULTS = ("wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial", "claims-fast")
 NOISE = 0.5  # far outside the agreement tolerance: a wrong output is never "close enough"
 LATE_BY_S = 0.3  # past the commit deadline, inside the client's grace, so it is judged late
 COPY_WAIT_S = 2.0  # how long a copier waits for someone else's gossiped reveal
+CLAIMED_THROUGHPUT = 1e9  # what claims-fast advertises (issue 9: it won every route)
+SLOW_BY_S = 0.05  # and what it really is: an ordinary peer, 50 ms slower per reply
 log = structlog.get_logger("p2p_infer.adversaries")
 
 ForwardHook = Callable[[torch.Tensor], torch.Tensor]
@@ -176,8 +178,40 @@ class LieAfterTrial:
         return hidden if self.served <= 1 else hidden + NOISE
 
 
+@dataclass
+class ClaimsFast:
+    """Issue 9's throughput liar: advertises 1e9 layers/s in its record while being an
+    ordinary peer SLOW_BY_S slower per reply, and answers each client's first plain request
+    honestly (its trial, if trials look like a first request) and every later one wrongly."""
+
+    served: dict[str, int] = field(default_factory=dict)  # plain requests answered, per client
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        from ..net.framing import remote_peer
+
+        client = remote_peer.get()
+        self.served[client] = self.served.get(client, 0) + 1
+        return hidden if self.served[client] <= 1 else hidden + NOISE
+
+
 def honest_forward(hidden: torch.Tensor) -> torch.Tensor:
     return hidden
+
+
+async def no_pause() -> None:
+    return None
+
+
+async def slow_reply() -> None:
+    await trio.sleep(SLOW_BY_S)  # asleep, not busy: the peer answers pings as fast as anyone
+
+
+def truthful(measured: float) -> float:
+    return measured
+
+
+def claims_fast(_measured: float) -> float:
+    return CLAIMED_THROUGHPUT
 
 
 # ---- installing one ----
@@ -189,6 +223,8 @@ class Behaviour:
 
     member: Member
     forward_output: ForwardHook = field(default=honest_forward)
+    pace: Callable[[], Awaitable[None]] = field(default=no_pause)  # awaited before each plain forward reply
+    advertise: Callable[[float], float] = field(default=truthful)  # measured throughput -> what the record says
 
 
 def install(fault: str, identity: Identity, compute: LayersCompute, publish: Publish, later: Later | None = None) -> Behaviour:
@@ -209,4 +245,6 @@ def install(fault: str, identity: Identity, compute: LayersCompute, publish: Pub
         return Behaviour(NoReveal(member))
     if fault == "copy":
         return Behaviour(Copier(member))
+    if fault == "claims-fast":
+        return Behaviour(member, ClaimsFast(), slow_reply, claims_fast)
     return Behaviour(member, LieAfterTrial() if fault == "lie-after-trial" else honest_forward)
