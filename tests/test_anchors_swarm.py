@@ -32,12 +32,12 @@ def wait_for_witnessed(swarm: Swarm, witness: str, subject: str, at_least: int, 
 async def test_a_witnessed_checkpoint_catches_a_truncated_or_re_signed_log(tmp_path):
     with Swarm(tmp_path) as swarm:
         swarm.start_bootstrap()
-        for name in ("h1", "h2"):
+        for name in ("h1", "h2", "h3"):  # committees need k >= 3
             swarm.start_peer(name, ["digits-mlp:1-3"], extra_args=["--checkpoint-interval", "1"], wait=False)
-        swarm.wait_ready([swarm.peers["h1"], swarm.peers["h2"]], timeout=180)
+        swarm.wait_ready([swarm.peers[n] for n in ("h1", "h2", "h3")], timeout=180)
         swarm.wait_discoverable(timeout=90)
-        async with Client([swarm.bootstrap.addr], committee=2, commit_timeout=2.0) as c:
-            for i in range(2):  # each member logs the other's commit and reveal, and the client's verdicts
+        async with Client([swarm.bootstrap.addr], committee=3, commit_timeout=2.0) as c:
+            for i in range(2):  # each member logs the others' commits and reveals, and the client's verdicts
                 await c.classify(DigitsMLP.dataset()[2][i].tolist())
         witness_file, checkpoint = wait_for_witnessed(swarm, "h2", "h1", at_least=3)
         h1 = swarm.peers["h1"].peer_id
