@@ -22,6 +22,30 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("P2P_INFER_CACHE", Path.home() / ".cache" / "p2p-infer"))
 
 
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one peer (or client host) grants the rest of the network. Every remote peer is
+    a stranger: the defaults keep a 2-core volunteer machine serving honest clients while
+    others abuse it (docs/operator.md, "Resource limits"). Times in seconds."""
+
+    max_connections: int = 256  # hard cap, refused at accept (py-libp2p's swarm enforces it)
+    conn_idle_timeout: float = 120.0  # a connection with no stream for this long is closed
+    stream_idle_timeout: float = 30.0  # a stream with no new request for this long is closed
+    frame_timeout: float = 30.0  # a frame's payload must arrive within this, once announced
+    max_streams_per_peer: int = 64  # concurrent inbound streams on p2p-infer protocols
+    max_request_bytes_per_peer: int = 16 * MIB  # frames being read or served, per remote peer
+    frame_memory_budget: int = 128 * MIB  # the same over all peers (py-libp2p's rcmgr memory)
+    requests_per_second_per_peer: float = 500.0  # token bucket (rcmgr), burst of 2 s
+    max_queued_per_peer: int = 8  # compute requests waiting per remote peer
+    max_queued: int = 64  # compute requests waiting in all
+
+
+_LIMITS = Limits()
+
+
 @dataclass
 class Settings:
     key: Path = field(default_factory=lambda: default_home() / "peer.key")
@@ -39,9 +63,29 @@ class Settings:
     ready_file: Path | None = None
     test_fault: str = ""  # testing aid, see docs/operator.md
     audit_log: Path | None = None  # default: the key file's name with .audit.log
+    audit_max_bytes: int = 16 * MIB  # the live audit log rotates past this size
+    audit_budget_bytes: int = 256 * MIB  # the oldest rotated audit files go past this total
+    # resource limits (see Limits; names match)
+    max_connections: int = _LIMITS.max_connections
+    conn_idle_timeout: float = _LIMITS.conn_idle_timeout
+    stream_idle_timeout: float = _LIMITS.stream_idle_timeout
+    frame_timeout: float = _LIMITS.frame_timeout
+    max_streams_per_peer: int = _LIMITS.max_streams_per_peer
+    max_request_bytes_per_peer: int = _LIMITS.max_request_bytes_per_peer
+    frame_memory_budget: int = _LIMITS.frame_memory_budget
+    requests_per_second_per_peer: float = _LIMITS.requests_per_second_per_peer
+    max_queued_per_peer: int = _LIMITS.max_queued_per_peer
+    max_queued: int = _LIMITS.max_queued
 
     def republish_every(self) -> float:
         return self.republish_interval or self.record_ttl / 3
+
+    def limits(self) -> Limits:
+        values = {f.name: getattr(self, f.name) for f in fields(Limits)}
+        for name, value in values.items():
+            if not value > 0:
+                raise ConfigError(f"{name.replace('_', '-')} must be positive, got {value!r}")
+        return Limits(**values)
 
 
 def _coerce(name: str, raw: Any) -> Any:

@@ -326,6 +326,36 @@ def circuits_for(model: Any, ranges: list[tuple[int, int]], cache_dir: Path, srs
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def build_in_subprocess(model_name: str, ranges: list[tuple[int, int]], cache_dir: str) -> dict[tuple[int, int], Circuit]:
+    """:func:`circuits_for` in a worker process (see :class:`CircuitBuilder`): loads the model
+    itself, at a lower CPU priority so the serving process keeps its cores' attention."""
+    from ..ml.models import load_model
+
+    try:
+        os.nice(10)
+    except OSError:  # not permitted here: build at normal priority
+        pass
+    return circuits_for(load_model(model_name, Path(cache_dir)), ranges, Path(cache_dir))
+
+
+class CircuitBuilder:
+    """Circuit builds (ezkl compile and key setup: seconds to minutes of CPU, holding the GIL
+    throughout) in a separate spawned process, so the peer's event loop never stalls."""
+
+    def __init__(self) -> None:
+        import concurrent.futures
+        import multiprocessing
+
+        self.executor = concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+
+    def build(self, model_name: str, ranges: list[tuple[int, int]], cache_dir: Path) -> dict[tuple[int, int], Circuit]:
+        """Blocking: call from a worker thread."""
+        return self.executor.submit(build_in_subprocess, model_name, ranges, str(cache_dir)).result()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
 # ---- pins and artifact exchange ----
 
 
