@@ -51,10 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "peer":
             p.add_argument("--serve", action="append", metavar="MODEL:FIRST-LAST", help="serve layers FIRST..LAST of MODEL (repeatable)")
         p.add_argument("--record-ttl", type=float, help="seconds a published capability record stays valid (default 120)")
-        p.add_argument("--max-concurrent", type=int, help="forward requests computed at once (default 4)")
+        p.add_argument("--max-concurrent", type=int, help="forward requests computed at once (default: one per CPU core)")
         p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default 1)")
         p.add_argument("--ready-file", type=Path, help="write {peer_id, addrs, pid} as JSON here once serving")
         p.add_argument("--audit-log", type=Path, help="append-only signed audit log (default: KEY with .audit.log)")
+        p.add_argument("--max-connections", type=int, help="connections at once, refused past it (default 256)")
+        p.add_argument("--conn-idle-timeout", type=float, help="seconds before a connection with no stream is closed (default 120)")
         if name == "peer":
             p.add_argument("--test-fault", choices=["wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial"],
                            help="TESTING AID, off by default: make this peer misbehave in committees")
@@ -102,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     for name in ("key", "listen", "bootstrap", "bootstrap_file", "serve", "log_format", "log_level",
-                 "record_ttl", "max_concurrent", "torch_threads", "ready_file", "audit_log", "test_fault"):
+                 "record_ttl", "max_concurrent", "torch_threads", "ready_file", "audit_log", "test_fault",
+                 "max_connections", "conn_idle_timeout"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value

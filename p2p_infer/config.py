@@ -58,11 +58,12 @@ class Settings:
     record_ttl: float = 120.0  # seconds a capability record stays valid
     republish_interval: float = 0.0  # 0 = ttl / 3
     refresh_interval: float = 30.0  # routing-table refresh / re-join check
-    max_concurrent: int = 4  # forward requests computed at once
+    max_concurrent: int = 0  # forward requests computed at once; 0 = one per CPU core (more only thrashes)
     torch_threads: int = 1
     ready_file: Path | None = None
     test_fault: str = ""  # testing aid, see docs/operator.md
     audit_log: Path | None = None  # default: the key file's name with .audit.log
+    build_circuits: bool = True  # ZK circuits of served provable shards, built at start-up
     audit_max_bytes: int = 16 * MIB  # the live audit log rotates past this size
     audit_budget_bytes: int = 256 * MIB  # the oldest rotated audit files go past this total
     # resource limits (see Limits; names match)
@@ -80,6 +81,9 @@ class Settings:
     def republish_every(self) -> float:
         return self.republish_interval or self.record_ttl / 3
 
+    def compute_slots(self) -> int:
+        return self.max_concurrent if self.max_concurrent > 0 else max(1, os.cpu_count() or 1)
+
     def limits(self) -> Limits:
         values = {f.name: getattr(self, f.name) for f in fields(Limits)}
         for name, value in values.items():
@@ -91,6 +95,10 @@ class Settings:
 def _coerce(name: str, raw: Any) -> Any:
     kind = {f.name: f for f in fields(Settings)}[name].type
     if isinstance(raw, str):
+        if "bool" in str(kind):
+            if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ConfigError(f"{name}: expected true or false, got {raw!r}")
+            return raw.lower() in ("1", "true", "yes", "on")
         if "list" in str(kind):
             return [v for v in raw.split(",") if v]
         if "Path" in str(kind):

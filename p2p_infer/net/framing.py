@@ -251,7 +251,7 @@ async def _serve_requests(stream: Stream, handle: Handler, guard: Guard, remote:
             level = plog.info if refused.error.code == "overloaded" else plog.warning
             level("frame refused", code=refused.error.code, reason=refused.error.message)
             await _try_reply(stream, error_message(refused.error), max_frame)
-            return True  # drop what the sender still pushes (reset frees yamux's buffer at once)
+            return True  # drop what the sender still pushes (a reset frees yamux's buffer)
         token = current_reservation.set(held)
         try:
             reply = await _answer(handle, message, plog)
@@ -263,14 +263,20 @@ async def _serve_requests(stream: Stream, handle: Handler, guard: Guard, remote:
             return False
 
 
+REFUSAL_GRACE = 2.0  # seconds a refused stream stays half-closed so its error reply is read
+
+
 async def _end(stream: Stream, *, reset: bool) -> None:
+    """Close the stream; a refused one (payload still coming) is reset after a short grace:
+    a yamux reset discards data not yet read at the other end, our error reply included,
+    while a plain close would leave the sender's unread payload buffered here."""
     with trio.CancelScope(shield=True):
         try:
-            with trio.move_on_after(2):
+            with trio.move_on_after(2 + REFUSAL_GRACE):
+                await stream.close()
                 if reset and hasattr(stream, "reset"):
+                    await trio.sleep(REFUSAL_GRACE)
                     await stream.reset()
-                else:
-                    await stream.close()
         except Exception:
             pass
 

@@ -10,6 +10,7 @@ leaves zombie connections at the other end.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 from collections.abc import AsyncIterator, Sequence
@@ -91,7 +92,21 @@ def make_host(identity: Identity, listen: str = DEFAULT_LISTEN, limits: Limits |
         resource_manager=rcmgr,
     )
     _GUARDS[host] = Guard(limits, rcmgr)
+    _lift_inbound_slot_leak(host)
     return host
+
+
+def _lift_inbound_slot_leak(host: IHost) -> None:
+    """The py-libp2p 0.8.1 build we pin caps inbound connections with a CapacityLimiter of
+    ``max_connections - min_connections`` slots, but its inbound handler keeps its slot until
+    the swarm stops (it awaits ``manager.wait_finished()`` after the upgrade), so after that
+    many inbound connections *ever*, every new one is refused (found by
+    tests/test_limits.py; upstream's current swarm has no such limiter). Connections are
+    bounded instead by ``max_connections``, which the swarm checks at accept and at
+    registration, and by rcmgr's limits."""
+    swarm = host.get_network()
+    if hasattr(swarm, "_inbound_limiter"):
+        swarm._inbound_limiter = trio.CapacityLimiter(math.inf)  # type: ignore[attr-defined]
 
 
 def guard_of(host: IHost) -> Guard:

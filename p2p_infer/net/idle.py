@@ -8,8 +8,10 @@ hold every slot (issue 10: 200 identities that opened nothing stayed connected).
 closes idle connections itself and also runs the library's pruner on a timer, the way
 go-libp2p's connection manager trims in the background.
 
-A connection counts as active while any stream is open on it, gossipsub's long-lived one
-included: gossip mesh links are wanted. Residual risk: a stranger that keeps one stream open
+A connection counts as active while a stream whose protocol was negotiated is open on it,
+gossipsub's long-lived one included (gossip mesh links are wanted). Streams still in
+protocol negotiation do not count: our own identify stream to a stranger that never
+answers would otherwise keep the stranger's connection forever. Residual risk: a stranger that keeps one stream open
 (ping, or gossipsub) keeps its connection; ``max_connections`` and the per-peer limits
 bound what that costs.
 """
@@ -59,6 +61,14 @@ class _Activity(INotifee):
         pass
 
 
+async def _close(conn: Any) -> None:
+    with trio.move_on_after(2):
+        try:
+            await conn.close()
+        except Exception as exc:
+            log.debug("closing an idle connection failed", error=f"{type(exc).__name__}: {exc}")
+
+
 class IdleReaper:
     def __init__(self, host: IHost, idle_timeout: float) -> None:
         self.host = host
@@ -69,7 +79,7 @@ class IdleReaper:
         host.get_network().register_notifee(self.activity)
 
     def _idle_for(self, conn: Any, now: float) -> float:
-        if conn.get_streams():
+        if any(stream.get_protocol() for stream in conn.get_streams()):
             return 0.0
         peer = str(conn.muxed_conn.peer_id)
         since = max(self.first_seen.setdefault(id(conn), now), self.activity.last_stream.get(peer, 0.0))
@@ -82,12 +92,9 @@ class IdleReaper:
         live = {id(c) for c in conns}
         self.first_seen = {k: v for k, v in self.first_seen.items() if k in live}
         idle = [c for c in conns if not c.is_closed and self._idle_for(c, now) >= self.idle_timeout]
-        for conn in idle:
-            with trio.move_on_after(2):
-                try:
-                    await conn.close()
-                except Exception as exc:
-                    log.debug("closing an idle connection failed", error=f"{type(exc).__name__}: {exc}")
+        async with trio.open_nursery() as nursery:  # at once: a close can wait on a silent remote
+            for conn in idle:
+                nursery.start_soon(_close, conn)
         if idle:
             self.closed += len(idle)
             log.info("idle connections closed", closed=len(idle), open=len(conns) - len(idle), idle_timeout=self.idle_timeout)

@@ -69,7 +69,7 @@ class Peer:
         self.shards: ShardServer | None = None
         self.throughput = 0.0
         self.limits = settings.limits()
-        self.scheduler = FairScheduler(settings.max_concurrent, self.limits.max_queued_per_peer, self.limits.max_queued)
+        self.scheduler = FairScheduler(settings.compute_slots(), self.limits.max_queued_per_peer, self.limits.max_queued)
         self.forward = ForwardHandler(self)
         self.prover = ProofHandler(self)
         self.discovery: Discovery | None = None

@@ -59,6 +59,8 @@ class ProofHandler:
 
     def start_builds(self) -> None:
         """Mark the served provable shards as being built; :meth:`build_all` builds them."""
+        if not self.peer.settings.build_circuits:
+            return  # critical mode is then refused (not_provable)
         for model, ranges in self.provable_shards().items():
             for first, last in ranges:
                 self.building[(model.model_id, first, last)] = trio.Event()
@@ -70,7 +72,7 @@ class ProofHandler:
         from ..verify import zk
 
         todo = self.provable_shards()
-        if not todo:
+        if not todo or not self.peer.settings.build_circuits:
             return
         self.builder = zk.CircuitBuilder()
         try:
@@ -85,7 +87,8 @@ class ProofHandler:
         plog.info("building ZK circuits (separate process)")
         started = time.perf_counter()
         try:
-            built = await trio.to_thread.run_sync(self.builder.build, model.name, ranges, default_cache_dir())
+            # abandon_on_cancel: at shutdown the peer stops waiting at once (the pool is closed behind it)
+            built = await trio.to_thread.run_sync(self.builder.build, model.name, ranges, default_cache_dir(), abandon_on_cancel=True)
             for (first, last), circuit in built.items():
                 self.circuits[(model.model_id, first, last)] = circuit
             plog.info("ZK circuits ready", seconds=round(time.perf_counter() - started, 1))
