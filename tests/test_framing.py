@@ -210,3 +210,13 @@ async def test_idle_stream_is_closed_but_a_slow_frame_gets_frame_timeout():
         with trio.fail_after(3):
             reply = await read_message(client)
         assert reply["code"] == "bad_frame" and "not received within" in reply["message"]
+
+
+async def test_a_stream_that_ends_inside_the_length_prefix_gets_bad_frame():
+    client, server, _, _ = await served()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: serve_stream(server, echo, protocol="t"))
+        await client.write(b"\x00")
+        await client.s.send_stream.aclose()
+        with trio.fail_after(3):
+            assert (await read_message(client))["code"] == "bad_frame"

@@ -166,9 +166,9 @@ class Timeouts:
 async def _next_request(stream: Stream, guard: Guard, remote: str, max_frame: int, timeouts: Timeouts) -> tuple[Message, Held]:
     """Wait for a frame header, admit and reserve the frame, then read and decode it.
     EOFError: clean end between frames; trio.TooSlowError: idle; StreamUnusable: refused."""
-    with trio.fail_after(timeouts.idle):
-        header = await _read_exact(stream, HEADER_BYTES)
     try:
+        with trio.fail_after(timeouts.idle):
+            header = await _read_exact(stream, HEADER_BYTES)
         length = decode_length(header, max_frame)
         guard.admit_request(remote)
         held = guard.reserve(remote, length)

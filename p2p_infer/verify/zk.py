@@ -398,9 +398,24 @@ class ArtifactStore:
         candidates = [*self.root.glob("circuits/*/settings.json"), *self.root.glob("circuits/*/vk.key"),
                       *self.root.glob("srs/*.srs"), *self.root.glob("artifacts/*")]
         for path in candidates:
-            if path.name == sha256 or (path.stat().st_size < 64 * 2**20 and sha256_file(path) == sha256):
+            if path.name == sha256 or (path.stat().st_size < 64 * 2**20 and _cached_sha256(path) == sha256):
                 return path
         return None
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256
+
+
+def _cached_sha256(path: Path) -> str:
+    """Every artifact request for an unknown hash used to hash every artifact again (up to
+    64 MiB each): one file's hash is kept until the file changes."""
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        if len(_HASHES) > 4096:
+            _HASHES.clear()
+        _HASHES[key] = sha256_file(path)
+    return _HASHES[key]
 
     def put(self, sha256: str, data: bytes) -> Path:
         if hashlib.sha256(data).hexdigest() != sha256:
