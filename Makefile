@@ -21,7 +21,7 @@ test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 # The long fuzz run: >= 10,000 inputs per protocol handler of a real peer (the CI run in
-# `make test` does 1,500); figures go to bench/fuzz.json, summarised in bench/RESULTS.md.
+# `make test` does 2,000); figures go to bench/fuzz.json, summarised in bench/RESULTS.md.
 FUZZ_EXAMPLES ?= 10000
 fuzz: install
 	P2P_INFER_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) P2P_INFER_FUZZ_REPORT=bench/fuzz.json HF_HUB_OFFLINE=1 \

@@ -4,7 +4,7 @@ committee, artifact) and of a client's forward-result handler (issue 10).
 Every input must get a well-formed reply (an error map with a known code other than
 ``internal``, or a normal reply) or a closed stream, within a deadline; the peer must stay
 healthy (a normal query succeeds during and after) and its memory bounded. CI runs
-``P2P_INFER_FUZZ_EXAMPLES`` inputs per handler (1,500 by default); ``make fuzz`` runs
+``P2P_INFER_FUZZ_EXAMPLES`` inputs per handler (2,000 by default); ``make fuzz`` runs
 10,000 and writes the figures to ``P2P_INFER_FUZZ_REPORT``.
 """
 
@@ -37,7 +37,7 @@ from . import fuzz_inputs as fi
 from .strangers import rss_mb
 
 pytestmark = [pytest.mark.slow, pytest.mark.fuzz]
-EXAMPLES = int(os.environ.get("P2P_INFER_FUZZ_EXAMPLES", "1500"))
+EXAMPLES = int(os.environ.get("P2P_INFER_FUZZ_EXAMPLES", "2000"))
 REPLY_TIMEOUT = 15.0  # no reply nor close within this is a hang
 HEALTH_EVERY = 250  # inputs between two normal queries
 KNOWN_CODES = {"bad_frame", "frame_too_large", "bad_request", "unknown_model", "not_served", "bad_tensor", "overloaded",

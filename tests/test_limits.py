@@ -20,10 +20,11 @@ from p2p_infer.errors import PeerUnreachable
 from p2p_infer.ml.models import load_model
 from p2p_infer.ml.tensors import activation_to_wire, encode_tensor
 from p2p_infer.net.framing import read_message, request, write_message
-from p2p_infer.net.host import dial, open_stream, parse_peer_addr
+from p2p_infer.identity import Identity
+from p2p_infer.net.host import add_handler, dial, open_stream, parse_peer_addr
 from p2p_infer.proto.consensus import StageTask
 from p2p_infer.proto.forward import ForwardRequest
-from p2p_infer.proto.wire import COMMITTEE_PROTOCOL, FORWARD_PROTOCOL
+from p2p_infer.proto.wire import COMMITTEE_PROTOCOL, FORWARD_PROTOCOL, RESULT_PROTOCOL
 from p2p_infer.testing.harness import Swarm
 
 from .conftest import TESTS, light_host
@@ -223,3 +224,45 @@ async def test_a_flooding_client_does_not_starve_another(swarm, tmp_path):
     before, during = statistics.median(baseline), statistics.median(flooded)
     assert during <= 3 * before, (round(before, 1), round(during, 1))
     assert peer.alive()
+
+
+async def test_a_peer_never_dials_addresses_named_in_a_request(swarm):
+    """Route hops and reply addresses point at a listener of ours: the peer must not connect
+    there; it reports the unverifiable hop back over the client's own connection."""
+    peer = swarm.peers["digits"]
+    dialled: list[object] = []
+    results: list[dict] = []
+
+    async def bait(stream: trio.SocketStream) -> None:
+        dialled.append(stream)
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, bait, 0)
+        port = listeners[0].socket.getsockname()[1]
+        stranger = Identity.generate().peer_id
+        bait_addr = f"/ip4/127.0.0.1/tcp/{port}/p2p/{stranger}"
+        async with light_host() as client:
+            async def on_result(message: dict) -> dict:
+                results.append(message)
+                return {"type": "ok"}
+
+            add_handler(client, RESULT_PROTOCOL, on_result)
+            route = [{"peer": stranger, "addrs": [bait_addr], "first": 3, "last": 3}]
+            reply = await served(client, peer.addr, {**digits_request(1, 2), "route": route, "request_id": "r1",
+                                                     "reply_to": str(client.get_id()), "reply_addrs": [bait_addr]})
+            assert reply["type"] == "accepted"
+            with trio.fail_after(30):
+                while not results:
+                    await trio.sleep(0.1)
+            assert results[0]["type"] == "forward_failed" and results[0]["code"] == "unreachable", results
+            assert results[0]["failed_peer"] == stranger
+            # the last hop for a client it has no connection to: no dial to reply_addrs either
+            reply = await served(client, peer.addr, {**digits_request(), "request_id": "r2", "reply_to": stranger,
+                                                     "reply_addrs": [bait_addr]})
+            assert reply["type"] == "accepted"
+            await trio.sleep(2)
+            too_many = {**digits_request(), "route": [{**route[0], "addrs": [bait_addr] * 9}], "reply_to": str(client.get_id())}
+            assert (await served(client, peer.addr, too_many))["code"] == "bad_request"
+        nursery.cancel_scope.cancel()
+    assert dialled == []
