@@ -37,6 +37,12 @@ def _committee_flags(p: argparse.ArgumentParser) -> None:
                    help="write the activation sent to the first committee here, for verify --input (committee mode)")
 
 
+def _audit_and_limits(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--audit-log", type=Path, help="append-only signed audit log (default: KEY with .audit.log)")
+    p.add_argument("--max-connections", type=int, help="connections at once, refused past it (default 256)")
+    p.add_argument("--conn-idle-timeout", type=float, help="seconds before a connection with no stream is closed (default 120)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p2p-infer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,9 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-concurrent", type=int, help="forward requests computed at once (default: one per CPU core)")
         p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default 1)")
         p.add_argument("--ready-file", type=Path, help="write {peer_id, addrs, pid} as JSON here once serving")
-        p.add_argument("--audit-log", type=Path, help="append-only signed audit log (default: KEY with .audit.log)")
-        p.add_argument("--max-connections", type=int, help="connections at once, refused past it (default 256)")
-        p.add_argument("--conn-idle-timeout", type=float, help="seconds before a connection with no stream is closed (default 120)")
+        _audit_and_limits(p)
         if name == "peer":
             p.add_argument("--test-fault", choices=["wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial"],
                            help="TESTING AID, off by default: make this peer misbehave in committees")

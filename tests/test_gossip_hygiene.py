@@ -12,18 +12,30 @@ from p2p_infer.net.gossip import MAX_VERDICTS_BYTES, acceptable_size
 from p2p_infer.proto.audit import AuditLog, read_chain
 from p2p_infer.proto.auditor import Auditor
 from p2p_infer.proto.committee_codec import round_message, verdicts_message
-from p2p_infer.proto.consensus import commitment, output_hash, sign_commit, sign_reveal
+from p2p_infer.ml.models import load_model
+from p2p_infer.proto.consensus import StageTask, activation_digest, commitment, output_hash, request_hash, sign_commit, sign_reveal
 from p2p_infer.proto.reputation import Reputation
 from p2p_infer.proto.tensors import array_to_wire
+from p2p_infer.testing.population import draw, identities, providers
 
 TASK = b"t" * 32
+MODEL = load_model("digits-mlp").model_id
+NOW = now_ms()
+CLIENT = identities(1, offset=40)[0]
+POOL = providers(3, MODEL, 1, 3, NOW - 10_000, offset=41)  # k=3 of 3: every provider is selected
+HIDDEN = array_to_wire(np.ones((1, 4), dtype=np.float32))
+STAGE = StageTask(request_hash(MODEL, output_hash(HIDDEN), b"", b"n" * 32, CLIENT.public_key), 0, 0, MODEL, 1, 3,
+                  activation_digest(output_hash(HIDDEN), b""), 3, NOW, NOW + 60_000, CLIENT.public_key)
+CANDIDATES = draw(CLIENT, STAGE, POOL)
+MEMBER, OUTSIDER = POOL[0].identity, POOL[1].identity
 
 
-def member_round(member: Identity, task: bytes = TASK, value: float = 1.0, nonce: bytes = b"n" * 32) -> dict:
+def member_round(member: Identity = MEMBER, value: float = 1.0, nonce: bytes = b"n" * 32) -> dict:
+    task = STAGE.task_id
     output = array_to_wire(np.full((1, 4), value, dtype=np.float32))
     out_hash = output_hash(output)
-    commit = sign_commit(member, task, commitment(task, out_hash, nonce), now_ms())
-    return round_message(commit, sign_reveal(member, task, out_hash, nonce), output)
+    commit = sign_commit(member, task, CANDIDATES.id, commitment(task, out_hash, nonce), NOW)
+    return round_message(CANDIDATES, commit, sign_reveal(member, task, out_hash, nonce), output)
 
 
 def auditor(tmp_path) -> Auditor:
@@ -35,7 +47,7 @@ def logged(a: Auditor) -> list[dict]:
 
 
 def test_a_members_own_round_is_logged_once_however_often_it_is_replayed(tmp_path):
-    a, member = auditor(tmp_path), Identity.generate()
+    a, member = auditor(tmp_path), MEMBER
     message = member_round(member)
     for _ in range(3):
         assert a.observe(member.peer_id, message) == []
@@ -43,7 +55,7 @@ def test_a_members_own_round_is_logged_once_however_often_it_is_replayed(tmp_pat
 
 
 def test_rounds_from_others_or_inconsistent_pairs_are_not_logged(tmp_path):
-    a, member, outsider = auditor(tmp_path), Identity.generate(), Identity.generate()
+    a, member, outsider = auditor(tmp_path), MEMBER, OUTSIDER
     a.observe(outsider.peer_id, member_round(member))  # relayed under another signer
     good, other = member_round(member), member_round(member, value=2.0, nonce=b"m" * 32)
     a.observe(member.peer_id, {**good, "reveal": other["reveal"]})  # reveal does not open the commit
@@ -53,7 +65,7 @@ def test_rounds_from_others_or_inconsistent_pairs_are_not_logged(tmp_path):
 
 
 def test_an_equivocating_member_is_still_caught_from_its_own_rounds(tmp_path):
-    a, member = auditor(tmp_path), Identity.generate()
+    a, member = auditor(tmp_path), MEMBER
     a.observe(member.peer_id, member_round(member))
     evidence = a.observe(member.peer_id, member_round(member, value=3.0, nonce=b"x" * 32))
     assert "equivocation" in [e.kind for e in evidence]
@@ -82,7 +94,7 @@ def test_the_gossip_validator_refuses_oversized_and_unknown_messages():
     huge = verdicts_message(client, [{"task": TASK, "stage": 0, "verdicts": {}, "pad": b"x" * (850 * 1024)}])
     assert not acceptable_size(None, msg(huge))  # 10 of these grew every log by 7.9 MB
     assert not acceptable_size(None, msg({"type": "verdicts", "pad": b"x" * (MAX_VERDICTS_BYTES + 1)}))
-    assert acceptable_size(None, msg(member_round(Identity.generate())))
+    assert acceptable_size(None, msg(member_round()))
     assert not acceptable_size(None, msg({"type": "round", "pad": b"x" * (1024 * 1024)}))
     assert not acceptable_size(None, msg({"type": "teleport"}))
     assert not acceptable_size(None, SimpleNamespace(data=b"\xc1"))

@@ -388,6 +388,21 @@ def record_pins(cache_dir: Path, model_id: str, circuits: dict[tuple[int, int], 
     return manifest
 
 
+_HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256
+
+
+def _cached_sha256(path: Path) -> str:
+    """Every artifact request for an unknown hash used to hash every artifact again (up to
+    64 MiB each): one file's hash is kept until the file changes."""
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        if len(_HASHES) > 4096:
+            _HASHES.clear()
+        _HASHES[key] = sha256_file(path)
+    return _HASHES[key]
+
+
 class ArtifactStore:
     """What a peer may hand out by hash: settings, verifying keys, SRS files. Never proving keys."""
 
@@ -402,20 +417,6 @@ class ArtifactStore:
                 return path
         return None
 
-
-_HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256
-
-
-def _cached_sha256(path: Path) -> str:
-    """Every artifact request for an unknown hash used to hash every artifact again (up to
-    64 MiB each): one file's hash is kept until the file changes."""
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _HASHES:
-        if len(_HASHES) > 4096:
-            _HASHES.clear()
-        _HASHES[key] = sha256_file(path)
-    return _HASHES[key]
 
     def put(self, sha256: str, data: bytes) -> Path:
         if hashlib.sha256(data).hexdigest() != sha256:
