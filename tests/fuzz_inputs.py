@@ -107,15 +107,16 @@ def forward_messages(draw: st.DrawFn, model_id: str) -> dict:
 
 
 @st.composite
-def committee_messages(draw: st.DrawFn, model_id: str, now_ms: int) -> dict:
-    task = [b"r" * 32, 0, 0, model_id, 1, 3, b"i" * 32, 1, now_ms + 3_600_000]
+def committee_messages(draw: st.DrawFn, model_id: str, candidates: list) -> dict:
+    """``candidates``: a well-formed candidate set's wire form (signed, but not for this peer)."""
     kind = draw(st.sampled_from(["ticket", "execute", "execute", "execute", "reveal", "commit", "nope"]))
     if kind == "ticket":
         good = {"type": "ticket", "seed": draw(st.binary(min_size=30, max_size=34)), "model": model_id, "first": 1, "last": 3}
     elif kind == "execute":
-        for _ in range(draw(st.integers(0, 2))):
-            task[draw(st.integers(0, 8))] = draw(values)
-        good = {"type": "execute", "task": draw(st.one_of(st.just(task), values)), "mask": None,
+        wire = list(candidates)
+        if draw(st.booleans()):
+            wire[draw(st.integers(0, len(wire) - 1))] = draw(values)
+        good = {"type": "execute", "candidates": draw(st.one_of(st.just(wire), values)), "mask": None,
                 "hidden": {"dtype": "float32", "shape": [1, DIGITS_HIDDEN], "data": _floats(DIGITS_HIDDEN, None)}}
     else:
         good = {"type": kind, "task_id": draw(st.binary(max_size=40))}
@@ -167,4 +168,5 @@ def probes(messages: st.SearchStrategy[dict]) -> st.SearchStrategy[Probe]:
         frame = frame_of(pack(draw(messages)))
         return Probe("truncated", frame[: draw(st.integers(1, len(frame) - 1))], close_after=True)
 
-    return st.one_of(structured, structured, structured, truncated(), raw_frames())
+    # six in ten structured, two truncated, two of the raw categories
+    return st.integers(0, 9).flatmap(lambda i: structured if i < 6 else truncated() if i < 8 else raw_frames())

@@ -21,7 +21,6 @@ import pytest
 import trio
 from hypothesis import HealthCheck, Phase, given, settings
 
-from p2p_infer.clock import now_ms
 from p2p_infer.errors import P2PInferError
 from p2p_infer.identity import Identity
 from p2p_infer.ml.models import load_model
@@ -32,6 +31,7 @@ from p2p_infer.node.client import Client
 from p2p_infer.proto.forward import ForwardRequest
 from p2p_infer.proto.wire import ARTIFACT_PROTOCOL, COMMITTEE_PROTOCOL, FORWARD_PROTOCOL, RESULT_PROTOCOL
 from p2p_infer.testing.harness import Swarm
+from p2p_infer.testing.population import committee_candidates
 
 from . import fuzz_inputs as fi
 from .strangers import rss_mb
@@ -155,7 +155,7 @@ def _strategy(name: str):
     model_id = load_model("digits-mlp").model_id
     return {
         "forward": (FORWARD_PROTOCOL, fi.probes(fi.forward_messages(model_id))),
-        "committee": (COMMITTEE_PROTOCOL, fi.probes(fi.committee_messages(model_id, now_ms()))),
+        "committee": (COMMITTEE_PROTOCOL, fi.probes(fi.committee_messages(model_id, list(committee_candidates(model_id).to_wire())))),
         "artifact": (ARTIFACT_PROTOCOL, fi.probes(fi.artifact_messages())),
         "forward-result (client)": (RESULT_PROTOCOL, fi.probes(fi.result_messages())),
     }[name]
@@ -166,7 +166,7 @@ def test_fuzz_handler(rig, handler):
     swarm, peer, prober = rig
     protocol, strategy = _strategy(handler)
     target = prober.client_addr if protocol == RESULT_PROTOCOL else peer.addr
-    pid = peer.info["pid"]
+    pid = os.getpid() if protocol == RESULT_PROTOCOL else peer.info["pid"]  # the client runs in this process
     stats = {"inputs": 0, "replies": Counter(), "categories": Counter(), "hangs": 0, "crashes": 0,
              "rss_mb_before": round(rss_mb(pid), 1)}
     started = time.monotonic()
@@ -190,6 +190,7 @@ def test_fuzz_handler(rig, handler):
     finally:
         stats["crashes"] = int(not peer.alive())
         stats["rss_mb_after"] = round(rss_mb(pid), 1) if peer.alive() else None
+        stats["rss_of"] = "test process (client)" if protocol == RESULT_PROTOCOL else "peer process"
         stats["seconds"] = round(time.monotonic() - started, 1)
         STATS[handler] = {**stats, "replies": dict(stats["replies"]), "categories": dict(stats["categories"])}
     assert peer.alive(), peer.log_tail()

@@ -58,7 +58,8 @@ def test_rounds_from_others_or_inconsistent_pairs_are_not_logged(tmp_path):
     a, member, outsider = auditor(tmp_path), MEMBER, OUTSIDER
     a.observe(outsider.peer_id, member_round(member))  # relayed under another signer
     good, other = member_round(member), member_round(member, value=2.0, nonce=b"m" * 32)
-    a.observe(member.peer_id, {**good, "reveal": other["reveal"]})  # reveal does not open the commit
+    a.observe(member.peer_id, {**good, "reveal": {**dict(enumerate(other["reveal"]))}})  # not a reveal at all
+    a.observe(member.peer_id, {**good, "commit": member_round(OUTSIDER)["commit"]})  # another member's commit
     a.observe(member.peer_id, {**good, "output": other["output"]})  # output is not the one revealed
     a.observe(member.peer_id, {**good, "output": {"dtype": ["float32"], "shape": [True], "data": b""}})
     assert logged(a) == []
@@ -98,3 +99,11 @@ def test_the_gossip_validator_refuses_oversized_and_unknown_messages():
     assert not acceptable_size(None, msg({"type": "round", "pad": b"x" * (1024 * 1024)}))
     assert not acceptable_size(None, msg({"type": "teleport"}))
     assert not acceptable_size(None, SimpleNamespace(data=b"\xc1"))
+
+
+def test_a_members_reveal_that_does_not_open_its_commit_is_evidence_not_noise(tmp_path):
+    a = auditor(tmp_path)
+    good, other = member_round(), member_round(value=2.0, nonce=b"m" * 32)
+    evidence = a.observe(MEMBER.peer_id, {**good, "reveal": other["reveal"], "output": other["output"]})
+    assert [e.kind for e in evidence] == ["bad-reveal"]
+    assert "evidence" in [e["kind"] for e in logged(a)]

@@ -22,7 +22,7 @@ from p2p_infer.ml.tensors import activation_to_wire, encode_tensor
 from p2p_infer.net.framing import read_message, request, write_message
 from p2p_infer.identity import Identity
 from p2p_infer.net.host import add_handler, dial, open_stream, parse_peer_addr
-from p2p_infer.proto.consensus import StageTask
+from p2p_infer.testing.population import committee_candidates
 from p2p_infer.proto.forward import ForwardRequest
 from p2p_infer.proto.wire import COMMITTEE_PROTOCOL, FORWARD_PROTOCOL, RESULT_PROTOCOL
 from p2p_infer.testing.harness import Swarm
@@ -46,6 +46,16 @@ def swarm(tmp_path_factory):
         swarm.start_peer("minilm", ["minilm-l6:1-5"], wait=False)
         swarm.wait_ready(list(swarm.peers.values()), timeout=240)
         yield swarm
+
+
+def _log_events(peer) -> list[dict]:
+    events = []
+    for line in peer.log_file.read_text(errors="replace").splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return events
 
 
 def digits_request(first=1, last=3) -> dict:
@@ -110,8 +120,9 @@ async def test_80_partial_8mib_frames_from_one_identity_hold_little_memory(swarm
                     assert time.perf_counter() - started < 5
                     await trio.sleep(0.1)
                 nursery.cancel_scope.cancel()
-    refused = replies["overloaded"] + replies["stream refused"]
-    assert refused >= 70, replies  # refused at the header (or the stream), before any payload was read
+    # the peer's own account (the attacker does not always get to read a refusal before the reset)
+    refused = [e for e in _log_events(peer) if e.get("code") == "overloaded" and e.get("event") in ("frame refused", "stream refused")]
+    assert len(refused) >= 70, (len(refused), replies)  # refused at the header (or the stream), before any payload
     assert peak - before < 100, (before, peak, replies)  # was +620 MB (7.8 MB per frame)
     assert peer.alive()
 
@@ -134,10 +145,12 @@ async def test_idle_connections_are_closed_and_the_connection_limit_holds(swarm)
         await trio.sleep(IDLE + 5)  # the idle timeout, plus the sweep interval, plus slack
         still_open = sum(not c.event_shutting_down.is_set() for c in conns)
         async with light_host() as honest:  # the slots are free again
-            pong = await served(honest, peer.addr, {"type": "ping"})
+            deadline = trio.current_time() + 15
+            while (pong := await served(honest, peer.addr, {"type": "ping"}))["connections"] > before + 1:
+                assert trio.current_time() < deadline, (pong, before, still_open)
+                await trio.sleep(0.5)
         nursery.cancel_scope.cancel()
-    assert pong["connections"] <= before + 1, pong  # the peer holds none of the 200 (+1: this client)
-    assert still_open <= 2, still_open  # and the strangers saw theirs closed
+    assert still_open <= 2, still_open  # the strangers saw theirs closed, and the peer holds none (+1: this client)
 
 
 BAD_TENSORS = [
@@ -170,14 +183,14 @@ async def test_every_malformed_tensor_header_gets_bad_tensor_on_forward_and_comm
     peer = swarm.peers["digits"]
     model = load_model("digits-mlp")
     good = digits_request()
-    task = StageTask(b"r" * 32, 0, 0, model.model_id, 1, 3, b"i" * 32, 1, now_ms() + 600_000).to_wire()
+    candidates = committee_candidates(model.model_id).to_wire()  # well-formed; checked only after the tensors
     async with light_host() as host:
         for bad in BAD_TENSORS:
             for field in ("hidden", "mask"):
                 if bad is None and field == "mask":
                     continue  # no mask is the digits model's normal input
                 forward = await served(host, peer.addr, {**good, field: bad})
-                committee = await served(host, peer.addr, {"type": "execute", "task": task, "hidden": good["hidden"],
+                committee = await served(host, peer.addr, {"type": "execute", "candidates": candidates, "hidden": good["hidden"],
                                                            "mask": None, field: bad}, COMMITTEE_PROTOCOL)
                 for reply in (forward, committee):
                     assert reply.get("code") == "bad_tensor", (field, bad, reply)

@@ -11,9 +11,9 @@ unless it checks out (issue 10): ``sender`` is the gossip signer, verified by go
 strict signing, and it is the ``reporter`` of everything logged from the message;
 
 * a ``round`` is logged only when its commit and reveal are both the sender's own, both
-  validly signed, for one task, the reveal opens the commit, the output is the one
-  revealed, and its candidate set selects the member; a round already logged is not
-  logged again;
+  validly signed, for one task, the output is the one revealed, and its candidate set
+  selects the member (a reveal that does not open the commit is then bad-reveal
+  evidence); a round already logged is not logged again;
 * ``verdicts`` only from the client named in them (``client`` = sender), only the fields
   a verdict has, bounded in number and size, once per (client, task, stage);
 * ``evidence`` only once verified, once per (kind, member, task).
@@ -91,8 +91,10 @@ class Auditor:
         commit, reveal = Commit.from_wire(message.get("commit")), Reveal.from_wire(message.get("reveal"))
         if not (commit.member == reveal.member == sender):
             raise ConsensusError(f"round for member {commit.member[:16]}... not signed by that member")
-        if not (commit.valid_signature() and reveal.valid_signature() and reveal.opens(commit)):
-            raise ConsensusError("round: bad signature, or a reveal that does not open its commit")
+        if not (commit.valid_signature() and reveal.valid_signature() and reveal.task_id == commit.task_id):
+            raise ConsensusError("round: a bad signature, or a commit and a reveal for different tasks")
+        # a reveal that does not open its commit is not refused: signed by the member, it is
+        # the bad-reveal evidence on_reveal publishes
         if output_hash(check_wire_tensor(message.get("output"), field="output")) != reveal.output_hash:
             raise ConsensusError("round: the output is not the one revealed")
         known = self.commits.get((commit.task_id, commit.member))
