@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench fuzz clean
 
 $(BIN)/p2p-infer: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -19,6 +19,13 @@ demo: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+# The long fuzz run: >= 10,000 inputs per protocol handler of a real peer (the CI run in
+# `make test` does 2,000); figures go to bench/fuzz.json, summarised in bench/RESULTS.md.
+FUZZ_EXAMPLES ?= 10000
+fuzz: install
+	P2P_INFER_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) P2P_INFER_FUZZ_REPORT=bench/fuzz.json HF_HUB_OFFLINE=1 \
+		$(BIN)/python -m pytest -q -m fuzz tests/test_fuzz.py
 
 bench: install
 	$(BIN)/python bench/dht_latency.py

@@ -37,6 +37,12 @@ def _committee_flags(p: argparse.ArgumentParser) -> None:
                    help="write the activation sent to the first committee here, for verify --input (committee mode)")
 
 
+def _audit_and_limits(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--audit-log", type=Path, help="append-only signed audit log (default: KEY with .audit.log)")
+    p.add_argument("--max-connections", type=int, help="connections at once, refused past it (default 256)")
+    p.add_argument("--conn-idle-timeout", type=float, help="seconds before a connection with no stream is closed (default 120)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p2p-infer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -51,12 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "peer":
             p.add_argument("--serve", action="append", metavar="MODEL:FIRST-LAST", help="serve layers FIRST..LAST of MODEL (repeatable)")
         p.add_argument("--record-ttl", type=float, help="seconds a published capability record stays valid (default 120)")
-        p.add_argument("--max-concurrent", type=int, help="forward requests computed at once (default 4)")
+        p.add_argument("--max-concurrent", type=int, help="forward requests computed at once (default: one per CPU core)")
         p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default 1)")
         p.add_argument("--ready-file", type=Path, help="write {peer_id, addrs, pid} as JSON here once serving")
-        p.add_argument("--audit-log", type=Path, help="append-only signed audit log (default: KEY with .audit.log)")
         p.add_argument("--checkpoint-interval", type=float, help="seconds between gossiped checkpoints of the audit log (default 60)")
         p.add_argument("--witness-file", type=Path, help="where witnessed checkpoints of other peers are kept (default: KEY with .witnesses)")
+        _audit_and_limits(p)
         if name == "peer":
             p.add_argument("--test-fault", choices=["wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial",
                                                      "claims-fast"],
@@ -114,7 +120,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     for name in ("key", "listen", "bootstrap", "bootstrap_file", "serve", "log_format", "log_level",
                  "record_ttl", "max_concurrent", "torch_threads", "ready_file", "audit_log", "test_fault",
-                 "checkpoint_interval", "witness_file"):
+                 "checkpoint_interval", "witness_file",
+                 "max_connections", "conn_idle_timeout"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value

@@ -81,6 +81,16 @@ class FrameTooLarge(FrameError):
     code = "frame_too_large"
 
 
+class StreamUnusable(FrameError):
+    """A frame that cannot be finished (malformed, truncated, too slow, or refused before its
+    payload was read): the reader replies with ``error`` and ends the stream."""
+
+    def __init__(self, error: P2PInferError) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.code = error.code
+
+
 class ProtocolViolation(P2PInferError):
     """A well-formed frame holds a message the protocol does not allow."""
 

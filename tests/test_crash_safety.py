@@ -59,3 +59,39 @@ def test_peer_restarts_after_sigkill_with_a_torn_audit_tail(tmp_path):
         assert again.info["peer_id"] == Identity.from_seed(ident_seed).peer_id
         assert list(tmp_path.glob("p.audit.log.torn-*"))
         assert json.loads(swarm.cli("audit", "--log", str(audit), "--json").stdout)["entries"]
+
+
+def _small_log(path, identity, **kw):
+    return AuditLog(path, identity, now_ms, **kw)
+
+
+def test_audit_log_rotates_by_size_and_the_chain_spans_the_files(tmp_path):
+    path, ident = tmp_path / "a.audit.log", Identity.generate()
+    log = _small_log(path, ident, max_bytes=2000, budget_bytes=10**9)
+    for i in range(40):
+        log.append("verdict", {"i": i})
+    from p2p_infer.proto.audit import rotated_files
+
+    assert len(rotated_files(path)) >= 3 and all(f.stat().st_size <= 2000 for f in rotated_files(path))
+    assert [e["data"]["i"] for e in verify_log(path)] == list(range(40))
+    again = _small_log(path, ident, max_bytes=2000, budget_bytes=10**9)  # reopening continues the chain
+    again.append("verdict", {"i": 40})
+    assert [e["seq"] for e in verify_log(path)] == list(range(41))
+
+
+def test_audit_log_disk_budget_deletes_oldest_files_and_says_so(tmp_path):
+    from p2p_infer.errors import AuditError
+    from p2p_infer.proto.audit import rotated_files
+
+    path, ident = tmp_path / "a.audit.log", Identity.generate()
+    log = _small_log(path, ident, max_bytes=2000, budget_bytes=6000)
+    for i in range(200):
+        log.append("verdict", {"i": i})
+    files = rotated_files(path)
+    assert sum(f.stat().st_size for f in files) <= 6000 + 2000
+    entries = verify_log(path)  # starts past 0, vouched for by a signed "pruned" entry
+    assert entries[0]["seq"] > 0 and entries[-1]["data"] == {"i": 199}
+    assert any(e["kind"] == "pruned" for e in entries)
+    files[0].unlink()  # removing a file by hand is still caught
+    with pytest.raises(AuditError, match="no pruned entry"):
+        verify_log(path)

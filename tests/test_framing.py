@@ -9,9 +9,12 @@ from p2p_infer.net.framing import (
     encode_frame,
     read_message,
     request,
+    Timeouts,
     serve_stream,
     write_message,
 )
+from p2p_infer.config import Limits
+from p2p_infer.net.limits import Guard
 from p2p_infer.proto.wire import protocol_id
 
 
@@ -69,7 +72,7 @@ def test_bad_payloads(payload):
 async def test_requests_and_errors_on_one_stream():
     client, server, max_frame, timeout = await served()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: serve_stream(server, echo, protocol="t", max_frame=max_frame, timeout=timeout))
+        nursery.start_soon(lambda: serve_stream(server, echo, protocol="t", max_frame=max_frame, timeouts=Timeouts(timeout, timeout)))
         assert (await request(client, {"type": "echo", "value": 1}))["value"] == 1
         with pytest.raises(RemoteError, match="unknown message type") as info:
             await request(client, {"type": "nope"})
@@ -85,7 +88,7 @@ async def test_requests_and_errors_on_one_stream():
 async def test_malformed_msgpack_gets_an_error_reply_and_the_handler_returns():
     client, server, max_frame, timeout = await served()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: serve_stream(server, echo, protocol="t", max_frame=max_frame, timeout=timeout))
+        nursery.start_soon(lambda: serve_stream(server, echo, protocol="t", max_frame=max_frame, timeouts=Timeouts(timeout, timeout)))
         await client.write((3).to_bytes(4, "big") + b"\xc1\xc1\xc1")
         reply = await read_message(client)
         assert reply["type"] == "error" and reply["code"] == "bad_frame"
@@ -94,7 +97,7 @@ async def test_malformed_msgpack_gets_an_error_reply_and_the_handler_returns():
 async def test_oversized_frame_is_refused_before_reading_it():
     client, server, max_frame, timeout = await served(max_frame=1024)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: serve_stream(server, echo, protocol="t", max_frame=max_frame, timeout=timeout))
+        nursery.start_soon(lambda: serve_stream(server, echo, protocol="t", max_frame=max_frame, timeouts=Timeouts(timeout, timeout)))
         await client.write((10_000_000).to_bytes(4, "big"))
         reply = await read_message(client)
         assert reply["code"] == "frame_too_large"
@@ -105,7 +108,7 @@ async def test_truncated_frame_ends_the_stream_cleanly():
     done = trio.Event()
 
     async def run():
-        await serve_stream(server, echo, protocol="t", max_frame=max_frame, timeout=timeout)
+        await serve_stream(server, echo, protocol="t", max_frame=max_frame, timeouts=Timeouts(timeout, timeout))
         done.set()
 
     async with trio.open_nursery() as nursery:
@@ -121,7 +124,7 @@ async def test_silent_peer_times_out():
     done = trio.Event()
 
     async def run():
-        await serve_stream(server, echo, protocol="t", max_frame=max_frame, timeout=0.2)
+        await serve_stream(server, echo, protocol="t", max_frame=max_frame, timeouts=Timeouts(0.2, 0.2))
         done.set()
 
     async with trio.open_nursery() as nursery:
@@ -150,3 +153,70 @@ async def test_write_then_read():
 def test_spec_vector():
     """protocols/framing.md pins these bytes."""
     assert encode_frame({"type": "ping"}).hex(" ") == "00 00 00 0b 81 a4 74 79 70 65 a4 70 69 6e 67"
+
+
+async def test_a_frame_over_the_peers_byte_budget_is_refused_before_its_payload():
+    """The length is reserved against the budget first; over it, ``overloaded`` at once."""
+    client, server, _, _ = await served()
+    guard = Guard(Limits(max_request_bytes_per_peer=1000))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: serve_stream(server, echo, protocol="t", max_frame=4096, guard=guard, remote="p"))
+        await client.write((2000).to_bytes(4, "big"))  # announced, never sent
+        with trio.fail_after(2):
+            reply = await read_message(client)
+        assert reply["code"] == "overloaded" and "request bytes" in reply["message"]
+    assert guard.stats() == {"streams": 0, "request_bytes": 0, "peers": 0}
+
+
+async def test_budget_is_held_while_a_frame_is_read_and_given_back_after_the_reply():
+    client, server, _, _ = await served()
+    guard = Guard(Limits(max_request_bytes_per_peer=1000))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: serve_stream(server, echo, protocol="t", max_frame=4096, guard=guard, remote="p"))
+        frame = encode_frame({"type": "echo", "value": b"x" * 500})
+        await client.write(frame[:100])
+        await trio.testing.wait_all_tasks_blocked()
+        assert guard.request_bytes["p"] == len(frame) - 4
+        await client.write(frame[100:])
+        assert (await read_message(client))["value"] == b"x" * 500
+        assert guard.request_bytes["p"] == 0
+        for _ in range(3):  # the budget is reusable: nothing leaks per request
+            assert (await request(client, {"type": "echo", "value": 1}))["value"] == 1
+        await client.close()
+
+
+async def test_streams_over_the_per_peer_limit_are_refused():
+    guard = Guard(Limits(max_streams_per_peer=2))
+    pairs = [await served() for _ in range(3)]
+    async with trio.open_nursery() as nursery:
+        for client, server, _, _ in pairs[:2]:
+            nursery.start_soon(lambda server=server: serve_stream(server, echo, protocol="t", guard=guard, remote="p"))
+        await trio.testing.wait_all_tasks_blocked()
+        client, server, _, _ = pairs[2]
+        await serve_stream(server, echo, protocol="t", guard=guard, remote="p")
+        assert (await read_message(client))["code"] == "overloaded"
+        guard.open_stream("q")  # another peer is not affected
+        nursery.cancel_scope.cancel()
+
+
+async def test_idle_stream_is_closed_but_a_slow_frame_gets_frame_timeout():
+    client, server, _, _ = await served()
+    with trio.fail_after(3):
+        await serve_stream(server, echo, protocol="t", timeouts=Timeouts(idle=0.2, frame=5))  # idle: returns
+    client, server, _, _ = await served()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: serve_stream(server, echo, protocol="t", timeouts=Timeouts(idle=5, frame=0.2)))
+        await client.write((100).to_bytes(4, "big") + b"\x81")
+        with trio.fail_after(3):
+            reply = await read_message(client)
+        assert reply["code"] == "bad_frame" and "not received within" in reply["message"]
+
+
+async def test_a_stream_that_ends_inside_the_length_prefix_gets_bad_frame():
+    client, server, _, _ = await served()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: serve_stream(server, echo, protocol="t"))
+        await client.write(b"\x00")
+        await client.s.send_stream.aclose()
+        with trio.fail_after(3):
+            assert (await read_message(client))["code"] == "bad_frame"

@@ -61,6 +61,11 @@ def test_forward_request_round_trip():
         ({"route": "x"}, "route"),
         ({"route": [{"peer": 1}]}, "hop"),
         ({"session": "s" * 1000}, "session"),
+        ({"route": [{"peer": "p", "addrs": ["/ip4/1.2.3.4/tcp/1"] * 9, "first": 3, "last": 3}]}, "at most 8"),
+        ({"route": [{"peer": "p", "addrs": ["/ip4/" + "1" * 300], "first": 3, "last": 3}]}, "hop"),
+        ({"route": [{"peer": "p" * 200, "addrs": [], "first": 3, "last": 3}]}, "hop"),
+        ({"reply_addrs": ["/ip4/1.2.3.4/tcp/1"] * 9}, "at most 8"),
+        ({"reply_addrs": ["x" * 257]}, "256 characters"),
     ],
 )
 def test_malformed_forward_requests(patch, reason):

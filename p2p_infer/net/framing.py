@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import msgpack
 import structlog
 import trio
 
-from ..errors import FrameError, FrameTooLarge, P2PInferError, ProtocolViolation, RemoteError
+from ..errors import FrameError, FrameTooLarge, P2PInferError, ProtocolViolation, RemoteError, StreamUnusable
 from ..proto.wire import Message
 
 HEADER_BYTES = 4
@@ -51,7 +52,7 @@ def decode_length(header: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> int:
     return length
 
 
-def decode_payload(payload: bytes) -> Message:
+def decode_payload(payload: bytes | bytearray) -> Message:
     try:
         message = msgpack.unpackb(payload, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises ExtraData, FormatError, ValueError, ...
@@ -72,8 +73,9 @@ def raise_if_error(message: Message, peer: str = "") -> Message:
     return message
 
 
-async def _read_exact(stream: Stream, n: int) -> bytes:
+async def _read_exact(stream: Stream, n: int) -> bytearray:
     # libp2p.io.utils.read_exactly gives up after 100 partial reads (notes/libp2p.md, bug 4).
+    # The buffer grows as bytes arrive, so an announced but unsent frame costs nothing yet.
     buf = bytearray()
     while len(buf) < n:
         try:
@@ -87,7 +89,7 @@ async def _read_exact(stream: Stream, n: int) -> bytes:
                 raise EOFError("stream closed")
             raise FrameError(f"stream ended inside a frame ({len(buf)}/{n} bytes)")
         buf += chunk
-    return bytes(buf)
+    return buf
 
 
 async def read_message(
@@ -118,6 +120,86 @@ async def request(
 Handler = Callable[[Message], Awaitable[Message]]
 
 
+class Held(Protocol):
+    """Bytes reserved for one frame (``net/limits.Reservation``)."""
+
+    def keep(self) -> Held: ...
+    def release(self) -> None: ...
+    def release_unless_kept(self) -> None: ...
+
+
+class Guard(Protocol):
+    """Per-remote-peer admission (``net/limits.py``); every method raises Overloaded to refuse."""
+
+    def open_stream(self, peer: str) -> None: ...
+    def close_stream(self, peer: str) -> None: ...
+    def admit_request(self, peer: str) -> None: ...
+    def reserve(self, peer: str, size: int) -> Held: ...
+
+
+class _NoLimits:
+    def open_stream(self, peer: str) -> None: ...
+    def close_stream(self, peer: str) -> None: ...
+    def admit_request(self, peer: str) -> None: ...
+
+    def reserve(self, peer: str, size: int) -> Held:
+        return self
+
+    def keep(self) -> Held:
+        return self
+
+    def release(self) -> None: ...
+    def release_unless_kept(self) -> None: ...
+
+
+NO_LIMITS = _NoLimits()
+# the reservation of the request being handled: forwarding keeps it for its background work
+current_reservation: ContextVar[Held | None] = ContextVar("current_reservation", default=None)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    idle: float = DEFAULT_READ_TIMEOUT  # waiting for the next request on a stream
+    frame: float = DEFAULT_READ_TIMEOUT  # reading one frame's payload once its length arrived
+
+
+async def _next_request(stream: Stream, guard: Guard, remote: str, max_frame: int, timeouts: Timeouts) -> tuple[Message, Held]:
+    """Wait for a frame header, admit and reserve the frame, then read and decode it.
+    EOFError: clean end between frames; trio.TooSlowError: idle; StreamUnusable: refused."""
+    try:
+        with trio.fail_after(timeouts.idle):
+            header = await _read_exact(stream, HEADER_BYTES)
+        length = decode_length(header, max_frame)
+        guard.admit_request(remote)
+        held = guard.reserve(remote, length)
+    except P2PInferError as exc:  # the payload that follows is never read: the stream cannot resync
+        raise StreamUnusable(exc) from None
+    try:
+        with trio.fail_after(timeouts.frame):
+            payload = await _read_exact(stream, length)
+        return decode_payload(payload), held
+    except trio.TooSlowError:
+        held.release_unless_kept()
+        raise StreamUnusable(FrameError(f"frame of {length} bytes not received within {timeouts.frame} s")) from None
+    except P2PInferError as exc:
+        held.release_unless_kept()
+        raise StreamUnusable(exc) from None
+    except BaseException:
+        held.release_unless_kept()
+        raise
+
+
+async def _answer(handle: Handler, message: Message, plog: Any) -> Message:
+    try:
+        return await handle(message)
+    except P2PInferError as exc:
+        plog.info("request refused", type=message.get("type"), code=exc.code, reason=exc.message)
+        return error_message(exc)
+    except Exception as exc:
+        plog.exception("handler failed", type=message.get("type"))
+        return {"type": "error", "code": "internal", "message": f"{type(exc).__name__}: {exc}"}
+
+
 async def serve_stream(
     stream: Stream,
     handle: Handler,
@@ -125,48 +207,78 @@ async def serve_stream(
     protocol: str,
     remote: str = "",
     max_frame: int = DEFAULT_MAX_FRAME,
-    timeout: float = DEFAULT_READ_TIMEOUT,
+    timeouts: Timeouts = Timeouts(),
+    guard: Guard = NO_LIMITS,
 ) -> None:
     """Answer requests on one stream until it ends, never letting an error escape.
 
     An uncaught exception in a libp2p stream handler kills the whole host (notes/libp2p.md,
     bug 3), so this is the only place handlers run: protocol errors become error replies,
-    framing errors end the stream, and anything unexpected is logged and answered.
+    framing errors and refusals (``overloaded``: over a per-peer or global limit) end the
+    stream after their reply, and anything unexpected is logged and answered.
     """
     plog = log.bind(protocol=protocol, remote=remote)
     remote_peer.set(remote)  # each stream is served in its own task, so this is per stream
     try:
-        while True:
-            try:
-                message = await read_message(stream, max_frame=max_frame, timeout=timeout)
-            except EOFError:
-                return
-            except P2PInferError as exc:  # malformed, truncated or oversized: the stream is unusable
-                plog.warning("bad frame", code=exc.code, reason=exc.message)
-                await _try_reply(stream, error_message(exc), max_frame)
-                return
-            except trio.TooSlowError:
-                plog.info("read timeout, closing stream")
-                return
-            try:
-                reply = await handle(message)
-            except P2PInferError as exc:
-                plog.info("request refused", type=message.get("type"), code=exc.code, reason=exc.message)
-                reply = error_message(exc)
-            except Exception as exc:
-                plog.exception("handler failed", type=message.get("type"))
-                reply = {"type": "error", "code": "internal", "message": f"{type(exc).__name__}: {exc}"}
-            if not await _try_reply(stream, reply, max_frame):
-                return
+        guard.open_stream(remote)
+    except P2PInferError as exc:
+        plog.info("stream refused", code=exc.code, reason=exc.message)
+        await _try_reply(stream, error_message(exc), max_frame)
+        await _end(stream, reset=True)
+        return
+    reset = False
+    try:
+        reset = await _serve_requests(stream, handle, guard, remote, max_frame, timeouts, plog)
     except Exception:  # includes cancellation-free failures of the stream itself
         plog.exception("stream handler crashed")
     finally:
-        with trio.CancelScope(shield=True):
-            try:
-                with trio.move_on_after(2):
-                    await stream.close()
-            except Exception:
-                pass
+        guard.close_stream(remote)
+        await _end(stream, reset=reset)
+
+
+async def _serve_requests(stream: Stream, handle: Handler, guard: Guard, remote: str, max_frame: int,
+                          timeouts: Timeouts, plog: Any) -> bool:
+    """The request loop of :func:`serve_stream`; True when the stream must be reset."""
+    while True:
+        try:
+            message, held = await _next_request(stream, guard, remote, max_frame, timeouts)
+        except EOFError:
+            return False
+        except trio.TooSlowError:
+            plog.debug("stream idle, closing")
+            return False
+        except StreamUnusable as refused:  # malformed, truncated, oversized or over a limit
+            level = plog.info if refused.error.code == "overloaded" else plog.warning
+            level("frame refused", code=refused.error.code, reason=refused.error.message)
+            await _try_reply(stream, error_message(refused.error), max_frame)
+            return True  # drop what the sender still pushes (a reset frees yamux's buffer)
+        token = current_reservation.set(held)
+        try:
+            reply = await _answer(handle, message, plog)
+        finally:
+            current_reservation.reset(token)
+            del message  # the request's memory goes back before the reservation does
+            held.release_unless_kept()
+        if not await _try_reply(stream, reply, max_frame):
+            return False
+
+
+REFUSAL_GRACE = 2.0  # seconds a refused stream stays half-closed so its error reply is read
+
+
+async def _end(stream: Stream, *, reset: bool) -> None:
+    """Close the stream; a refused one (payload still coming) is reset after a short grace:
+    a yamux reset discards data not yet read at the other end, our error reply included,
+    while a plain close would leave the sender's unread payload buffered here."""
+    with trio.CancelScope(shield=True):
+        try:
+            with trio.move_on_after(2 + REFUSAL_GRACE):
+                await stream.close()
+                if reset and hasattr(stream, "reset"):
+                    await trio.sleep(REFUSAL_GRACE)
+                    await stream.reset()
+        except Exception:
+            pass
 
 
 async def _try_reply(stream: Stream, reply: Message, max_frame: int) -> bool:

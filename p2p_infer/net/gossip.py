@@ -5,10 +5,19 @@ send commits and reveals to the client directly and *also* publish them here so 
 can audit and keep reputation. Settings follow ``notes/libp2p.md``: strict message signing,
 heartbeat 1 s (default 120 s), explicit mesh degrees, spam protection off (it drops our own
 bursts), subscription drained by a dedicated task, messages kept well under 1 MiB.
+
+Hygiene (gossip is anyone's input and ends up in every peer's audit log): a topic validator
+refuses messages over ``MAX_GOSSIP_BYTES`` (``verdicts`` over ``MAX_VERDICTS_BYTES``), so
+they are neither handled nor relayed; message ids are content-addressed (the SHA-256 of the
+payload), so a payload re-published under another signer or seqno is a duplicate to
+gossipsub too; and ids already handled are remembered (``SEEN_IDS``) well past gossipsub's
+120 s seen-cache, so a replay much later is not handled twice.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,13 +27,15 @@ import structlog
 import trio
 from libp2p.abc import IHost
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
-from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.pubsub import ContentAddressedMessageIDGenerator, Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
 from ..errors import ProtocolViolation
-from ..proto.wire import CONSENSUS_TOPIC, MAX_GOSSIP_BYTES
+from ..proto.wire import CONSENSUS_TOPIC, MAX_GOSSIP_BYTES, REQUESTS, VERDICTS, message_type
 
 GOSSIP_DELAY = 0.5  # seconds: audit traffic waits until the query has moved on
+MAX_VERDICTS_BYTES = 64 * 1024  # 64 stages of 64 members' verdicts fit several times over
+SEEN_IDS = 50_000  # handled message ids remembered (32 bytes each)
 log = structlog.get_logger("p2p_infer.gossip")
 
 GossipHandler = Callable[[str, dict[str, Any]], Awaitable[None]]
@@ -79,7 +90,8 @@ async def running_gossip(host: IHost, handle: GossipHandler) -> AsyncIterator[Go
         spam_protection_enabled=False,
         eclipse_protection_enabled=False,  # IP diversity cannot hold on one host; reputation guards instead
     )
-    pubsub = Pubsub(host, router, strict_signing=True)
+    pubsub = Pubsub(host, router, strict_signing=True, msg_id_constructor=ContentAddressedMessageIDGenerator())
+    pubsub.set_topic_validator(CONSENSUS_TOPIC, acceptable_size, False)
     protocols = list(router.get_protocols())
     for protocol in protocols:  # an exception escaping a stream handler kills the host (notes, bug 3)
         host.set_stream_handler(protocol, _guarded(pubsub.stream_handler))
@@ -89,21 +101,7 @@ async def running_gossip(host: IHost, handle: GossipHandler) -> AsyncIterator[Go
             subscription = await pubsub.subscribe(CONSENSUS_TOPIC)
             gossip = Gossip(pubsub)
             async with trio.open_nursery() as nursery:
-
-                async def drain() -> None:
-                    while True:
-                        msg = await subscription.get()
-                        if msg.from_id == host.get_id().to_bytes():
-                            continue
-                        try:
-                            message = msgpack.unpackb(msg.data, raw=False)
-                            if not isinstance(message, dict):
-                                raise ProtocolViolation("gossip message is not a map")
-                            await handle(_sender(msg.from_id), message)
-                        except Exception as exc:  # one bad message must not stop auditing
-                            log.info("gossip message dropped", error=f"{type(exc).__name__}: {exc}")
-
-                nursery.start_soon(drain)
+                nursery.start_soon(_drain, subscription, host.get_id().to_bytes(), handle)
                 try:
                     yield gossip
                 finally:
@@ -111,6 +109,44 @@ async def running_gossip(host: IHost, handle: GossipHandler) -> AsyncIterator[Go
     finally:
         for protocol in protocols:  # streams arriving after pubsub stopped must not reach it
             host.remove_stream_handler(protocol)
+
+
+def acceptable_size(_peer: Any, msg: Any) -> bool:
+    """Gossipsub topic validator (synchronous; a refused message is neither handled nor
+    relayed): a msgpack map of a consensus type, within its size limit."""
+    size = len(msg.data)
+    if size > MAX_GOSSIP_BYTES:
+        log.info("oversized gossip refused", size=size)
+        return False
+    try:
+        kind = message_type(msgpack.unpackb(msg.data, raw=False))
+    except Exception:
+        return False
+    if kind not in REQUESTS[CONSENSUS_TOPIC] or (kind == VERDICTS and size > MAX_VERDICTS_BYTES):
+        log.info("gossip refused", type=kind, size=size)
+        return False
+    return True
+
+
+async def _drain(subscription: Any, own_id: bytes, handle: GossipHandler) -> None:
+    seen: OrderedDict[bytes, None] = OrderedDict()
+    while True:
+        msg = await subscription.get()
+        if msg.from_id == own_id:
+            continue
+        message_id = hashlib.sha256(msg.data).digest()
+        if message_id in seen:  # a replay after gossipsub's own seen-cache forgot it
+            continue
+        seen[message_id] = None
+        if len(seen) > SEEN_IDS:
+            seen.popitem(last=False)
+        try:
+            message = msgpack.unpackb(msg.data, raw=False)
+            if not isinstance(message, dict):
+                raise ProtocolViolation("gossip message is not a map")
+            await handle(_sender(msg.from_id), message)
+        except Exception as exc:  # one bad message must not stop auditing
+            log.info("gossip message dropped", error=f"{type(exc).__name__}: {exc}")
 
 
 def _guarded(handler: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:

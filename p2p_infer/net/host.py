@@ -10,10 +10,12 @@ leaves zombie connections at the other end.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from weakref import WeakKeyDictionary
 
 import multiaddr
 import structlog
@@ -33,9 +35,12 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.transport.tcp import tcp as libp2p_tcp
 
+from ..config import Limits
 from ..errors import ListenError, P2PInferError, PeerUnreachable
-from .framing import DEFAULT_MAX_FRAME, DEFAULT_READ_TIMEOUT, Handler, serve_stream
 from ..identity import Identity
+from .framing import DEFAULT_MAX_FRAME, Handler, Timeouts, serve_stream
+from .idle import IdleReaper
+from .limits import Guard, resource_manager
 
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
 DIAL_TIMEOUT = 10.0
@@ -55,20 +60,58 @@ def key_pair(identity: Identity) -> KeyPair:
     return KeyPair(private, private.get_public_key())
 
 
-def make_host(identity: Identity, listen: str = DEFAULT_LISTEN) -> IHost:
+_GUARDS: WeakKeyDictionary[IHost, Guard] = WeakKeyDictionary()  # per host: what it grants remote peers
+
+
+def connection_config(limits: Limits) -> ConnectionConfig:
+    """py-libp2p's connection manager: ``max_connections`` is the hard cap its swarm enforces
+    at accept and at registration; past the high watermark its pruner closes connections
+    without streams (oldest first, after the grace period) down to the low watermark."""
+    high = min(limits.max_connections, max(8, limits.max_connections * 3 // 4))
+    return ConnectionConfig(
+        max_connections=limits.max_connections,
+        max_connections_per_peer=1,  # removes the 250 ms happy-eyeballs wait on every dial
+        min_connections=min(4, high),
+        low_watermark=min(8, high),
+        high_watermark=high,
+        grace_period=min(20.0, limits.conn_idle_timeout / 2),
+        inbound_upgrade_timeout=10.0,  # a Noise handshake that stalls gives its slot back
+    )
+
+
+def make_host(identity: Identity, listen: str = DEFAULT_LISTEN, limits: Limits | None = None) -> IHost:
+    limits = limits or Limits()
     kp = key_pair(identity)
-    return new_host(
+    rcmgr = resource_manager(limits)
+    host = new_host(
         key_pair=kp,
         sec_opt={NOISE_ID: NoiseTransport(kp, noise_privkey=new_x25519_key_pair().private_key)},
         muxer_opt={YAMUX_ID: Yamux},
         listen_addrs=[multiaddr.Multiaddr(listen)],
-        connection_config=ConnectionConfig(
-            max_connections_per_peer=1,  # removes the 250 ms happy-eyeballs wait on every dial
-            min_connections=4,
-            low_watermark=8,
-            high_watermark=64,
-        ),
+        connection_config=connection_config(limits),
+        resource_manager=rcmgr,
     )
+    _GUARDS[host] = Guard(limits, rcmgr)
+    _lift_inbound_slot_leak(host)
+    return host
+
+
+def _lift_inbound_slot_leak(host: IHost) -> None:
+    """The py-libp2p 0.8.1 build we pin caps inbound connections with a CapacityLimiter of
+    ``max_connections - min_connections`` slots, but its inbound handler keeps its slot until
+    the swarm stops (it awaits ``manager.wait_finished()`` after the upgrade), so after that
+    many inbound connections *ever*, every new one is refused (found by
+    tests/test_limits.py; upstream's current swarm has no such limiter). Connections are
+    bounded instead by ``max_connections``, which the swarm checks at accept and at
+    registration, and by rcmgr's limits."""
+    swarm = host.get_network()
+    if hasattr(swarm, "_inbound_limiter"):
+        swarm._inbound_limiter = trio.CapacityLimiter(math.inf)  # type: ignore[attr-defined]
+
+
+def guard_of(host: IHost) -> Guard:
+    """The per-peer limits of a host made here (a default Guard for any other host)."""
+    return _GUARDS.setdefault(host, Guard())
 
 
 def _reuse_addr_only(sock: trio.socket.SocketType) -> None:
@@ -82,16 +125,19 @@ libp2p_tcp._set_reuse_flags = _reuse_addr_only
 
 
 @asynccontextmanager
-async def running_host(identity: Identity, listen: str = DEFAULT_LISTEN) -> AsyncIterator[IHost]:
-    """Run a host and always close it, so peers see us leave at once."""
-    host = make_host(identity, listen)
+async def running_host(identity: Identity, listen: str = DEFAULT_LISTEN, limits: Limits | None = None) -> AsyncIterator[IHost]:
+    """Run a host (closing idle connections) and always close it, so peers see us leave at once."""
+    limits = limits or Limits()
+    host = make_host(identity, listen, limits)
     try:
-        async with host.run(listen_addrs=[multiaddr.Multiaddr(listen)]):
+        async with host.run(listen_addrs=[multiaddr.Multiaddr(listen)]), trio.open_nursery() as nursery:
             try:
                 if not host.get_addrs():  # py-libp2p logs a failed listen and carries on without one
                     raise ListenError(f"cannot listen on {listen}: {_why_not_listening(listen)}")
+                nursery.start_soon(IdleReaper(host, limits.conn_idle_timeout).run)
                 yield host
             finally:
+                nursery.cancel_scope.cancel()
                 with trio.CancelScope(shield=True):
                     with trio.move_on_after(5):
                         await host.close()
@@ -161,22 +207,18 @@ async def open_stream(host: IHost, peer: ID, protocol: str, timeout: float = DIA
         raise PeerUnreachable(f"cannot open {protocol} to {peer}: {type(exc).__name__}: {exc}") from None
 
 
-def add_handler(
-    host: IHost,
-    protocol: str,
-    handle: Handler,
-    *,
-    max_frame: int = DEFAULT_MAX_FRAME,
-    timeout: float = DEFAULT_READ_TIMEOUT,
-) -> None:
-    """Serve ``protocol`` with request/reply ``handle`` behind the guarded framing loop."""
+def add_handler(host: IHost, protocol: str, handle: Handler, *, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    """Serve ``protocol`` with request/reply ``handle`` behind the guarded framing loop, under
+    the host's per-peer limits and stream timeouts."""
+    guard = guard_of(host)
+    timeouts = Timeouts(idle=guard.limits.stream_idle_timeout, frame=guard.limits.frame_timeout)
 
     async def on_stream(stream: INetStream) -> None:
         try:
             remote = str(stream.muxed_conn.peer_id)
         except Exception:
             remote = "?"
-        await serve_stream(stream, handle, protocol=protocol, remote=remote, max_frame=max_frame, timeout=timeout)
+        await serve_stream(stream, handle, protocol=protocol, remote=remote, max_frame=max_frame, timeouts=timeouts, guard=guard)
 
     host.set_stream_handler(TProtocol(protocol), on_stream)
 
@@ -184,8 +226,10 @@ def add_handler(
 __all__ = [
     "DEFAULT_LISTEN",
     "add_handler",
+    "connection_config",
     "dial",
     "full_addrs",
+    "guard_of",
     "make_host",
     "open_stream",
     "parse_peer_addr",

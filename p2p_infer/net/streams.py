@@ -8,7 +8,7 @@ next request opens a fresh one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 from libp2p.abc import IHost, INetStream
@@ -18,7 +18,20 @@ from ..errors import P2PInferError, PeerUnreachable, RemoteError
 from .framing import Message, request
 from .host import dial, open_stream, peer_info
 
-AddrLookup = Callable[[str], Sequence[str]]
+AddrLookup = Callable[[str], Awaitable[Sequence[str]]]
+
+
+async def _no_addrs(_peer: str) -> Sequence[str]:
+    return ()
+
+
+def sync_lookup(fn: Callable[[str], Sequence[str]]) -> AddrLookup:
+    """An address lookup that needs no I/O (a client's refreshed directory), as the pool takes it."""
+
+    async def lookup(peer_id: str) -> Sequence[str]:
+        return fn(peer_id)
+
+    return lookup
 
 
 class _Slot:
@@ -28,13 +41,15 @@ class _Slot:
 
 
 class StreamPool:
-    def __init__(self, host: IHost, addrs_of: AddrLookup = lambda _peer: ()) -> None:
+    def __init__(self, host: IHost, addrs_of: AddrLookup = _no_addrs) -> None:
+        """``addrs_of`` says where a peer not yet connected may be dialled (its verified
+        record's addresses); requests never bring their own."""
         self.host = host
         self.addrs_of = addrs_of
         self._slots: dict[tuple[str, str], _Slot] = {}
 
     async def request(
-        self, peer_id: str, protocol: str, message: Message, *, timeout: float, addrs: Sequence[str] = ()
+        self, peer_id: str, protocol: str, message: Message, *, timeout: float
     ) -> Message:
         """One request/reply on the pooled stream; :class:`RemoteError` for error replies,
         :class:`PeerUnreachable` or :class:`FrameError` when the peer or stream fails.
@@ -49,7 +64,7 @@ class StreamPool:
                 reused = slot.stream is not None
                 try:
                     if slot.stream is None:
-                        slot.stream = await self._open(peer_id, protocol, addrs)
+                        slot.stream = await self._open(peer_id, protocol)
                     return await request(slot.stream, message, timeout=timeout, peer=peer_id)
                 except RemoteError:
                     raise  # the stream is fine; the request was refused
@@ -68,10 +83,12 @@ class StreamPool:
                     raise PeerUnreachable(f"{peer_id}: {type(exc).__name__}: {exc}") from None
             raise AssertionError("unreachable")
 
-    async def _open(self, peer_id: str, protocol: str, addrs: Sequence[str]) -> INetStream:
+    async def _open(self, peer_id: str, protocol: str) -> INetStream:
         pid = ID.from_base58(peer_id)
         if pid not in self.host.get_connected_peers():
-            known = list(addrs) or list(self.addrs_of(peer_id))
+            known = list(await self.addrs_of(peer_id))
+            if not known:
+                raise PeerUnreachable(f"{peer_id}: not connected, and no verified address to dial")
             await dial(self.host, peer_info(peer_id, [a.split("/p2p/")[0] for a in known]))
         return await open_stream(self.host, pid, protocol)
 

@@ -37,7 +37,7 @@ from ..net.dht import Discovery
 from ..net.directory import Directory
 from ..net.gossip import Gossip, running_gossip
 from ..net.host import add_handler, parse_peer_addr, running_host
-from ..net.streams import StreamPool
+from ..net.streams import StreamPool, sync_lookup
 from ..proto.audit import AuditLog
 from ..proto.auditor import Auditor, evidence_message
 from ..proto.plan import QueryPlan
@@ -122,7 +122,7 @@ class Client:
             manifests = await trio.to_thread.run_sync(known_manifests, default_cache_dir())
             self.host = await self._stack.enter_async_context(running_host(self.identity, self.listen))
             add_handler(self.host, RESULT_PROTOCOL, self.results.handle)
-            self.pool = StreamPool(self.host, self._addrs_of)
+            self.pool = StreamPool(self.host, sync_lookup(self._addrs_of))
             discovery = Discovery(self.host, server=False, bootstrap=self.bootstrap)
             await self._stack.enter_async_context(background_trio_service(discovery.kad))
             self.gossip = await self._stack.enter_async_context(running_gossip(self.host, self._on_gossip))

@@ -15,16 +15,19 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import structlog
 
-from ..errors import NotServed, Overloaded, RemoteError
+from libp2p.peer.id import ID
+
+from ..errors import NotServed, PeerUnreachable, RemoteError
+from ..net.framing import Held, current_reservation
 from ..ml.tensors import activation_from_wire, encode_tensor
 from ..proto.forward import ForwardRequest, forward_reply, parse_forward_request
 from ..proto.wire import ACCEPTED, FORWARD_FAILED, FORWARD_PROTOCOL, GET_PROOF, OK, PING, PONG, RESULT_PROTOCOL, Message, expect
 
 if TYPE_CHECKING:
     from .peer import Peer
+    from .scheduler import Job
 
 log = structlog.get_logger("p2p_infer.peer")
-MAX_QUEUED_PER_SLOT = 4  # queued requests per compute slot before ``overloaded``
 
 
 class ForwardHandler:
@@ -43,21 +46,31 @@ class ForwardHandler:
         model, act = self._admit(req)
         if req.prove:  # critical mode: the circuit's own output, with a proof of it
             return await self.peer.prover.prove_forward(model, req, act)
+        job = self.peer.admit()  # this peer's share of the queue, or Overloaded before any work
         if req.reply_to:  # forwarding mode: acknowledge, then compute and pass on in the background
-            self.peer.start_background(self._compute_and_forward, model, req, act)
+            held = current_reservation.get()  # the request's bytes stay reserved until it is passed on
+            try:
+                self.peer.start_background(self._compute_and_forward, model, req, act, job, held.keep() if held else None)
+            except BaseException:  # shutting down: nothing will run it
+                self.peer.scheduler.release(job)
+                if held is not None:
+                    held.release()
+                raise
             return {"type": ACCEPTED, "request_id": req.request_id}
-        hidden, compute_ms, queue_ms = await self.peer.compute(model, req.first, req.last, act)
+        hidden, compute_ms, queue_ms = await self.peer.compute(model, req.first, req.last, act, job)
         self.forwards_served += 1
         hidden = self.peer.behaviour.forward_output(hidden)  # identity unless a --test-fault says otherwise
         await self.peer.behaviour.pace()  # no pause unless a --test-fault says otherwise
         return forward_reply(encode_tensor(hidden), compute_ms, queue_ms, req.request_id)
 
     def _pong(self) -> Message:
+        host = self.peer.host
         return {
             "type": PONG,
             "load": self.peer.load(),
-            "in_flight": self.peer.in_flight,
+            "in_flight": self.peer.scheduler.in_flight,
             "threads": threading.active_count(),  # lets operators and tests see leaks
+            "connections": len(host.get_network().get_connections()) if host is not None else 0,
         }
 
     def _admit(self, req: ForwardRequest) -> tuple[Any, Any]:
@@ -66,30 +79,30 @@ class ForwardHandler:
         if shards is None:
             raise NotServed("this peer serves no layers")
         act = activation_from_wire(req.hidden, req.mask)
-        model = shards.check(req.model_id, req.first, req.last, act)
-        waiting = self.peer.limiter.statistics().tasks_waiting
-        if waiting >= MAX_QUEUED_PER_SLOT * self.peer.limiter.total_tokens:
-            raise Overloaded(f"{waiting} requests already queued")
-        return model, act
+        return shards.check(req.model_id, req.first, req.last, act), act
 
-    async def _compute_and_forward(self, model: Any, req: ForwardRequest, act: Any) -> None:
+    async def _compute_and_forward(self, model: Any, req: ForwardRequest, act: Any, job: Job, held: Held | None) -> None:
         """Forwarding mode: run our layers, hand the output to the next hop, or return the
         result to the client if we are the last. Failures are reported to the client."""
         trace = list(req.trace)
         me = self.peer.identity.peer_id
         try:
-            hidden, compute_ms, queue_ms = await self.peer.compute(model, req.first, req.last, act)
+            hidden, compute_ms, queue_ms = await self.peer.compute(model, req.first, req.last, act, job)
             trace.append({"peer": me, "first": req.first, "last": req.last, "compute_ms": compute_ms, "queue_ms": queue_ms})
             if req.route:
                 nxt, rest = req.route[0], req.route[1:]
                 onward = replace(req, first=nxt.first, last=nxt.last, hidden=encode_tensor(hidden), route=rest, trace=trace)
-                await self._send_to(nxt.peer, nxt.addrs, FORWARD_PROTOCOL, onward.to_wire())
+                await self._send_to(nxt.peer, FORWARD_PROTOCOL, onward.to_wire())
             else:
                 result = forward_reply(encode_tensor(hidden), compute_ms, queue_ms, req.request_id)
                 result["trace"] = trace
-                await self._send_to(req.reply_to, req.reply_addrs, RESULT_PROTOCOL, result)
+                await self._send_to_client(req.reply_to, result)
         except Exception as exc:  # a background task: nothing may escape into the peer's nursery
             await self._report_failure(req, exc, trace)
+        finally:
+            self.peer.scheduler.release(job)  # no-op once it ran
+            if held is not None:
+                held.release()
 
     async def _report_failure(self, req: ForwardRequest, exc: Exception, trace: list[dict[str, Any]]) -> None:
         code, reason = getattr(exc, "code", "internal"), getattr(exc, "message", f"{type(exc).__name__}: {exc}")
@@ -99,15 +112,31 @@ class ForwardHandler:
         failure = {"type": FORWARD_FAILED, "request_id": req.request_id, "code": code, "message": reason,
                    "at": me, "failed_peer": failed_peer, "trace": trace}
         try:
-            await self._send_to(req.reply_to, req.reply_addrs, RESULT_PROTOCOL, failure)
+            await self._send_to_client(req.reply_to, failure)
         except Exception as exc2:
             log.info("cannot reach client to report failure", peer=me, reason=str(exc2))
 
-    async def _send_to(self, peer: str, addrs: tuple[str, ...], protocol: str, message: Message) -> None:
+    async def _send_to(self, peer: str, protocol: str, message: Message) -> None:
+        """To a next hop: dialled, if need be, only at the addresses of its verified record
+        (the pool's address book), never at addresses the request names."""
         assert self.peer.pool is not None
-        reply = await self.peer.pool.request(peer, protocol, message, timeout=30, addrs=addrs)
+        reply = await self.peer.pool.request(peer, protocol, message, timeout=30)
         if reply.get("type") not in (ACCEPTED, OK):
             raise RemoteError("bad_reply", f"unexpected reply {reply.get('type')!r}", peer)
+
+    async def _send_to_client(self, client: str, message: Message) -> None:
+        """Clients publish no record, so the result goes back only over a connection the client
+        itself opened (it connects to every hop of its route before sending): a request can
+        never make this peer dial an address (protocols/forward.md, "Replies")."""
+        host = self.peer.host
+        assert host is not None
+        try:
+            connected = ID.from_base58(client) in host.get_connected_peers()
+        except Exception:
+            connected = False
+        if not connected:
+            raise PeerUnreachable(f"no connection to the client {client[:16]}...; forwarding peers never dial clients")
+        await self._send_to(client, RESULT_PROTOCOL, message)
 
 
 def _dump_request(message: Message) -> None:

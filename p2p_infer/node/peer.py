@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -40,6 +39,9 @@ from ..net.gossip import Gossip, running_gossip
 from ..proto.reputation import Reputation
 from ..ml.shards import ServeSpec, ShardServer
 from ..net.streams import StreamPool
+from ..net.addressbook import AddressBook
+from ..net.framing import remote_peer
+from .scheduler import FairScheduler, Job
 
 log = structlog.get_logger("p2p_infer.peer")
 
@@ -67,10 +69,11 @@ class Peer:
         self.specs = [ServeSpec.parse(s) for s in settings.serve]
         self.shards: ShardServer | None = None
         self.throughput = 0.0
-        self.in_flight = 0
+        self.limits = settings.limits()
+        self.scheduler = FairScheduler(settings.compute_slots(), self.limits.max_queued_per_peer, self.limits.max_queued)
         self.forward = ForwardHandler(self)
         self.prover = ProofHandler(self)
-        self.limiter = trio.CapacityLimiter(max(1, settings.max_concurrent))
+        self.discovery: Discovery | None = None
         self.host: IHost | None = None
         self._nursery: trio.Nursery | None = None  # background forwarding work
         self.pool: StreamPool | None = None  # streams to next hops and clients (forwarding mode)
@@ -79,7 +82,7 @@ class Peer:
         self.behaviour = install_behaviour(settings.test_fault, self.identity, self._compute_layers, self._publish, self._later)
         self.member = self.behaviour.member
         audit_path = settings.audit_log or settings.key.with_suffix(".audit.log")
-        audit = AuditLog(audit_path, self.identity, now_ms)
+        audit = AuditLog(audit_path, self.identity, now_ms, settings.audit_max_bytes, settings.audit_budget_bytes)
         self.auditor = Auditor(Reputation(), audit)
         # signed checkpoints of our log out, others' checkpoints kept (witnessed) in (node/anchors.py)
         self.anchors = Anchors(self.identity, audit, settings.witness_path(), settings.checkpoint_interval, self._publish)
@@ -96,11 +99,13 @@ class Peer:
             self.shards = await trio.to_thread.run_sync(ShardServer, self.specs, default_cache_dir())
             self.member.shards = self.shards
             self.throughput = await trio.to_thread.run_sync(self.shards.measure_throughput)
+            self.prover.start_builds()
         bootstrap = [parse_peer_addr(a) for a in bootstrap_addrs(self.settings)]
-        async with running_host(self.identity, self.settings.listen) as host:
+        async with running_host(self.identity, self.settings.listen, self.limits) as host:
             self.host = host
-            self.pool = StreamPool(host)
             discovery = Discovery(host, server=True, bootstrap=bootstrap)
+            self.discovery = discovery
+            self.pool = StreamPool(host, AddressBook(discovery).addrs)
             add_handler(host, FORWARD_PROTOCOL, self.forward.handle)
             add_handler(host, COMMITTEE_PROTOCOL, self.member.handle)
             add_handler(host, ARTIFACT_PROTOCOL, handle_artifact)
@@ -114,6 +119,7 @@ class Peer:
                     await nursery.start(self._publish_loop, discovery)
                     nursery.start_soon(discovery.maintain, self.settings.refresh_interval)
                     nursery.start_soon(self.anchors.run)
+                    nursery.start_soon(self.prover.build_all)  # ZK circuits, in another process
                     addrs = full_addrs(host)
                     self._write_ready_file(addrs)
                     self.log.info(
@@ -171,17 +177,17 @@ class Peer:
 
     # ---- compute, shared by every protocol ----
 
-    async def compute(self, model: Any, first: int, last: int, act: Activation) -> tuple[Any, float, float]:
-        """Run layers ``first..last`` in a worker thread, at most ``max_concurrent`` at once."""
-        queued = time.perf_counter()
-        self.in_flight += 1
-        try:
-            async with self.limiter:
-                queue_ms = (time.perf_counter() - queued) * 1000
-                assert self.shards is not None
-                hidden, compute_ms = await trio.to_thread.run_sync(partial(self.shards.compute, model, first, last, act))
-        finally:
-            self.in_flight -= 1
+    def admit(self, remote: str | None = None) -> Job:
+        """Queue compute for the remote peer of the request being served (Overloaded if its
+        share of the queue is full); run it with :meth:`compute`."""
+        return self.scheduler.admit(remote if remote is not None else (remote_peer.get() or "local"))
+
+    async def compute(self, model: Any, first: int, last: int, act: Activation, job: Job | None = None) -> tuple[Any, float, float]:
+        """Run layers ``first..last`` in a worker thread when the fair scheduler says it is this
+        request's turn (``max_concurrent`` at once, remote peers served round-robin)."""
+        async with self.scheduler.run(job or self.admit()) as queue_ms:
+            assert self.shards is not None
+            hidden, compute_ms = await trio.to_thread.run_sync(partial(self.shards.compute, model, first, last, act))
         return hidden, compute_ms, queue_ms
 
     async def _compute_layers(self, model: Any, first: int, last: int, act: Activation) -> Any:
@@ -189,7 +195,7 @@ class Peer:
         return hidden
 
     def load(self) -> float:
-        return self.in_flight / self.limiter.total_tokens
+        return self.scheduler.load()
 
     def start_background(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
         assert self._nursery is not None

@@ -9,7 +9,7 @@ sees it, so an answer that fails a check reaches the machine as the peer's fault
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
-from ..errors import P2PInferError, ProtocolViolation
+from ..errors import P2PInferError, PeerUnreachable, ProtocolViolation
 from ..ml.models import SplitModel
 from ..ml.tensors import activation_from_wire, encode_tensor
 from ..net.framing import remote_peer
-from ..net.host import full_addrs
+from ..net.host import dial, peer_info
 from ..proto.forward import ForwardRequest, Hop, parse_forward_reply
 from ..proto.query import (
     Action,
@@ -58,6 +58,25 @@ class Reply:
 
 
 
+async def connect_to(host: Any, addrs_of: Callable[[str], list[str]], peer_ids: list[str]) -> list[str]:
+    """Forwarding peers never dial a client (it has no record to check addresses against),
+    so the client connects to every hop first: the result and any failure report come back
+    over these connections. Returns the peers it could not reach."""
+    connected = {str(p) for p in host.get_connected_peers()}
+    unreachable: list[str] = []
+
+    async def one(peer_id: str) -> None:
+        try:
+            await dial(host, peer_info(peer_id, [a.split("/p2p/")[0] for a in addrs_of(peer_id)]))
+        except PeerUnreachable:
+            unreachable.append(peer_id)
+
+    async with trio.open_nursery() as nursery:
+        for peer_id in sorted(set(peer_ids) - connected):
+            nursery.start_soon(one, peer_id)
+    return unreachable
+
+
 class ForwardResults:
     """Forwarded results come from the route's last hop on their own protocol, not as a reply."""
 
@@ -83,7 +102,10 @@ class ForwardResults:
         sender = remote_peer.get()
         if kind == FORWARD_RESULT and sender != waiting[1]:  # only the route's last hop may answer
             raise ProtocolViolation(f"result for {request_id} from {sender}, expected {waiting[1]}")
-        waiting[0].send_nowait(message)
+        try:
+            waiting[0].send_nowait(message)
+        except trio.WouldBlock:  # a second answer for one request: the first one stands
+            raise ProtocolViolation(f"result for {request_id} already received") from None
         return {"type": OK}
 
 
@@ -210,13 +232,14 @@ class QueryDriver:
         """The first hop acknowledges; the result arrives later from the last hop, or never."""
         first, client = send.route[0], self.client
         assert client.host is not None
-        hops = [Hop(s.peer_id, tuple(client._addrs_of(s.peer_id)), s.first, s.last) for s in send.route[1:]]
+        hops = [Hop(s.peer_id, (), s.first, s.last) for s in send.route[1:]]  # peers dial hops at their records' addresses
         message = ForwardRequest(self.model.model_id, first.first, first.last, send.activation, send.mask,
-                                 session=send.session, request_id=send.request_id, route=hops,
-                                 reply_to=str(client.host.get_id()),
-                                 reply_addrs=tuple(full_addrs(client.host))).to_wire()
+                                 session=send.session, request_id=send.request_id, route=hops, reply_to=str(client.host.get_id())).to_wire()
         with client.results.expect(send.request_id, send.reply_from) as inbox:
             try:
+                unreachable = await connect_to(client.host, client._addrs_of, [s.peer_id for s in send.route])
+                if unreachable:  # hops answer only over connections we opened (protocols/forward.md)
+                    raise PeerUnreachable(f"cannot connect to {unreachable[0]}")
                 await client._request(first.peer_id, message)
             except P2PInferError as exc:
                 log.info("forwarding failed, falling back to client-driven hops", reason=exc.message)

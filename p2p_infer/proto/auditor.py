@@ -4,7 +4,20 @@ reputation, and write it all to the audit log. Sans-IO: returns evidence to publ
 Reputation moves here only on verified evidence (``Evidence.verify``): the accused is on
 the committee its client-signed candidate set selects, and wrong-output evidence comes
 with a stage certificate valid under every rule. A round from a member its candidate set
-does not select is dropped before it is remembered, so it can never become evidence."""
+does not select is dropped before it is remembered, so it can never become evidence.
+
+Gossip is any sender's input, and it lands in a signed log on disk, so nothing is logged
+unless it checks out (issue 10): ``sender`` is the gossip signer, verified by gossipsub's
+strict signing, and it is the ``reporter`` of everything logged from the message;
+
+* a ``round`` is logged only when its commit and reveal are both the sender's own, both
+  validly signed, for one task, the output is the one revealed, and its candidate set
+  selects the member (a reveal that does not open the commit is then bad-reveal
+  evidence); a round already logged is not logged again;
+* ``verdicts`` only from the client named in them (``client`` = sender), only the fields
+  a verdict has, bounded in number and size, once per (client, task, stage);
+* ``evidence`` only once verified, once per (kind, member, task).
+"""
 
 from __future__ import annotations
 
@@ -13,11 +26,18 @@ from typing import Any
 
 import structlog
 
+from ..errors import BadTensor
 from .audit import AuditLog
 from .checkpoints import WitnessTable, witness
-from .consensus import CandidateSet, Commit, ConsensusError, Evidence, Reveal
+from .consensus import CandidateSet, Commit, ConsensusError, Evidence, Reveal, output_hash
 from .reputation import Reputation
+from .tensors import check_wire_tensor
 from .wire import CHECKPOINT, EVIDENCE, ROUND, VERDICTS, message_type
+
+MAX_VERDICT_STAGES = 64
+MAX_VERDICT_MEMBERS = 64
+MAX_ID_CHARS = 128
+MAX_VERDICT_CHARS = 32
 
 log = structlog.get_logger("p2p_infer.auditor")
 
@@ -30,15 +50,14 @@ class Auditor:
     punished: dict[tuple[str, str, bytes], None] = field(default_factory=dict)  # (kind, member, task_id), ordered
     committees: dict[bytes, frozenset[str]] = field(default_factory=dict)  # candidate set id -> members (verified)
     witnesses: WitnessTable | None = None  # peers keep others' audit-log checkpoints (proto/checkpoints.py)
+    verdicts_seen: dict[tuple[str, bytes, int], None] = field(default_factory=dict)  # (client, task, stage)
 
     def observe(self, sender: str, message: dict[str, Any]) -> list[Evidence]:
-        """Handle one gossip message; return evidence this observer should publish."""
+        """Handle one gossip message signed by ``sender``; return evidence to publish."""
         kind = message_type(message)
         try:
-            if kind == ROUND:  # a member's commit and reveal for one task, with its candidate set
-                candidates = CandidateSet.from_wire(message.get("candidates"))
-                evidence = self.on_commit(Commit.from_wire(message.get("commit")), candidates)
-                return evidence + self.on_reveal(Reveal.from_wire(message.get("reveal")), candidates)
+            if kind == ROUND:  # a member's commit and reveal for one task
+                return self.on_round(sender, message)
             if kind == EVIDENCE:
                 self.on_evidence(Evidence.from_wire(message.get("evidence")), reporter=sender)
                 return []
@@ -46,11 +65,9 @@ class Auditor:
                 witness(self.witnesses, sender, message)
                 return []
             if kind == VERDICTS:  # a client's verdicts on every stage of one query
-                for stage in message.get("stages") or []:
-                    if isinstance(stage, dict):
-                        self._log("verdict", {"reporter": sender, "client": message.get("client"), **_printable(stage)})
+                self.on_verdicts(sender, message)
                 return []
-        except ConsensusError as exc:
+        except (ConsensusError, BadTensor) as exc:
             log.info("gossip rejected", kind=kind, sender=sender, reason=exc.message)
             return []
         log.info("unknown gossip message type", kind=kind, sender=sender)
@@ -73,6 +90,38 @@ class Auditor:
         committee to its own auditor without verifying every proof again."""
         self.committees[candidates.id] = frozenset(members)
         _bound(self.committees)
+
+    def on_round(self, sender: str, message: dict[str, Any]) -> list[Evidence]:
+        """A member's own consistent commit/reveal pair; anything else is refused unlogged."""
+        commit, reveal = Commit.from_wire(message.get("commit")), Reveal.from_wire(message.get("reveal"))
+        if not (commit.member == reveal.member == sender):
+            raise ConsensusError(f"round for member {commit.member[:16]}... not signed by that member")
+        if not (commit.valid_signature() and reveal.valid_signature() and reveal.task_id == commit.task_id):
+            raise ConsensusError("round: a bad signature, or a commit and a reveal for different tasks")
+        # a reveal that does not open its commit is not refused: signed by the member, it is
+        # the bad-reveal evidence on_reveal publishes
+        if output_hash(check_wire_tensor(message.get("output"), field="output")) != reveal.output_hash:
+            raise ConsensusError("round: the output is not the one revealed")
+        known = self.commits.get((commit.task_id, commit.member))
+        if known is not None and known.commitment == commit.commitment:
+            return []  # a replay (or a commit the client already logged directly): once is enough
+        candidates = CandidateSet.from_wire(message.get("candidates"))
+        return self.on_commit(commit, candidates) + self.on_reveal(reveal, candidates)
+
+    def on_verdicts(self, sender: str, message: dict[str, Any]) -> None:
+        if message.get("client") != sender:
+            raise ConsensusError("verdicts not signed by the client they name")
+        stages = message.get("stages")
+        if not isinstance(stages, list) or len(stages) > MAX_VERDICT_STAGES:
+            raise ConsensusError(f"verdicts: 'stages' must be a list of at most {MAX_VERDICT_STAGES}")
+        for stage in stages:
+            task, number, verdicts = _verdict(stage)
+            key = (sender, task, number)
+            if key in self.verdicts_seen:
+                continue
+            self.verdicts_seen[key] = None
+            _bound(self.verdicts_seen)
+            self._log("verdict", {"reporter": sender, "client": sender, "task": task.hex(), "stage": number, "verdicts": verdicts})
 
     def on_commit(self, commit: Commit, candidates: CandidateSet) -> list[Evidence]:
         if not commit.valid_signature():
@@ -136,5 +185,16 @@ def _bound(table: dict[Any, Any]) -> None:
         table.pop(next(iter(table)))
 
 
-def _printable(message: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v.hex() if isinstance(v, bytes) else v) for k, v in message.items() if k != "type"}
+def _verdict(stage: object) -> tuple[bytes, int, dict[str, str]]:
+    """One stage's verdicts, with only the fields a verdict has (``Judgement.record``)."""
+    if not isinstance(stage, dict):
+        raise ConsensusError("verdicts: each stage must be a map")
+    task, number, verdicts = stage.get("task"), stage.get("stage"), stage.get("verdicts")
+    ok = (isinstance(task, bytes) and len(task) == 32 and type(number) is int and 0 <= number < 2**16
+          and isinstance(verdicts, dict) and len(verdicts) <= MAX_VERDICT_MEMBERS
+          and all(isinstance(m, str) and len(m) <= MAX_ID_CHARS and isinstance(v, str) and len(v) <= MAX_VERDICT_CHARS
+                  for m, v in verdicts.items()))
+    if not ok:
+        raise ConsensusError("verdicts: a stage is {task: 32 bytes, stage: int, verdicts: {member: verdict}}")
+    assert isinstance(task, bytes) and isinstance(number, int) and isinstance(verdicts, dict)
+    return task, number, verdicts

@@ -19,6 +19,11 @@ from ..errors import ProtocolViolation
 from .tensors import DEFAULT_MAX_TENSOR_BYTES, WireTensor, check_wire_tensor
 from .wire import FORWARD, FORWARD_PROTOCOL, FORWARD_RESULT, Message, expect, expect_reply
 MAX_ROUTE_HOPS = 32
+# Addresses in a request are never dialled (peers dial only verified records' addresses),
+# but they are parsed and forwarded, so their number and size are bounded.
+MAX_ADDRS = 8
+MAX_ADDR_CHARS = 256
+MAX_ID_CHARS = 128
 
 
 @dataclass(frozen=True)
@@ -104,9 +109,14 @@ def _parse_prove(value: object) -> bool | str:
 def _str_list(value: object, name: str) -> tuple[str, ...]:
     if value is None:
         return ()
-    if not isinstance(value, list) or len(value) > 16 or not all(isinstance(v, str) and len(v) < 256 for v in value):
-        raise ProtocolViolation(f"forward: '{name}' must be a list of at most 16 strings")
+    if not _addr_list(value):
+        raise ProtocolViolation(f"forward: '{name}' must be a list of at most {MAX_ADDRS} strings of at most {MAX_ADDR_CHARS} characters")
+    assert isinstance(value, list)
     return tuple(value)
+
+
+def _addr_list(value: object) -> bool:
+    return isinstance(value, list) and len(value) <= MAX_ADDRS and all(isinstance(v, str) and len(v) <= MAX_ADDR_CHARS for v in value)
 
 
 def _parse_trace(value: object) -> list[dict[str, Any]]:
@@ -129,16 +139,16 @@ def _parse_hop(raw: object) -> Hop:
     ok = (
         isinstance(raw, dict)
         and isinstance(raw.get("peer"), str)
-        and isinstance(raw.get("addrs"), list)
-        and all(isinstance(a, str) for a in raw["addrs"])
+        and 0 < len(raw["peer"]) <= MAX_ID_CHARS
+        and _addr_list(raw.get("addrs", []))
         and isinstance(raw.get("first"), int)
         and isinstance(raw.get("last"), int)
         and 0 <= raw["first"] <= raw["last"]
     )
     if not ok:
-        raise ProtocolViolation("forward: each route hop must be {peer, addrs, first, last}")
+        raise ProtocolViolation(f"forward: each route hop must be {{peer, addrs (at most {MAX_ADDRS}), first, last}}")
     assert isinstance(raw, dict)
-    return Hop(raw["peer"], tuple(raw["addrs"]), raw["first"], raw["last"])
+    return Hop(raw["peer"], tuple(raw.get("addrs", [])), raw["first"], raw["last"])
 
 
 def forward_reply(hidden: WireTensor, compute_ms: float, queue_ms: float, request_id: str = "") -> Message:

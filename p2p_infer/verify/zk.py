@@ -326,6 +326,36 @@ def circuits_for(model: Any, ranges: list[tuple[int, int]], cache_dir: Path, srs
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def build_in_subprocess(model_name: str, ranges: list[tuple[int, int]], cache_dir: str) -> dict[tuple[int, int], Circuit]:
+    """:func:`circuits_for` in a worker process (see :class:`CircuitBuilder`): loads the model
+    itself, at a lower CPU priority so the serving process keeps its cores' attention."""
+    from ..ml.models import load_model
+
+    try:
+        os.nice(10)
+    except OSError:  # not permitted here: build at normal priority
+        pass
+    return circuits_for(load_model(model_name, Path(cache_dir)), ranges, Path(cache_dir))
+
+
+class CircuitBuilder:
+    """Circuit builds (ezkl compile and key setup: seconds to minutes of CPU, holding the GIL
+    throughout) in a separate spawned process, so the peer's event loop never stalls."""
+
+    def __init__(self) -> None:
+        import concurrent.futures
+        import multiprocessing
+
+        self.executor = concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+
+    def build(self, model_name: str, ranges: list[tuple[int, int]], cache_dir: Path) -> dict[tuple[int, int], Circuit]:
+        """Blocking: call from a worker thread."""
+        return self.executor.submit(build_in_subprocess, model_name, ranges, str(cache_dir)).result()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
 # ---- pins and artifact exchange ----
 
 
@@ -358,6 +388,21 @@ def record_pins(cache_dir: Path, model_id: str, circuits: dict[tuple[int, int], 
     return manifest
 
 
+_HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256
+
+
+def _cached_sha256(path: Path) -> str:
+    """Every artifact request for an unknown hash used to hash every artifact again (up to
+    64 MiB each): one file's hash is kept until the file changes."""
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        if len(_HASHES) > 4096:
+            _HASHES.clear()
+        _HASHES[key] = sha256_file(path)
+    return _HASHES[key]
+
+
 class ArtifactStore:
     """What a peer may hand out by hash: settings, verifying keys, SRS files. Never proving keys."""
 
@@ -368,9 +413,10 @@ class ArtifactStore:
         candidates = [*self.root.glob("circuits/*/settings.json"), *self.root.glob("circuits/*/vk.key"),
                       *self.root.glob("srs/*.srs"), *self.root.glob("artifacts/*")]
         for path in candidates:
-            if path.name == sha256 or (path.stat().st_size < 64 * 2**20 and sha256_file(path) == sha256):
+            if path.name == sha256 or (path.stat().st_size < 64 * 2**20 and _cached_sha256(path) == sha256):
                 return path
         return None
+
 
     def put(self, sha256: str, data: bytes) -> Path:
         if hashlib.sha256(data).hexdigest() != sha256:

@@ -1,0 +1,109 @@
+"""Gossip hygiene (issue 10): only checked gossip reaches the audit log, once, with the
+verified signer as reporter; oversized messages are refused before they are handled."""
+
+from types import SimpleNamespace
+
+import msgpack
+import numpy as np
+
+from p2p_infer.clock import now_ms
+from p2p_infer.identity import Identity
+from p2p_infer.net.gossip import MAX_VERDICTS_BYTES, acceptable_size
+from p2p_infer.proto.audit import AuditLog, read_chain
+from p2p_infer.proto.auditor import Auditor
+from p2p_infer.proto.committee_codec import round_message, verdicts_message
+from p2p_infer.ml.models import load_model
+from p2p_infer.proto.consensus import StageTask, activation_digest, commitment, output_hash, request_hash, sign_commit, sign_reveal
+from p2p_infer.proto.reputation import Reputation
+from p2p_infer.proto.tensors import array_to_wire
+from p2p_infer.testing.population import draw, identities, providers
+
+TASK = b"t" * 32
+MODEL = load_model("digits-mlp").model_id
+NOW = now_ms()
+CLIENT = identities(1, offset=40)[0]
+POOL = providers(3, MODEL, 1, 3, NOW - 10_000, offset=41)  # k=3 of 3: every provider is selected
+HIDDEN = array_to_wire(np.ones((1, 4), dtype=np.float32))
+STAGE = StageTask(request_hash(MODEL, output_hash(HIDDEN), b"", b"n" * 32, CLIENT.public_key), 0, 0, MODEL, 1, 3,
+                  activation_digest(output_hash(HIDDEN), b""), 3, NOW, NOW + 60_000, CLIENT.public_key)
+CANDIDATES = draw(CLIENT, STAGE, POOL)
+MEMBER, OUTSIDER = POOL[0].identity, POOL[1].identity
+
+
+def member_round(member: Identity = MEMBER, value: float = 1.0, nonce: bytes = b"n" * 32) -> dict:
+    task = STAGE.task_id
+    output = array_to_wire(np.full((1, 4), value, dtype=np.float32))
+    out_hash = output_hash(output)
+    commit = sign_commit(member, task, CANDIDATES.id, commitment(task, out_hash, nonce), NOW)
+    return round_message(CANDIDATES, commit, sign_reveal(member, task, out_hash, nonce), output)
+
+
+def auditor(tmp_path) -> Auditor:
+    return Auditor(Reputation(), AuditLog(tmp_path / "a.audit.log", Identity.generate(), now_ms))
+
+
+def logged(a: Auditor) -> list[dict]:
+    return read_chain(a.audit.path)
+
+
+def test_a_members_own_round_is_logged_once_however_often_it_is_replayed(tmp_path):
+    a, member = auditor(tmp_path), MEMBER
+    message = member_round(member)
+    for _ in range(3):
+        assert a.observe(member.peer_id, message) == []
+    assert [e["kind"] for e in logged(a)] == ["commit", "reveal"]
+
+
+def test_rounds_from_others_or_inconsistent_pairs_are_not_logged(tmp_path):
+    a, member, outsider = auditor(tmp_path), MEMBER, OUTSIDER
+    a.observe(outsider.peer_id, member_round(member))  # relayed under another signer
+    good, other = member_round(member), member_round(member, value=2.0, nonce=b"m" * 32)
+    a.observe(member.peer_id, {**good, "reveal": {**dict(enumerate(other["reveal"]))}})  # not a reveal at all
+    a.observe(member.peer_id, {**good, "commit": member_round(OUTSIDER)["commit"]})  # another member's commit
+    a.observe(member.peer_id, {**good, "output": other["output"]})  # output is not the one revealed
+    a.observe(member.peer_id, {**good, "output": {"dtype": ["float32"], "shape": [True], "data": b""}})
+    assert logged(a) == []
+
+
+def test_an_equivocating_member_is_still_caught_from_its_own_rounds(tmp_path):
+    a, member = auditor(tmp_path), MEMBER
+    a.observe(member.peer_id, member_round(member))
+    evidence = a.observe(member.peer_id, member_round(member, value=3.0, nonce=b"x" * 32))
+    assert "equivocation" in [e.kind for e in evidence]
+
+
+def test_verdicts_are_logged_with_the_signer_as_reporter_and_only_verdict_fields(tmp_path):
+    a, client, victim = auditor(tmp_path), Identity.generate(), Identity.generate()
+    stage = {"task": TASK, "stage": 0, "verdicts": {victim.peer_id: "agree"}, "reporter": victim.peer_id, "junk": "x" * 1000}
+    a.observe(client.peer_id, verdicts_message(client.peer_id, [stage]))
+    a.observe(client.peer_id, verdicts_message(client.peer_id, [stage]))  # replayed
+    a.observe(client.peer_id, verdicts_message(victim.peer_id, [stage]))  # names someone else as the client
+    a.observe(client.peer_id, verdicts_message(client.peer_id, [{**stage, "verdicts": {"m": "x" * 5000}}]))
+    a.observe(client.peer_id, verdicts_message(client.peer_id, [stage] * 65))
+    entries = logged(a)
+    assert [e["kind"] for e in entries] == ["verdict"]
+    assert entries[0]["data"] == {"reporter": client.peer_id, "client": client.peer_id, "task": TASK.hex(), "stage": 0,
+                                  "verdicts": {victim.peer_id: "agree"}}
+
+
+def test_the_gossip_validator_refuses_oversized_and_unknown_messages():
+    def msg(message):
+        return SimpleNamespace(data=msgpack.packb(message, use_bin_type=True))
+
+    client = Identity.generate().peer_id
+    assert acceptable_size(None, msg(verdicts_message(client, [{"task": TASK, "stage": 0, "verdicts": {}}])))
+    huge = verdicts_message(client, [{"task": TASK, "stage": 0, "verdicts": {}, "pad": b"x" * (850 * 1024)}])
+    assert not acceptable_size(None, msg(huge))  # 10 of these grew every log by 7.9 MB
+    assert not acceptable_size(None, msg({"type": "verdicts", "pad": b"x" * (MAX_VERDICTS_BYTES + 1)}))
+    assert acceptable_size(None, msg(member_round()))
+    assert not acceptable_size(None, msg({"type": "round", "pad": b"x" * (1024 * 1024)}))
+    assert not acceptable_size(None, msg({"type": "teleport"}))
+    assert not acceptable_size(None, SimpleNamespace(data=b"\xc1"))
+
+
+def test_a_members_reveal_that_does_not_open_its_commit_is_evidence_not_noise(tmp_path):
+    a = auditor(tmp_path)
+    good, other = member_round(), member_round(value=2.0, nonce=b"m" * 32)
+    evidence = a.observe(MEMBER.peer_id, {**good, "reveal": other["reveal"], "output": other["output"]})
+    assert [e.kind for e in evidence] == ["bad-reveal"]
+    assert "evidence" in [e["kind"] for e in logged(a)]
