@@ -52,6 +52,7 @@ async def test_a_peer_building_a_circuit_answers_pings_within_100_ms(tmp_path):
                     await trio.sleep(0.05)
         assert building and len(rtts) >= 20, (building, len(rtts))  # the pings spanned a real build
         rtts.sort()
+        print(f"pings during the build: {len(rtts)}, median {statistics.median(rtts):.1f} ms, max {rtts[-1]:.1f} ms")
         within = sum(r < 100 for r in rtts) / len(rtts)
         # every ping on an idle box; a shared 2-core box may stall any process now and then
         assert within >= 0.98 and statistics.median(rtts) < 20 and rtts[-1] < 1000, (within, rtts[-5:])

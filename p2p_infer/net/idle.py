@@ -91,6 +91,8 @@ class IdleReaper:
         conns = list(self.host.get_network().get_connections())
         live = {id(c) for c in conns}
         self.first_seen = {k: v for k, v in self.first_seen.items() if k in live}
+        peers = {str(c.muxed_conn.peer_id) for c in conns}
+        self.activity.last_stream = {p: t for p, t in self.activity.last_stream.items() if p in peers}  # bounded
         idle = [c for c in conns if not c.is_closed and self._idle_for(c, now) >= self.idle_timeout]
         async with trio.open_nursery() as nursery:  # at once: a close can wait on a silent remote
             for conn in idle:
