@@ -34,7 +34,7 @@ async def test_a_peer_building_a_circuit_answers_pings_within_100_ms(tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "models").symlink_to(default_cache_dir() / "models")  # the trained digits model; no circuits
-    with Swarm(tmp_path / "swarm", extra_env={"P2P_INFER_CACHE": str(cache)}) as swarm:
+    with Swarm(tmp_path / "swarm", extra_env={"P2P_INFER_CACHE": str(cache), "P2P_INFER_BUILD_CIRCUITS": "1"}) as swarm:
         swarm.start_bootstrap()
         peer = swarm.start_peer("prover", ["digits-mlp:2-2"])
         rtts: list[float] = []

@@ -86,7 +86,11 @@ class Swarm:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.record_ttl = record_ttl
         self.python = python
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(extra_env or {})}
+        # Start-up circuit builds off unless asked for: swarms share one cache, and shards such
+        # as digits 1-3 need another SRS size than 1-2 / 3-3, which one ZK manifest cannot pin
+        # (docs/zk.md); circuits are then built (in a separate process) at the first critical request.
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "P2P_INFER_BUILD_CIRCUITS": "0",
+                    **(extra_env or {})}
         self.peers: dict[str, PeerProcess] = {}
         self.bootstrap: PeerProcess | None = None
 
