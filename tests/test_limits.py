@@ -128,6 +128,7 @@ async def test_80_partial_8mib_frames_from_one_identity_hold_little_memory(swarm
     assert peer.alive()
 
 
+@pytest.mark.load_sensitive
 async def test_idle_connections_are_closed_and_the_connection_limit_holds(swarm):
     peer = swarm.peers["digits"]
     async with light_host() as honest:
@@ -212,6 +213,7 @@ async def _latencies(host, addr: str, wire: dict, n: int) -> list[float]:
     return out
 
 
+@pytest.mark.load_sensitive
 async def test_a_flooding_client_does_not_starve_another(swarm, tmp_path):
     """40 concurrent T=256 requests from one client pushed another's 8-token requests from
     ~6 ms to 660 ms p50 with one global queue; here the median may grow at most 3x."""

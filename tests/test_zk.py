@@ -16,6 +16,8 @@ from p2p_infer.ml.models import DigitsMLP, load_model
 
 RANGES = [(1, 2), (3, 3)]
 
+BUILD_AT_START = {"P2P_INFER_BUILD_CIRCUITS": "1"}  # critical mode needs circuits built at start-up
+
 
 @pytest.fixture(scope="module")
 def model():
@@ -154,7 +156,7 @@ def test_malformed_proof_on_the_wire():
 def test_critical_queries_over_two_peers(tmp_path):
     model = load_model("digits-mlp")
     _, _, x_test, _ = DigitsMLP.dataset()
-    with Swarm(tmp_path) as swarm:
+    with Swarm(tmp_path, extra_env=BUILD_AT_START) as swarm:
         swarm.start_bootstrap()
         swarm.start_peers([["digits-mlp:1-2"], ["digits-mlp:3-3"]])
         swarm.wait_discoverable()
@@ -209,7 +211,7 @@ def test_critical_queries_over_two_peers(tmp_path):
 def test_critical_mode_with_a_committee_is_refused_by_name(tmp_path):
     """Committee stages would drop every ZK proof unchecked: the CLI refuses the combination
     by name, in one line, before it sends anything (issue 8)."""
-    with Swarm(tmp_path) as swarm:
+    with Swarm(tmp_path, extra_env=BUILD_AT_START) as swarm:
         swarm.start_bootstrap()
         swarm.start_peers([["digits-mlp:1-2"], ["digits-mlp:3-3"]])
         swarm.wait_discoverable()
@@ -230,7 +232,7 @@ async def test_proof_follows_the_result(tmp_path):
 
     model = load_model("digits-mlp")
     x = DigitsMLP.dataset()[2][12].tolist()
-    with Swarm(tmp_path) as swarm:
+    with Swarm(tmp_path, extra_env=BUILD_AT_START) as swarm:
         swarm.start_bootstrap()
         swarm.start_peers([["digits-mlp:1-2"], ["digits-mlp:3-3"]])
         swarm.wait_discoverable()
