@@ -39,6 +39,7 @@ class Limits:
     max_request_bytes_per_peer: int = 16 * MIB  # frames being read or served, per remote peer
     frame_memory_budget: int = 128 * MIB  # the same over all peers (py-libp2p's rcmgr memory)
     requests_per_second_per_peer: float = 500.0  # token bucket (rcmgr), burst of 2 s
+    read_bytes_per_second_per_peer: int = 16 * MIB  # frames read from one peer, at most (token bucket, burst 1 s)
     max_queued_per_peer: int = 8  # compute requests waiting per remote peer
     max_queued: int = 64  # compute requests waiting in all
 
@@ -75,6 +76,7 @@ class Settings:
     max_request_bytes_per_peer: int = _LIMITS.max_request_bytes_per_peer
     frame_memory_budget: int = _LIMITS.frame_memory_budget
     requests_per_second_per_peer: float = _LIMITS.requests_per_second_per_peer
+    read_bytes_per_second_per_peer: int = _LIMITS.read_bytes_per_second_per_peer
     max_queued_per_peer: int = _LIMITS.max_queued_per_peer
     max_queued: int = _LIMITS.max_queued
     checkpoint_interval: float = 60.0  # seconds between signed checkpoints of the audit log (when it grew)

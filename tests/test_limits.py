@@ -233,12 +233,15 @@ async def test_a_flooding_client_does_not_starve_another(swarm, tmp_path):
                     assert flooder.poll() is None
                     await trio.sleep(0.1)
             await trio.sleep(2)  # the flood is at full strength
-            flooded = await _latencies(victim, peer.addr, wire, 30)
+            flooded = await _latencies(victim, peer.addr, wire, 40)
         finally:
             flooder.kill()
             flooder.wait(10)
-    before, during = statistics.median(baseline), statistics.median(flooded)
-    print(f"flood: victim median {before:.1f} ms -> {during:.1f} ms ({during / before:.2f}x)")
+        await trio.sleep(3)  # the flood's queued work drains
+        after = await _latencies(victim, peer.addr, wire, 30)  # the box's load drifts (other tenants): baseline on both sides
+    before, during = (statistics.median(baseline) + statistics.median(after)) / 2, statistics.median(flooded)
+    print(f"flood: victim median {statistics.median(baseline):.1f} / {statistics.median(after):.1f} ms (before / after) "
+          f"-> {during:.1f} ms during ({during / before:.2f}x)")
     assert during <= 3 * before, (round(before, 1), round(during, 1))
     assert peer.alive()
 

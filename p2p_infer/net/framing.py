@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import msgpack
@@ -73,7 +74,11 @@ def raise_if_error(message: Message, peer: str = "") -> Message:
     return message
 
 
-async def _read_exact(stream: Stream, n: int) -> bytearray:
+async def _no_pace(nbytes: int) -> None:
+    return None
+
+
+async def _read_exact(stream: Stream, n: int, pace: Callable[[int], Awaitable[None]] = _no_pace) -> bytearray:
     # libp2p.io.utils.read_exactly gives up after 100 partial reads (notes/libp2p.md, bug 4).
     # The buffer grows as bytes arrive, so an announced but unsent frame costs nothing yet.
     buf = bytearray()
@@ -89,6 +94,7 @@ async def _read_exact(stream: Stream, n: int) -> bytearray:
                 raise EOFError("stream closed")
             raise FrameError(f"stream ended inside a frame ({len(buf)}/{n} bytes)")
         buf += chunk
+        await pace(len(chunk))  # a sender over its byte rate waits here: yamux then stops its window
     return buf
 
 
@@ -135,6 +141,7 @@ class Guard(Protocol):
     def close_stream(self, peer: str) -> None: ...
     def admit_request(self, peer: str) -> None: ...
     def reserve(self, peer: str, size: int) -> Held: ...
+    async def pace(self, peer: str, nbytes: int) -> None: ...
 
 
 class _NoLimits:
@@ -144,6 +151,9 @@ class _NoLimits:
 
     def reserve(self, peer: str, size: int) -> Held:
         return self
+
+    async def pace(self, peer: str, nbytes: int) -> None:
+        return None
 
     def keep(self) -> Held:
         return self
@@ -176,7 +186,7 @@ async def _next_request(stream: Stream, guard: Guard, remote: str, max_frame: in
         raise StreamUnusable(exc) from None
     try:
         with trio.fail_after(timeouts.frame):
-            payload = await _read_exact(stream, length)
+            payload = await _read_exact(stream, length, partial(guard.pace, remote))
         return decode_payload(payload), held
     except trio.TooSlowError:
         held.release_unless_kept()

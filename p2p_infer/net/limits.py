@@ -16,10 +16,12 @@ it into an ``overloaded`` reply before reading the refused frame's payload.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 import structlog
+import trio
 from libp2p.peer.id import ID
 from libp2p.rcmgr import ResourceLimits, ResourceManager
 from libp2p.rcmgr.connection_limits import ConnectionLimits
@@ -90,6 +92,7 @@ class Guard:
     rcmgr: ResourceManager | None = None
     streams: Counter[str] = field(default_factory=Counter)
     request_bytes: Counter[str] = field(default_factory=Counter)
+    read_tokens: dict[str, tuple[float, float]] = field(default_factory=dict)  # peer -> (bytes, when)
     rate: RateLimiter = field(init=False)
 
     def __post_init__(self) -> None:
@@ -99,6 +102,21 @@ class Guard:
             refill_rate=per_second, capacity=2 * per_second, initial_tokens=2 * per_second,
             max_peers=MAX_TRACKED_PEERS, enable_monitoring=False,  # monitoring keeps 1,000 samples per peer
         ))
+
+    async def pace(self, peer: str, nbytes: int) -> None:
+        """Hold a reader of ``peer``'s frames to the peer's byte rate (a token bucket with a
+        burst of one second). While it waits, nothing reads the stream, yamux grants no more
+        window, and the sender stops: a flood then costs the event loop (and its GIL, which
+        the compute threads need) no more than the rate, however hard the sender pushes."""
+        rate = self.limits.read_bytes_per_second_per_peer
+        now = time.monotonic()
+        tokens, last = self.read_tokens.get(peer, (float(rate), now))
+        tokens = min(float(rate), tokens + (now - last) * rate) - nbytes
+        self.read_tokens[peer] = (tokens, now)
+        if len(self.read_tokens) > MAX_TRACKED_PEERS:
+            self.read_tokens.pop(next(iter(self.read_tokens)))
+        if tokens < 0:
+            await trio.sleep(-tokens / rate)
 
     def open_stream(self, peer: str) -> None:
         if self.streams[peer] >= self.limits.max_streams_per_peer:
