@@ -220,3 +220,14 @@ async def test_a_stream_that_ends_inside_the_length_prefix_gets_bad_frame():
         await client.s.send_stream.aclose()
         with trio.fail_after(3):
             assert (await read_message(client))["code"] == "bad_frame"
+
+
+async def test_a_peer_over_its_byte_rate_is_made_to_wait(autojump_clock):
+    guard = Guard(Limits(read_bytes_per_second_per_peer=1000))
+    start = trio.current_time()
+    await guard.pace("p", 500)  # within the second's burst: no wait
+    assert trio.current_time() == start
+    await guard.pace("p", 2500)  # 2,000 bytes over: two seconds
+    assert trio.current_time() - start == pytest.approx(2.0, abs=0.1)
+    await guard.pace("q", 900)  # another peer has its own budget
+    assert trio.current_time() - start == pytest.approx(2.0, abs=0.1)

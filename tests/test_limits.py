@@ -144,15 +144,16 @@ async def test_idle_connections_are_closed_and_the_connection_limit_holds(swarm)
         await trio.sleep(0.5)
         open_now = sum(not c.event_shutting_down.is_set() for c in conns)
         assert open_now <= LIMIT, open_now  # past the limit they were refused at once
-        await trio.sleep(IDLE + 5)  # the idle timeout, plus the sweep interval, plus slack
-        still_open = sum(not c.event_shutting_down.is_set() for c in conns)
-        async with light_host() as honest:  # the slots are free again
-            deadline = trio.current_time() + 15
+        await trio.sleep(IDLE + 2)  # the idle timeout, plus the sweep interval
+        deadline = trio.current_time() + 20  # plus slack for a loaded box
+        while (still_open := sum(not c.event_shutting_down.is_set() for c in conns)) > 0:
+            assert trio.current_time() < deadline, still_open  # the strangers see theirs closed
+            await trio.sleep(0.5)
+        async with light_host() as honest:  # the slots are free again, and the peer holds none
             while (pong := await served(honest, peer.addr, {"type": "ping"}))["connections"] > before + 1:
-                assert trio.current_time() < deadline, (pong, before, still_open)
+                assert trio.current_time() < deadline, (pong, before)  # (+1: this client)
                 await trio.sleep(0.5)
         nursery.cancel_scope.cancel()
-    assert still_open <= 2, still_open  # the strangers saw theirs closed, and the peer holds none (+1: this client)
 
 
 BAD_TENSORS = [
