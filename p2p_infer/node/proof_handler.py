@@ -60,7 +60,7 @@ class ProofHandler:
     def start_builds(self) -> None:
         """Mark the served provable shards as being built; :meth:`build_all` builds them."""
         if not self.peer.settings.build_circuits:
-            return  # built at the first critical request instead (still in the builder process)
+            return  # critical mode is then refused (not_provable)
         for model, ranges in self.provable_shards().items():
             for first, last in ranges:
                 self.building[(model.model_id, first, last)] = trio.Event()
@@ -81,16 +81,6 @@ class ProofHandler:
         finally:
             self.builder.close()
             self.builder = None
-
-    async def _build_on_request(self, model: Any, key: tuple[str, int, int]) -> None:
-        """With start-up builds off: the first critical request for a shard builds its circuit,
-        in a builder process like at start-up (concurrent requests wait on the same build)."""
-        from ..verify import zk
-
-        self.building[key] = trio.Event()
-        if self.builder is None:
-            self.builder = zk.CircuitBuilder()
-        await self._build_model(model, [(key[1], key[2])])
 
     async def _build_model(self, model: Any, ranges: list[tuple[int, int]]) -> None:
         plog = log.bind(peer=self.peer.identity.peer_id, model=model.name, shards=[f"{f}-{l}" for f, l in ranges])
@@ -146,9 +136,10 @@ class ProofHandler:
         if not any(s.model_id == req.model_id and (s.first, s.last) == (req.first, req.last) for s in shards):
             raise NotProvable(f"critical mode proves whole shards; layers {req.first}-{req.last} are not one served here")
         key = (req.model_id, req.first, req.last)
-        if key not in self.building:
-            await self._build_on_request(model, key)
-        await self.building[key].wait()  # built at start-up; a request during the build waits for it
+        event = self.building.get(key)
+        if event is None:
+            raise NotProvable(f"no circuit is being built for layers {req.first}-{req.last} here")
+        await event.wait()  # built at start-up; a request during the build waits for it
         if key in self.failed:
             raise ZkError(f"this peer could not build the circuit for layers {req.first}-{req.last}: {self.failed[key]}")
         if self.pool is None:
