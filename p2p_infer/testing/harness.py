@@ -88,7 +88,7 @@ class Swarm:
         self.python = python
         # Start-up circuit builds off unless asked for: swarms share one cache, and shards such
         # as digits 1-3 need another SRS size than 1-2 / 3-3, which one ZK manifest cannot pin
-        # (docs/zk.md); circuits are then built (in a separate process) at the first critical request.
+        # (docs/zk.md); such peers refuse critical mode (not_provable) unless a test opts in.
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "P2P_INFER_BUILD_CIRCUITS": "0",
                     **(extra_env or {})}
         self.peers: dict[str, PeerProcess] = {}
