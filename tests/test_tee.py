@@ -1,0 +1,132 @@
+"""Attestation: the real DCAP verifier on genuine Intel quotes, and the simulated backend."""
+
+import json
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from p2p_infer.errors import AttestationBinding, AttestationStale, MeasurementRefused, TeeError, TeeUnavailable
+from p2p_infer.identity import Identity
+from p2p_infer.verify import tee
+
+DATA = Path("/work/shared/testdata/tdx")
+AT_MS = 1_751_000_000_000  # inside the collateral's window (README there)
+EXPIRED_MS = 1_900_000_000_000
+SHARDS = [("m" * 64, 1, 3, ["a" * 64, "b" * 64, "c" * 64])]
+NOW = 1_764_000_000_000
+
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared/testdata/tdx not present")
+
+
+def _evidence(name: str) -> tuple[bytes, str]:
+    return (DATA / f"{name}_quote").read_bytes(), (DATA / f"{name}_quote_collateral.json").read_text()
+
+
+def _quote_envelope(name: str, quote: bytes, collateral: str, issued: int) -> bytes:
+    return tee.encode_attestation(name, msgpack.packb([quote, collateral], use_bin_type=True), issued, tee.code_hash())
+
+
+@needs_data
+def test_genuine_tdx_quote_verifies_at_the_fixed_time():
+    quote, collateral = _evidence("tdx")
+    report = tee.dcap_report(quote, collateral, AT_MS)
+    assert report["status"] == "UpToDate"
+    assert len(bytes.fromhex(report["report"]["TD10"]["report_data"])) == 64
+
+
+@needs_data
+def test_tampered_tdx_quote_fails():
+    quote, collateral = _evidence("tdx")
+    flipped = bytearray(quote)
+    flipped[700] ^= 1
+    with pytest.raises(TeeError, match="does not verify"):
+        tee.dcap_report(bytes(flipped), collateral, AT_MS)
+
+
+@needs_data
+def test_tdx_quote_fails_once_its_collateral_expired():
+    quote, collateral = _evidence("tdx")
+    with pytest.raises(AttestationStale, match="Crl"):
+        tee.dcap_report(quote, collateral, EXPIRED_MS)
+
+
+@needs_data
+@pytest.mark.parametrize("kind", ["tdx", "sgx"])
+def test_genuine_quote_is_refused_as_an_attestation_of_our_peer_key(kind):
+    """The quote is real and verifies, but its report data binds its producer's key, not ours."""
+    quote, collateral = _evidence(kind)
+    report = tee.dcap_report(quote, collateral, AT_MS)
+    inner = report["report"].get("TD10") or report["report"].get("SgxEnclave")
+    platform = inner.get("mr_td") or inner["mr_enclave"]
+    policy = tee.Policy(allowed_code=frozenset({tee.code_hash()}), allowed_platform=frozenset({platform}),
+                        dcap_statuses=frozenset({report["status"]}))
+    blob = _quote_envelope(kind, quote, collateral, AT_MS)
+    for _ in range(3):
+        with pytest.raises(AttestationBinding, match="does not bind"):
+            tee.verify_attestation(blob, kind=kind, public_key=Identity.generate().public_key, shard_hashes=SHARDS,
+                                   policy=policy, now_ms=AT_MS)
+
+
+@needs_data
+def test_sgx_sample_status_is_refused_by_the_default_policy():
+    """The SGX sample's platform needs configuration hardening: only UpToDate passes by default."""
+    quote, collateral = _evidence("sgx")
+    blob = _quote_envelope("sgx", quote, collateral, AT_MS)
+    policy = tee.Policy.default(allowed_platform=["33d8736db756ed4997e04ba358d27833188f1932ff7b1d156904d3f560452fbb"])
+    with pytest.raises(MeasurementRefused, match="ConfigurationAndSWHardeningNeeded"):
+        tee.verify_attestation(blob, kind="sgx", public_key=b"\0" * 32, shard_hashes=SHARDS, policy=policy, now_ms=AT_MS)
+
+
+def test_sim_attestation_binds_key_code_and_shards():
+    ident = Identity.generate()
+    measured = tee.measurement(tee.code_hash(), SHARDS)
+    blob = tee.SimAttester().attest(ident.public_key, measured, tee.code_hash(), NOW)
+    policy = tee.Policy.default()
+    attested = tee.verify_attestation(blob, kind="simulated", public_key=ident.public_key, shard_hashes=SHARDS, policy=policy, now_ms=NOW + 1000)
+    assert attested.measurement == measured and attested.fresh(NOW + 1000)
+    with pytest.raises(AttestationBinding):  # another peer's key
+        tee.verify_attestation(blob, kind="simulated", public_key=Identity.generate().public_key, shard_hashes=SHARDS, policy=policy, now_ms=NOW)
+    with pytest.raises(AttestationBinding):  # other layers than it measured
+        tee.verify_attestation(blob, kind="simulated", public_key=ident.public_key, shard_hashes=[("m" * 64, 1, 2, ["a" * 64, "b" * 64])],
+                               policy=policy, now_ms=NOW)
+    with pytest.raises(AttestationStale):
+        tee.verify_attestation(blob, kind="simulated", public_key=ident.public_key, shard_hashes=SHARDS, policy=policy,
+                               now_ms=NOW + tee.DEFAULT_MAX_AGE_MS + 1)
+    with pytest.raises(TeeError, match="record says"):
+        tee.verify_attestation(blob, kind="tdx", public_key=ident.public_key, shard_hashes=SHARDS, policy=policy, now_ms=NOW)
+
+
+def test_sim_attestation_from_another_root_or_code_is_refused():
+    ident = Identity.generate()
+    measured = tee.measurement(tee.code_hash(), SHARDS)
+    forged = tee.SimAttester(root_seed=b"\x07" * 32).attest(ident.public_key, measured, tee.code_hash(), NOW)
+    with pytest.raises(TeeError, match="not signed by the simulated enclave root"):
+        tee.verify_attestation(forged, kind="simulated", public_key=ident.public_key, shard_hashes=SHARDS, policy=tee.Policy.default(), now_ms=NOW)
+    other_code = b"\x01" * 32
+    blob = tee.SimAttester().attest(ident.public_key, tee.measurement(other_code, SHARDS), other_code, NOW)
+    with pytest.raises(MeasurementRefused, match="allow-list"):
+        tee.verify_attestation(blob, kind="simulated", public_key=ident.public_key, shard_hashes=SHARDS, policy=tee.Policy.default(), now_ms=NOW)
+    allowed = tee.Policy.default(extra_code=[other_code])
+    assert tee.verify_attestation(blob, kind="simulated", public_key=ident.public_key, shard_hashes=SHARDS, policy=allowed, now_ms=NOW)
+
+
+def test_tdx_and_sgx_attesters_refuse_without_quote_source(tmp_path):
+    with pytest.raises(TeeUnavailable, match="--tee-collateral"):
+        tee.make_attester("tdx")
+    collateral = tmp_path / "c.json"
+    collateral.write_text(json.dumps({}))
+    if not tee.TSM_REPORT_DIR.is_dir():
+        with pytest.raises(TeeUnavailable, match="cannot produce a quote here"):
+            tee.make_attester("tdx", collateral_file=collateral)
+    with pytest.raises(TeeUnavailable, match="cannot produce a quote here"):
+        tee.make_attester("sgx", collateral_file=collateral)
+    with pytest.raises(TeeUnavailable, match="unknown --tee"):
+        tee.make_attester("sev")
+    assert tee.make_attester("none") is None
+
+
+def test_malformed_envelopes_are_refused():
+    for blob in (b"", b"\xc1", msgpack.packb([2, "simulated", b"", 0, b"\0" * 32]), msgpack.packb([1, "simulated", b"", 0, b"short"])):
+        with pytest.raises(TeeError):
+            tee.verify_attestation(blob, kind="simulated", public_key=b"\0" * 32, shard_hashes=SHARDS, policy=tee.Policy.default(), now_ms=NOW)
