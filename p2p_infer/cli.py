@@ -43,6 +43,18 @@ def _audit_and_limits(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conn-idle-timeout", type=float, help="seconds before a connection with no stream is closed (default 120)")
 
 
+def _tee_peer_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tee", choices=["none", "sim", "tdx", "sgx"],
+           help="attestation backend (default none; sim protects nothing: docs/tee.md)")
+    p.add_argument("--tee-quote", type=Path, metavar="FILE", help="tdx/sgx: a DCAP quote file, where no quote device exists")
+
+
+def _tee_query_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--require-tee", action="store_true", help="route only through peers with a verified TEE attestation (docs/tee.md)")
+    p.add_argument("--enhanced-privacy", action="store_true",
+                   help="encrypt the request to the attested peers' threshold key; the result comes back sealed to this client")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p2p-infer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--witness-file", type=Path, help="where witnessed checkpoints of other peers are kept (default: KEY with .witnesses)")
         _audit_and_limits(p)
         if name == "peer":
+            _tee_peer_flags(p)
             p.add_argument("--test-fault", choices=["wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial",
-                                                     "claims-fast"],
+                                                     "claims-fast", "tee-forged", "tee-stale", "tee-measurement"],
                            help="TESTING AID, off by default: make this peer misbehave in committees")
 
     p = sub.add_parser("peers", help="list live peers and their verified capabilities")
@@ -92,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proof-follows", action="store_true", help="critical mode: print the result first, then verify the proofs")
     p.add_argument("--spot-check", type=float, default=0.0, metavar="P",
                    help="re-run each stage on another provider with probability P in (0, 1]; the client's weights settle disagreements")
+    _tee_query_flags(p)
     p.add_argument("input", help="text for minilm-l6; for digits-mlp 64 comma-separated values or test:N")
 
     p = sub.add_parser("verify", help="check a saved quorum certificate or proof chain offline (exit 0 only if valid)")
@@ -120,7 +134,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     for name in ("key", "listen", "bootstrap", "bootstrap_file", "serve", "log_format", "log_level",
                  "record_ttl", "max_concurrent", "torch_threads", "ready_file", "audit_log", "test_fault",
-                 "checkpoint_interval", "witness_file",
+                 "checkpoint_interval", "witness_file", "tee", "tee_quote",
                  "max_connections", "conn_idle_timeout"):
         value = getattr(args, name, None)
         if value is not None:
@@ -208,6 +222,8 @@ def cmd_peers(args: argparse.Namespace, settings: Settings) -> int:
                     "throughput": r.throughput,
                     "load": r.load,
                     "tee": r.tee,
+                    "tee_verified": client.directory.attested(r.peer_id) is not None,
+                    "attestation": a.to_json() if (a := client.directory.attested(r.peer_id)) else None,
                     "software": r.software,
                     "protocols": list(r.protocols),
                     "expires_in_s": round((r.expires_at_ms - _now_ms()) / 1000, 1),
@@ -223,7 +239,7 @@ def cmd_peers(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{len(peers)} live peer(s)")
         for p in peers:
             shards = ", ".join(f"{s['model']}:{s['first']}-{s['last']}" for s in p["shards"]) or "(bootstrap / no layers)"
-            print(f"  {p['peer_id']}  {shards}  throughput={p['throughput']:.0f} layers/s  load={p['load']:.2f}  tee={p['tee']}")
+            print(f"  {p['peer_id']}  {shards}  throughput={p['throughput']:.0f} layers/s  load={p['load']:.2f}  tee={p['tee']}{' (verified)' if p['tee_verified'] else ''}")
     return 0
 
 
@@ -263,7 +279,8 @@ def query_plan(args: argparse.Namespace) -> Any:
 
     return QueryPlan.from_options(forwarding=args.forwarding, committee=args.committee, critical=args.mode == "critical",
                                   spot_check=args.spot_check, proof_follows=args.proof_follows,
-                                  local_layers=args.local_layers).validate()
+                                  local_layers=args.local_layers, require_tee=args.require_tee,
+                                  enhanced_privacy=args.enhanced_privacy).validate()
 
 
 def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
@@ -288,6 +305,7 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
                 await client.verify_followed(result)
                 result.proofs["followed_after_ms"] = (time.perf_counter() - started) * 1000
             out = result.to_json()
+            out["tee"] = tee_report(client, out, plan.require_tee)
             if args.save_proofs is not None and result.proofs is not None:
                 args.save_proofs.write_bytes(proof_file(result))
                 out["proofs_file"] = str(args.save_proofs)
@@ -306,6 +324,14 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print_result(out)
     return 0
+
+
+def tee_report(client: Any, out: dict[str, Any], required: bool) -> dict[str, Any]:
+    """Which route peers had a verified attestation, as the client's directory checked it."""
+    peers = sorted({p for h in out.get("route", []) for p in h["peer"].split(",") if p}
+                   | {m for s in out.get("stages", []) for m in s.get("verdicts", {})})  # committee members too
+    attested = {p: a.to_json() for p in peers if (a := client.directory.attested(p)) is not None}
+    return {"required": required, "attested": attested, "route_peers": len(peers), "all_attested": len(attested) == len(peers)}
 
 
 def save_certified(args: argparse.Namespace, certified: dict[str, bytes] | None) -> dict[str, str]:

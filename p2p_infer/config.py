@@ -81,6 +81,11 @@ class Settings:
     max_queued: int = _LIMITS.max_queued
     checkpoint_interval: float = 60.0  # seconds between signed checkpoints of the audit log (when it grew)
     witness_file: Path | None = None  # others' checkpoints this peer witnessed; default: the key file with .witnesses
+    # TEE (docs/tee.md): the attestation backend this peer uses (none, sim, tdx, sgx) and, for
+    # tdx/sgx without a quote device, a quote file; 
+    tee: str = "none"
+    tee_quote: Path | None = None
+    threshold_member: bool = False  # join the threshold-key DKG (attested peers only)
 
     def witness_path(self) -> Path:
         return self.witness_file or self.key.with_suffix(".witnesses")

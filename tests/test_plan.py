@@ -31,7 +31,6 @@ REFUSED = [
     (QueryPlan(checks=("zk", "committee"), committee_k=3), ["zk with committee", "--mode critical", "--committee K"]),
     (QueryPlan(checks=("spot-check", "zk"), spot_check=0.5), ["spot-check with zk"]),
     (QueryPlan(checks=("committee", "spot-check"), committee_k=3, spot_check=0.5), ["committee with spot-check"]),
-    (QueryPlan(checks=("tee",)), ["tee", "not built"]),
     (QueryPlan(privacy="threshold"), ["threshold", "not built"]),
     (QueryPlan(checks=("committee",), committee_k=0), ["committee of k=0", "K >= 3"]),
     (QueryPlan(checks=("committee",), committee_k=1), ["committee of k=1", "K >= 3"]),  # one key's word certifies nothing

@@ -1,6 +1,5 @@
 """Attestation: the real DCAP verifier on genuine Intel quotes, and the simulated backend."""
 
-import json
 from pathlib import Path
 
 import msgpack
@@ -23,8 +22,8 @@ def _evidence(name: str) -> tuple[bytes, str]:
     return (DATA / f"{name}_quote").read_bytes(), (DATA / f"{name}_quote_collateral.json").read_text()
 
 
-def _quote_envelope(name: str, quote: bytes, collateral: str, issued: int) -> bytes:
-    return tee.encode_attestation(name, msgpack.packb([quote, collateral], use_bin_type=True), issued, tee.code_hash())
+def _quote_envelope(name: str, quote: bytes, issued: int) -> bytes:
+    return tee.encode_attestation(name, quote, issued, tee.code_hash())
 
 
 @needs_data
@@ -60,8 +59,8 @@ def test_genuine_quote_is_refused_as_an_attestation_of_our_peer_key(kind):
     inner = report["report"].get("TD10") or report["report"].get("SgxEnclave")
     platform = inner.get("mr_td") or inner["mr_enclave"]
     policy = tee.Policy(allowed_code=frozenset({tee.code_hash()}), allowed_platform=frozenset({platform}),
-                        dcap_statuses=frozenset({report["status"]}))
-    blob = _quote_envelope(kind, quote, collateral, AT_MS)
+                        dcap_statuses=frozenset({report["status"]}), collateral={kind: collateral})
+    blob = _quote_envelope(kind, quote, AT_MS)
     for _ in range(3):
         with pytest.raises(AttestationBinding, match="does not bind"):
             tee.verify_attestation(blob, kind=kind, public_key=Identity.generate().public_key, shard_hashes=SHARDS,
@@ -72,8 +71,9 @@ def test_genuine_quote_is_refused_as_an_attestation_of_our_peer_key(kind):
 def test_sgx_sample_status_is_refused_by_the_default_policy():
     """The SGX sample's platform needs configuration hardening: only UpToDate passes by default."""
     quote, collateral = _evidence("sgx")
-    blob = _quote_envelope("sgx", quote, collateral, AT_MS)
-    policy = tee.Policy.default(allowed_platform=["33d8736db756ed4997e04ba358d27833188f1932ff7b1d156904d3f560452fbb"])
+    blob = _quote_envelope("sgx", quote, AT_MS)
+    policy = tee.Policy.default(allowed_platform=["33d8736db756ed4997e04ba358d27833188f1932ff7b1d156904d3f560452fbb"],
+                                collateral={"sgx": collateral})
     with pytest.raises(MeasurementRefused, match="ConfigurationAndSWHardeningNeeded"):
         tee.verify_attestation(blob, kind="sgx", public_key=b"\0" * 32, shard_hashes=SHARDS, policy=policy, now_ms=AT_MS)
 
@@ -112,15 +112,19 @@ def test_sim_attestation_from_another_root_or_code_is_refused():
 
 
 def test_tdx_and_sgx_attesters_refuse_without_quote_source(tmp_path):
-    with pytest.raises(TeeUnavailable, match="--tee-collateral"):
-        tee.make_attester("tdx")
-    collateral = tmp_path / "c.json"
-    collateral.write_text(json.dumps({}))
     if not tee.TSM_REPORT_DIR.is_dir():
         with pytest.raises(TeeUnavailable, match="cannot produce a quote here"):
-            tee.make_attester("tdx", collateral_file=collateral)
+            tee.make_attester("tdx")
     with pytest.raises(TeeUnavailable, match="cannot produce a quote here"):
-        tee.make_attester("sgx", collateral_file=collateral)
+        tee.make_attester("sgx")
+    quote = tmp_path / "q"
+    quote.write_bytes(b"not a quote")
+    blob = tee.make_attester("tdx", quote_file=quote).attest(b"\0" * 32, b"\0" * 32, tee.code_hash(), NOW)
+    with pytest.raises(TeeError, match="no tdx collateral"):
+        tee.verify_attestation(blob, kind="tdx", public_key=b"\0" * 32, shard_hashes=SHARDS, policy=tee.Policy.default(), now_ms=NOW)
+    with pytest.raises(TeeError, match="does not verify"):
+        tee.verify_attestation(blob, kind="tdx", public_key=b"\0" * 32, shard_hashes=SHARDS, now_ms=NOW,
+                               policy=tee.Policy.default(collateral={"tdx": _evidence("tdx")[1]}))
     with pytest.raises(TeeUnavailable, match="unknown --tee"):
         tee.make_attester("sev")
     assert tee.make_attester("none") is None

@@ -229,14 +229,17 @@ class Client:
         """Servers of ``model`` this client will use: trusted, and past their trial task; ranked
         by the throughput this client measured (a record's claim can only lower an untimed peer's)."""
         assert self.directory is not None
-        shards = [(r, s) for r, s in self.directory.shards_of(model.model_id)
-                  if self.reputation.trusted(r.peer_id) and (not self.query_plan.trial or self.admission.admitted(r.peer_id))]
+        directory = self.directory
+        shards = [(r, s) for r, s in directory.shards_of(model.model_id)
+                  if self.reputation.trusted(r.peer_id) and (not self.query_plan.trial or self.admission.admitted(r.peer_id))
+                  and (not self.query_plan.require_tee or directory.attested(r.peer_id) is not None)]  # TEE-only stages
         speed = self.throughput.effective({r.peer_id: r.throughput for r, _ in shards})
-        return [Server(r.peer_id, s.first, s.last, speed[r.peer_id], r.load, self.rtt_ms.get(r.peer_id)) for r, s in shards]
+        return [Server(r.peer_id, s.first, s.last, speed[r.peer_id], r.load, self.rtt_ms.get(r.peer_id),
+                       directory.attested(r.peer_id) is not None) for r, s in shards]
 
     def plan(self, model: SplitModel, first: int, exclude: Sequence[str] = ()) -> list[Segment]:
         return plan_route(self.servers(model), first, len(model.layers) - 1, exclude=exclude, reputation=self.reputation.of,
-                          model_name=model.name, whole_shards=self.query_plan.check == "zk")
+                          model_name=model.name, whole_shards=self.query_plan.check == "zk", require_tee=self.query_plan.require_tee)
 
     async def _plan_or_refresh(self, model: SplitModel, pos: int, exclude: Sequence[str]) -> list[Segment]:
         """For the committee driver: plan, or refresh the directory once and plan again."""

@@ -27,6 +27,7 @@ from ..proto.wire import ARTIFACT_PROTOCOL, COMMITTEE_PROTOCOL, FORWARD_PROTOCOL
 from ..net.host import add_handler, full_addrs, parse_peer_addr, running_host
 from ..identity import Identity, load_or_create_identity
 from ..proto.records import all_peers_key, make_record, model_key, shard_key, sign_record
+from ..verify.tee import attest_record_fields, make_attester
 from ..ml.models import Activation
 from ..proto.audit import AuditLog
 from ..proto.auditor import Auditor, evidence_message
@@ -68,6 +69,7 @@ class Peer:
         self.identity = identity or load_or_create_identity(settings.key)
         self.specs = [ServeSpec.parse(s) for s in settings.serve]
         self.shards: ShardServer | None = None
+        self.attester = make_attester(settings.tee, settings.tee_quote)  # TeeUnavailable before anything starts
         self.throughput = 0.0
         self.limits = settings.limits()
         self.scheduler = FairScheduler(settings.compute_slots(), self.limits.max_queued_per_peer, self.limits.max_queued)
@@ -159,6 +161,16 @@ class Peer:
                 await discovery.provide(keys)
                 last_provided = trio.current_time()
 
+    def _tee_fields(self) -> dict[str, Any]:
+        """The record's TEE kind and a fresh attestation (re-made at each publish: readers check its age)."""
+        if self.attester is None:
+            return {}
+        shards = self.shards.shards if self.shards else []
+        manifests = {mid: m.manifest for mid, m in (self.shards.models if self.shards else {}).items()}
+        kind, attestation = attest_record_fields(self.attester, self.identity.public_key, shards, manifests, now_ms(),
+                                                 fault=self.settings.test_fault)
+        return {"tee": kind, "tee_attestation": attestation}
+
     async def _publish_record(self, discovery: Discovery) -> None:
         assert self.host is not None
         record = make_record(
@@ -171,6 +183,7 @@ class Peer:
             protocols=SERVED_PROTOCOLS,
             ttl_ms=int(self.settings.record_ttl * 1000),
             issued_at_ms=now_ms(),
+            **self._tee_fields(),
         )
         await discovery.put_record(self.identity.peer_id, sign_record(record, self.identity))
         self.log.debug("record published", expires_in_s=self.settings.record_ttl)

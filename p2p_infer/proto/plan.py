@@ -6,7 +6,9 @@ combination is built: :meth:`QueryPlan.validate` refuses the ones that are not w
 asked for it), rather than quietly running some other mode. Sans-IO.
 
 Supported today: ``direct`` with no check, ``spot-check``, ``committee`` or ``zk``;
-``forwarding`` with no check. Privacy is ``plain`` only.
+``forwarding`` with no check. ``tee`` is a constraint rather than a check of its own: it
+combines with any of them (only attested peers serve the stages; with ``committee``, the
+committees are TEE-only). Privacy is ``plain`` only.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ Privacy = Literal["plain", "threshold"]
 SUPPORTED: frozenset[tuple[Transport, Check]] = frozenset(
     {("direct", "none"), ("direct", "spot-check"), ("direct", "committee"), ("direct", "zk"), ("forwarding", "none")}
 )
-NOT_BUILT = {"tee": "TEE attestation", "threshold": "threshold privacy"}
+NOT_BUILT = {"threshold": "threshold privacy"}
+CONSTRAINTS = frozenset({"tee"})  # narrow who serves; compose with every check
 
 # How a user asks for each choice, so an error names what they typed.
 FLAGS = {
@@ -32,8 +35,8 @@ FLAGS = {
     "committee": "--committee K",
     "zk": "--mode critical",
     "spot-check": "--spot-check P",
-    "tee": "check=tee",
-    "threshold": "privacy=threshold",
+    "tee": "--require-tee",
+    "threshold": "--enhanced-privacy",
 }
 
 # Why a pair of checks cannot run together yet.
@@ -94,9 +97,11 @@ class QueryPlan:
         max_retries: int = 3,
         max_reruns: int = 2,
         trial: bool = True,
+        require_tee: bool = False,
+        enhanced_privacy: bool = False,
     ) -> QueryPlan:
         """The plan the client's keyword arguments (and the CLI's flags) ask for."""
-        checks: list[Check] = []
+        checks: list[Check] = ["tee"] if require_tee else []
         if committee is not None:
             checks.append("committee")
         if critical:
@@ -104,15 +109,25 @@ class QueryPlan:
         if spot_check:
             checks.append("spot-check")
         return cls(transport="forwarding" if forwarding else "direct", checks=tuple(checks), committee_k=committee,
+                   privacy="threshold" if enhanced_privacy else "plain",
                    spot_check=spot_check, proof_follows=proof_follows, local_layers=local_layers,
                    max_retries=max_retries, max_reruns=max_reruns, trial=trial)
 
     @property
     def check(self) -> Check:
         """The one check this plan runs ("none" without); call after :meth:`validate`."""
-        if len(self.checks) > 1:
+        checks = self._proper_checks()
+        if len(checks) > 1:
             self.validate()
-        return self.checks[0] if self.checks else "none"
+        return checks[0] if checks else "none"
+
+    @property
+    def require_tee(self) -> bool:
+        """Only peers with a verified, fresh TEE attestation serve this query's stages."""
+        return "tee" in self.checks
+
+    def _proper_checks(self) -> tuple[Check, ...]:
+        return tuple(c for c in self.checks if c not in CONSTRAINTS)
 
     def describe(self) -> str:
         return "+".join([self.transport, *(self.checks or ("none",)), self.privacy])
@@ -140,13 +155,15 @@ class QueryPlan:
                 raise UnsupportedMode(f"unsupported mode: {_named(choice)}: {NOT_BUILT[choice]} is not built yet")
 
     def _check_pairs(self) -> None:
-        for i, first in enumerate(self.checks):
-            for second in self.checks[i + 1:]:
+        checks = self._proper_checks()
+        for i, first in enumerate(checks):
+            for second in checks[i + 1:]:
                 why = CHECK_CONFLICTS.get(frozenset({first, second}), "these checks do not combine yet")
                 raise _refuse(first, second, why)
 
     def _transport_and_check(self) -> None:
-        check = self.checks[0] if self.checks else "none"
+        checks = self._proper_checks()
+        check = checks[0] if checks else "none"
         if (self.transport, check) not in SUPPORTED:
             raise _refuse(self.transport, check, FORWARDING_CONFLICTS.get(check, "not built yet"))
 

@@ -16,9 +16,10 @@ Backends:
 - ``simulated``: evidence is a report signed by a *simulated enclave root* whose seed is
   published in this file. It protects nothing: anyone can sign with it. It exists so CI
   and demos run the same verification path that real quotes take.
-- ``tdx`` / ``sgx``: evidence is an Intel DCAP quote plus its collateral, verified by
-  ``dcap-qvl`` (certificate chain to Intel's root, CRLs, TCB status, QE identity) at the
-  reader's clock; then the quote's ``report_data`` must carry the binding above and its
+- ``tdx`` / ``sgx``: evidence is an Intel DCAP quote, verified by ``dcap-qvl`` against
+  collateral the *reader* holds (TCB info, QE identity, CRLs from Intel PCS or a PCCS
+  cache: too large for a record, and not the peer's to supply) at the reader's clock
+  (certificate chain to Intel's root, CRLs, TCB status, QE identity); then the quote's ``report_data`` must carry the binding above and its
   platform measurement (``mr_td`` / ``mr_enclave``) must be on the policy's allow-list.
 """
 
@@ -106,11 +107,14 @@ class Policy:
     max_age_ms: int = DEFAULT_MAX_AGE_MS
     sim_root: bytes = field(default_factory=sim_root_public_key)
     dcap_statuses: frozenset[str] = GOOD_DCAP_STATUSES
+    collateral: Mapping[str, str] = field(default_factory=dict)  # kind -> collateral JSON the reader trusts
 
     @classmethod
-    def default(cls, extra_code: Collection[bytes] = (), allowed_platform: Collection[str] = ()) -> Policy:
+    def default(cls, extra_code: Collection[bytes] = (), allowed_platform: Collection[str] = (),
+                collateral: Mapping[str, str] | None = None, max_age_ms: int = DEFAULT_MAX_AGE_MS) -> Policy:
         """Our own code (and any extra hashes an operator allows), no real platform unless listed."""
-        return cls(allowed_code=frozenset({code_hash(), *extra_code}), allowed_platform=frozenset(allowed_platform))
+        return cls(allowed_code=frozenset({code_hash(), *extra_code}), allowed_platform=frozenset(allowed_platform),
+                   collateral=dict(collateral or {}), max_age_ms=max_age_ms)
 
 
 # ---- envelopes ----
@@ -150,24 +154,19 @@ class SimAttester:
 
 
 class QuoteAttester:
-    """tdx/sgx: a DCAP quote with collateral. From configfs-tsm inside a TDX guest, or from a file."""
+    """tdx/sgx: a DCAP quote, from configfs-tsm inside a TDX guest or from a file."""
 
-    def __init__(self, kind: str, quote_file: Path | None, collateral_file: Path | None) -> None:
+    def __init__(self, kind: str, quote_file: Path | None) -> None:
         self.kind = kind
-        if collateral_file is None:
-            raise TeeUnavailable(f"--tee {kind} needs --tee-collateral FILE: quote collateral (TCB info, QE identity, CRLs) "
-                                 "is fetched from Intel PCS, which this peer does not reach at run time")
         if quote_file is None and not (kind == "tdx" and TSM_REPORT_DIR.is_dir()):
             raise TeeUnavailable(f"--tee {kind} cannot produce a quote here: no TDX guest quote interface "
                                  f"({TSM_REPORT_DIR} is missing) and no --tee-quote FILE given")
         self.quote_file = quote_file
-        self.collateral = collateral_file.read_text()
 
     def attest(self, public_key: bytes, measured: bytes, code: bytes, now_ms: int) -> bytes:
         data = report_data(public_key, measured)
         quote = self.quote_file.read_bytes() if self.quote_file is not None else _tsm_quote(data)
-        evidence = msgpack.packb([quote, self.collateral], use_bin_type=True)
-        return encode_attestation(self.kind, evidence, now_ms, code)
+        return encode_attestation(self.kind, quote, now_ms, code)
 
 
 def _tsm_quote(data: bytes) -> bytes:
@@ -181,7 +180,7 @@ def _tsm_quote(data: bytes) -> bytes:
         entry.rmdir()
 
 
-def make_attester(flag: str, quote_file: Path | None = None, collateral_file: Path | None = None) -> SimAttester | QuoteAttester | None:
+def make_attester(flag: str, quote_file: Path | None = None) -> SimAttester | QuoteAttester | None:
     """The attester ``--tee FLAG`` asks for (None for ``none``); refuses what cannot be honoured."""
     if flag in ("", "none"):
         return None
@@ -189,7 +188,7 @@ def make_attester(flag: str, quote_file: Path | None = None, collateral_file: Pa
         raise TeeUnavailable(f"unknown --tee {flag!r} (known: none, {', '.join(FLAG_KINDS)})")
     if flag == "sim":
         return SimAttester()
-    return QuoteAttester(FLAG_KINDS[flag], quote_file, collateral_file)
+    return QuoteAttester(FLAG_KINDS[flag], quote_file)
 
 
 # ---- verifiers ----
@@ -235,8 +234,10 @@ def _verify_sim(evidence: bytes, expected: bytes, issued: int, policy: Policy) -
 
 def verify_dcap(evidence: bytes, kind: str, expected: bytes, policy: Policy, now_ms: int) -> dict[str, str]:
     """A DCAP quote checked by dcap-qvl at ``now_ms``, then its binding and platform measurement."""
-    quote, collateral = _open_quote(evidence)
-    report = dcap_report(quote, collateral, now_ms)
+    collateral = policy.collateral.get(kind)
+    if collateral is None:
+        raise TeeError(f"no {kind} collateral configured on this reader (tee_collateral): a {kind} quote cannot be checked")
+    report = dcap_report(evidence, collateral, now_ms)
     status = report["status"]
     if status not in policy.dcap_statuses:
         raise MeasurementRefused(f"{kind} TCB status {status} (advisories {report.get('advisory_ids')}) is not accepted")
@@ -252,16 +253,6 @@ def verify_dcap(evidence: bytes, kind: str, expected: bytes, policy: Policy, now
     return {"status": status, "platform_measurement": platform}
 
 
-def _open_quote(evidence: bytes) -> tuple[bytes, str]:
-    try:
-        quote, collateral = msgpack.unpackb(evidence, raw=False)
-    except Exception:
-        raise TeeError("quote evidence must be [quote: bin, collateral: str]") from None
-    if not (isinstance(quote, bytes) and isinstance(collateral, str)):
-        raise TeeError("quote evidence must be [quote: bin, collateral: str]")
-    return quote, collateral
-
-
 def dcap_report(quote: bytes, collateral_json: str, now_ms: int) -> dict[str, Any]:
     """dcap-qvl's verdict on a quote at ``now_ms`` (signature chain, CRLs, TCB, QE identity); TeeError if it fails."""
     import dcap_qvl  # a compiled verifier; only readers of real quotes load it
@@ -275,3 +266,42 @@ def dcap_report(quote: bytes, collateral_json: str, now_ms: int) -> dict[str, An
         raise (AttestationStale if stale else TeeError)(f"DCAP quote does not verify: {message}") from None
     result: dict[str, Any] = json.loads(verified.to_json())
     return result
+
+
+# ---- records ----
+
+
+def shard_hashes(shards: Sequence[Any], manifests: Mapping[str, Any]) -> list[tuple[str, int, int, list[str]]]:
+    """(model id, first, last, layer hashes) of each shard, from the manifests the caller trusts."""
+    out = []
+    for shard in shards:
+        manifest = manifests.get(shard.model_id)
+        if manifest is None or shard.last >= len(manifest.layer_hashes):
+            raise MeasurementRefused(f"shard {shard} is not in a known manifest: its layers cannot be measured")
+        out.append((shard.model_id, shard.first, shard.last, list(manifest.layer_hashes[shard.first:shard.last + 1])))
+    return out
+
+
+TEST_FAULTS = ("tee-forged", "tee-stale", "tee-measurement")  # testing aids: attestations readers must ignore
+
+
+def attest_record_fields(attester: SimAttester | QuoteAttester, public_key: bytes, shards: Sequence[Any],
+                         manifests: Mapping[str, Any], now_ms: int, fault: str = "") -> tuple[str, bytes]:
+    """(tee kind, attestation) for a record of ``public_key`` serving ``shards`` (``fault``: a test's bad one)."""
+    code = code_hash()
+    hashes = shard_hashes(shards, manifests)
+    if fault == "tee-forged":
+        attester = SimAttester(root_seed=hashlib.sha256(b"not the simulated root").digest())
+    elif fault == "tee-stale":
+        now_ms -= 2 * DEFAULT_MAX_AGE_MS
+    elif fault == "tee-measurement":
+        hashes = [(m, first, last, ["0" * 64] * len(h)) for m, first, last, h in hashes]  # other weights than served
+    return attester.kind, attester.attest(public_key, measurement(code, hashes), code, now_ms)
+
+
+def check_record(record: Any, manifests: Mapping[str, Any], policy: Policy, now_ms: int) -> Attested:
+    """Verify a capability record's attestation against its own key and shards; TeeError says why not."""
+    if record.tee == "none" or not record.tee_attestation:
+        raise TeeError(f"record of {record.peer_id} carries no attestation")
+    return verify_attestation(record.tee_attestation, kind=record.tee, public_key=record.public_key,
+                              shard_hashes=shard_hashes(record.shards, manifests), policy=policy, now_ms=now_ms)
