@@ -44,6 +44,10 @@ def _audit_and_limits(p: argparse.ArgumentParser) -> None:
 
 
 def _tee_peer_flags(p: argparse.ArgumentParser) -> None:
+    """The peer's attestation flags, and the testing aid (some of whose faults are bad attestations)."""
+    p.add_argument("--test-fault", choices=["wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial",
+                                             "claims-fast", "tee-forged", "tee-stale", "tee-measurement"],
+                   help="TESTING AID, off by default: make this peer misbehave in committees")
     p.add_argument("--tee", choices=["none", "sim", "tdx", "sgx"],
            help="attestation backend (default none; sim protects nothing: docs/tee.md)")
     p.add_argument("--tee-quote", type=Path, metavar="FILE", help="tdx/sgx: a DCAP quote file, where no quote device exists")
@@ -77,9 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
         _audit_and_limits(p)
         if name == "peer":
             _tee_peer_flags(p)
-            p.add_argument("--test-fault", choices=["wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial",
-                                                     "claims-fast", "tee-forged", "tee-stale", "tee-measurement"],
-                           help="TESTING AID, off by default: make this peer misbehave in committees")
 
     p = sub.add_parser("peers", help="list live peers and their verified capabilities")
     _common(p)
