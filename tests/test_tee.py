@@ -1,5 +1,6 @@
 """Attestation: the real DCAP verifier on genuine Intel quotes, and the simulated backend."""
 
+import json
 from pathlib import Path
 
 import msgpack
@@ -134,3 +135,44 @@ def test_malformed_envelopes_are_refused():
     for blob in (b"", b"\xc1", msgpack.packb([2, "simulated", b"", 0, b"\0" * 32]), msgpack.packb([1, "simulated", b"", 0, b"short"])):
         with pytest.raises(TeeError):
             tee.verify_attestation(blob, kind="simulated", public_key=b"\0" * 32, shard_hashes=SHARDS, policy=tee.Policy.default(), now_ms=NOW)
+
+
+def test_record_v3_vector_matches_code_and_verifies():
+    from p2p_infer.proto.records import ShardSpec, make_record, sign_record, verify_record
+
+    v3 = json.loads((Path(__file__).parent.parent / "protocols" / "test-vectors" / "record-v3.json").read_text())
+    ident = Identity.from_seed(bytes.fromhex(v3["identity"]["seed_hex"]))
+    code = bytes.fromhex(v3["code_hash_hex"])
+    f = v3["record"]
+    shards = [(f["shards"][0][0], 1, 2, v3["layer_hashes"])]
+    measured = tee.measurement(code, shards)
+    assert measured.hex() == v3["measurement_hex"]
+    assert tee.report_data(ident.public_key, measured).hex() == v3["report_data_hex"]
+    assert tee.sim_root_public_key().hex() == v3["sim_root_public_key_hex"]
+    attestation = tee.SimAttester().attest(ident.public_key, measured, code, f["issued_at_ms"])
+    assert attestation.hex() == v3["attestation_hex"]
+    rec = make_record(ident, addrs=f["addrs"], shards=[ShardSpec(*s) for s in f["shards"]], throughput=f["throughput"], load=f["load"],
+                      software=f["software"], protocols=f["protocols"], ttl_ms=f["ttl_ms"], issued_at_ms=f["issued_at_ms"],
+                      tee="simulated", tee_attestation=attestation)
+    assert rec.schema == 3 and sign_record(rec, ident).hex() == v3["envelope_hex"]
+    read = verify_record(bytes.fromhex(v3["envelope_hex"]), now=v3["verify_at_ms"])
+    policy = tee.Policy(allowed_code=frozenset({code}))
+    assert tee.verify_attestation(read.tee_attestation, kind=read.tee, public_key=read.public_key, shard_hashes=shards,
+                                  policy=policy, now_ms=v3["verify_at_ms"]).measurement == measured
+
+
+def test_schema_and_tee_fields_must_agree():
+    from dataclasses import replace
+
+    from p2p_infer.errors import RecordError
+    from p2p_infer.proto.records import ShardSpec, make_record, sign_record, verify_record
+
+    ident = Identity.generate()
+    base = make_record(ident, addrs=[], shards=[ShardSpec("m" * 64, 1, 1)], issued_at_ms=NOW)
+    assert base.schema == 2
+    for bad, why in ((replace(base, tee="simulated", tee_attestation=b"x"), "schema 2 record cannot have tee"),
+                     (replace(base, schema=3, tee="simulated"), "empty exactly when tee is none"),
+                     (replace(base, schema=3), "schema 3 record cannot have tee 'none'"),
+                     (replace(base, schema=3, tee="tdx", tee_attestation=b"x" * 13_000), "at most")):
+        with pytest.raises(RecordError, match=why):
+            verify_record(sign_record(bad, ident), now=NOW)
