@@ -51,6 +51,9 @@ def _tee_peer_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tee", choices=["none", "sim", "tdx", "sgx"],
            help="attestation backend (default none; sim protects nothing: docs/tee.md)")
     p.add_argument("--tee-quote", type=Path, metavar="FILE", help="tdx/sgx: a DCAP quote file, where no quote device exists")
+    p.add_argument("--threshold-member", action="store_true", default=None, help="join the threshold-key DKG (needs --tee)")
+    p.add_argument("--dkg-members", type=int, metavar="N", help="members of the ritual (default 3)")
+    p.add_argument("--dkg-threshold", type=int, metavar="T", help="shares needed to decrypt (default 2)")
 
 
 def _tee_query_flags(p: argparse.ArgumentParser) -> None:
@@ -135,7 +138,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     for name in ("key", "listen", "bootstrap", "bootstrap_file", "serve", "log_format", "log_level",
                  "record_ttl", "max_concurrent", "torch_threads", "ready_file", "audit_log", "test_fault",
-                 "checkpoint_interval", "witness_file", "tee", "tee_quote",
+                 "checkpoint_interval", "witness_file", "tee", "tee_quote", "threshold_member", "dkg_members", "dkg_threshold",
                  "max_connections", "conn_idle_timeout"):
         value = getattr(args, name, None)
         if value is not None:

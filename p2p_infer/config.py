@@ -86,6 +86,9 @@ class Settings:
     tee: str = "none"
     tee_quote: Path | None = None
     threshold_member: bool = False  # join the threshold-key DKG (attested peers only)
+    dkg_members: int = 3  # n: the ritual forms once this many attested members are listed
+    dkg_threshold: int = 2  # t: shares needed to decrypt
+    dkg_ritual: int = 1  # the ritual id (ferveo's tau)
 
     def witness_path(self) -> Path:
         return self.witness_file or self.key.with_suffix(".witnesses")

@@ -46,7 +46,7 @@ from ..proto.reputation import Reputation
 from ..proto.routing import Segment, Server, ThroughputBook, plan_route
 from ..proto.trial import Admission
 from ..proto.wire import FORWARD_PROTOCOL, RESULT_PROTOCOL, Message
-from . import committee_client, trials, zk_client
+from . import committee_client, dkg, trials, zk_client
 from .query_driver import ForwardResults, QueryDriver
 from .results import HopReport, QueryResult
 
@@ -186,7 +186,9 @@ class Client:
         local_ms = (time.perf_counter() - started) * 1000
         await self._admit_servers(model, act)
         live = time.perf_counter()
-        if self.query_plan.check == "committee":
+        if self.query_plan.privacy == "threshold":
+            received, fields = await dkg.run_private(self, model, act)
+        elif self.query_plan.check == "committee":
             received, fields = await self._run_committee(model, act)
         else:
             received, fields = await self._run_machine(model, act)

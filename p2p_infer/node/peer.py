@@ -28,6 +28,11 @@ from ..net.host import add_handler, full_addrs, parse_peer_addr, running_host
 from ..identity import Identity, load_or_create_identity
 from ..proto.records import all_peers_key, make_record, model_key, shard_key, sign_record
 from ..verify.tee import attest_record_fields, make_attester
+from ..errors import TeeUnavailable
+from ..ml.models import known_manifests
+from ..net.directory import Directory
+from ..proto.wire import DKG_PROTOCOL
+from .dkg import DkgNode
 from ..ml.models import Activation
 from ..proto.audit import AuditLog
 from ..proto.auditor import Auditor, evidence_message
@@ -70,6 +75,9 @@ class Peer:
         self.specs = [ServeSpec.parse(s) for s in settings.serve]
         self.shards: ShardServer | None = None
         self.attester = make_attester(settings.tee, settings.tee_quote)  # TeeUnavailable before anything starts
+        if settings.threshold_member and self.attester is None:
+            raise TeeUnavailable("--threshold-member needs --tee: only attested peers take part in the DKG")
+        self.dkg = DkgNode(self) if self.attester is not None else None  # attested peers serve enhanced-privacy stages
         self.throughput = 0.0
         self.limits = settings.limits()
         self.scheduler = FairScheduler(settings.compute_slots(), self.limits.max_queued_per_peer, self.limits.max_queued)
@@ -111,6 +119,8 @@ class Peer:
             add_handler(host, FORWARD_PROTOCOL, self.forward.handle)
             add_handler(host, COMMITTEE_PROTOCOL, self.member.handle)
             add_handler(host, ARTIFACT_PROTOCOL, handle_artifact)
+            if self.dkg is not None:
+                add_handler(host, DKG_PROTOCOL, self.dkg.handle)
             async with background_trio_service(discovery.kad), running_gossip(host, self.on_gossip) as gossip:
                 self.gossip = gossip
                 joined = await discovery.join()
@@ -122,6 +132,8 @@ class Peer:
                     nursery.start_soon(discovery.maintain, self.settings.refresh_interval)
                     nursery.start_soon(self.anchors.run)
                     nursery.start_soon(self.prover.build_all)  # ZK circuits, in another process
+                    if self.dkg is not None:
+                        nursery.start_soon(self.dkg.run, Directory(discovery, await trio.to_thread.run_sync(known_manifests, default_cache_dir())))
                     addrs = full_addrs(host)
                     self._write_ready_file(addrs)
                     self.log.info(
@@ -180,7 +192,7 @@ class Peer:
             throughput=self.behaviour.advertise(self.throughput),  # the measured value unless a --test-fault lies
             load=self.load(),
             software=f"p2p-infer/{__version__}",
-            protocols=SERVED_PROTOCOLS,
+            protocols=SERVED_PROTOCOLS + ((DKG_PROTOCOL,) if self.dkg is not None else ()),
             ttl_ms=int(self.settings.record_ttl * 1000),
             issued_at_ms=now_ms(),
             **self._tee_fields(),

@@ -30,9 +30,11 @@ import msgpack
 
 from ..errors import DkgRefused, ShareRefused
 from ..identity import Identity, peer_id_from_public_key, verify_signature
+from .wire import DKG_DEAL as DEAL
+from .wire import DKG_JOIN as JOIN
+from .wire import DKG_KEY as KEY
 
 DOMAIN = b"p2p-infer/dkg/v1\n"
-JOIN, DEAL, KEY = "dkg_join", "dkg_deal", "dkg_key"
 MIN_THRESHOLD = 2  # t = 1 would let any single member decrypt
 MAX_MEMBERS = 32
 

@@ -26,7 +26,7 @@ Privacy = Literal["plain", "threshold"]
 SUPPORTED: frozenset[tuple[Transport, Check]] = frozenset(
     {("direct", "none"), ("direct", "spot-check"), ("direct", "committee"), ("direct", "zk"), ("forwarding", "none")}
 )
-NOT_BUILT = {"threshold": "threshold privacy"}
+NOT_BUILT: dict[str, str] = {}
 CONSTRAINTS = frozenset({"tee"})  # narrow who serves; compose with every check
 
 # How a user asks for each choice, so an error names what they typed.
@@ -124,7 +124,7 @@ class QueryPlan:
     @property
     def require_tee(self) -> bool:
         """Only peers with a verified, fresh TEE attestation serve this query's stages."""
-        return "tee" in self.checks
+        return "tee" in self.checks or self.privacy == "threshold"  # threshold privacy runs on attested executors only
 
     def _proper_checks(self) -> tuple[Check, ...]:
         return tuple(c for c in self.checks if c not in CONSTRAINTS)
@@ -138,6 +138,7 @@ class QueryPlan:
         self._built_choices()
         self._check_pairs()
         self._transport_and_check()
+        self._privacy()
         self._parameters()
         return self
 
@@ -166,6 +167,12 @@ class QueryPlan:
         check = checks[0] if checks else "none"
         if (self.transport, check) not in SUPPORTED:
             raise _refuse(self.transport, check, FORWARDING_CONFLICTS.get(check, "not built yet"))
+
+    def _privacy(self) -> None:
+        if self.privacy == "threshold" and (self.transport != "direct" or self._proper_checks()):
+            other = self.transport if self.transport != "direct" else self._proper_checks()[0]
+            raise _refuse("threshold", other, "an enhanced-privacy stage runs on one attested executor that decrypts with "
+                          "threshold shares; committees, spot checks, proofs and forwarding do not carry ciphertext yet")
 
     def _parameters(self) -> None:
         checks = set(self.checks)
