@@ -176,3 +176,24 @@ def test_schema_and_tee_fields_must_agree():
                      (replace(base, schema=3, tee="tdx", tee_attestation=b"x" * 13_000), "at most")):
         with pytest.raises(RecordError, match=why):
             verify_record(sign_record(bad, ident), now=NOW)
+
+
+def test_tee_is_a_constraint_on_any_check_and_threshold_implies_it():
+    from p2p_infer.proto.plan import QueryPlan
+
+    committee = QueryPlan.from_options(committee=3, require_tee=True).validate()
+    assert committee.check == "committee" and committee.require_tee  # TEE-only committees
+    assert QueryPlan.from_options(critical=True, require_tee=True).validate().check == "zk"
+    private = QueryPlan.from_options(enhanced_privacy=True).validate()
+    assert private.require_tee and private.check == "none" and private.describe() == "direct+none+threshold"
+
+
+def test_require_tee_routes_only_through_attested_servers_and_names_the_stage():
+    from p2p_infer.errors import NoRoute
+    from p2p_infer.proto.routing import Server, plan_route
+
+    servers = [Server("fast-plain", 1, 3, 1000.0), Server("tee-a", 1, 2, 10.0, attested=True), Server("tee-b", 3, 3, 10.0, attested=True)]
+    assert [s.peer_id for s in plan_route(servers, 1, 3)] == ["fast-plain"]
+    assert [s.peer_id for s in plan_route(servers, 1, 3, require_tee=True)] == ["tee-a", "tee-b"]
+    with pytest.raises(NoRoute, match=r"--require-tee: no attested peer serves layer 3 .*0 attested provider\(s\); 2 attested"):
+        plan_route(servers, 1, 3, require_tee=True, exclude=["tee-b"])

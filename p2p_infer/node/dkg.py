@@ -178,7 +178,10 @@ def _bytes(message: Message, name: str) -> bytes:
 
 
 async def fetch_key(client: Any) -> ThresholdKey:
-    """The threshold key every member signed, asked of every attested peer that serves the protocol."""
+    """The threshold key every member signed, asked of every attested peer that serves the protocol
+    (kept for the client's lifetime once accepted)."""
+    if getattr(client, "threshold_key", None) is not None:
+        return client.threshold_key  # type: ignore[no-any-return]
     directory = client.directory
     members = sorted(p for p, r in directory.records.items() if DKG_PROTOCOL in r.protocols and directory.attested(p))
     messages = []
@@ -189,7 +192,8 @@ async def fetch_key(client: Any) -> ThresholdKey:
             log.info("no threshold key from peer", peer=peer_id, reason=exc.message)
     if not messages:
         raise ThresholdError(f"--enhanced-privacy: no threshold key ({len(members)} attested peer(s) serve {DKG_PROTOCOL})")
-    return accept_key(messages, lambda p: directory.attested(p) is not None)
+    client.threshold_key = accept_key(messages, lambda p: directory.attested(p) is not None)
+    return client.threshold_key  # type: ignore[no-any-return]
 
 
 async def run_private(client: Any, model: Any, act: Any) -> tuple[Any, dict[str, Any]]:
