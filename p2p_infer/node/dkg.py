@@ -54,9 +54,12 @@ class DkgNode:
         """Refresh the view of attested peers; form the ritual (members only) as soon as it can."""
         self.directory = directory
         while True:
-            await directory.refresh(list(directory.known_models))
-            if self.peer.settings.threshold_member and self.member is None:
-                self._maybe_form()
+            try:
+                await directory.refresh(list(directory.known_models))
+                if self.peer.settings.threshold_member and self.member is None:
+                    self._maybe_form()
+            except P2PInferError as exc:  # a refresh or a ritual that cannot form is retried, never fatal to the peer
+                log.warning("dkg round skipped", reason=exc.message)
             await trio.sleep(FORM_POLL_S if self.member is None or not self.member.public_key else REFRESH_S)
 
     def _maybe_form(self) -> None:
@@ -129,7 +132,10 @@ class DkgNode:
         aad = threshold.request_aad(key.ritual_id, request_id)
         shares = await self._gather_shares(key, request_id, ciphertext)
         plain = await trio.to_thread.run_sync(threshold.combine_and_decrypt, ciphertext, aad, shares, key.threshold)
-        hidden, mask = msgpack.unpackb(plain, raw=False)
+        try:
+            hidden, mask = msgpack.unpackb(plain, raw=False)
+        except (ValueError, TypeError, msgpack.UnpackException):
+            raise ProtocolViolation("private_forward plaintext must be msgpack [hidden, mask]") from None
         assert self.peer.shards is not None
         model_id, first, last = message.get("model_id"), message.get("first"), message.get("last")
         if not (isinstance(model_id, str) and isinstance(first, int) and isinstance(last, int)):
