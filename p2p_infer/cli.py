@@ -206,12 +206,13 @@ def cmd_peers(args: argparse.Namespace, settings: Settings) -> int:
     from .net.host import quiet_libp2p_logging
     from .ml.models import known_manifests
     from .node.peer import bootstrap_addrs
+    from .verify.tee import policy_from_settings
 
     quiet_libp2p_logging()
     names = {mid: m.name for mid, m in known_manifests(default_cache_dir()).items()}
 
     async def listing() -> list[dict[str, Any]]:
-        async with Client(bootstrap_addrs(settings)) as client:
+        async with Client(bootstrap_addrs(settings), tee_policy=policy_from_settings(settings)) as client:
             assert client.directory is not None
             return [
                 {
@@ -289,12 +290,14 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     from .node.client import Client
     from .net.host import quiet_libp2p_logging
     from .node.peer import bootstrap_addrs
+    from .verify.tee import policy_from_settings
 
     quiet_libp2p_logging()
     inputs = parse_query_input(args.model, args.input)
 
     async def query() -> dict[str, Any]:
-        async with Client(bootstrap_addrs(settings), plan=plan, commit_timeout=args.commit_timeout) as client:
+        async with Client(bootstrap_addrs(settings), plan=plan, commit_timeout=args.commit_timeout,
+                          tee_policy=policy_from_settings(settings)) as client:
             result = await client.run(args.model, inputs)
             if args.proof_follows and result.proofs is not None:
                 if not args.json:

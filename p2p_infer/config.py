@@ -89,6 +89,11 @@ class Settings:
     dkg_members: int = 3  # n: the ritual forms once this many attested members are listed
     dkg_threshold: int = 2  # t: shares needed to decrypt
     dkg_ritual: int = 1  # the ritual id (ferveo's tau)
+    # what this node accepts as attested (readers: clients and DKG members)
+    tee_allow_code: list[str] = field(default_factory=list)  # hex code hashes allowed besides our own
+    tee_allow_platform: list[str] = field(default_factory=list)  # hex mr_td (tdx) / mr_enclave (sgx)
+    tee_collateral: list[str] = field(default_factory=list)  # "tdx=FILE", "sgx=FILE": DCAP collateral JSON
+    tee_max_age: float = 600.0  # seconds an attestation stays fresh
 
     def witness_path(self) -> Path:
         return self.witness_file or self.key.with_suffix(".witnesses")

@@ -197,3 +197,19 @@ def test_require_tee_routes_only_through_attested_servers_and_names_the_stage():
     assert [s.peer_id for s in plan_route(servers, 1, 3, require_tee=True)] == ["tee-a", "tee-b"]
     with pytest.raises(NoRoute, match=r"--require-tee: no attested peer serves layer 3 .*0 attested provider\(s\); 2 attested"):
         plan_route(servers, 1, 3, require_tee=True, exclude=["tee-b"])
+
+
+@needs_data
+def test_reader_policy_from_settings_takes_collateral_and_platform_allow_list():
+    from p2p_infer.config import Settings
+
+    mr_td = "91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a3520c942a604a407de03ae6dc5f87f27428b2538873118b7"
+    settings = Settings(tee_collateral=[f"tdx={DATA / 'tdx_quote_collateral.json'}"], tee_allow_platform=[mr_td.upper()], tee_max_age=60)
+    policy = tee.policy_from_settings(settings)
+    assert policy.max_age_ms == 60_000 and mr_td in policy.allowed_platform
+    blob = _quote_envelope("tdx", _evidence("tdx")[0], AT_MS)
+    with pytest.raises(AttestationBinding):  # collateral found, quote verified, platform allowed: only the binding fails
+        tee.verify_attestation(blob, kind="tdx", public_key=Identity.generate().public_key, shard_hashes=SHARDS, policy=policy, now_ms=AT_MS)
+    for bad in (Settings(tee_collateral=["sev=x"]), Settings(tee_allow_code=["zz"])):
+        with pytest.raises(TeeUnavailable):
+            tee.policy_from_settings(bad)

@@ -82,6 +82,7 @@ class Client:
         critical: bool = False,
         proof_follows: bool = False,
         plan: QueryPlan | None = None,
+        tee_policy: Any = None,  # verify.tee.Policy: what counts as attested (default: our code, no real platform)
     ) -> None:
         self.query_plan = resolve_plan(plan, forwarding=forwarding, committee=committee, critical=critical, spot_check=spot_check,
                                        proof_follows=proof_follows, local_layers=local_layers, max_retries=max_retries,
@@ -112,6 +113,8 @@ class Client:
         self.pool: StreamPool | None = None
         self._stack: AsyncExitStack | None = None
         self._models: dict[str, SplitModel] = {}
+        self.tee_policy = tee_policy
+        self.threshold_key: Any = None  # enhanced privacy: the accepted DKG key (node/dkg.fetch_key)
 
     # ---- lifecycle ----
 
@@ -128,7 +131,7 @@ class Client:
             self.gossip = await self._stack.enter_async_context(running_gossip(self.host, self._on_gossip))
             if not await discovery.join():
                 raise PeerUnreachable("no bootstrap peer reachable")
-            self.directory = Directory(discovery, manifests)
+            self.directory = Directory(discovery, manifests, self.tee_policy)
             nursery = await self._stack.enter_async_context(trio.open_nursery())
             self._stack.callback(nursery.cancel_scope.cancel)
             self._nursery = nursery

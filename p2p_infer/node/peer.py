@@ -27,7 +27,7 @@ from ..proto.wire import ARTIFACT_PROTOCOL, COMMITTEE_PROTOCOL, FORWARD_PROTOCOL
 from ..net.host import add_handler, full_addrs, parse_peer_addr, running_host
 from ..identity import Identity, load_or_create_identity
 from ..proto.records import all_peers_key, make_record, model_key, shard_key, sign_record
-from ..verify.tee import attest_record_fields, make_attester
+from ..verify.tee import attest_record_fields, make_attester, policy_from_settings
 from ..errors import TeeUnavailable
 from ..ml.models import known_manifests
 from ..net.directory import Directory
@@ -133,7 +133,8 @@ class Peer:
                     nursery.start_soon(self.anchors.run)
                     nursery.start_soon(self.prover.build_all)  # ZK circuits, in another process
                     if self.dkg is not None:
-                        nursery.start_soon(self.dkg.run, Directory(discovery, await trio.to_thread.run_sync(known_manifests, default_cache_dir())))
+                        manifests = await trio.to_thread.run_sync(known_manifests, default_cache_dir())
+                        nursery.start_soon(self.dkg.run, Directory(discovery, manifests, policy_from_settings(self.settings)))
                     addrs = full_addrs(host)
                     self._write_ready_file(addrs)
                     self.log.info(

@@ -117,6 +117,22 @@ class Policy:
                    collateral=dict(collateral or {}), max_age_ms=max_age_ms)
 
 
+def policy_from_settings(settings: Any) -> Policy:
+    """The reader policy the ``tee_*`` settings ask for (config file or P2P_INFER_TEE_* variables)."""
+    collateral = {}
+    for entry in settings.tee_collateral:
+        kind, sep, path = entry.partition("=")
+        if not sep or kind not in ("tdx", "sgx"):
+            raise TeeUnavailable(f"tee_collateral entry {entry!r} must be tdx=FILE or sgx=FILE")
+        collateral[kind] = Path(path).read_text()
+    try:
+        extra = [bytes.fromhex(h) for h in settings.tee_allow_code]
+    except ValueError:
+        raise TeeUnavailable(f"tee_allow_code must be hex code hashes, got {settings.tee_allow_code}") from None
+    return Policy.default(extra_code=extra, allowed_platform=[p.lower() for p in settings.tee_allow_platform],
+                          collateral=collateral, max_age_ms=int(settings.tee_max_age * 1000))
+
+
 # ---- envelopes ----
 
 
