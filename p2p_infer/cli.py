@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         _audit_and_limits(p)
         if name == "peer":
             p.add_argument("--test-fault", choices=["wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial",
-                                                     "claims-fast"],
+                                                     "claims-fast", "consistent-liar"],
                            help="TESTING AID, off by default: make this peer misbehave in committees")
 
     p = sub.add_parser("peers", help="list live peers and their verified capabilities")
@@ -77,6 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--json", action="store_true")
 
+    _query_parser(sub)
+
+    p = sub.add_parser("verify", help="check a saved quorum certificate or proof chain offline (exit 0 only if valid)")
+    _common(p)
+    p.add_argument("certificate", type=Path, help="a --save-cert file, or a --save-proofs file with --proofs")
+    p.add_argument("--proofs", action="store_true", help="the file is a proof chain (critical mode)")
+    p.add_argument("--output", type=Path, metavar="FILE", help="check that this activation file (--save-output) is the certified output")
+    p.add_argument("--input", type=Path, metavar="FILE", help="check that this activation file (--save-input) is the certified input")
+
+    _audit_parser(sub)
+    return parser
+
+
+def _query_parser(sub: Any) -> None:
     p = sub.add_parser("query", help="run a query through the network")
     _common(p)
     _network(p)
@@ -98,16 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one executor per stage with a signed commitment; after the answer, re-execute each stage on another "
                         "provider with probability P in (0, 1] (a lie is accepted with probability 1-P; the check finishes before exit)")
     p.add_argument("input", help="text for minilm-l6; for digits-mlp 64 comma-separated values or test:N")
-
-    p = sub.add_parser("verify", help="check a saved quorum certificate or proof chain offline (exit 0 only if valid)")
-    _common(p)
-    p.add_argument("certificate", type=Path, help="a --save-cert file, or a --save-proofs file with --proofs")
-    p.add_argument("--proofs", action="store_true", help="the file is a proof chain (critical mode)")
-    p.add_argument("--output", type=Path, metavar="FILE", help="check that this activation file (--save-output) is the certified output")
-    p.add_argument("--input", type=Path, metavar="FILE", help="check that this activation file (--save-input) is the certified input")
-
-    _audit_parser(sub)
-    return parser
 
 
 def _audit_parser(sub: Any) -> None:
