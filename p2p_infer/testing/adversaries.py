@@ -247,4 +247,6 @@ def install(fault: str, identity: Identity, compute: LayersCompute, publish: Pub
         return Behaviour(Copier(member))
     if fault == "claims-fast":
         return Behaviour(member, ClaimsFast(), slow_reply, claims_fast)
-    return Behaviour(member, LieAfterTrial() if fault in ("lie-after-trial", "consistent-liar") else honest_forward)
+    if fault == "consistent-liar":  # honest on each client's first plain request (its trial), wrong on the rest
+        return Behaviour(member, ClaimsFast())
+    return Behaviour(member, LieAfterTrial() if fault == "lie-after-trial" else honest_forward)
