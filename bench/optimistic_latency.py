@@ -7,7 +7,9 @@ them alike.
 
 Target (issue 9): optimistic/plain <= 1.1x median, printed as ``targets_met``.
 
-Three peers each serve every stage (so a check can be settled by a third provider). What
+Three peers each serve every stage (so a check can be settled by a third provider); both
+clients share one routing view (throughput timed, round trips) so they take the same route,
+printed on stderr with ``same_route``. What
 is timed is the answer (``result.total_ms``): optimistic mode returns it before its check.
 Each check is awaited after the timed query and before the next one, so its re-executions
 do not land inside the next query's time; ``check_ms`` reports how long they took after
@@ -50,8 +52,11 @@ async def times(bootstrap: str, name: str, inputs: object, n: int, p: float) -> 
     routes: dict[str, set[tuple[str, ...]]] = {mode: set() for mode in modes}
     async with AsyncExitStack() as stack:
         clients = {mode: await stack.enter_async_context(Client([bootstrap], **kw)) for mode, kw in modes.items()}
+        plain = clients["plain"]
         for c in clients.values():
             c.admission.retrial = 0.0  # no known-answer re-trials inside the timed queries of either mode
+            # one routing view for both (timed throughput, round trips): the same inputs plan the same route
+            c.throughput, c.rtt_ms = plain.throughput, plain.rtt_ms
         for i in range(WARM_UP + n):
             for mode, c in clients.items():
                 r = await c.run(name, inputs)
@@ -65,7 +70,8 @@ async def times(bootstrap: str, name: str, inputs: object, n: int, p: float) -> 
                 if i >= WARM_UP:
                     out[mode].append(r.total_ms)
                     routes[mode].add(tuple(h.peer for h in r.route))
-    print(json.dumps({"routes_per_mode": {m: len(r) for m, r in routes.items()}}), file=sys.stderr)
+    distinct = {m: sorted(r) for m, r in routes.items()}
+    print(json.dumps({"routes": distinct, "same_route": len({tuple(r) for r in distinct.values()}) == 1}), file=sys.stderr)
     return out
 
 

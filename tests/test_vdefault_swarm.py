@@ -1,8 +1,8 @@
 """Verified by default, and optimistic mode, across real processes (issue 9).
 
 One swarm: three providers of digits-mlp layers 1-3, one of them a consistent liar (honest
-on each client's trial, wrong on every later plain reply and in every committee), and one
-provider only of minilm-l6. A default ``p2p-infer query`` (the CLI, in a subprocess) never
+on each client's trial, wrong on every later plain reply and in every committee), and two
+(honest) providers only of minilm-l6. A default ``p2p-infer query`` (the CLI, in a subprocess) never
 exits 0 with a wrong answer; too few providers -> exit 1 naming the stage; ``--unverified``
 -> exit 0 labelled UNVERIFIED; optimistic mode catches the liar with evidence."""
 
@@ -27,7 +27,7 @@ def swarm(tmp_path_factory):
     with Swarm(tmp_path_factory.mktemp("vdefault")) as swarm:
         swarm.start_bootstrap()
         swarm.start_peer("h1", [DIGITS, "minilm-l6:1-5"], wait=False)
-        swarm.start_peer("h2", [DIGITS], wait=False)
+        swarm.start_peer("h2", [DIGITS, "minilm-l6:1-5"], wait=False)
         swarm.start_peer("liar", [DIGITS], extra_args=["--test-fault", "consistent-liar"], wait=False)
         swarm.wait_ready(list(swarm.peers.values()), timeout=240)
         swarm.wait_discoverable(timeout=120)
@@ -58,7 +58,7 @@ def test_a_default_query_through_a_liar_is_right_or_fails_loudly(swarm):
 def test_too_few_providers_fails_before_sending_and_names_the_stage(swarm):
     run = swarm.cli("query", "--model", "minilm-l6", "hello there", check=False)
     assert run.returncode == 1 and run.stdout.strip() == ""
-    assert "cannot verify minilm-l6 layers 1-5: found 1 provider(s)" in run.stderr, run.stderr
+    assert "cannot verify minilm-l6 layers 1-5: found 2 provider(s)" in run.stderr, run.stderr
     assert "a committee of 3 needs 3" in run.stderr and "--unverified" in run.stderr
 
 
@@ -96,6 +96,14 @@ async def test_optimistic_mode_catches_the_liar_with_evidence(swarm):
         [evidence] = result.check.evidence  # the last query's: signed, checkable offline
         evidence.verify()
         assert evidence.member == liar and len(evidence.witnesses) == 2 and liar not in [w.executor for w, _ in evidence.witnesses]
+
+
+async def test_an_optimistic_check_of_a_sequence_model_agrees(swarm):
+    """MiniLM's stages carry an attention mask: the re-execution sends it as the executor got it."""
+    async with Client([swarm.bootstrap.addr], optimistic=1.0, check_rng=random.Random(1)) as c:
+        result = await c.embed("two honest providers of every layer")
+        report = await result.check
+    assert [s["outcome"] for s in report["stages"]] == ["agree"] and not report["mismatch"], report
 
 
 def test_the_cli_waits_for_the_optimistic_check(swarm):

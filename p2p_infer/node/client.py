@@ -208,8 +208,8 @@ class Client:
                                            result.proofs)
         result.verified = bool(result.verification) and all(s["verified"] for s in result.verification)
         if runs is not None:  # the answer is back: only now is its check drawn
-            result.check = optimistic_client.start_check(self, model, optimistic_client.stage_runs(runs, result.route, act.mask),
-                                                         self._check_rng)
+            stages = optimistic_client.stage_runs(runs, result.route, encode_optional(act.mask))
+            result.check = optimistic_client.start_check(self, model, stages, self._check_rng)
             self._checks = [c for c in self._checks if not c.done] + [result.check]
         return result
 
