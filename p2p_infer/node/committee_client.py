@@ -25,7 +25,7 @@ import structlog
 import trio
 
 from ..clock import now_ms
-from ..errors import P2PInferError
+from ..errors import ConsensusError, P2PInferError
 from ..ml.models import Activation, SplitModel
 from ..ml.tensors import decode_tensor, encode_tensor
 from ..proto.auditor import evidence_message
@@ -126,9 +126,15 @@ async def prefetch_tickets(client: Any, model: SplitModel, req_hash: bytes, stag
         except P2PInferError as exc:
             log.info("no ticket", peer=peer, reason=exc.message)
             return
-        if ticket.peer_id == peer:
-            for i in indices:
-                found[i].append(ticket)
+        if ticket.peer_id != peer:
+            return
+        try:  # verified while the other tickets are on their way (remembered: ranking costs nothing more)
+            ticket.beta(seed)
+        except ConsensusError as exc:
+            log.info("bad ticket", peer=peer, reason=exc.message)
+            return
+        for i in indices:
+            found[i].append(ticket)
 
     async with trio.open_nursery() as nursery:
         for peer, indices in wanted.items():
