@@ -32,8 +32,9 @@ from p2p_infer.testing.harness import Swarm  # noqa: E402
 
 MEMBER = ["--tee", "sim", "--threshold-member", "--dkg-members", "3", "--dkg-threshold", "2"]
 # trial tasks off: they are mixed into live traffic and would time the admission, not the mode
-PLANS = {"plain": QueryPlan(trial=False), "require_tee": QueryPlan(checks=("tee",), trial=False),
-         "enhanced_privacy": QueryPlan(privacy="threshold", trial=False)}
+# and no check (--unverified): enhanced privacy runs one attested executor per stage, so plain does too
+PLANS = {"plain": QueryPlan(checks=(), trial=False), "require_tee": QueryPlan(checks=("tee",), trial=False),
+         "enhanced_privacy": QueryPlan(privacy="threshold", checks=(), trial=False)}
 
 
 def stats(xs: list[float]) -> dict[str, float]:

@@ -179,12 +179,17 @@ def test_schema_and_tee_fields_must_agree():
 
 
 def test_tee_is_a_constraint_on_any_check_and_threshold_implies_it():
+    from p2p_infer.errors import UnsupportedMode
     from p2p_infer.proto.plan import QueryPlan
 
     committee = QueryPlan.from_options(committee=3, require_tee=True).validate()
     assert committee.check == "committee" and committee.require_tee  # TEE-only committees
     assert QueryPlan.from_options(critical=True, require_tee=True).validate().check == "zk"
-    private = QueryPlan.from_options(enhanced_privacy=True).validate()
+    default = QueryPlan.from_options(require_tee=True).validate()
+    assert default.check == "committee" and default.committee_k == 3 and default.require_tee  # verified by default, TEE-only
+    with pytest.raises(UnsupportedMode, match="threshold with committee.*--unverified"):
+        QueryPlan.from_options(enhanced_privacy=True).validate()
+    private = QueryPlan.from_options(enhanced_privacy=True, unverified=True).validate()
     assert private.require_tee and private.check == "none" and private.describe() == "direct+none+threshold"
 
 

@@ -53,8 +53,8 @@ def test_sim_peers_are_listed_attested_and_bad_attestations_are_ignored(swarm):
 
 
 def test_require_tee_routes_only_through_attested_peers_with_the_plain_result(swarm):
-    plain = json.loads(swarm.cli("query", "--model", "digits-mlp", "--json", "test:5").stdout)
-    out = json.loads(swarm.cli("query", "--model", "digits-mlp", "--require-tee", "--json", "--compare", "test:5").stdout)
+    plain = json.loads(swarm.cli("query", "--model", "digits-mlp", "--unverified", "--json", "test:5").stdout)
+    out = json.loads(swarm.cli("query", "--model", "digits-mlp", "--require-tee", "--unverified", "--json", "--compare", "test:5").stdout)
     route = {hop["peer"] for hop in out["route"]}
     assert route and route <= _ids(swarm, "sim-a", "sim-b"), out["route"]
     assert out["tee"]["required"] and out["tee"]["all_attested"] and set(out["tee"]["attested"]) == route
@@ -65,11 +65,11 @@ def test_require_tee_fails_naming_the_stage_without_an_attested_peer(swarm):
     swarm.kill("sim-b")
     time.sleep(TTL + 1)  # its record expires: layer 3 has no attested provider left
     for _ in range(3):  # a refresh may miss sim-a's record too (a DHT lookup on a loaded box): then layer 1 is named
-        result = swarm.cli("query", "--model", "digits-mlp", "--require-tee", "--json", "test:5", check=False)
+        result = swarm.cli("query", "--model", "digits-mlp", "--require-tee", "--unverified", "--json", "test:5", check=False)
         assert result.returncode != 0
         if "serves layer 3" in result.stderr:
             break
     assert re.search(r"--require-tee: no attested peer serves layer [13] of digits-mlp \(stage from layer [13]: "
                      r"0 attested provider\(s\)", result.stderr), result.stderr[-2000:]
-    plain = swarm.cli("query", "--model", "digits-mlp", "--json", "test:5")  # the plain query still routes
+    plain = swarm.cli("query", "--model", "digits-mlp", "--unverified", "--json", "test:5")  # the plain query still routes
     assert json.loads(plain.stdout)["route"]
