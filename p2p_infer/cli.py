@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", type=Path, metavar="FILE", help="check that this activation file (--save-input) is the certified input")
 
     _audit_parser(sub)
+    from .sim.cli import add_parser as simulate_parser
+
+    simulate_parser(sub)
     return parser
 
 
@@ -480,7 +483,14 @@ def audit_summary(path: Path, n: int, peer: str | None, anchoring: Any) -> str:
             + "".join(f"; {note}" for note in anchoring.notes))
 
 
+def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
+    from .sim.cli import cmd_simulate as run
+
+    return run(args, settings)
+
+
 COMMANDS = {
+    "simulate": cmd_simulate,
     "verify": cmd_verify,
     "audit": cmd_audit,
     "id": cmd_id,
