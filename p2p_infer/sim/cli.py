@@ -19,8 +19,18 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace, _settings: Any) -> int:
+    import signal
+
+    from ..logs import configure_logging
     from .runner import simulate
 
+    configure_logging("console", "warning")  # the progress line and the report say what happened; warnings still show
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")  # unwinds through the engine's finally: every process is stopped
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)  # also when started in the background, where SIGINT is ignored
     report = simulate(args.scenario, args.out, progress=not args.quiet, plots=not args.no_plots, check=not args.no_check)
     keys = ("queries_sent", "queries_answered", "queries_failed", "wrong_accepted", "latency_ms", "processes_left")
     sys.stdout.write(json.dumps({k: report[k] for k in keys if k in report}) + "\n")

@@ -77,6 +77,29 @@ async def one_query(client: Any, args: argparse.Namespace, i: int, truth: dict[s
     rec.write(**query_event(i, started, result, is_wrong(args.model, result.output, truth)))
 
 
+async def warm_up(client: Any, model: Any, timeout: float) -> dict[str, Any]:
+    """Run trial tasks until every provider in the directory passed or failed its trial.
+
+    A committee needs k admitted providers per stage, and the client waits for trials only
+    when no admitted peer covers a layer: without this, the first queries of a fresh client
+    fail with "1 eligible candidates for a committee of 3" while trials trickle in."""
+    from ..node import trials
+
+    started = time.monotonic()
+    act = model.sample_activation(random=True)
+    pending: list[str] = []
+    with trio.move_on_after(timeout):
+        while True:
+            await client.refresh()
+            providers = {r.peer_id for r, _ in client.directory.shards_of(model.model_id)}
+            pending = sorted(p for p in providers if p not in client.admission.passed and client.reputation.trusted(p))
+            if providers and not pending:
+                break
+            await trials.trials_for_query(client, model, act)
+            await trio.sleep(1.0)
+    return {"warmup_s": round(time.monotonic() - started, 2), "untried_after_warmup": pending}
+
+
 async def reputation_loop(client: Any, rec: Recorder) -> None:
     while True:
         rec.write(kind="reputation", scores=dict(client.reputation.scores))
@@ -92,7 +115,8 @@ async def drive(args: argparse.Namespace, rec: Recorder) -> None:
     async with Client(args.bootstrap, request_timeout=args.request_timeout, refresh_interval=2.0, **options) as client:
         model = await client.model(args.model)
         truths = {i: model.run_local(sample_input(args.model, i)) for i in range(args.offset, args.offset + args.queries)}
-        rec.write(kind="client_ready", options={k: v for k, v in options.items()})
+        warmup = await warm_up(client, model, args.warmup_timeout)
+        rec.write(kind="client_ready", options={k: v for k, v in options.items()}, **warmup)
         limiter = trio.CapacityLimiter(args.concurrency)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reputation_loop, client, rec)
@@ -129,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=1.0)
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--warmup-timeout", type=float, default=90.0, help="seconds to spend admitting providers by trial first")
     args = p.parse_args(argv)
     from ..logs import configure_logging
 

@@ -76,6 +76,10 @@ class NetworkSpec:
     bandwidth_mbps: float = 1000.0
     compute_ms_per_layer: float = 2.0  # des: median per-layer compute time
     compute_spread: float = 0.3  # des: lognormal sigma across peers
+    per_message_ms: float = 0.0  # des: fixed cost per message (framing, Noise, the event loop), calibrated
+    dht_timeout_ms: float = 3000.0  # des: a DHT query to a dead peer fails after this (notes/libp2p.md)
+    dial_timeout_ms: float = 1000.0  # des: a request to a dead peer fails after this
+    cpu_scale: float = 1.0  # des: the real proto code's CPU time is charged as virtual time, times this
     netem: bool = False  # processes: run peers in network namespaces with netem delays
     netem_delay_ms: float = 20.0
     netem_loss: float = 0.0
