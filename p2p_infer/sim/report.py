@@ -77,6 +77,7 @@ def summary(data: RunData) -> dict[str, Any]:
         "adversaries": dict(Counter(r for r in data.roles.values() if r != "honest")),
         "final_reputation": final_reputation(data),
         "wall_s": round(data.wall_s, 1),
+        "scenario_note": sc.note,
         **data.extra,
     }
 
@@ -121,8 +122,9 @@ def reading(report: dict[str, Any], broken: list[str]) -> str:
         "(answered/failed over time, churn marked), routes.png (route lengths).", "",
         "Definitions are in `p2p_infer/sim/report.py`'s docstring.",
     ]
-    if report.get("note"):
-        lines += ["", report["note"]]
+    for key in ("scenario_note", "note"):
+        if report.get(key):
+            lines += ["", report[key]]
     return "\n".join(lines) + "\n"
 
 

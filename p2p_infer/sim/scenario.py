@@ -109,6 +109,7 @@ class Scenario:
     peers: int
     seed: int = 1
     duration_s: float = 600.0  # hard cap on the whole run
+    note: str = ""  # what the run shows, copied into report.md
     model: ModelSpec = field(default_factory=ModelSpec)
     load: LoadSpec = field(default_factory=LoadSpec)
     churn: ChurnSpec = field(default_factory=ChurnSpec)
