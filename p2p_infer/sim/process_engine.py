@@ -97,7 +97,7 @@ class ProcessRun:
 
     def run(self) -> RunData:
         started = time.monotonic()
-        swarm = Swarm(self.out / "swarm", record_ttl=15.0)
+        swarm = Swarm(self.out / "swarm", record_ttl=self.sc.record_ttl_s)
         try:
             self._start(swarm)
             self._drive(swarm)

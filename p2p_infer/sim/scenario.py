@@ -110,6 +110,7 @@ class Scenario:
     seed: int = 1
     duration_s: float = 600.0  # hard cap on the whole run
     note: str = ""  # what the run shows, copied into report.md
+    record_ttl_s: float = 60.0  # processes: the peers' record TTL (15 s expired records on a loaded box)
     model: ModelSpec = field(default_factory=ModelSpec)
     load: LoadSpec = field(default_factory=LoadSpec)
     churn: ChurnSpec = field(default_factory=ChurnSpec)

@@ -70,8 +70,13 @@ class SimClient:
 
     # ---- what routing sees ----
 
-    def servers(self) -> list[Server]:
+    def servers(self, shape_only: bool = False) -> list[Server]:
+        """What routing sees. ``shape_only`` (committee mode: the route only fixes the stages,
+        each committee is drawn from the stage's providers) keys servers by index, so no
+        identity is made for a provider that never sits on a candidate list."""
         peers = [self.world.peers[i] for si in sorted(self.directory) for i in self.directory[si]]
+        if shape_only:
+            return [Server(f"peer{p.index}", p.first, p.last, 1000.0 / p.compute_ms_per_layer) for p in peers]
         peers = [p for p in peers if self.reputation.trusted(p.peer_id)]
         claims = {p.peer_id: adv.CLAIMED_THROUGHPUT if p.fault == "claims-fast" else 1000.0 / p.compute_ms_per_layer for p in peers}
         speed = self.throughput.effective(claims)

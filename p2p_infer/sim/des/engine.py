@@ -63,7 +63,7 @@ class DesRun:
         self.world = world = build_world(self.sc, self.pool, self.rng)
         ids = sorted(world.by_nid)
         for c in range(self.sc.load.clients):
-            identity = self.pool.get(self.sc.peers + c)
+            identity = world.next_identity()
             nid = node_id(identity.peer_id)
             table = RoutingTable(nid, self.sc.des.kademlia_k)
             for other in neighbours(nid, ids, self.sc.des.kademlia_k, self.rng):
@@ -73,10 +73,7 @@ class DesRun:
             self.clients.append(SimClient(c, identity, xy, world, self.loop, random.Random(self.sc.seed * 7919 + c), table))
         self.waiting = [deque() for _ in self.clients]
         self.in_flight = [0 for _ in self.clients]
-        for peer in world.peers:
-            peer.sign_record(int(self.loop.now_ms))
-            self.data.roles[peer.peer_id] = peer.fault or "honest"
-        self.data.extra["identities_generated"] = max(0, len(self.pool) - had)
+        self.had_identities = had
 
     # ---- scheduling ----
 
@@ -111,11 +108,10 @@ class DesRun:
         t = (self.loop.now_ms - self.load_start_ms) / 1000
         if action == "kill":
             peer.alive = False
-            self.data.events.append(RunEvent(t, "kill", f"peer{index}", peer.peer_id))
+            self.data.events.append(RunEvent(t, "kill", f"peer{index}", peer.peer_id if peer.known else ""))
         else:
-            peer.alive, peer.busy_until_ms = True, self.loop.now_ms
-            peer.sign_record(int(self.loop.now_ms))
-            self.data.events.append(RunEvent(t, "ready", f"peer{index}", peer.peer_id))
+            peer.restarted(int(self.loop.now_ms))
+            self.data.events.append(RunEvent(t, "ready", f"peer{index}", peer.peer_id if peer.known else ""))
 
     def random_leave(self) -> None:
         assert self.world is not None
@@ -194,6 +190,11 @@ class DesRun:
 
     def finish(self, built_s: float) -> None:
         self.show(force=True)
+        assert self.world is not None
+        known = [p for p in self.world.peers if p.known]
+        for peer in known:  # the peers a client met: the rest never had an identity made
+            self.data.roles[peer.peer_id] = peer.fault or "honest"
+        self.data.extra.update(identities_used=len(known), identities_generated=max(0, len(self.pool) - self.had_identities))
         wall = time.monotonic() - self.wall0
         self.data.wall_s = wall
         self.data.queries.sort(key=lambda q: q.t0_s)

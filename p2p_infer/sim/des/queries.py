@@ -128,8 +128,7 @@ class CommitteeQuery:
 
     def start(self) -> None:
         try:
-            route = plan_route(self.client.servers(), 1, self.client.world.sc.model.layers - 1, reputation=self.client.reputation.of,
-                               min_reputation=self.client.reputation.threshold)
+            route = plan_route(self.client.servers(shape_only=True), 1, self.client.world.sc.model.layers - 1)
         except NoRoute as exc:
             self.done(Outcome(False, code=exc.code))
             return
@@ -171,8 +170,9 @@ class StageRun:
         client = self.client
         pool = sorted({i for si, (f, l) in enumerate(client.world.shards) if f <= self.first and self.last <= l
                        for i in client.directory.get(si, ())})
-        peers = [client.world.peers[i] for i in pool if client.reputation.trusted(client.world.peers[i].peer_id)]
-        peers = [p for p in peers if p.peer_id not in self.machine.excluded]
+        peers = [client.world.peers[i] for i in pool]
+        # a peer never met has R = 1; only met ones can be distrusted or excluded
+        peers = [p for p in peers if not p.known or (client.reputation.trusted(p.peer_id) and p.peer_id not in self.machine.excluded)]
         chosen = client.rng.sample(peers, min(client.world.sc.des.candidates, len(peers)))
         return {p.peer_id: p.record for p in chosen}
 

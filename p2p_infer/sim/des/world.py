@@ -90,8 +90,13 @@ def run_sync(coro: Any) -> Any:
 
 @dataclass
 class SimPeer:
+    """A modelled peer. Its identity (puzzle-solved, ~0.16 CPU-s to make) is taken from the
+    pool on first use, so a 10,000-peer run pays only for the peers a client meets; its
+    DHT position is drawn from the scenario's seed (uniform on the ring, as SHA-256 of a
+    peer id is)."""
+
     index: int
-    identity: Identity
+    world: World
     first: int
     last: int
     fault: str
@@ -102,18 +107,43 @@ class SimPeer:
     busy_until_ms: float = 0.0
     nid: int = 0
     table: RoutingTable | None = None
-    core: MemberCore | None = None
-    record: bytes = b""
-    issued_ms: int = 0
+    issued_ms: int = EPOCH_MS - 10_000  # its current record's issue time (records precede their use)
     hook: Any = None  # the plain forward reply hook (lie-after-trial, claims-fast)
+    _identity: Identity | None = None
+    _core: MemberCore | None = None
+    _record: tuple[int, bytes] | None = None
+
+    @property
+    def known(self) -> bool:
+        return self._identity is not None
+
+    @property
+    def identity(self) -> Identity:
+        if self._identity is None:
+            self._identity = self.world.next_identity()
+            self.world.by_id[self._identity.peer_id] = self
+        return self._identity
 
     @property
     def peer_id(self) -> str:
         return self.identity.peer_id
 
-    def sign_record(self, now_ms: int) -> None:
-        self.issued_ms = now_ms - 10_000  # records are published before they are used (MIN_RECORD_AGE_MS)
-        self.record = provider(self.identity, MODEL_ID, self.first, self.last, self.issued_ms).record
+    @property
+    def core(self) -> MemberCore:
+        if self._core is None:
+            self._core = MemberCore(self.identity)
+        return self._core
+
+    @property
+    def record(self) -> bytes:
+        """Its signed capability record, re-signed after a restart."""
+        if self._record is None or self._record[0] != self.issued_ms:
+            self._record = (self.issued_ms, provider(self.identity, MODEL_ID, self.first, self.last, self.issued_ms).record)
+        return self._record[1]
+
+    def restarted(self, now_ms: int) -> None:
+        self.alive, self.busy_until_ms = True, float(now_ms)
+        self.issued_ms = now_ms - 10_000
 
     def committee_output(self, hidden: np.ndarray, first: int, last: int) -> np.ndarray:
         """What this member commits to for a stage, as its --test-fault would make it."""
@@ -147,6 +177,12 @@ class SimPeer:
 @dataclass
 class World:
     sc: Scenario
+    pool: Any = None  # the IdentityPool
+    used: int = 0  # pool slots handed out, in order of first use (so the cache covers whoever is met first)
+
+    def next_identity(self) -> Identity:
+        self.used += 1
+        return self.pool.get(self.used - 1)
     peers: list[SimPeer] = field(default_factory=list)
     by_id: dict[str, SimPeer] = field(default_factory=dict)
     by_nid: dict[int, SimPeer] = field(default_factory=dict)
@@ -177,19 +213,16 @@ def build_world(sc: Scenario, pool: Any, rng: random.Random) -> World:
     from ..process_engine import plan_peers
 
     check_des_scenario(sc)
-    world = World(sc, shards=[parse_range(s) for s in sc.model.shards])
+    world = World(sc, pool=pool, shards=[parse_range(s) for s in sc.model.shards])
     net = sc.network
     for plan in plan_peers(sc, rng):
         first, last = parse_range(plan.shard.split(":", 1)[1])
-        identity = pool.get(len(world.peers))
         speed = net.compute_ms_per_layer * math.exp(rng.gauss(0.0, net.compute_spread))
-        peer = SimPeer(len(world.peers), identity, first, last, plan.fault, speed, (rng.uniform(0, net.spread_ms), rng.uniform(0, net.spread_ms)),
+        peer = SimPeer(len(world.peers), world, first, last, plan.fault, speed, (rng.uniform(0, net.spread_ms), rng.uniform(0, net.spread_ms)),
                        collude=sc.adversaries.collude)
-        peer.nid = node_id(identity.peer_id)
-        peer.core = MemberCore(identity)
+        peer.nid = rng.getrandbits(256)
         peer.hook = {"lie-after-trial": adv.LieAfterTrial(), "claims-fast": adv.ClaimsFast()}.get(plan.fault)
         world.peers.append(peer)
-    world.by_id = {p.peer_id: p for p in world.peers}
     world.by_nid = {p.nid: p for p in world.peers}
     build_tables(world, rng)
     place_providers(world)
