@@ -72,3 +72,43 @@ def test_two_wrong_members_of_three_give_failures_never_wrong_results(tmp_path):
     report = simulate(SIMS / "collude.toml", tmp_path, progress=False, plots=False)
     assert report["wrong_accepted"] == 0 and report["queries_answered"] == 0
     assert set(report["failure_codes"]) == {"no_quorum"} and report["processes_left"] == 0
+
+
+def processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_run_leaves_nothing_running(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "p2p_infer.cli", "simulate", str(SIMS / "smoke.toml"), "--out", str(out), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "swarm" / "peer0.ready").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no peer"
+            time.sleep(0.5)
+        assert len(processes_mentioning(str(out))) >= 3
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        time.sleep(1)
+        assert processes_mentioning(str(out)) == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in processes_mentioning(str(out)):  # never leave a peer behind, even when the test fails
+            os.kill(pid, signal.SIGKILL)

@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from ..logs import configure_logging
 
-    configure_logging("json", "warning")
+    configure_logging("json", "info")  # the client log in the swarm directory says why a query failed
     with open(args.out, "a") as out:
         rec = Recorder(out)
         try:

@@ -26,8 +26,9 @@ KEYS = ("queries_answered", "queries_failed", "wrong_accepted", "latency_ms", "r
 
 def one(peers: int, share: float, queries: int | None) -> dict[str, Any]:
     sc = load_scenario(SCENARIO)
+    churn = replace(sc.churn, rate_per_s=sc.churn.rate_per_s * peers / sc.peers)  # the same share of peers down at every N
     sc = replace(sc, name=f"scale-{peers}-{share}", peers=peers, adversaries=replace(sc.adversaries, share=share),
-                 load=replace(sc.load, queries=queries or sc.load.queries))
+                 load=replace(sc.load, queries=queries or sc.load.queries), churn=churn)
     started = time.monotonic()
     report = summary(DesRun(sc, progress=True).run())
     row = {"peers": peers, "share": share, **{k: report.get(k) for k in KEYS}}
