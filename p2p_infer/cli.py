@@ -101,11 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, metavar="FILE", help="check that this activation file (--save-output) is the certified output")
     p.add_argument("--input", type=Path, metavar="FILE", help="check that this activation file (--save-input) is the certified input")
 
-    _audit_parser(sub)
-    from .sim.cli import add_parser as simulate_parser
-
-    simulate_parser(sub)
+    _more_parsers(sub)
     return parser
+
+
+def _more_parsers(sub: Any) -> None:
+    from .sim.cli import add_parser as simulate_parser  # p2p-infer simulate (p2p_infer/sim)
+
+    _audit_parser(sub)
+    simulate_parser(sub)
 
 
 def _audit_parser(sub: Any) -> None:

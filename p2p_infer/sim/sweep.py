@@ -65,8 +65,9 @@ def plot(rows: list[dict[str, Any]], out: Path, base_share: float, base_peers: i
     shares = [r["share"] for r in by_share]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(shares, [r["wrong_share"] for r in by_share], "o-", label="measured: wrong accepted / answered")
-    bound = [3 * s**2 * (1 - s) + s**3 for s in shares]
-    ax.plot(shares, bound, "k--", label="3p²(1-p)+p³: P(≥2 of 3 colluders), one stage")
+    stage = [3 * s**2 * (1 - s) + s**3 for s in shares]  # P(>= 2 of 3 members collude), one stage
+    ax.plot(shares, stage, "k:", label="bound, one stage: 3p²(1-p)+p³")
+    ax.plot(shares, [1 - (1 - b) ** 2 for b in stage], "k--", label="bound, a 2-stage query: 1-(1-b)²")
     ax.axvline(1 / 3, color="grey", linestyle=":", label="1/3")
     ax.set(xlabel="colluding share of peers", ylabel="share", title=f"N = {base_peers}: wrong results accepted")
     ax.legend(fontsize=7)
@@ -83,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-share", type=float, default=0.2)
     p.add_argument("--base-peers", type=int, default=1000)
     p.add_argument("--queries", type=int, default=None)
+    p.add_argument("--plot-only", action="store_true", help="re-plot OUT/sweep.json")
     args = p.parse_args(argv)
+    if args.plot_only:
+        plot(json.loads((args.out / "sweep.json").read_text()), args.out, args.base_share, args.base_peers)
+        return 0
     from ..logs import configure_logging
 
     configure_logging("console", "warning")
