@@ -6,6 +6,7 @@ then runs the event queue and turns what happened into a :class:`RunData`.
 
 from __future__ import annotations
 
+import inspect
 import random
 import statistics
 import sys
@@ -158,8 +159,10 @@ class DesRun:
         if sc.load.mode == "committee":
             CommitteeQuery(client, hidden, done).start()
             return
-        plan = QueryPlan.from_options(committee=None, spot_check=1.0 if sc.load.mode == "spot-check" else 0.0, trial=False,
-                                      max_retries=3).validate()
+        options: dict[str, Any] = {"committee": None, "spot_check": 1.0 if sc.load.mode == "spot-check" else 0.0, "trial": False, "max_retries": 3}
+        if sc.load.mode == "plain" and "unverified" in inspect.signature(QueryPlan.from_options).parameters:
+            options["unverified"] = True  # committees became the default: a plain query says so
+        plan = QueryPlan.from_options(**options).validate()
         PlainQuery(client, plan, hidden, done).start()
 
     # ---- run ----
