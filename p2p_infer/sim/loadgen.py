@@ -109,7 +109,8 @@ async def reputation_loop(client: Any, rec: Recorder) -> None:
 async def drive(args: argparse.Namespace, rec: Recorder) -> None:
     from ..node.client import Client
 
-    values = {"committee": args.committee, "commit_timeout_s": args.commit_timeout, "max_reruns": args.max_reruns}
+    values = {"committee": args.committee, "commit_timeout_s": args.commit_timeout, "max_reruns": args.max_reruns,
+              "optimistic": args.optimistic}
     options = client_options(args.mode, values, Client.__init__)
     rng = random.Random(args.seed)
     async with Client(args.bootstrap, request_timeout=args.request_timeout, refresh_interval=2.0, **options) as client:
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", default="committee")
     p.add_argument("--committee", type=int, default=3)
     p.add_argument("--commit-timeout", type=float, default=2.0)
+    p.add_argument("--optimistic", type=float, default=0.5)
     p.add_argument("--max-reruns", type=int, default=2)
     p.add_argument("--request-timeout", type=float, default=10.0)
     p.add_argument("--query-timeout", type=float, default=60.0)

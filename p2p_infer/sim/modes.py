@@ -24,6 +24,7 @@ class Mode:
 MODES: dict[str, Mode] = {
     "plain": Mode(False, (("committee", None),), unverified_flag=True),
     "spot-check": Mode(True, (("committee", None), ("spot_check", 1.0)), unverified_flag=True),
+    "optimistic": Mode(True, (("committee", None), ("optimistic", "{optimistic}"))),
     "committee": Mode(True, (("committee", "{committee}"), ("commit_timeout", "{commit_timeout_s}"), ("max_reruns", "{max_reruns}"))),
 }
 

@@ -133,7 +133,7 @@ class ProcessRun:
             self.event_files.append(events)
             args = ["--bootstrap", swarm.bootstrap.addr if swarm.bootstrap else "", "--out", str(events.resolve()),
                     "--model", self.sc.model.name, "--mode", load.mode, "--committee", str(load.committee),
-                    "--commit-timeout", str(load.commit_timeout_s), "--max-reruns", str(load.max_reruns),
+                    "--commit-timeout", str(load.commit_timeout_s), "--optimistic", str(load.optimistic), "--max-reruns", str(load.max_reruns),
                     "--request-timeout", str(load.request_timeout_s), "--queries", str(share),
                     "--offset", str(c * 100_000), "--rate", str(load.rate / load.clients),
                     "--concurrency", str(load.concurrency), "--seed", str(self.sc.seed * 1000 + c)]

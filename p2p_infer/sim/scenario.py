@@ -41,6 +41,7 @@ class LoadSpec:
     clients: int = 1
     mode: str = "committee"  # a key of sim.modes.MODES
     committee: int = 3
+    optimistic: float = 0.5  # mode optimistic: the probability each stage is re-executed after the answer
     commit_timeout_s: float = 2.0
     max_reruns: int = 2
     request_timeout_s: float = 10.0
