@@ -30,7 +30,7 @@ def test_every_scenario_in_simulations_loads():
     ('name="x"\nengine="des"\npeers=3\nseeed=1\n', "seeed"),
     ('name="x"\nengine="des"\npeers="3"\n', "scenario.peers must be int"),
     ('name="x"\nengine="dse"\npeers=3\n', "engine must be one of"),
-    ('name="x"\nengine="des"\npeers=3\n[load]\nmode="optimistic"\n', "'optimistic' is not built"),
+    ('name="x"\nengine="des"\npeers=3\n[load]\nmode="generation"\n', "'generation' is not built"),
     ('name="x"\nengine="des"\npeers=3\n[adversaries]\nkinds=["liar"]\n', "unknown ['liar']"),
     ('name="x"\nengine="processes"\npeers=3\n[adversaries]\ncollude=true\n', "collude needs engine"),
     ('engine="des"\npeers=3\n', "missing top-level key 'name'"),
