@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, metavar="FILE", help="check that this activation file (--save-output) is the certified output")
     p.add_argument("--input", type=Path, metavar="FILE", help="check that this activation file (--save-input) is the certified input")
 
-    _audit_parser(sub)
+    _more_parsers(sub)
     return parser
 
 
@@ -130,6 +130,13 @@ def _query_parser(sub: Any) -> None:
                         "provider with probability P in (0, 1] (a lie is accepted with probability 1-P; the check finishes before exit)")
     _tee_query_flags(p)
     p.add_argument("input", help="text for minilm-l6; for digits-mlp 64 comma-separated values or test:N")
+
+
+def _more_parsers(sub: Any) -> None:
+    from .sim.cli import add_parser as simulate_parser  # p2p-infer simulate (p2p_infer/sim)
+
+    _audit_parser(sub)
+    simulate_parser(sub)
 
 
 def _audit_parser(sub: Any) -> None:
@@ -556,7 +563,14 @@ def audit_summary(path: Path, n: int, peer: str | None, anchoring: Any) -> str:
             + "".join(f"; {note}" for note in anchoring.notes))
 
 
+def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
+    from .sim.cli import cmd_simulate as run
+
+    return run(args, settings)
+
+
 COMMANDS = {
+    "simulate": cmd_simulate,
     "verify": cmd_verify,
     "audit": cmd_audit,
     "id": cmd_id,

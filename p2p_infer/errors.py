@@ -325,6 +325,24 @@ class SwarmError(P2PInferError):
     code = "swarm"
 
 
+class SimulationError(P2PInferError):
+    """A simulation could not be set up or run (scenario, identities, engine)."""
+
+    code = "simulation"
+
+
+class ScenarioError(SimulationError, ValueError):
+    """A scenario file has an unknown key, a wrong type or a value out of range."""
+
+    code = "bad_scenario"
+
+
+class InvariantBroken(SimulationError):
+    """A simulation finished, and its report breaks an invariant it must hold."""
+
+    code = "invariant_broken"
+
+
 def _subclasses(cls: type[P2PInferError]) -> list[type[P2PInferError]]:
     return [cls] + [s for sub in cls.__subclasses__() for s in _subclasses(sub)]
 
