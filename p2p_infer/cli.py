@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import cli_generate
 from .config import Settings, default_cache_dir, load_settings
 
 
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         _audit_and_limits(p)
         if name == "peer":
             p.add_argument("--test-fault", choices=["wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial",
-                                                     "claims-fast"],
+                                                     "claims-fast", "wrong-generation"],
                            help="TESTING AID, off by default: make this peer misbehave in committees")
 
     p = sub.add_parser("peers", help="list live peers and their verified capabilities")
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", type=Path, metavar="FILE", help="check that this activation file (--save-input) is the certified input")
 
     _audit_parser(sub)
+    cli_generate.add_parsers(sub, _common, _network)  # generate, chat
     return parser
 
 
@@ -489,6 +491,7 @@ COMMANDS = {
     "peers": cmd_peers,
     "models": cmd_models,
     "query": cmd_query,
+    **cli_generate.COMMANDS,
 }
 
 if __name__ == "__main__":

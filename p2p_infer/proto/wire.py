@@ -31,7 +31,8 @@ RESULT_PROTOCOL = protocol_id("forward-result")
 # the commit deadline has passed
 COMMITTEE_PROTOCOL = protocol_id("committee", "3.0.0")
 ARTIFACT_PROTOCOL = protocol_id("artifact")
-SERVED_PROTOCOLS = (FORWARD_PROTOCOL, COMMITTEE_PROTOCOL, ARTIFACT_PROTOCOL)  # advertised in records
+SESSION_PROTOCOL = protocol_id("session")  # generation sessions with a KV cache (protocols/session.md)
+SERVED_PROTOCOLS = (FORWARD_PROTOCOL, COMMITTEE_PROTOCOL, ARTIFACT_PROTOCOL, SESSION_PROTOCOL)  # advertised in records
 
 # ---- gossip ----
 # v2: messages keyed by "type" like every stream message (v1 used "kind").
@@ -59,6 +60,13 @@ REVEAL = "reveal"
 RESULT = "result"  # the reply to execute (3.0.0): commit + reveal + output
 # artifact protocol
 ARTIFACT = "artifact"
+# session protocol
+SESSION_OPEN = "session_open"
+SESSION_OPENED = "session_opened"
+SESSION_STEP = "session_step"
+SESSION_OUTPUT = "session_output"
+SESSION_CLOSE = "session_close"
+SESSION_CLOSED = "session_closed"
 # consensus gossip
 ROUND = "round"
 VERDICTS = "verdicts"
@@ -70,6 +78,7 @@ REQUESTS: dict[str, frozenset[str]] = {
     RESULT_PROTOCOL: frozenset({FORWARD_RESULT, FORWARD_FAILED}),
     COMMITTEE_PROTOCOL: frozenset({TICKET, EXECUTE}),
     ARTIFACT_PROTOCOL: frozenset({ARTIFACT}),
+    SESSION_PROTOCOL: frozenset({SESSION_OPEN, SESSION_STEP, SESSION_CLOSE}),
     CONSENSUS_TOPIC: frozenset({ROUND, VERDICTS, EVIDENCE, CHECKPOINT}),
 }
 

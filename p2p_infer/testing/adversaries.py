@@ -38,7 +38,7 @@ from ..proto.committee_codec import ExecuteRequest, TicketRequest, WireTensor, i
 from ..proto.consensus import Commit, Reveal, StageTask, commitment, sign_commit
 from ..proto.wire import Message
 
-TEST_FAULTS = ("wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial", "claims-fast")
+TEST_FAULTS = ("wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial", "claims-fast", "wrong-generation")
 NOISE = 0.5  # far outside the agreement tolerance: a wrong output is never "close enough"
 LATE_BY_S = 0.3  # past the commit deadline, inside the client's grace, so it is judged late
 COPY_WAIT_S = 2.0  # how long a copier waits for someone else's gossiped reveal
@@ -198,6 +198,10 @@ def honest_forward(hidden: torch.Tensor) -> torch.Tensor:
     return hidden
 
 
+def wrong_hidden(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden + 0.5
+
+
 async def no_pause() -> None:
     return None
 
@@ -247,4 +251,6 @@ def install(fault: str, identity: Identity, compute: LayersCompute, publish: Pub
         return Behaviour(Copier(member))
     if fault == "claims-fast":
         return Behaviour(member, ClaimsFast(), slow_reply, claims_fast)
+    if fault == "wrong-generation":  # a consistent liar: every session step and forward reply shifted
+        return Behaviour(member, wrong_hidden)
     return Behaviour(member, LieAfterTrial() if fault == "lie-after-trial" else honest_forward)
