@@ -17,7 +17,7 @@ is excluded and the generation run again without it. Usage::
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +67,7 @@ class Piece:
     index: int = 0
     ms: float = 0.0
     restart: bool = False
+    route: list[str] = field(default_factory=list)  # the span peers when this token was made
     result: GenerationResult | None = None
 
 
@@ -80,14 +81,15 @@ def servers(client: Client, model: Any) -> list[Server]:
 
 class Generation:
     def __init__(self, client: Client, prompt: str, *, max_new_tokens: int = 64, sampling: Sampling | None = None,
-                 verified: bool = True, chat: bool = True, timeout: float | None = None) -> None:
+                 verified: bool = True, chat: bool = True, timeout: float | None = None, avoid: Collection[str] = ()) -> None:
         if max_new_tokens < 1:
             raise UsageError("max_new_tokens must be >= 1")
         self.client, self.prompt, self.max_new_tokens, self.chat = client, prompt, max_new_tokens, chat
         self.sampling = (sampling or Sampling()).validate()
         self.verified = verified
         self.timeout = timeout or client.request_timeout
-        self.excluded: set[str] = set()
+        self.excluded: set[str] = set()  # caught by verification: never used again in this generation
+        self.avoid = set(avoid)  # not routed through on the first attempt (they may still verify)
         self.caught: list[dict[str, Any]] = []
 
     async def stream(self) -> AsyncIterator[Piece]:
@@ -95,7 +97,7 @@ class Generation:
         ids = await trio.to_thread.run_sync(model.prompt_ids, self.prompt, self.chat)
         started = time.perf_counter()
         for attempt in range(MAX_VERIFY_RERUNS + 1):
-            machine = await self._machine(model, len(ids))
+            machine = await self._machine(model, len(ids), self.avoid if attempt == 0 else set())
             tokens: list[int] = []
             token_ms: list[float] = []
             if attempt:
@@ -113,17 +115,16 @@ class Generation:
                                   (time.perf_counter() - started) * 1000)
         yield Piece("", result=result)
 
-    async def _machine(self, model: Any, prompt_len: int) -> GenerationMachine:
-        found = servers(self.client, model)
+    async def _machine(self, model: Any, prompt_len: int, avoid: Collection[str]) -> GenerationMachine:
+        def build() -> GenerationMachine:
+            return GenerationMachine(model.model_id, len(model.layers), 1, model.hidden_size, servers(self.client, model),
+                                     self.client._rng, max_length=prompt_len + self.max_new_tokens, commit=self.verified,
+                                     reputation=self.client.reputation.of, exclude=self.excluded, avoid=avoid)
         try:
-            machine = GenerationMachine(model.model_id, len(model.layers), 1, model.hidden_size, found, self.client._rng,
-                                        max_length=prompt_len + self.max_new_tokens, commit=self.verified,
-                                        reputation=self.client.reputation.of, exclude=self.excluded)
+            machine = build()
         except NoRoute:
-            await self.client.refresh()
-            machine = GenerationMachine(model.model_id, len(model.layers), 1, model.hidden_size, servers(self.client, model),
-                                        self.client._rng, max_length=prompt_len + self.max_new_tokens, commit=self.verified,
-                                        reputation=self.client.reputation.of, exclude=self.excluded)
+            await self.client.refresh()  # maybe a provider joined since the last refresh
+            machine = build()
         if self.verified:
             for index, verifier in machine.verifiers():
                 if verifier is None:
@@ -148,7 +149,7 @@ class Generation:
                 tokens.append(token)
                 token_ms.append((time.perf_counter() - t0) * 1000)
                 text = model.tokenizer.decode(tokens, skip_special_tokens=True)
-                yield Piece(text[len(shown):], token, index, token_ms[-1])
+                yield Piece(text[len(shown):], token, index, token_ms[-1], route=[s.peer for s in machine.slots])
                 shown = text
                 if token in eos:
                     break

@@ -132,14 +132,15 @@ class StepPlan:
 class GenerationMachine:
     def __init__(self, model_id: str, num_layers: int, local_layers: int, hidden: int, servers: Collection[Server],
                  rng: random.Random, *, max_length: int, max_retries: int = 3, commit: bool = True,
-                 reputation: Callable[[str], float] = lambda _p: 1.0, exclude: Collection[str] = ()) -> None:
+                 reputation: Callable[[str], float] = lambda _p: 1.0, exclude: Collection[str] = (),
+                 avoid: Collection[str] = ()) -> None:
         self.model_id, self.hidden, self.max_length, self.commit = model_id, hidden, max_length, commit
         self.servers = list(servers)
         self.rng = rng
         self.excluded: set[str] = set(exclude)
         self.failures: list[tuple[str, str]] = []  # (peer, reason)
         self.max_retries = max_retries
-        route = plan_route(self.servers, local_layers, num_layers - 1, exclude=self.excluded, reputation=reputation)
+        route = plan_route(self.servers, local_layers, num_layers - 1, exclude=self.excluded | set(avoid), reputation=reputation)
         self.slots = [Slot(seg.first, seg.last, seg.peer_id, self._session_id(), hidden) for seg in route]
 
     def _session_id(self) -> str:
@@ -200,7 +201,7 @@ class GenerationMachine:
 
     def verifiers(self) -> list[tuple[int, str | None]]:
         """Per span, another provider (none of the peers whose rows it checks) to re-execute it."""
-        return [(i, self.provider(s.first, s.last, set(s.producers) | self.excluded)) for i, s in enumerate(self.slots)]
+        return [(i, self.provider(s.first, s.last, {*s.producers, s.peer, *self.excluded})) for i, s in enumerate(self.slots)]
 
     def check_reexecution(self, index: int, reexecuted: WireTensor) -> list[int]:
         """Rows of span ``index`` whose re-execution disagrees with what the client used."""
