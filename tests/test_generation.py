@@ -161,3 +161,37 @@ def test_seeded_sampling_split_equals_unsplit(smol):
     assert generate_local(smol, ids, 24, s, spans=SPANS) == whole
     assert generate_local(smol, ids, 24, s) == whole
     assert generate_local(smol, ids, 24, Sampling(temperature=0.8, top_p=0.95, top_k=50, seed=1235)) != whole
+
+
+@pytest.mark.slow
+def test_one_prefill_reexecution_agrees_with_incremental_decode_within_tolerance(smol):
+    """The basis of verification's tolerance (docs/generation.md): a span decoded token by token
+    with a KV cache and the same span re-run in one prefill differ by float rounding only."""
+    import torch
+
+    from p2p_infer.ml.smollm2 import KVCache
+    from p2p_infer.proto.generation import TOLERANCE, agree
+
+    ids = smol.prompt_ids(PROMPT)
+    inputs, outputs, caches = {s: [] for s in SPANS}, {s: [] for s in SPANS}, {s: KVCache() for s in SPANS}
+    step = ids
+    with torch.inference_mode():
+        for _ in range(16):
+            h = smol.embed_ids(step)
+            for span in SPANS:
+                inputs[span].append(h)
+                h = smol.run_span(h, *span, caches[span])
+                outputs[span].append(h)
+            step = [int(smol.logits(h).argmax())]
+        worst = 0.0
+        for span in SPANS[1:]:
+            x, used = torch.cat(inputs[span], 1)[0], torch.cat(outputs[span], 1)[0]
+            again = smol.run_span(x[None], *span, None)[0]
+            assert agree(again.numpy(), used.numpy()), span
+            rel = ((again - used).abs() / (TOLERANCE["atol"] + TOLERANCE["rtol"] * used.abs())).max().item()
+            worst = max(worst, rel)
+            print(f"span {span}: max |diff| {(again - used).abs().max().item():.2e}, max |value| {used.abs().max().item():.1f}, "
+                  f"worst fraction of the tolerance {rel:.3f}")
+        assert worst < 0.5  # headroom: honest rounding uses under half the tolerance
+        lied = outputs[SPANS[2]][5] + 0.01  # a small lie on one token's rows
+        assert not agree(lied[0].numpy(), smol.run_span(torch.cat(inputs[SPANS[2]][:6], 1), *SPANS[2], None)[0, -1:].numpy())
