@@ -102,9 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, metavar="FILE", help="check that this activation file (--save-output) is the certified output")
     p.add_argument("--input", type=Path, metavar="FILE", help="check that this activation file (--save-input) is the certified input")
 
+    _more_parsers(sub)
+    return parser
+
+
+def _more_parsers(sub: Any) -> None:
     _audit_parser(sub)
     cli_generate.add_parsers(sub, _common, _network)  # generate, chat
-    return parser
 
 
 def _audit_parser(sub: Any) -> None:
