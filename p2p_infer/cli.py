@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     from .logs import configure_logging
 
     configure_logging(settings.log_format, settings.log_level)  # type: ignore[arg-type]
-    from .errors import P2PInferError
+    from .errors import P2PInferError, first_leaf
 
     try:
         return COMMANDS[args.command](args, settings)
@@ -156,15 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         ours, rest = group.split(P2PInferError)
         if ours is None or rest is not None:
             raise
-        print(f"error: {_first_leaf(ours).message}", file=sys.stderr)  # type: ignore[attr-defined]
+        print(f"error: {first_leaf(ours).message}", file=sys.stderr)  # type: ignore[attr-defined]
         return 1
     except KeyboardInterrupt:
         return 130
-
-
-def _first_leaf(group: BaseExceptionGroup) -> BaseException:
-    first = group.exceptions[0]
-    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def cmd_id(args: argparse.Namespace, settings: Settings) -> int:

@@ -317,3 +317,9 @@ def error_class(code: str) -> type[P2PInferError]:
         if cls is not RemoteError and cls.__dict__.get("code") == code:
             return cls
     return P2PInferError
+
+
+def first_leaf(group: BaseExceptionGroup) -> BaseException:
+    """The first non-group exception inside ``group`` (trio nurseries nest them)."""
+    first = group.exceptions[0]
+    return first_leaf(first) if isinstance(first, BaseExceptionGroup) else first

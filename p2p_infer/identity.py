@@ -27,6 +27,7 @@ import nacl.signing
 from nacl.bindings import crypto_sign_seed_keypair
 
 from .errors import IdentityError, PuzzleUnsolved
+from .files import fsync_dir
 
 _ED25519_PRIVATE_PREFIX = b"\x08\x01\x12\x20"  # protobuf: KeyType=Ed25519, Data=<32 bytes>
 _ED25519_PUBLIC_PREFIX = b"\x08\x01\x12\x20"
@@ -121,17 +122,9 @@ def save_identity(identity: Identity, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.link(tmp, path)  # atomic, and raises FileExistsError instead of overwriting
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_identity(path: Path) -> Identity:

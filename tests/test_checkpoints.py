@@ -13,7 +13,8 @@ import structlog
 from p2p_infer.cli import main as cli_main
 from p2p_infer.errors import AuditForeignSigner, AuditRewritten, AuditTruncated, CheckpointError
 from p2p_infer.identity import Identity
-from p2p_infer.node.anchors import Anchors, load_witnesses, write_atomically
+from p2p_infer.files import write_atomically
+from p2p_infer.node.anchors import Anchors, load_witnesses
 from p2p_infer.proto.audit import AuditLog, read_entries, verify_log
 from p2p_infer.proto.auditor import Auditor
 from p2p_infer.proto.checkpoints import (

@@ -36,7 +36,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.transport.tcp import tcp as libp2p_tcp
 
 from ..config import Limits
-from ..errors import ListenError, P2PInferError, PeerUnreachable
+from ..errors import ListenError, P2PInferError, PeerUnreachable, first_leaf
 from ..identity import Identity
 from .framing import DEFAULT_MAX_FRAME, Handler, Timeouts, serve_stream
 from .idle import IdleReaper
@@ -145,12 +145,7 @@ async def running_host(identity: Identity, listen: str = DEFAULT_LISTEN, limits:
         matched, rest = group.split(ListenError)
         if matched is None or rest is not None:
             raise
-        raise _first_leaf(matched) from None
-
-
-def _first_leaf(group: BaseExceptionGroup) -> BaseException:
-    first = group.exceptions[0]
-    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+        raise first_leaf(matched) from None
 
 
 def _why_not_listening(listen: str) -> str:

@@ -20,6 +20,7 @@ import trio
 
 from ..clock import now_ms
 from ..errors import CheckpointError
+from ..files import fsync_file, write_atomically
 from ..identity import Identity
 from ..proto.audit import AuditLog
 from ..proto.checkpoints import WitnessTable, checkpoint_message, sign_checkpoint
@@ -89,35 +90,3 @@ def load_witness_file(path: Path) -> WitnessTable:
         return WitnessTable.decode(path.read_bytes())
     except CheckpointError as exc:
         raise CheckpointError(f"witness file {path}: {exc.message}") from None
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename over ``path``, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-
-
-def fsync_file(path: Path) -> None:
-    if path.exists():
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

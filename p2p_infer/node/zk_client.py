@@ -38,7 +38,7 @@ async def check_proofs(client: Any, model: SplitModel, sent: Activation, receive
             continue
         pin = manifest.pin(proof.first, proof.last)
         paths = []
-        for sha, what in ((pin.settings_sha256, "settings"), (pin.vk_sha256, "verifying key"), (manifest.srs_sha256, "SRS")):
+        for sha, what in ((pin.settings_sha256, "settings"), (pin.vk_sha256, "verifying key"), (manifest.srs_for(pin), "SRS")):
             path, got = await artifact(client, sha, what, artifact_sources(client, model))
             fetched += got
             paths.append(path)

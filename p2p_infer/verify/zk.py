@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import NotProvable, ZkError
+from ..files import write_atomically
 
 ZK_SCALE = 13
 DECOMP_BASE = 256
@@ -65,10 +66,12 @@ class CircuitPin:
 
 @dataclass(frozen=True)
 class ZkManifest:
-    """The ZK pins of a model: one SRS, and per provable shard its settings and vk hashes."""
+    """The ZK pins of a model: one SRS per circuit size (logrows), and per provable shard its
+    settings and vk hashes. Shards of one model may need different sizes (digits 1-1 fits
+    2^12 rows, a wider range may not), so one SRS per model would make them clash."""
 
     model_id: str
-    srs_sha256: str
+    srs_sha256: dict[int, str]  # logrows -> SHA-256 of kzg<logrows>.srs
     shards: tuple[CircuitPin, ...]
 
     def pin(self, first: int, last: int) -> CircuitPin:
@@ -77,14 +80,24 @@ class ZkManifest:
                 return p
         raise NotProvable(f"layers {first}-{last} of {self.model_id[:12]} have no circuit")
 
+    def srs_for(self, pin: CircuitPin) -> str:
+        if pin.logrows not in self.srs_sha256:
+            raise ZkError(f"ZK manifest of {self.model_id[:12]} pins no SRS of logrows {pin.logrows}")
+        return self.srs_sha256[pin.logrows]
+
     def to_json(self) -> str:
-        return json.dumps({"model_id": self.model_id, "srs_sha256": self.srs_sha256, "config": CONFIG,
+        srs = {str(k): v for k, v in sorted(self.srs_sha256.items())}
+        return json.dumps({"model_id": self.model_id, "srs_sha256": srs, "config": CONFIG, "format": 2,
                            "shards": [asdict(p) for p in self.shards]}, indent=1, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ZkManifest:
         data = json.loads(text)
-        return cls(data["model_id"], data["srs_sha256"], tuple(CircuitPin(**p) for p in data["shards"]))
+        shards = tuple(CircuitPin(**p) for p in data["shards"])
+        srs = data["srs_sha256"]
+        if isinstance(srs, str):  # format 1: one SRS, shared by every pinned shard's size
+            srs = {p.logrows: srs for p in shards}
+        return cls(data["model_id"], {int(k): v for k, v in srs.items()}, shards)
 
 
 @dataclass(frozen=True)
@@ -369,22 +382,18 @@ def load_zk_manifest(cache_dir: Path, model_id: str) -> ZkManifest | None:
 
 
 def record_pins(cache_dir: Path, model_id: str, circuits: dict[tuple[int, int], Circuit]) -> ZkManifest:
-    """Add these circuits' pins to the model's ZK manifest (one SRS per manifest)."""
+    """Add these circuits' pins to the model's ZK manifest (one SRS per circuit size)."""
     known = load_zk_manifest(cache_dir, model_id)
     pins = {(p.first, p.last): p for p in (known.shards if known else ())}
-    srs_hashes = {sha256_file(c.srs) for c in circuits.values()}
-    if known is not None:
-        srs_hashes.add(known.srs_sha256)
-    if len(srs_hashes) != 1:
-        raise ZkError("circuits of one model must share one SRS")
+    srs = dict(known.srs_sha256) if known else {}
     for c in circuits.values():
+        sha = sha256_file(c.srs)
+        if srs.setdefault(c.logrows, sha) != sha:
+            raise ZkError(f"circuits of one model must share one SRS per size: logrows {c.logrows} is pinned "
+                          f"to {srs[c.logrows][:12]}, layers {c.first}-{c.last} used {sha[:12]}")
         pins[(c.first, c.last)] = c.pin()
-    manifest = ZkManifest(model_id, srs_hashes.pop(), tuple(sorted(pins.values(), key=lambda p: (p.first, p.last))))
-    path = zk_manifest_path(cache_dir, model_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(manifest.to_json())
-    os.replace(tmp, path)
+    manifest = ZkManifest(model_id, srs, tuple(sorted(pins.values(), key=lambda p: (p.first, p.last))))
+    write_atomically(zk_manifest_path(cache_dir, model_id), manifest.to_json().encode())
     return manifest
 
 
