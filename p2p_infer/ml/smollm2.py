@@ -31,6 +31,7 @@ from torch import nn
 
 from ..config import default_cache_dir
 from ..errors import BadTensor, ManifestMismatch, ModelUnavailable
+from ..files import write_atomically
 from .manifest import Manifest, module_hash
 from .models import Activation, SplitModel
 
@@ -73,19 +74,7 @@ def runtime() -> dict[str, str]:
 # ---- conversion (once per cache) ----
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """temp + fsync + rename + fsync(dir): readers see the whole file or none."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+_atomic_write = write_atomically  # temp + fsync + rename + fsync(dir): readers see the whole file or none
 
 
 def _part_file(directory: Path, stem: str, tensors: dict[str, torch.Tensor], digest: str) -> str:
