@@ -152,6 +152,7 @@ async def test_session_errors_are_clear_and_the_peer_keeps_serving(swarm, smol):
             (step(1, 0, 5), "out_of_order"),
             (step(1, 0, 0, to_wire(np.zeros((20, 576), dtype=np.float32))), "session_too_long"),
             (step(1, 0, 0, {**hidden, "data": hidden["data"][:-4]}), "bad_tensor"),
+            (step(1, 0, 0, to_wire(np.zeros((2, 100), dtype=np.float32))), "bad_tensor"),  # refused; the session survives
             (step(9, 0, 0), "unknown_session"),
             ({"type": "session_rewind", "session": sid(1)}, "bad_request"),
         ]

@@ -91,12 +91,14 @@ class SessionHandler:
         from ..ml.models import Activation
         from ..ml.tensors import decode_tensor, encode_tensor
 
-        session = self.table.begin_step(client, req, time.monotonic())
-        try:
-            assert self.peer.shards is not None
-            model = self.peer.shards.serving(session.model_id, session.first, session.last)
+        known = self.table.sessions.get(req.session)
+        assert self.peer.shards is not None
+        if known is not None:  # a malformed step is refused before it can cost the session its cache
+            model = self.peer.shards.serving(known.model_id, known.first, known.last)
             hidden = decode_tensor(req.hidden, field="hidden")
             model.check_activation(Activation(hidden))
+        session = self.table.begin_step(client, req, time.monotonic())
+        try:
             job = self.peer.admit(client)
             async with self.peer.scheduler.run(job) as queue_ms:
                 start = time.perf_counter()
