@@ -3,6 +3,7 @@ client runs the embedding, layer 0 and the head) vs the same weights decoding in
 process with a KV cache; 32-token prefill; RSS/PSS per peer; failover recovery.
 
     .venv/bin/python bench/generation_latency.py [--tokens 32] [--runs 3] [--threads 1] [--no-failover]
+    .venv/bin/python bench/generation_latency.py --verified [--runs 3]   # verified vs unverified wall time, 2 providers per span
 
 Both sides use the same torch thread count per process. Decode figures exclude the first
 token (the prefill). Prints JSON lines, the last one a summary with ratios from this run.
@@ -100,6 +101,33 @@ async def failover(swarm: Swarm, prompt: str, tokens: int) -> dict[str, float]:
             "recovery_extra_ms": round(ms[killed_at + 1] - normal, 1), "failovers": len(pieces[-1].result.failovers)}
 
 
+async def verified_cost(bootstrap: str, prompt: str, tokens: int, runs: int) -> dict[str, object]:
+    """Wall time of whole generations, verified (the default) vs unverified, alternating."""
+    walls: dict[bool, list[float]] = {True: [], False: []}
+    verify_ms: list[float] = []
+    async with Client([bootstrap], trial=False, request_timeout=120) as c:
+        for run in range(runs + 1):
+            for verified in (False, True):
+                t = time.perf_counter()
+                pieces = [p async for p in c.generate(prompt, max_new_tokens=tokens, verified=verified, chat=False)]
+                if run:  # the first round warms up
+                    walls[verified].append((time.perf_counter() - t) * 1000)
+                    if verified:
+                        verify_ms.append(pieces[-1].result.verification["verify_ms"])
+                        assert pieces[-1].result.verified
+    return {"unverified_ms": stats(walls[False]), "verified_ms": stats(walls[True]), "verify_step_ms": stats(verify_ms),
+            "verified_ratio_median": round(statistics.median(walls[True]) / statistics.median(walls[False]), 2)}
+
+
+def run_verified(args: argparse.Namespace, prompt: str) -> None:
+    with Swarm(Path(tempfile.mkdtemp(prefix="genbench-v-"))) as swarm:
+        swarm.start_bootstrap()
+        swarm.start_peers(SPANS + SPANS, timeout=900)
+        swarm.wait_discoverable(timeout=180)
+        out = trio.run(verified_cost, swarm.bootstrap.addr, prompt, args.tokens, args.runs)
+    print(json.dumps({"tokens": args.tokens, "runs": args.runs, "peers": "2 per span (1-10, 11-20, 21-29)", **out}))
+
+
 def memory_mb(pid: int) -> dict[str, float]:
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -117,11 +145,14 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-failover", action="store_true")
+    ap.add_argument("--verified", action="store_true", help="only: verified vs unverified wall time (6 peers)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     quiet_libp2p_logging()
     model = load_model("smollm2-135m")
     prompt = prompt_of_32_tokens(model)
+    if args.verified:
+        return run_verified(args, prompt)
     ids = model.prompt_ids(prompt, chat=False)
     monolithic(model, ids, 4)  # warm-up
     mono_prefill, mono_decode = [], []
