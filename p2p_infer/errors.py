@@ -193,6 +193,21 @@ class NoQuorum(ConsensusError):
     code = "no_quorum"
 
 
+class CannotVerify(ConsensusError):
+    """A stage has fewer providers than its check needs. The query is refused before it is
+    sent (never run unverified instead); the message names the stage, the providers found
+    and how many the check needs."""
+
+    code = "cannot_verify"
+
+
+class BadCommitment(ConsensusError):
+    """A forward reply's signed commitment is missing, not the executor's, or bound to
+    something other than what it returned (optimistic mode, protocols/forward.md)."""
+
+    code = "bad_commitment"
+
+
 class NotSelected(ConsensusError):
     """A member refuses a task its client's signed candidate set does not select it for
     (or a request from someone other than the task's client)."""

@@ -41,7 +41,7 @@ from p2p_infer.proto.consensus import (
     sign_reveal,
 )
 from p2p_infer.proto.reputation import Reputation
-from p2p_infer.proto.sortition import CANDIDATES_DOMAIN, MIN_RECORD_AGE_MS
+from p2p_infer.proto.sortition import CANDIDATES_DOMAIN, MIN_RECORD_AGE_MS, draw_key
 from p2p_infer.testing.population import Provider, draw, identities, provider, providers
 
 DIGITS = load_model("digits-mlp")
@@ -137,12 +137,13 @@ def run_round_unchecked(signed: CandidateSet, member: Identity, output: dict) ->
     return StageCertificate(signed, [commit], [sign_reveal(member, task.task_id, output_hash(output), r)], [output])
 
 
-def ground_keys(seed: bytes, beat: list[bytes], n: int) -> list[Provider]:
-    """Grind fresh puzzle-solved keys until n of them rank below every honest ticket."""
+def ground_keys(task: StageTask, beat: list[bytes], n: int) -> list[Provider]:
+    """Grind fresh puzzle-solved keys until n of them rank below every honest ticket in
+    the task's draw."""
     found: list[Provider] = []
     while len(found) < n:
         candidate = aged_sybil(offset=-1)
-        if make_ticket(candidate.identity, seed).beta(seed) < min(beat):
+        if draw_key(make_ticket(candidate.identity, task.seed).beta(task.seed), task.stage, task.attempt) < min(beat):
             found.append(candidate)
     return found
 
@@ -151,10 +152,10 @@ def test_two_ground_sybil_keys_cannot_take_over_an_honest_certificate(honest):
     """Issue 9: two fresh keys ground to rank first and second, signing another output."""
     pool, signed, _, cert = honest
     task = signed.task
-    sybils = ground_keys(task.seed, [c.ticket.beta(task.seed) for c in signed.candidates], 2)
+    sybils = ground_keys(task, [draw_key(c.ticket.beta(task.seed), task.stage, task.attempt) for c in signed.candidates], 2)
     listed = [Candidate(make_ticket(s.identity, task.seed), s.record) for s in sybils] + list(signed.candidates)
     stolen = CandidateSet(task, tuple(listed), signed.signature)  # the client's signature kept
-    assert rank_tickets([c.ticket for c in listed], task.seed)[0].peer_id in {s.peer_id for s in sybils}
+    assert rank_tickets([c.ticket for c in listed], task.seed, task.stage, task.attempt)[0].peer_id in {s.peer_id for s in sybils}
     refused(certificate(CLIENT, sybil_stage(stolen, sybils)), "not signed by the task's client")
     # re-signed by the attacker as client: the task now names another client, so it is another request
     mallory = identities(1, offset=12)[0]

@@ -16,6 +16,7 @@ from p2p_infer.proto.consensus import (
     StageTask,
     activation_digest,
     commitment,
+    draw_key,
     make_ticket,
     output_hash,
     request_hash,
@@ -56,6 +57,7 @@ def test_committee_vector_byte_for_byte():
     for c in V["candidates"]:
         ticket = make_ticket(members[c["peer_id"]], task.seed)
         assert ticket.proof.hex() == c["vrf_proof_hex"] and vrf.proof_to_hash(ticket.proof).hex() == c["beta_hex"]
+        assert draw_key(ticket.beta(task.seed), task.stage, task.attempt).hex() == c["draw_hex"]
         candidates.append(Candidate(ticket, bytes.fromhex(c["record_hex"])))
     signed = sign_candidates(client, task, candidates)
     cs = V["candidate_set"]

@@ -2,9 +2,10 @@
 :mod:`proto.committee_round`: one committee per remaining stage, its requests sent
 concurrently, every answer fed to the machine, and its verdicts, reputation and
 evidence applied here. The stage verdicts are gossiped once per query. The route is
-planned once per query and every stage's first-attempt tickets are asked for in one
-concurrent round (a ticket depends only on the request hash, stage and attempt); each
-stage then costs one round trip (committee/3.0.0: execute -> commit + reveal + output).
+planned once per query and every candidate's ticket is asked for once, in one concurrent
+round (committee/4.0.0: a ticket depends only on the request hash, and one ticket serves
+every stage and attempt of the query); each stage then costs one round trip (execute ->
+commit + reveal + output).
 
 Each candidate goes into the signed candidate set with the record the client's directory
 holds for it; a record younger than ``MIN_RECORD_AGE_MS`` (just re-published) is waited
@@ -24,7 +25,7 @@ import structlog
 import trio
 
 from ..clock import now_ms
-from ..errors import P2PInferError
+from ..errors import ConsensusError, P2PInferError
 from ..ml.models import Activation, SplitModel
 from ..ml.tensors import decode_tensor, encode_tensor
 from ..proto.auditor import evidence_message
@@ -51,7 +52,7 @@ from ..proto.committee_round import (
     StageSpec,
     apply_judgement,
 )
-from ..proto.consensus import Certificate, Evidence, StageCertificate, StageDecision, Ticket, activation_file, output_hash, request_hash, stage_seed
+from ..proto.consensus import Certificate, Evidence, StageCertificate, StageDecision, Ticket, activation_file, output_hash, request_hash, ticket_seed
 from ..proto.sortition import MIN_RECORD_AGE_MS
 from ..proto.wire import COMMITTEE_PROTOCOL, Message
 from .results import HopReport
@@ -107,24 +108,37 @@ def stage_candidates(client: Any, model: SplitModel, first: int, last: int) -> d
 
 
 async def prefetch_tickets(client: Any, model: SplitModel, req_hash: bytes, stages: list[tuple[int, int]]) -> list[list[Ticket]]:
-    """Every stage's first-attempt tickets in one concurrent round (the machine verifies
-    each against its seed when it ranks them; a ticket for another peer is dropped)."""
+    """Every candidate's ticket in one concurrent round, one request per peer however many
+    stages it serves (the machine verifies each against the query's seed when it ranks
+    them, once per process; a ticket for another peer is dropped)."""
+    wanted: dict[str, list[int]] = {}  # peer -> the stages it is a candidate of
+    for i, (first, last) in enumerate(stages):
+        for peer in stage_candidates(client, model, first, last):
+            wanted.setdefault(peer, []).append(i)
     found: list[list[Ticket]] = [[] for _ in stages]
+    seed = ticket_seed(req_hash)
 
-    async def ask(i: int, peer: str, message: Message) -> None:
+    async def ask(peer: str, indices: list[int]) -> None:
+        first, last = stages[indices[0]]  # the peer checks it serves the layers it is asked about
+        message = TicketRequest(seed, model.model_id, first, last).to_wire()
         try:
             ticket = parse_ticket_reply(await committee_request(client, peer, message, TICKET_TIMEOUT_MS / 1000))
         except P2PInferError as exc:
-            log.info("no ticket", peer=peer, stage=i, reason=exc.message)
+            log.info("no ticket", peer=peer, reason=exc.message)
             return
-        if ticket.peer_id == peer:
+        if ticket.peer_id != peer:
+            return
+        try:  # verified while the other tickets are on their way (remembered: ranking costs nothing more)
+            ticket.beta(seed)
+        except ConsensusError as exc:
+            log.info("bad ticket", peer=peer, reason=exc.message)
+            return
+        for i in indices:
             found[i].append(ticket)
 
     async with trio.open_nursery() as nursery:
-        for i, (first, last) in enumerate(stages):
-            message = TicketRequest(stage_seed(req_hash, i, 0), model.model_id, first, last).to_wire()
-            for peer in stage_candidates(client, model, first, last):
-                nursery.start_soon(ask, i, peer, message)
+        for peer, indices in wanted.items():
+            nursery.start_soon(ask, peer, indices)
     return found
 
 

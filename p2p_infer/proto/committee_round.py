@@ -6,9 +6,10 @@ In the style of rust-libp2p's ``ClosestPeersIter`` and h11: the driver feeds it 
 these candidates for tickets, send these members the task, then one of decided / re-run /
 failed). Since committee/3.0.0 a member answers the task in one round trip: its signed
 commit, the signed reveal and the output together (members never see each other's replies;
-the audit gossip waits for the commit deadline). Tickets depend only on the request hash,
-stage and attempt, so the driver may ask for every stage's first-attempt tickets in one
-round per query and hand them to :meth:`~CommitteeRound.start`. It never sends, never reads the clock
+the audit gossip waits for the commit deadline). Since committee/4.0.0 a ticket depends
+only on the request hash (each stage and attempt ranks the same tickets by its own draw),
+so the driver asks every candidate once per query and hands the tickets to
+:meth:`~CommitteeRound.start`. It never sends, never reads the clock
 and draws no randomness: every event carries ``now_ms``, and the request hash (with the
 client's nonce in it) comes in with the :class:`StageSpec`.
 
@@ -326,7 +327,8 @@ class CommitteeRound:
 
     def _close_tickets(self, now_ms: int) -> list[Action]:
         assert self.task is not None
-        eligible = self._eligible(rank_tickets(self.tickets, self.task.seed))  # each VRF proof is verified once, here
+        ranked = rank_tickets(self.tickets, self.task.seed, self.task.stage, self.task.attempt)  # VRF proofs: once per process
+        eligible = self._eligible(ranked)
         committee = [c.ticket for c in eligible[: self.spec.k]]
         if len(committee) < self.spec.k:  # too few candidates: a re-run cannot do better
             self.failures.append(f"{self.spec.layers}: {len(committee)} eligible candidates for a committee of {self.spec.k}")

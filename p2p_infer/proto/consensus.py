@@ -41,8 +41,9 @@ from .sortition import (
     rank_tickets,
     request_hash,
     select_committee,
+    draw_key,
     sign_candidates,
-    stage_seed,
+    ticket_seed,
 )
 from .tensors import check_wire_tensor
 
@@ -51,7 +52,7 @@ __all__ = [
     "MIN_K", "NoQuorum", "RTOL", "Reveal", "StageCertificate", "StageDecision", "StageRound", "StageTask", "Ticket",
     "activation_digest", "activation_file", "commitment", "h", "make_ticket", "output_hash", "outputs_agree", "quorum_size",
     "rank_tickets", "read_activation_file", "request_hash", "select_committee", "sign_candidates", "sign_commit", "sign_reveal",
-    "stage_seed",
+    "draw_key", "ticket_seed",
 ]
 
 ATOL = 1e-4

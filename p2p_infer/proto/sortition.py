@@ -3,9 +3,12 @@ the client signs. Sans-IO; time comes in with the task (``requested_at_ms``).
 
 * **Request and seeds.** ``request_hash = H(model_id, hidden_hash, mask_hash, client_nonce,
   client_key)``: every field of a certificate's header, so none can change without
-  changing every task. Stage *i*, attempt *a* draws with ``seed = H(request_hash, i, a)``.
-* **Tickets.** A candidate proves ``beta = VRF(sk, seed)``; nobody can choose its beta for a
-  given seed, and the seed is fixed (by the client's nonce) before anyone sees a VRF output.
+  changing every task. The query's one ticket seed is ``seed = H(request_hash)``.
+* **Tickets.** A candidate proves ``beta = VRF(sk, seed)`` once per query (committee/4.0.0;
+  one VRF proof per candidate and query, verified once per process); stage *i*, attempt *a*
+  ranks candidates by ``draw = H(beta, i, a)``. Nobody can choose its beta for a given seed,
+  and the seed is fixed (by the client's nonce) before anyone sees a VRF output, so every
+  stage's and attempt's draw is as unpredictable as a fresh VRF output would be.
 * **Candidate set.** The client lists every candidate it drew from (ticket + the signed
   capability record it held), signs the list with the task, and sends it with ``execute``.
   A member, an auditor or a certificate's reader checks it alone: the client's key solves
@@ -18,6 +21,7 @@ the client signs. Sans-IO; time comes in with the task (``requested_at_ms``).
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -27,7 +31,7 @@ import msgpack
 from . import vrf
 from ..errors import ConsensusError, RecordError
 from ..identity import PUZZLE_DIFFICULTY, Identity, peer_id_from_public_key, solves_puzzle, verify_signature
-from .records import CapabilityRecord, verify_record
+from .records import CLOCK_SKEW_MS, CapabilityRecord, verify_record
 
 MIN_K = 3  # smallest committee a certificate may claim: k=1 is one key's word, k=2 has no majority to outvote a liar
 MIN_RECORD_AGE_MS = 1_000  # a listed record was issued at least this long before the request
@@ -35,6 +39,7 @@ MAX_COMMIT_WINDOW_MS = 120_000  # requested_at < deadline <= requested_at + this
 MAX_CANDIDATES = 64  # candidates per stage (bounds a verifier's work: one VRF check each)
 MAX_CANDIDATE_RECORD_BYTES = 4096  # honest records are ~400 B; keeps a candidate set well under a frame
 CANDIDATES_DOMAIN = b"p2p-infer/candidates/v1\n"
+MEMO_ENTRIES = 4096  # verified tickets, records and candidate sets remembered per process (each table)
 
 
 def h(*parts: bytes) -> bytes:
@@ -56,8 +61,40 @@ def request_hash(model_id: str, hidden_hash: bytes, mask_hash: bytes, client_non
     return h(b"p2p-infer/request/v2", model_id.encode(), hidden_hash, mask_hash, client_nonce, client_key)
 
 
-def stage_seed(req_hash: bytes, stage: int, attempt: int) -> bytes:
-    return h(b"p2p-infer/sortition/v1", req_hash, stage.to_bytes(4, "big"), attempt.to_bytes(4, "big"))
+def ticket_seed(req_hash: bytes) -> bytes:
+    """The VRF input of every ticket of one query (all stages, all attempts)."""
+    return h(b"p2p-infer/sortition/v2", req_hash)
+
+
+def draw_key(beta: bytes, stage: int, attempt: int) -> bytes:
+    """What stage ``stage``, attempt ``attempt`` ranks a candidate by (smallest first)."""
+    return h(b"p2p-infer/draw/v1", beta, stage.to_bytes(4, "big"), attempt.to_bytes(4, "big"))
+
+
+class Memo:
+    """A bounded table of results of pure checks (same bytes in, same verdict out), so a
+    process verifies a ticket, record or candidate set once however often it sees it:
+    per stage, per member role and again in gossip. Deterministic: no time, no randomness."""
+
+    def __init__(self, size: int = MEMO_ENTRIES) -> None:
+        self.size = size
+        self.table: OrderedDict[Any, Any] = OrderedDict()
+
+    def get(self, key: Any) -> Any:
+        value = self.table.get(key)
+        if value is not None:
+            self.table.move_to_end(key)
+        return value
+
+    def put(self, key: Any, value: Any) -> None:
+        self.table[key] = value
+        if len(self.table) > self.size:
+            self.table.popitem(last=False)
+
+
+BETAS = Memo()  # (public key, proof, seed) -> beta, or the ConsensusError's message
+RECORDS = Memo()  # (peer id, envelope) -> record whose time-independent checks passed
+COMMITTEES = Memo()  # (candidate set id, signature) -> committee, or the ConsensusError's message
 
 
 # ---- tickets ----
@@ -72,7 +109,21 @@ class Ticket:
     proof: bytes
 
     def beta(self, seed: bytes) -> bytes:
-        """Verify the proof and return the VRF output; raises ConsensusError if invalid."""
+        """Verify the proof and return the VRF output; raises ConsensusError if invalid
+        (verified once per process: the verdict is remembered)."""
+        key = (self.peer_id, self.public_key, self.proof, seed)
+        known = BETAS.get(key)
+        if known is None:
+            try:
+                known = self._verify(seed)
+            except ConsensusError as exc:
+                known = exc.message
+            BETAS.put(key, known)
+        if isinstance(known, str):
+            raise ConsensusError(known)
+        return known
+
+    def _verify(self, seed: bytes) -> bytes:
         if peer_id_from_public_key(self.public_key) != self.peer_id:
             raise ConsensusError(f"ticket key does not match peer id {self.peer_id}")
         if not solves_puzzle(self.public_key):
@@ -96,14 +147,14 @@ def make_ticket(identity: Identity, seed: bytes) -> Ticket:
     return Ticket(identity.peer_id, identity.public_key, vrf.prove(identity.seed, seed))
 
 
-def rank_tickets(tickets: list[Ticket], seed: bytes) -> list[Ticket]:
-    """Every valid ticket (one per peer), by VRF output, smallest first."""
+def rank_tickets(tickets: list[Ticket], seed: bytes, stage: int = 0, attempt: int = 0) -> list[Ticket]:
+    """Every valid ticket (one per peer), by its draw for the stage and attempt, smallest first."""
     ranked, seen = [], set()
     for t in tickets:
         if t.peer_id in seen:
             continue
         try:
-            ranked.append((t.beta(seed), t))
+            ranked.append((draw_key(t.beta(seed), stage, attempt), t))
         except ConsensusError:
             continue  # a forged ticket never displaces the peer's real one
         seen.add(t.peer_id)
@@ -111,9 +162,9 @@ def rank_tickets(tickets: list[Ticket], seed: bytes) -> list[Ticket]:
     return [t for _, t in ranked]
 
 
-def select_committee(tickets: list[Ticket], seed: bytes, k: int) -> list[Ticket]:
-    """The k valid tickets with the smallest VRF output (invalid ones never count)."""
-    return rank_tickets(tickets, seed)[:k]
+def select_committee(tickets: list[Ticket], seed: bytes, k: int, stage: int = 0, attempt: int = 0) -> list[Ticket]:
+    """The k valid tickets with the smallest draw (invalid ones never count)."""
+    return rank_tickets(tickets, seed, stage, attempt)[:k]
 
 
 # ---- the task a committee executes ----
@@ -135,7 +186,8 @@ class StageTask:
 
     @property
     def seed(self) -> bytes:
-        return stage_seed(self.request_hash, self.stage, self.attempt)
+        """The query's ticket seed: the same for every stage and attempt."""
+        return ticket_seed(self.request_hash)
 
     @property
     def client_id(self) -> str:
@@ -166,12 +218,18 @@ def covers(record: CapabilityRecord, task: StageTask) -> bool:
 
 
 def check_candidate_record(task: StageTask, peer_id: str, envelope: bytes) -> CapabilityRecord:
-    """The candidate's own signed record, valid at the request, old enough, for these layers."""
+    """The candidate's own signed record, valid at the request, old enough, for these layers.
+    A record seen before skips its signature, schema and puzzle checks (they do not depend
+    on time); its time window is checked against this task every time."""
     _expect(len(envelope) <= MAX_CANDIDATE_RECORD_BYTES, f"record of candidate {peer_id} is over {MAX_CANDIDATE_RECORD_BYTES} bytes")
-    try:
-        record = verify_record(envelope, now=task.requested_at_ms, expected_peer_id=peer_id)
-    except RecordError as exc:
-        raise ConsensusError(f"record of candidate {peer_id}: {exc.message}") from None
+    record = RECORDS.get((peer_id, envelope))
+    now = task.requested_at_ms
+    if record is None or record.is_expired(now) or record.issued_at_ms > now + CLOCK_SKEW_MS:
+        try:
+            record = verify_record(envelope, now=now, expected_peer_id=peer_id)
+        except RecordError as exc:
+            raise ConsensusError(f"record of candidate {peer_id}: {exc.message}") from None
+        RECORDS.put((peer_id, envelope), record)
     _expect(record.issued_at_ms <= task.requested_at_ms - MIN_RECORD_AGE_MS,
             f"record of candidate {peer_id} was issued less than {MIN_RECORD_AGE_MS} ms before the request")
     _expect(covers(record, task), f"record of candidate {peer_id} does not advertise layers {task.first}-{task.last} of the model")
@@ -228,6 +286,19 @@ class CandidateSet:
 
     @cached_property
     def _committee(self) -> tuple[Ticket, ...]:
+        key = (self.id, self.signature)
+        known = COMMITTEES.get(key)
+        if known is None:
+            try:
+                known = self._verify()
+            except ConsensusError as exc:
+                known = exc.message
+            COMMITTEES.put(key, known)
+        if isinstance(known, str):
+            raise ConsensusError(known)
+        return known
+
+    def _verify(self) -> tuple[Ticket, ...]:
         task = self.task
         _expect(task.k >= MIN_K, f"committee of k={task.k} is below the minimum of {MIN_K}")
         _expect(task.requested_at_ms < task.commit_deadline_ms <= task.requested_at_ms + MAX_COMMIT_WINDOW_MS,
@@ -243,7 +314,7 @@ class CandidateSet:
         for c in self.candidates:
             beta = c.ticket.beta(task.seed)
             check_candidate_record(task, c.ticket.peer_id, c.record)
-            ranked.append((beta, c.ticket))
+            ranked.append((draw_key(beta, task.stage, task.attempt), c.ticket))
         ranked.sort(key=lambda pair: pair[0])
         return tuple(t for _, t in ranked[: task.k])
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from functools import lru_cache
 from typing import Final
 
 from nacl.bindings import (
@@ -144,6 +145,16 @@ def _string_to_point(encoded: bytes) -> bytes | None:
     return encoded
 
 
+def _string_to_point_fast(encoded: bytes) -> bytes | None:
+    """``_string_to_point`` with a shortcut for the common case: libsodium accepts only
+    canonical encodings of points of the prime-order subgroup (never x = 0, which only
+    small-order points have), so its yes implies RFC 8032 decoding succeeds; anything
+    else (a torsion component, an invalid encoding) takes the exact pure-Python path."""
+    if len(encoded) == _PT_LEN and crypto_core_ed25519_is_valid_point(encoded):
+        return encoded
+    return _string_to_point(encoded)
+
+
 def _times_cofactor(point: bytes) -> bytes:
     # Three doublings. libsodium's point addition accepts any point on the curve, but its
     # scalar multiplication would reject points outside the prime-order subgroup.
@@ -245,7 +256,7 @@ def _challenge(y: bytes, h: bytes, gamma: bytes, u: bytes, v: bytes) -> bytes:
 def _decode_proof(pi: bytes) -> tuple[bytes, bytes, bytes]:
     """RFC 9381 section 5.4.4. Return (Gamma, c_string, s_string) or raise VrfError."""
     _require_length(pi, PROOF_LEN, "proof")
-    gamma = _string_to_point(pi[:_PT_LEN])
+    gamma = _string_to_point_fast(pi[:_PT_LEN])
     if gamma is None:
         raise VrfError("proof Gamma is not a valid edwards25519 point encoding")
     c_string = pi[_PT_LEN : _PT_LEN + _C_LEN]
@@ -255,10 +266,11 @@ def _decode_proof(pi: bytes) -> tuple[bytes, bytes, bytes]:
     return gamma, c_string, s_string
 
 
+@lru_cache(maxsize=4096)  # a pure function of the key; the same candidates come back every query
 def _validate_public_key(public_key: bytes) -> bytes:
     """string_to_point plus ECVRF_validate_key (RFC 9381 section 5.4.5)."""
     _require_length(public_key, PUBLIC_KEY_LEN, "public key")
-    y = _string_to_point(public_key)
+    y = _string_to_point_fast(public_key)
     if y is None:
         raise VrfError("public key is not a valid edwards25519 point encoding")
     if _is_small_order(y):

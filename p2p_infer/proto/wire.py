@@ -29,7 +29,9 @@ RESULT_PROTOCOL = protocol_id("forward-result")
 # 3.0.0: one round trip per stage: execute is answered with the signed commit, the signed
 # reveal and the output together (no reveal request); members gossip the round only once
 # the commit deadline has passed
-COMMITTEE_PROTOCOL = protocol_id("committee", "3.0.0")
+# 4.0.0: one ticket per candidate and query (seed = H(request_hash)); stage i, attempt a
+# ranks the tickets by H(beta, i, a), so each VRF proof is made and verified once per query
+COMMITTEE_PROTOCOL = protocol_id("committee", "4.0.0")
 ARTIFACT_PROTOCOL = protocol_id("artifact")
 SESSION_PROTOCOL = protocol_id("session")  # generation sessions with a KV cache (protocols/session.md)
 SERVED_PROTOCOLS = (FORWARD_PROTOCOL, COMMITTEE_PROTOCOL, ARTIFACT_PROTOCOL, SESSION_PROTOCOL)  # advertised in records
@@ -37,7 +39,8 @@ SERVED_PROTOCOLS = (FORWARD_PROTOCOL, COMMITTEE_PROTOCOL, ARTIFACT_PROTOCOL, SES
 # ---- gossip ----
 # v2: messages keyed by "type" like every stream message (v1 used "kind").
 # v3: rounds carry the candidate set, evidence counts only against its committee.
-CONSENSUS_TOPIC = "p2p-infer/consensus/v3"
+# v4: candidate sets rank by the committee/4.0.0 draw (a v3 auditor would pick other committees).
+CONSENSUS_TOPIC = "p2p-infer/consensus/v4"
 MAX_GOSSIP_BYTES = 900 * 1024
 
 # ---- message types ----
@@ -57,7 +60,7 @@ TICKET = "ticket"
 EXECUTE = "execute"
 COMMIT = "commit"
 REVEAL = "reveal"
-RESULT = "result"  # the reply to execute (3.0.0): commit + reveal + output
+RESULT = "result"  # the reply to execute (since 3.0.0): commit + reveal + output
 # artifact protocol
 ARTIFACT = "artifact"
 # session protocol

@@ -28,6 +28,7 @@ from p2p_infer.proto.consensus import (  # noqa: E402
     StageTask,
     activation_digest,
     commitment,
+    draw_key,
     make_ticket,
     output_hash,
     rank_tickets,
@@ -62,7 +63,7 @@ def identity_vector(name: str) -> tuple[Identity, dict]:
 
 def record_fields(ident: Identity, first: int = 1, last: int = 2) -> dict:
     return {"peer_id": ident.peer_id, "addrs": [f"/ip4/127.0.0.1/tcp/4001/p2p/{ident.peer_id}"], "shards": [[MODEL, first, last]],
-            "throughput": 1234.5, "load": 0.25, "software": "p2p-infer/0.1.0", "protocols": ["/p2p-infer/committee/2.0.0"],
+            "throughput": 1234.5, "load": 0.25, "software": "p2p-infer/0.1.0", "protocols": ["/p2p-infer/committee/4.0.0"],
             "issued_at_ms": ISSUED, "ttl_ms": 120_000}
 
 
@@ -99,7 +100,7 @@ def committee_vector() -> dict:
     task = StageTask(req, 0, 0, MODEL, 1, 2, activation_digest(hidden_hash, mask_hash), 3, REQUESTED, REQUESTED + 2000, client.public_key)
     records = {i.peer_id: signed_record(i, record_fields(i)) for i, _ in idents}
     tickets = [make_ticket(i, task.seed) for i, _ in idents]
-    ranked = rank_tickets(tickets, task.seed)
+    ranked = rank_tickets(tickets, task.seed, task.stage, task.attempt)
     signed = sign_candidates(client, task, [Candidate(t, records[t.peer_id]) for t in ranked])
     by_id = {i.peer_id: i for i, _ in idents}
     agreeing = [by_id[t.peer_id] for t in ranked[:2]]
@@ -120,7 +121,8 @@ def committee_vector() -> dict:
                  "msgpack_hex": msgpack.packb(task.to_wire(), use_bin_type=True).hex(), "task_id_hex": task.task_id.hex(), "seed_hex": task.seed.hex()},
         "records_issued_at_ms": ISSUED,
         "candidates": [{"peer_id": c.ticket.peer_id, "record_hex": c.record.hex(), "vrf_proof_hex": c.ticket.proof.hex(),
-                        "beta_hex": vrf.proof_to_hash(c.ticket.proof).hex()} for c in signed.candidates],
+                        "beta_hex": vrf.proof_to_hash(c.ticket.proof).hex(),
+                        "draw_hex": draw_key(vrf.proof_to_hash(c.ticket.proof), task.stage, task.attempt).hex()} for c in signed.candidates],
         "candidate_set": {"body_hex": signed.body().hex(), "signature_hex": signed.signature.hex(), "id_hex": signed.id.hex(),
                           "committee": signed.members},
         "output": {**output, "data": output["data"].hex()}, "output_hash_hex": output_hash(output).hex(),
