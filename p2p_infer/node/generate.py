@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("p2p_infer.generate")
 MODEL = "smollm2-135m"
 MAX_VERIFY_RERUNS = 2
+ROUTE_REFRESHES = 3  # directory refreshes before a missing span is final (no_route)
 
 
 @dataclass
@@ -120,11 +121,15 @@ class Generation:
             return GenerationMachine(model.model_id, len(model.layers), 1, model.hidden_size, servers(self.client, model),
                                      self.client._rng, max_length=prompt_len + self.max_new_tokens, commit=self.verified,
                                      reputation=self.client.reputation.of, exclude=self.excluded, avoid=avoid)
-        try:
-            machine = build()
-        except NoRoute:
-            await self.client.refresh()  # maybe a provider joined since the last refresh
-            machine = build()
+        for attempt in range(ROUTE_REFRESHES + 1):
+            try:
+                machine = build()
+                break
+            except NoRoute:
+                if attempt == ROUTE_REFRESHES:
+                    raise
+                await trio.sleep(attempt)  # records found late on a loaded DHT, or a provider that just joined
+                await self.client.refresh()
         if self.verified:
             for index, verifier in machine.verifiers():
                 if verifier is None:
