@@ -35,6 +35,7 @@ COMMITTEE_PROTOCOL = protocol_id("committee", "4.0.0")
 ARTIFACT_PROTOCOL = protocol_id("artifact")
 SESSION_PROTOCOL = protocol_id("session")  # generation sessions with a KV cache (protocols/session.md)
 SERVED_PROTOCOLS = (FORWARD_PROTOCOL, COMMITTEE_PROTOCOL, ARTIFACT_PROTOCOL, SESSION_PROTOCOL)  # advertised in records
+DKG_PROTOCOL = protocol_id("dkg")  # threshold key ritual, share release, enhanced-privacy stages (protocols/dkg.md)
 
 # ---- gossip ----
 # v2: messages keyed by "type" like every stream message (v1 used "kind").
@@ -70,6 +71,15 @@ SESSION_STEP = "session_step"
 SESSION_OUTPUT = "session_output"
 SESSION_CLOSE = "session_close"
 SESSION_CLOSED = "session_closed"
+# dkg protocol
+DKG_JOIN = "dkg_join"
+DKG_DEAL = "dkg_deal"
+DKG_KEY = "dkg_key"  # a member's signed key (the reply to get_dkg_key)
+GET_DKG_KEY = "get_dkg_key"
+SHARE_REQUEST = "share_request"
+SHARE = "share"
+PRIVATE_FORWARD = "private_forward"
+PRIVATE_RESULT = "private_result"
 # consensus gossip
 ROUND = "round"
 VERDICTS = "verdicts"
@@ -82,6 +92,7 @@ REQUESTS: dict[str, frozenset[str]] = {
     COMMITTEE_PROTOCOL: frozenset({TICKET, EXECUTE}),
     ARTIFACT_PROTOCOL: frozenset({ARTIFACT}),
     SESSION_PROTOCOL: frozenset({SESSION_OPEN, SESSION_STEP, SESSION_CLOSE}),
+    DKG_PROTOCOL: frozenset({DKG_JOIN, DKG_DEAL, GET_DKG_KEY, SHARE_REQUEST, PRIVATE_FORWARD}),
     CONSENSUS_TOPIC: frozenset({ROUND, VERDICTS, EVIDENCE, CHECKPOINT}),
 }
 

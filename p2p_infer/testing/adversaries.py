@@ -39,6 +39,7 @@ from ..proto.consensus import Commit, Reveal, StageTask, commitment, sign_commit
 from ..proto.wire import Message
 
 TEST_FAULTS = ("wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial", "claims-fast", "consistent-liar",
+               "tee-forged", "tee-stale", "tee-measurement",  # the tee-* ones: bad attestations (verify/tee.py)
                "wrong-generation")
 NOISE = 0.5  # far outside the agreement tolerance: a wrong output is never "close enough"
 LATE_BY_S = 0.3  # past the commit deadline, inside the client's grace, so it is judged late
