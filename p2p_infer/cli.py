@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import cli_generate
 from .config import Settings, default_cache_dir, load_settings
 
 
@@ -46,7 +47,8 @@ def _audit_and_limits(p: argparse.ArgumentParser) -> None:
 def _tee_peer_flags(p: argparse.ArgumentParser) -> None:
     """The peer's attestation flags, and the testing aid (some of whose faults are bad attestations)."""
     p.add_argument("--test-fault", choices=["wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial",
-                                             "claims-fast", "consistent-liar", "tee-forged", "tee-stale", "tee-measurement"],
+                                             "claims-fast", "consistent-liar", "tee-forged", "tee-stale", "tee-measurement",
+                                             "wrong-generation"],
                    help="TESTING AID, off by default: make this peer misbehave in committees")
     p.add_argument("--tee", choices=["none", "sim", "tdx", "sgx"],
            help="attestation backend (default none; sim protects nothing: docs/tee.md)")
@@ -137,6 +139,7 @@ def _more_parsers(sub: Any) -> None:
 
     _audit_parser(sub)
     simulate_parser(sub)
+    cli_generate.add_parsers(sub, _common, _network)  # generate, chat
 
 
 def _audit_parser(sub: Any) -> None:
@@ -579,6 +582,7 @@ COMMANDS = {
     "peers": cmd_peers,
     "models": cmd_models,
     "query": cmd_query,
+    **cli_generate.COMMANDS,
 }
 
 if __name__ == "__main__":

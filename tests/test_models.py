@@ -30,7 +30,7 @@ def test_minilm_layerwise_equals_full_model():
 def test_manifest_ids_are_content_addresses():
     manifests = known_manifests()
     names = {m.name for m in manifests.values()}
-    assert names == {"minilm-l6", "digits-mlp"}
+    assert names == {"minilm-l6", "digits-mlp", "smollm2-135m"}
     for model_id, manifest in manifests.items():
         assert Manifest.from_json(manifest.to_json()).model_id == model_id
 

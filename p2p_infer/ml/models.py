@@ -32,7 +32,8 @@ from ..errors import BadTensor, ManifestMismatch, TrainingFailed, UnknownModel, 
 from .manifest import Manifest, check_layers, module_hash
 
 log = structlog.get_logger("p2p_infer.models")
-MODEL_NAMES = ("minilm-l6", "digits-mlp")
+MODEL_NAMES = ("minilm-l6", "digits-mlp", "smollm2-135m")
+PINNED = ("minilm-l6", "smollm2-135m")  # manifests shipped in ml/manifests/
 
 
 @dataclass
@@ -339,6 +340,11 @@ def load_model(name: str, cache_dir: Path | None = None) -> SplitModel:
                     )
             elif name == "digits-mlp":
                 model = DigitsMLP(cache_dir)
+            elif name == "smollm2-135m":
+                from .smollm2 import SmolLM2  # torch + transformers, converted once into the cache
+
+                model = SmolLM2(cache_dir)
+                _check_pinned(model.manifest)
             else:
                 raise UnknownModel(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
             _loaded[name] = model
@@ -354,9 +360,20 @@ def known_manifests(cache_dir: Path | None = None) -> dict[str, Manifest]:
     return found
 
 
+def pinned_manifest(name: str) -> Manifest:
+    return Manifest.from_json(resources.files("p2p_infer.ml.manifests").joinpath(f"{name}.json").read_text())
+
+
+def _check_pinned(loaded: Manifest) -> None:
+    pinned = pinned_manifest(loaded.name)
+    if pinned != loaded:
+        raise ManifestMismatch(f"{loaded.name} weights or runtime differ from the pinned manifest {pinned.model_id[:16]}... "
+                               f"(loaded {loaded.model_id[:16]}...)")
+
+
 def manifest_for(name: str, cache_dir: Path | None = None) -> Manifest:
-    if name == "minilm-l6":  # pinned in the package: no need to load 90 MB of weights
-        return Manifest.from_json(resources.files("p2p_infer.ml.manifests").joinpath("minilm-l6.json").read_text())
+    if name in PINNED:  # pinned in the package: no need to load the weights
+        return pinned_manifest(name)
     return load_model(name, cache_dir).manifest
 
 

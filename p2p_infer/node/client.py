@@ -179,6 +179,12 @@ class Client:
     async def classify(self, pixels: Sequence[float]) -> QueryResult:
         return await self.run("digits-mlp", list(pixels))
 
+    def generate(self, prompt: str, **options: Any) -> AsyncIterator[Any]:
+        """``async for piece in client.generate(prompt, max_new_tokens=32)``: text generation (node/generate.py)."""
+        from .generate import generate
+
+        return generate(self, prompt, **options)
+
     async def model(self, name: str) -> SplitModel:
         if name not in self._models:
             self._models[name] = await trio.to_thread.run_sync(load_model, name, default_cache_dir())

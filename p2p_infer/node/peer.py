@@ -23,7 +23,7 @@ from .. import __version__
 from ..clock import now_ms
 from ..config import Settings, default_cache_dir
 from ..net.dht import Discovery
-from ..proto.wire import ARTIFACT_PROTOCOL, COMMITTEE_PROTOCOL, FORWARD_PROTOCOL, SERVED_PROTOCOLS
+from ..proto.wire import ARTIFACT_PROTOCOL, COMMITTEE_PROTOCOL, FORWARD_PROTOCOL, SERVED_PROTOCOLS, SESSION_PROTOCOL
 from ..net.host import add_handler, full_addrs, parse_peer_addr, running_host
 from ..identity import Identity, load_or_create_identity
 from ..proto.records import all_peers_key, make_record, model_key, shard_key, sign_record
@@ -41,6 +41,7 @@ from .artifact_handler import handle_artifact
 from ..testing.adversaries import install as install_behaviour
 from .forward_handler import ForwardHandler
 from .proof_handler import ProofHandler
+from .session_handler import SessionHandler
 from ..net.gossip import Gossip, running_gossip
 from ..proto.reputation import Reputation
 from ..ml.shards import ServeSpec, ShardServer
@@ -83,6 +84,7 @@ class Peer:
         self.scheduler = FairScheduler(settings.compute_slots(), self.limits.max_queued_per_peer, self.limits.max_queued)
         self.forward = ForwardHandler(self)
         self.prover = ProofHandler(self)
+        self.sessions = SessionHandler(self)  # generation sessions (KV caches)
         self.discovery: Discovery | None = None
         self.host: IHost | None = None
         self._nursery: trio.Nursery | None = None  # background forwarding work
@@ -119,6 +121,7 @@ class Peer:
             add_handler(host, FORWARD_PROTOCOL, self.forward.handle)
             add_handler(host, COMMITTEE_PROTOCOL, self.member.handle)
             add_handler(host, ARTIFACT_PROTOCOL, handle_artifact)
+            add_handler(host, SESSION_PROTOCOL, self.sessions.handle)
             if self.dkg is not None:
                 add_handler(host, DKG_PROTOCOL, self.dkg.handle)
             async with background_trio_service(discovery.kad), running_gossip(host, self.on_gossip) as gossip:
@@ -131,6 +134,7 @@ class Peer:
                     await nursery.start(self._publish_loop, discovery)
                     nursery.start_soon(discovery.maintain, self.settings.refresh_interval)
                     nursery.start_soon(self.anchors.run)
+                    nursery.start_soon(self.sessions.reap)
                     nursery.start_soon(self.prover.build_all)  # ZK circuits, in another process
                     if self.dkg is not None:
                         manifests = await trio.to_thread.run_sync(known_manifests, default_cache_dir())

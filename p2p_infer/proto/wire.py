@@ -33,7 +33,8 @@ RESULT_PROTOCOL = protocol_id("forward-result")
 # ranks the tickets by H(beta, i, a), so each VRF proof is made and verified once per query
 COMMITTEE_PROTOCOL = protocol_id("committee", "4.0.0")
 ARTIFACT_PROTOCOL = protocol_id("artifact")
-SERVED_PROTOCOLS = (FORWARD_PROTOCOL, COMMITTEE_PROTOCOL, ARTIFACT_PROTOCOL)  # advertised in records
+SESSION_PROTOCOL = protocol_id("session")  # generation sessions with a KV cache (protocols/session.md)
+SERVED_PROTOCOLS = (FORWARD_PROTOCOL, COMMITTEE_PROTOCOL, ARTIFACT_PROTOCOL, SESSION_PROTOCOL)  # advertised in records
 DKG_PROTOCOL = protocol_id("dkg")  # threshold key ritual, share release, enhanced-privacy stages (protocols/dkg.md)
 
 # ---- gossip ----
@@ -63,6 +64,13 @@ REVEAL = "reveal"
 RESULT = "result"  # the reply to execute (since 3.0.0): commit + reveal + output
 # artifact protocol
 ARTIFACT = "artifact"
+# session protocol
+SESSION_OPEN = "session_open"
+SESSION_OPENED = "session_opened"
+SESSION_STEP = "session_step"
+SESSION_OUTPUT = "session_output"
+SESSION_CLOSE = "session_close"
+SESSION_CLOSED = "session_closed"
 # dkg protocol
 DKG_JOIN = "dkg_join"
 DKG_DEAL = "dkg_deal"
@@ -83,6 +91,7 @@ REQUESTS: dict[str, frozenset[str]] = {
     RESULT_PROTOCOL: frozenset({FORWARD_RESULT, FORWARD_FAILED}),
     COMMITTEE_PROTOCOL: frozenset({TICKET, EXECUTE}),
     ARTIFACT_PROTOCOL: frozenset({ARTIFACT}),
+    SESSION_PROTOCOL: frozenset({SESSION_OPEN, SESSION_STEP, SESSION_CLOSE}),
     DKG_PROTOCOL: frozenset({DKG_JOIN, DKG_DEAL, GET_DKG_KEY, SHARE_REQUEST, PRIVATE_FORWARD}),
     CONSENSUS_TOPIC: frozenset({ROUND, VERDICTS, EVIDENCE, CHECKPOINT}),
 }

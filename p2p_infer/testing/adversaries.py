@@ -39,7 +39,8 @@ from ..proto.consensus import Commit, Reveal, StageTask, commitment, sign_commit
 from ..proto.wire import Message
 
 TEST_FAULTS = ("wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial", "claims-fast", "consistent-liar",
-               "tee-forged", "tee-stale", "tee-measurement")  # the tee-* ones: bad attestations (verify/tee.py)
+               "tee-forged", "tee-stale", "tee-measurement",  # the tee-* ones: bad attestations (verify/tee.py)
+               "wrong-generation")
 NOISE = 0.5  # far outside the agreement tolerance: a wrong output is never "close enough"
 LATE_BY_S = 0.3  # past the commit deadline, inside the client's grace, so it is judged late
 COPY_WAIT_S = 2.0  # how long a copier waits for someone else's gossiped reveal
@@ -199,6 +200,10 @@ def honest_forward(hidden: torch.Tensor) -> torch.Tensor:
     return hidden
 
 
+def wrong_hidden(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden + 0.5
+
+
 async def no_pause() -> None:
     return None
 
@@ -250,4 +255,6 @@ def install(fault: str, identity: Identity, compute: LayersCompute, publish: Pub
         return Behaviour(member, ClaimsFast(), slow_reply, claims_fast)
     if fault == "consistent-liar":  # honest on each client's first plain request (its trial), wrong on the rest
         return Behaviour(member, ClaimsFast())
+    if fault == "wrong-generation":  # lies on every session step and forward reply, from the first
+        return Behaviour(member, wrong_hidden)
     return Behaviour(member, LieAfterTrial() if fault == "lie-after-trial" else honest_forward)

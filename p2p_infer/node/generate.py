@@ -1,0 +1,234 @@
+"""The generation driver: a thin I/O loop around :class:`~p2p_infer.proto.generation.GenerationMachine`.
+
+The client tokenises, runs the embedding and layer 0 with its own KV cache, sends each
+token's hidden state through the route's sessions (``/p2p-infer/session/1.0.0``, client
+driven: one request per span per token), and applies the final norm, the tied head and
+the sampling itself: peers see float hidden states only. A failed span is moved to a
+replacement and replayed (the machine plans it); with verification (the default) every
+span is re-executed by another provider before the answer is final, and a liar caught there
+is excluded and the generation run again without it. Usage::
+
+    async with Client(bootstrap=[...], trial=False) as client:
+        async for piece in client.generate("What is the capital of France?", max_new_tokens=32):
+            print(piece.text, end="", flush=True)
+        print(piece.result.to_json())
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Collection
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import trio
+
+from ..errors import NoRoute, P2PInferError, UnsupportedMode, UsageError, VerificationFailed
+from ..proto.forward import ForwardRequest
+from ..proto.generation import GenerationMachine, StepPlan, rows, to_wire
+from ..proto.routing import Server
+from ..proto.sampling import Sampling, choose
+from ..proto.wire import FORWARD_PROTOCOL, SESSION_OPENED, SESSION_PROTOCOL, expect_reply
+
+if TYPE_CHECKING:
+    from .client import Client
+
+log = structlog.get_logger("p2p_infer.generate")
+MODEL = "smollm2-135m"
+MAX_VERIFY_RERUNS = 2
+ROUTE_REFRESHES = 3  # directory refreshes before a missing span is final (no_route)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int]
+    prompt_tokens: int
+    route: list[dict[str, Any]]
+    verified: bool
+    mode: str  # "verified" | "unverified"
+    token_ms: list[float]
+    failovers: list[dict[str, str]] = field(default_factory=list)
+    verification: dict[str, Any] = field(default_factory=dict)
+    total_ms: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Piece:
+    """One streamed token (``text`` is the new text it adds). ``restart``: verification caught a
+    liar, what was streamed so far is void and the answer follows again. The last piece carries
+    ``result``."""
+
+    text: str
+    token: int | None = None
+    index: int = 0
+    ms: float = 0.0
+    restart: bool = False
+    route: list[str] = field(default_factory=list)  # the span peers when this token was made
+    result: GenerationResult | None = None
+
+
+def servers(client: Client, model: Any) -> list[Server]:
+    """The model's servers this client trusts (trial tasks do not cover sessions yet)."""
+    assert client.directory is not None
+    shards = [(r, s) for r, s in client.directory.shards_of(model.model_id) if client.reputation.trusted(r.peer_id)]
+    speed = client.throughput.effective({r.peer_id: r.throughput for r, _ in shards})
+    return [Server(r.peer_id, s.first, s.last, speed[r.peer_id], r.load, client.rtt_ms.get(r.peer_id)) for r, s in shards]
+
+
+class Generation:
+    def __init__(self, client: Client, prompt: str, *, max_new_tokens: int = 64, sampling: Sampling | None = None,
+                 verified: bool = True, chat: bool = True, timeout: float | None = None, avoid: Collection[str] = ()) -> None:
+        if max_new_tokens < 1:
+            raise UsageError("max_new_tokens must be >= 1")
+        self.client, self.prompt, self.max_new_tokens, self.chat = client, prompt, max_new_tokens, chat
+        self.sampling = (sampling or Sampling()).validate()
+        self.verified = verified
+        self.timeout = timeout or client.request_timeout
+        self.excluded: set[str] = set()  # caught by verification: never used again in this generation
+        self.avoid = set(avoid)  # not routed through on the first attempt (they may still verify)
+        self.caught: list[dict[str, Any]] = []
+
+    async def stream(self) -> AsyncIterator[Piece]:
+        model = await self.client.model(MODEL)
+        ids = await trio.to_thread.run_sync(model.prompt_ids, self.prompt, self.chat)
+        started = time.perf_counter()
+        for attempt in range(MAX_VERIFY_RERUNS + 1):
+            machine = await self._machine(model, len(ids), self.avoid if attempt == 0 else set())
+            tokens: list[int] = []
+            token_ms: list[float] = []
+            if attempt:
+                yield Piece("", restart=True)
+            async for piece in self._decode(model, machine, ids, tokens, token_ms):
+                yield piece
+            report = await self._verify(model, machine) if self.verified else {}
+            if report.get("agreed", True):
+                break
+        else:
+            raise VerificationFailed(f"generation still disagreed with re-execution after {MAX_VERIFY_RERUNS} reruns")
+        text = model.tokenizer.decode(tokens, skip_special_tokens=True)
+        result = GenerationResult(text, tokens, len(ids), machine.route, self.verified, "verified" if self.verified else "unverified",
+                                  token_ms, [{"peer": p, "reason": r} for p, r in machine.failures], {**report, "caught": self.caught},
+                                  (time.perf_counter() - started) * 1000)
+        yield Piece("", result=result)
+
+    async def _machine(self, model: Any, prompt_len: int, avoid: Collection[str]) -> GenerationMachine:
+        def build() -> GenerationMachine:
+            return GenerationMachine(model.model_id, len(model.layers), 1, model.hidden_size, servers(self.client, model),
+                                     self.client._rng, max_length=prompt_len + self.max_new_tokens, commit=self.verified,
+                                     reputation=self.client.reputation.of, exclude=self.excluded, avoid=avoid)
+        for attempt in range(ROUTE_REFRESHES + 1):
+            try:
+                machine = build()
+                break
+            except NoRoute:
+                if attempt == ROUTE_REFRESHES:
+                    raise
+                await trio.sleep(attempt)  # records found late on a loaded DHT, or a provider that just joined
+                await self.client.refresh()
+        if self.verified:
+            for index, verifier in machine.verifiers():
+                if verifier is None:
+                    slot = machine.slots[index]
+                    raise UnsupportedMode(f"verified generation needs a second provider of layers {slot.first}-{slot.last} "
+                                          f"to re-execute them; none is known (pass --unverified to accept unverified tokens)")
+        return machine
+
+    async def _decode(self, model: Any, machine: GenerationMachine, ids: list[int], tokens: list[int],
+                      token_ms: list[float]) -> AsyncIterator[Piece]:
+        from ..ml.smollm2 import KVCache
+
+        cache, eos, step_ids, shown = KVCache(), model.eos_ids(), ids, ""
+        try:
+            for index in range(self.max_new_tokens):
+                t0 = time.perf_counter()
+                hidden = await trio.to_thread.run_sync(_first_layer, model, step_ids, cache)
+                for span in range(len(machine.slots)):
+                    hidden = await self._through(machine, span, hidden)
+                logits = await trio.to_thread.run_sync(_logits, model, hidden)
+                token = choose(logits, self.sampling, index)
+                tokens.append(token)
+                token_ms.append((time.perf_counter() - t0) * 1000)
+                text = model.tokenizer.decode(tokens, skip_special_tokens=True)
+                yield Piece(text[len(shown):], token, index, token_ms[-1], route=[s.peer for s in machine.slots])
+                shown = text
+                if token in eos:
+                    break
+                step_ids = [token]
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._close_all(machine)
+
+    async def _through(self, machine: GenerationMachine, span: int, hidden: Any) -> Any:
+        """One span's step; on failure, fail over to a replacement and replay (bounded by the machine)."""
+        while True:
+            plan = machine.plan_step(span, hidden)
+            try:
+                return await self._send(machine, plan)
+            except P2PInferError as exc:
+                log.info("span failed; failing over with replay", peer=plan.peer[:16], first=machine.slots[span].first,
+                         reason=exc.message)
+                self.client._drop_stream(plan.peer)
+                old = machine.on_failure(plan, f"{exc.code}: {exc.message}")
+                if old is not None:
+                    self.client._nursery.start_soon(self._close_quietly, plan.peer, old)  # type: ignore[union-attr]
+
+    async def _send(self, machine: GenerationMachine, plan: StepPlan) -> Any:
+        assert self.client.pool is not None
+        if plan.open is not None:
+            reply = await self.client.pool.request(plan.peer, SESSION_PROTOCOL, plan.open.to_wire(), timeout=self.timeout)
+            expect_reply(reply, SESSION_OPENED)
+            machine.on_opened(plan)
+        reply = await self.client.pool.request(plan.peer, SESSION_PROTOCOL, plan.step.to_wire(), timeout=self.timeout)
+        return machine.on_output(plan, reply)
+
+    async def _close_all(self, machine: GenerationMachine) -> None:
+        with trio.move_on_after(5):
+            async with trio.open_nursery() as nursery:
+                for slot in machine.slots:
+                    if slot.opened:
+                        nursery.start_soon(self._close_quietly, slot.peer, slot.session)
+
+    async def _close_quietly(self, peer: str, session: str) -> None:
+        try:
+            assert self.client.pool is not None
+            with trio.move_on_after(5):
+                await self.client.pool.request(peer, SESSION_PROTOCOL, {"type": "session_close", "session": session}, timeout=5)
+        except P2PInferError:
+            pass  # the session expires on its TTL anyway
+
+    async def _verify(self, model: Any, machine: GenerationMachine) -> dict[str, Any]:
+        from .generate_verify import verify_spans
+
+        return await verify_spans(self, model, machine)
+
+    async def reexecute(self, model_id: str, peer: str, first: int, last: int, inputs: Any) -> Any:
+        """A stateless prefill of ``inputs`` [n, H] through ``first..last`` on ``peer`` (forward protocol)."""
+        assert self.client.pool is not None
+        rid = f"{self.client._rng.getrandbits(128):032x}"
+        req = ForwardRequest(model_id, first, last, to_wire(inputs), session=rid, request_id=rid)
+        reply = await self.client.pool.request(peer, FORWARD_PROTOCOL, req.to_wire(), timeout=self.timeout * 4)
+        return expect_reply(reply, "forward_result")["hidden"]
+
+
+def _first_layer(model: Any, ids: list[int], cache: Any) -> Any:
+    from ..ml.tensors import encode_tensor
+
+    return encode_tensor(model.run_span(model.embed_ids(ids), 0, 0, cache))
+
+
+def _logits(model: Any, hidden: Any) -> Any:
+    import torch
+
+    last = torch.from_numpy(rows(hidden)[None])
+    return model.logits(last).double().numpy()
+
+
+async def generate(client: Client, prompt: str, **options: Any) -> AsyncIterator[Piece]:
+    """``async for piece in generate(client, prompt, max_new_tokens=..., sampling=..., verified=...)``."""
+    async for piece in Generation(client, prompt, **options).stream():
+        yield piece

@@ -1,0 +1,216 @@
+"""The client's generation machine: which peer holds each span's session, what each step
+sends, failover with replay, and the verification of a finished generation. Sans-IO: hidden
+states are wire tensors (float32 [1, T, H]) handled with numpy; the driver
+(``node/generate.py``) sends the requests this machine builds and feeds the replies back.
+
+Per span the machine keeps the inputs it has sent and the outputs it used (float32
+[n, H]); so when a span's peer dies or misbehaves mid-generation, a replacement that serves
+the whole span is opened and sent the span's whole history plus the current step in one
+prefill (``position`` 0), and generation goes on where it was: the tokens equal an
+uninterrupted run's (the replayed cache equals the lost one to float rounding).
+
+Verification (docs/generation.md): each step's output comes with the peer's signed
+commitment to a digest of it (:func:`output_digest`); before the answer is final another
+provider of each span re-executes the span's whole input history in one stateless prefill,
+and every row must agree with the outputs the client used within :data:`TOLERANCE`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from ..errors import NoRoute, ProtocolViolation
+from ..identity import peer_id_from_public_key, verify_signature
+from .routing import Server, plan_route
+from .session import OpenRequest, StepRequest, parse_output
+from .tensors import WireTensor, wire_array
+
+DIGEST_K = 8  # entries per token in a step's digest (TOPLOC-style: the largest magnitudes)
+# |a - b| <= ATOL + RTOL * |b|, elementwise. Honest re-execution differs from incremental decode
+# only by float32 summation order (measured ~1e-5 relative, docs/generation.md); a lie that
+# changes any token's output by more than ~0.1% of its scale is caught.
+TOLERANCE = {"rtol": 1e-3, "atol": 1e-3}
+
+
+def to_wire(array: np.ndarray) -> WireTensor:
+    a = np.ascontiguousarray(array, dtype="<f4")
+    return {"dtype": "float32", "shape": [1, *a.shape], "data": a.tobytes()}
+
+
+def rows(tensor: WireTensor) -> np.ndarray:
+    """A float32 [1, T, H] wire tensor as a [T, H] array (checked)."""
+    return np.array(wire_array(tensor, field="hidden")[0], dtype=np.float32)
+
+
+def agree(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and bool(np.all(np.abs(a - b) <= TOLERANCE["atol"] + TOLERANCE["rtol"] * np.abs(b)))
+
+
+def output_digest(out: np.ndarray) -> dict[str, Any]:
+    """Per token: the indices of the ``DIGEST_K`` largest-magnitude entries and their values."""
+    idx = np.argsort(-np.abs(out), axis=1, kind="stable")[:, :DIGEST_K]
+    return {"indices": idx.astype("<i4").tobytes(), "values": np.take_along_axis(out, idx, 1).astype("<f4").tobytes(), "k": DIGEST_K}
+
+
+def commitment_bytes(peer: str, session: str, step: int, position: int, digest: dict[str, Any]) -> bytes:
+    """What a peer signs for one step: domain, its id, the step's place and the digest."""
+    return b"p2p-infer/session-commit/1\0" + hashlib.sha256(
+        msgpack.packb([peer, session, step, position, digest["k"], digest["indices"], digest["values"]], use_bin_type=True)).digest()
+
+
+def signed_commitment(identity: Any, session: str, step: int, position: int, out: np.ndarray) -> dict[str, Any]:
+    """The serving peer's side: digest of a step's output rows, signed with its key."""
+    digest = output_digest(out)
+    signature = identity.sign(commitment_bytes(identity.peer_id, session, step, position, digest))
+    return {"digest": digest, "public_key": identity.public_key, "signature": signature}
+
+
+def check_commitment(commitment: Any, peer: str, step: StepRequest, out: np.ndarray) -> None:
+    """The client's side: signed by ``peer``'s own key, for this step, and fitting ``out``."""
+    if not isinstance(commitment, dict) or not isinstance(commitment.get("digest"), dict):
+        raise ProtocolViolation(f"{peer[:16]}...: session_output carries no commitment")
+    key, signature, digest = commitment.get("public_key"), commitment.get("signature"), commitment["digest"]
+    if not isinstance(key, bytes) or not isinstance(signature, bytes) or peer_id_from_public_key(key) != peer:
+        raise ProtocolViolation(f"{peer[:16]}...: commitment not made with the peer's own key")
+    if not verify_signature(key, commitment_bytes(peer, step.session, step.step, step.position, digest), signature):
+        raise ProtocolViolation(f"{peer[:16]}...: commitment signature does not verify")
+    if not digest_matches(digest, out):
+        raise ProtocolViolation(f"{peer[:16]}...: committed digest does not fit the output sent")
+
+
+def digest_matches(digest: dict[str, Any], out: np.ndarray) -> bool:
+    """Whether ``out`` (the rows a step returned, or their re-execution) fits a committed digest."""
+    try:
+        k = int(digest["k"])
+        idx = np.frombuffer(digest["indices"], dtype="<i4").reshape(out.shape[0], k)
+        values = np.frombuffer(digest["values"], dtype="<f4").reshape(out.shape[0], k)
+    except (KeyError, TypeError, ValueError):
+        return False
+    if idx.min(initial=0) < 0 or idx.max(initial=0) >= out.shape[1]:
+        return False
+    return agree(np.take_along_axis(out, idx.astype(np.int64), 1), values)
+
+
+@dataclass
+class Slot:
+    """One span of the route and the session holding its cache."""
+
+    first: int
+    last: int
+    peer: str
+    session: str
+    hidden: int
+    inputs: np.ndarray = field(init=False)  # every input row sent and answered
+    outputs: np.ndarray = field(init=False)  # the output rows the client used
+    producers: list[str] = field(default_factory=list)  # per row: the peer whose output it is
+    commitments: list[dict[str, Any]] = field(default_factory=list)
+    opened: bool = False
+    cached: int = 0  # rows in the peer's cache
+    step: int = 0  # the peer session's next step number
+
+    def __post_init__(self) -> None:
+        self.inputs = np.zeros((0, self.hidden), dtype=np.float32)
+        self.outputs = np.zeros((0, self.hidden), dtype=np.float32)
+
+
+@dataclass
+class StepPlan:
+    slot: int
+    peer: str
+    open: OpenRequest | None
+    step: StepRequest
+    new_rows: int  # the rows of this token (the rest is replayed history)
+
+
+class GenerationMachine:
+    def __init__(self, model_id: str, num_layers: int, local_layers: int, hidden: int, servers: Collection[Server],
+                 rng: random.Random, *, max_length: int, max_retries: int = 3, commit: bool = True,
+                 reputation: Callable[[str], float] = lambda _p: 1.0, exclude: Collection[str] = (),
+                 avoid: Collection[str] = ()) -> None:
+        self.model_id, self.hidden, self.max_length, self.commit = model_id, hidden, max_length, commit
+        self.servers = list(servers)
+        self.rng = rng
+        self.excluded: set[str] = set(exclude)
+        self.failures: list[tuple[str, str]] = []  # (peer, reason)
+        self.max_retries = max_retries
+        route = plan_route(self.servers, local_layers, num_layers - 1, exclude=self.excluded | set(avoid), reputation=reputation)
+        self.slots = [Slot(seg.first, seg.last, seg.peer_id, self._session_id(), hidden) for seg in route]
+
+    def _session_id(self) -> str:
+        return f"{self.rng.getrandbits(128):032x}"
+
+    @property
+    def route(self) -> list[dict[str, Any]]:
+        return [{"peer": s.peer, "first": s.first, "last": s.last} for s in self.slots]
+
+    def plan_step(self, index: int, hidden: WireTensor) -> StepPlan:
+        """The request(s) carrying ``hidden`` (this token's rows) through span ``index``: an
+        open and a replay of the history first if the span's peer is new."""
+        slot = self.slots[index]
+        new = rows(hidden)
+        send = np.concatenate([slot.inputs[slot.cached:], new]) if slot.cached < len(slot.inputs) else new
+        opening = None if slot.opened else OpenRequest(slot.session, self.model_id, slot.first, slot.last, self.max_length)
+        step = StepRequest(slot.session, slot.step, slot.cached, to_wire(send), self.commit)
+        return StepPlan(index, slot.peer, opening, step, len(new))
+
+    def on_opened(self, plan: StepPlan) -> None:
+        self.slots[plan.slot].opened = True
+
+    def on_output(self, plan: StepPlan, reply: dict[str, Any]) -> WireTensor:
+        """Record a step's reply; the rows of this token (input of the next span)."""
+        slot = self.slots[plan.slot]
+        out = rows(parse_output(reply, plan.step.session, plan.step.step, plan.step.tokens, self.hidden))
+        if self.commit:
+            check_commitment(reply.get("commitment"), plan.peer, plan.step, out)
+            slot.commitments.append({**reply["commitment"], "peer": plan.peer, "session": plan.step.session,
+                                     "step": plan.step.step, "position": plan.step.position})
+        fresh = out[-plan.new_rows:]
+        slot.inputs = np.concatenate([slot.inputs, rows(plan.step.hidden)[-plan.new_rows:]])
+        slot.outputs = np.concatenate([slot.outputs, fresh])
+        slot.producers += [plan.peer] * plan.new_rows
+        slot.cached, slot.step = len(slot.inputs), slot.step + 1
+        return to_wire(fresh)
+
+    def on_failure(self, plan: StepPlan, reason: str) -> str | None:
+        """The span's peer failed: exclude it and move the span to a replacement serving the
+        whole span (history replayed at the next :meth:`plan_step`). The old session id,
+        to close best-effort; NoRoute when no replacement or retry is left."""
+        slot = self.slots[plan.slot]
+        self.failures.append((slot.peer, reason))
+        self.excluded.add(slot.peer)
+        if len(self.failures) > self.max_retries:
+            raise NoRoute(f"generation failed over {len(self.failures)} times; last: {reason}")
+        replacement = self.provider(slot.first, slot.last, self.excluded)
+        if replacement is None:
+            raise NoRoute(f"no replacement serves layers {slot.first}-{slot.last} (excluded: {len(self.excluded)} peers); last failure: {reason}")
+        old = slot.session
+        slot.peer, slot.session, slot.opened, slot.cached, slot.step = replacement, self._session_id(), False, 0, 0
+        return old
+
+    def provider(self, first: int, last: int, exclude: Collection[str]) -> str | None:
+        """A server holding all of ``first..last`` outside ``exclude``, drawn with the rng."""
+        fits = sorted({s.peer_id for s in self.servers if s.first <= first and last <= s.last and s.peer_id not in exclude})
+        return self.rng.choice(fits) if fits else None
+
+    def verifiers(self) -> list[tuple[int, str | None]]:
+        """Per span, another provider (none of the peers whose rows it checks) to re-execute it."""
+        return [(i, self.provider(s.first, s.last, {*s.producers, s.peer, *self.excluded})) for i, s in enumerate(self.slots)]
+
+    def check_reexecution(self, index: int, reexecuted: WireTensor) -> list[int]:
+        """Rows of span ``index`` whose re-execution disagrees with what the client used."""
+        slot = self.slots[index]
+        again = rows(reexecuted)
+        if again.shape != slot.outputs.shape:
+            return list(range(len(slot.outputs)))
+        bad = ~np.all(np.abs(again - slot.outputs) <= TOLERANCE["atol"] + TOLERANCE["rtol"] * np.abs(again), axis=1)
+        return [int(r) for r in np.nonzero(bad)[0]]
+
+    def blame(self, index: int, bad_rows: Sequence[int]) -> set[str]:
+        return {self.slots[index].producers[r] for r in bad_rows}
