@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         _audit_and_limits(p)
         if name == "peer":
             p.add_argument("--test-fault", choices=["wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial",
-                                                     "claims-fast"],
+                                                     "claims-fast", "consistent-liar"],
                            help="TESTING AID, off by default: make this peer misbehave in committees")
 
     p = sub.add_parser("peers", help="list live peers and their verified capabilities")
@@ -77,6 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--json", action="store_true")
 
+    _query_parser(sub)
+
+    p = sub.add_parser("verify", help="check a saved quorum certificate or proof chain offline (exit 0 only if valid)")
+    _common(p)
+    p.add_argument("certificate", type=Path, help="a --save-cert file, or a --save-proofs file with --proofs")
+    p.add_argument("--proofs", action="store_true", help="the file is a proof chain (critical mode)")
+    p.add_argument("--output", type=Path, metavar="FILE", help="check that this activation file (--save-output) is the certified output")
+    p.add_argument("--input", type=Path, metavar="FILE", help="check that this activation file (--save-input) is the certified input")
+
+    _more_parsers(sub)
+    return parser
+
+
+def _query_parser(sub: Any) -> None:
     p = sub.add_parser("query", help="run a query through the network")
     _common(p)
     _network(p)
@@ -92,17 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proof-follows", action="store_true", help="critical mode: print the result first, then verify the proofs")
     p.add_argument("--spot-check", type=float, default=0.0, metavar="P",
                    help="re-run each stage on another provider with probability P in (0, 1]; the client's weights settle disagreements")
+    p.add_argument("--unverified", action="store_true",
+                   help="no check: accept whatever the peers return (labelled UNVERIFIED); the default is a committee of 3 per stage")
+    p.add_argument("--optimistic", type=float, metavar="P",
+                   help="one executor per stage with a signed commitment; after the answer, re-execute each stage on another "
+                        "provider with probability P in (0, 1] (a lie is accepted with probability 1-P; the check finishes before exit)")
     p.add_argument("input", help="text for minilm-l6; for digits-mlp 64 comma-separated values or test:N")
 
-    p = sub.add_parser("verify", help="check a saved quorum certificate or proof chain offline (exit 0 only if valid)")
-    _common(p)
-    p.add_argument("certificate", type=Path, help="a --save-cert file, or a --save-proofs file with --proofs")
-    p.add_argument("--proofs", action="store_true", help="the file is a proof chain (critical mode)")
-    p.add_argument("--output", type=Path, metavar="FILE", help="check that this activation file (--save-output) is the certified output")
-    p.add_argument("--input", type=Path, metavar="FILE", help="check that this activation file (--save-input) is the certified input")
+
+def _more_parsers(sub: Any) -> None:
+    from .sim.cli import add_parser as simulate_parser  # p2p-infer simulate (p2p_infer/sim)
 
     _audit_parser(sub)
-    return parser
+    simulate_parser(sub)
 
 
 def _audit_parser(sub: Any) -> None:
@@ -257,8 +273,8 @@ def query_plan(args: argparse.Namespace) -> Any:
     from .proto.plan import QueryPlan
 
     return QueryPlan.from_options(forwarding=args.forwarding, committee=args.committee, critical=args.mode == "critical",
-                                  spot_check=args.spot_check, proof_follows=args.proof_follows,
-                                  local_layers=args.local_layers).validate()
+                                  spot_check=args.spot_check, optimistic=args.optimistic, unverified=args.unverified,
+                                  proof_follows=args.proof_follows, local_layers=args.local_layers).validate()
 
 
 def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
@@ -282,6 +298,11 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
                 started = time.perf_counter()
                 await client.verify_followed(result)
                 result.proofs["followed_after_ms"] = (time.perf_counter() - started) * 1000
+            if result.check is not None:  # optimistic: the answer is in, its check runs; wait for it before exiting
+                if not args.json:
+                    print_result(result.to_json())
+                    print("optimistic check: running after the answer...", flush=True)
+                await result.check
             out = result.to_json()
             if args.save_proofs is not None and result.proofs is not None:
                 args.save_proofs.write_bytes(proof_file(result))
@@ -298,9 +319,42 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     out = trio.run(query)
     if args.json:
         print(json.dumps(out))
+    elif out.get("check") is not None:
+        print_check(out)
     else:
         print_result(out)
+    if (out.get("check") or {}).get("mismatch"):  # the answer already printed did not hold up
+        print("error: optimistic check: an answer returned did not match its re-executions (see above)", file=sys.stderr)
+        return 1
     return 0
+
+
+def verification_line(out: dict[str, Any]) -> str:
+    """How the answer was checked, in one line that cannot be missed."""
+    labels = sorted({s["check"] for s in out.get("verification") or []})
+    stages = len(out.get("verification") or [])
+    if out.get("verified"):
+        return f"VERIFIED: {', '.join(labels)} on every stage ({stages})"
+    if labels == ["none"]:
+        return "UNVERIFIED: no stage was checked (--unverified); a dishonest peer's answer would be accepted"
+    if labels and labels[0].startswith("optimistic"):
+        return f"OPTIMISTIC ({labels[0]}): returned before its check; a lie is accepted with probability 1-p per stage"
+    checked = sum(1 for s in out.get("verification") or [] if s["verified"])
+    return f"UNVERIFIED: {checked} of {stages} stage(s) checked ({', '.join(labels)})"
+
+
+def print_check(out: dict[str, Any]) -> None:
+    """The optimistic check's outcome, per stage (the result itself was printed before it ran)."""
+    check = out["check"]
+    for st in check.get("stages", []):
+        what = f"re-executed by {', '.join(c[:16] + '...' for c in st['checkers'])}" if st["checkers"] else "no re-execution"
+        wrong = f", evidence against {st['wrong']}" if st["wrong"] else ""
+        print(f"  check layers {st['first']}-{st['last']}: {'drawn' if st['checked'] else 'not drawn'}, {what}: {st['outcome']}{wrong}")
+    verdict = "MISMATCH: an answer already returned did not hold" if check.get("mismatch") else "no mismatch found"
+    print(f"optimistic check {'ran' if check.get('ran') else 'did not run (not drawn)'}: {verdict}")
+    if "local_check" in out:
+        c = out["local_check"]
+        print(f"check against the model run locally: max abs diff {c['max_abs_diff']:.2e} -> {'MATCH' if c['match'] else 'MISMATCH'}")
 
 
 def save_certified(args: argparse.Namespace, certified: dict[str, bytes] | None) -> dict[str, str]:
@@ -335,6 +389,7 @@ def compare_outputs(remote: dict[str, Any], local: dict[str, Any]) -> dict[str, 
 def print_result(out: dict[str, Any]) -> None:
     o = out["output"]
     print(f"model {out['model']} ({out['model_id'][:16]}...), mode {out['mode']}")
+    print(verification_line(out))
     if "embedding" in o:
         norm = sum(v * v for v in o["embedding"]) ** 0.5
         print(f"embedding: {len(o['embedding'])} dims, norm {norm:.4f}, first values {[round(v, 4) for v in o['embedding'][:5]]}")
@@ -475,7 +530,14 @@ def audit_summary(path: Path, n: int, peer: str | None, anchoring: Any) -> str:
             + "".join(f"; {note}" for note in anchoring.notes))
 
 
+def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
+    from .sim.cli import cmd_simulate as run
+
+    return run(args, settings)
+
+
 COMMANDS = {
+    "simulate": cmd_simulate,
     "verify": cmd_verify,
     "audit": cmd_audit,
     "id": cmd_id,

@@ -193,6 +193,21 @@ class NoQuorum(ConsensusError):
     code = "no_quorum"
 
 
+class CannotVerify(ConsensusError):
+    """A stage has fewer providers than its check needs. The query is refused before it is
+    sent (never run unverified instead); the message names the stage, the providers found
+    and how many the check needs."""
+
+    code = "cannot_verify"
+
+
+class BadCommitment(ConsensusError):
+    """A forward reply's signed commitment is missing, not the executor's, or bound to
+    something other than what it returned (optimistic mode, protocols/forward.md)."""
+
+    code = "bad_commitment"
+
+
 class NotSelected(ConsensusError):
     """A member refuses a task its client's signed candidate set does not select it for
     (or a request from someone other than the task's client)."""
@@ -254,6 +269,24 @@ class SwarmError(P2PInferError):
     """The test harness could not start, reach or stop a swarm process."""
 
     code = "swarm"
+
+
+class SimulationError(P2PInferError):
+    """A simulation could not be set up or run (scenario, identities, engine)."""
+
+    code = "simulation"
+
+
+class ScenarioError(SimulationError, ValueError):
+    """A scenario file has an unknown key, a wrong type or a value out of range."""
+
+    code = "bad_scenario"
+
+
+class InvariantBroken(SimulationError):
+    """A simulation finished, and its report breaks an invariant it must hold."""
+
+    code = "invariant_broken"
 
 
 def _subclasses(cls: type[P2PInferError]) -> list[type[P2PInferError]]:

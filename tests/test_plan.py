@@ -13,8 +13,10 @@ SUPPORTED = [
     QueryPlan(checks=("committee",), committee_k=5),
     QueryPlan(checks=("zk",)),
     QueryPlan(checks=("zk",), proof_follows=True),
-    QueryPlan(transport="forwarding"),
+    QueryPlan(transport="forwarding", checks=()),
     QueryPlan(checks="none"),
+    QueryPlan(checks=("optimistic",), optimistic=0.1),
+    QueryPlan(checks=("optimistic",), optimistic=1.0),
 ]
 
 
@@ -36,9 +38,16 @@ REFUSED = [
     (QueryPlan(checks=("committee",), committee_k=0), ["committee of k=0", "K >= 3"]),
     (QueryPlan(checks=("committee",), committee_k=1), ["committee of k=1", "K >= 3"]),  # one key's word certifies nothing
     (QueryPlan(checks=("committee",), committee_k=2), ["committee of k=2", "K >= 3"]),
-    (QueryPlan(checks=("committee",)), ["committee of k=None"]),
     (QueryPlan(checks=("committee",), committee_k=-2), ["committee of k=-2"]),
-    (QueryPlan(committee_k=3), ["committee size k=3 without check committee"]),
+    (QueryPlan(checks=(), committee_k=3), ["committee size k=3 without check committee"]),
+    (QueryPlan(transport="forwarding"), ["forwarding with committee", "--unverified"]),  # the default check is a committee
+    (QueryPlan(checks=("optimistic", "committee"), optimistic=0.1), ["optimistic with committee"]),
+    (QueryPlan(checks=("optimistic", "zk"), optimistic=0.1), ["optimistic with zk"]),
+    (QueryPlan(checks=("spot-check", "optimistic"), optimistic=0.1, spot_check=0.1), ["spot-check with optimistic"]),
+    (QueryPlan(transport="forwarding", checks=("optimistic",), optimistic=0.1), ["forwarding with optimistic"]),
+    (QueryPlan(checks=("optimistic",), optimistic=0.0), ["optimistic probability 0.0", "(0, 1]"]),
+    (QueryPlan(checks=("optimistic",), optimistic=1.5), ["optimistic probability 1.5"]),
+    (QueryPlan(optimistic=0.5), ["optimistic probability 0.5 without check optimistic"]),
     (QueryPlan(checks=("spot-check",), spot_check=0.0), ["spot-check probability 0.0", "(0, 1]"]),
     (QueryPlan(checks=("spot-check",), spot_check=1.5), ["spot-check probability 1.5", "(0, 1]"]),
     (QueryPlan(checks=("spot-check",), spot_check=-0.1), ["spot-check probability -0.1"]),
@@ -63,9 +72,22 @@ def test_refused_plans_name_the_combination(plan, names):
     assert info.value.code == "unsupported_mode" and isinstance(info.value, P2PInferError)
 
 
+def test_verified_by_default():
+    """No options at all is a committee of 3 per stage; no check must be asked for by name."""
+    assert QueryPlan().checks == ("committee",) and QueryPlan().committee_k == 3
+    assert QueryPlan.from_options().check == "committee" and QueryPlan.from_options().committee_k == 3
+    assert QueryPlan.from_options(unverified=True).validate().check == "none"
+    assert QueryPlan.from_options(unverified=True, forwarding=True).validate().transport == "forwarding"
+    assert QueryPlan.from_options(optimistic=0.25).validate().stage_check() == "optimistic p=0.25"
+    with pytest.raises(UnsupportedMode, match="unverified with committee"):
+        QueryPlan.from_options(unverified=True, committee=3)
+    with pytest.raises(UnsupportedMode, match="unverified with optimistic"):
+        QueryPlan.from_options(unverified=True, optimistic=0.5)
+
+
 def test_the_client_options_map_onto_a_plan():
     assert QueryPlan.from_options() == QueryPlan()
-    assert QueryPlan.from_options(forwarding=True).transport == "forwarding"
+    assert QueryPlan.from_options(forwarding=True, unverified=True).transport == "forwarding"
     assert QueryPlan.from_options(committee=3).checks == ("committee",)
     assert QueryPlan.from_options(critical=True, proof_follows=True).check == "zk"
     assert QueryPlan.from_options(spot_check=0.3).spot_check == 0.3

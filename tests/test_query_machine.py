@@ -48,7 +48,7 @@ START = wire([0.0, 1.0])
 
 
 def machine(plan=None, servers=SERVERS, seed=0, **kw) -> QueryMachine:
-    return QueryMachine(plan or QueryPlan(), "toy", N_LAYERS, START, list(servers), random.Random(seed), **kw)
+    return QueryMachine(plan or QueryPlan(checks=()), "toy", N_LAYERS, START, list(servers), random.Random(seed), **kw)
 
 
 def only(actions, kind):
@@ -112,7 +112,7 @@ def test_a_wrong_answer_is_penalised_and_routed_around():
 
 def test_retries_are_bounded_then_no_route_names_the_model():
     servers = [Server("a", 1, 2, 100.0)] + [Server(f"m{i}", 3, 4, 100.0) for i in range(5)] + [Server("c", 5, 5, 100.0)]
-    m = machine(QueryPlan(max_retries=2), servers)
+    m = machine(QueryPlan(checks=(), max_retries=2), servers)
     send = only(answer(m, only(m.start(0.0), SendHop), 0.1), SendHop)
     for attempt in range(3):
         actions = m.on_failure(send.request_id, HopFailure.from_error(PeerUnreachable("gone")), 1.0 + attempt)
@@ -159,7 +159,7 @@ def test_a_deadline_expires_on_virtual_time():
 
 
 def test_forwarding_sends_the_whole_route_once():
-    m = machine(QueryPlan(transport="forwarding"), timeout=5.0)
+    m = machine(QueryPlan(transport="forwarding", checks=()), timeout=5.0)
     fwd = only(m.start(0.0), SendForward)
     assert [(s.peer_id, s.first, s.last) for s in fwd.route] == [("a", 1, 2), ("b", 3, 4), ("c", 5, 5)]
     assert fwd.reply_from == "c" and fwd.activation == START
@@ -170,7 +170,7 @@ def test_forwarding_sends_the_whole_route_once():
 
 
 def test_forwarding_failure_falls_back_to_hop_by_hop_without_the_failed_peer():
-    m = machine(QueryPlan(transport="forwarding"))
+    m = machine(QueryPlan(transport="forwarding", checks=()))
     fwd = only(m.start(0.0), SendForward)
     m.on_accepted(fwd.request_id, 0.1)
     actions = m.on_failure(fwd.request_id, HopFailure("b: internal: boom", peer="b"), 0.5)
@@ -183,7 +183,7 @@ def test_forwarding_failure_falls_back_to_hop_by_hop_without_the_failed_peer():
 
 
 def test_a_forwarded_result_that_never_comes_falls_back_on_virtual_time():
-    m = machine(QueryPlan(transport="forwarding"), timeout=5.0)
+    m = machine(QueryPlan(transport="forwarding", checks=()), timeout=5.0)
     fwd = only(m.start(0.0), SendForward)
     deadline = only(m.on_accepted(fwd.request_id, 1.0), AwaitResult).deadline
     assert m.poll(deadline - 0.001) == []
@@ -259,7 +259,7 @@ def test_a_machine_refuses_an_unsupported_plan_before_sending():
     with pytest.raises(UnsupportedMode, match="committee"):
         machine(QueryPlan(checks=("committee",), committee_k=3))  # committees have their own driver
     with pytest.raises(UsageError, match="keeps 6 locally"):
-        machine(QueryPlan(local_layers=6))
+        machine(QueryPlan(checks=(), local_layers=6))
 
 
 def trial_tasks() -> list[TrialTask]:

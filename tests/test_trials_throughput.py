@@ -71,7 +71,7 @@ def live_hops(seed: int) -> list[SendHop]:
     rng = random.Random(seed)
     # each query sees the servers in its own order of speed, as measurements change
     servers = [Server(s.peer_id, s.first, s.last, rng.uniform(10, 1000)) for s in SERVERS]
-    m = QueryMachine(QueryPlan(), "toy", N_LAYERS, START, servers, rng)
+    m = QueryMachine(QueryPlan(checks=()), "toy", N_LAYERS, START, servers, rng)
     actions, sends = m.start(0.0), []
     while not isinstance(actions[-1], Done):
         [send] = [a for a in actions if isinstance(a, SendHop)]

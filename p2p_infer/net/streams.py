@@ -47,6 +47,7 @@ class StreamPool:
         self.host = host
         self.addrs_of = addrs_of
         self._slots: dict[tuple[str, str], _Slot] = {}
+        self._dialled: dict[str, list[str]] = {}  # the addresses each peer was last dialled at
 
     async def request(
         self, peer_id: str, protocol: str, message: Message, *, timeout: float
@@ -89,7 +90,15 @@ class StreamPool:
             known = list(await self.addrs_of(peer_id))
             if not known:
                 raise PeerUnreachable(f"{peer_id}: not connected, and no verified address to dial")
-            await dial(self.host, peer_info(peer_id, [a.split("/p2p/")[0] for a in known]))
+            addrs = [a.split("/p2p/")[0] for a in known]
+            if self._dialled.get(peer_id) != addrs:  # new addresses (a peer restarted on another port): py-libp2p's
+                self._dialled[peer_id] = addrs  # 60 s negative dial cache of the old ones would refuse it (issue 13's churn)
+                unblock = getattr(self.host.get_network(), "unblock_peer", None)
+                if unblock is not None:
+                    unblock(pid)
+                while len(self._dialled) > 4096:
+                    self._dialled.pop(next(iter(self._dialled)))
+            await dial(self.host, peer_info(peer_id, addrs))
         return await open_stream(self.host, pid, protocol)
 
     def forget(self, peer_id: str) -> None:

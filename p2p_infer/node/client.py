@@ -29,7 +29,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from ..clock import now_ms
 from ..config import default_cache_dir
-from ..errors import NoRoute, P2PInferError, PeerUnreachable, UsageError
+from ..errors import CannotVerify, NoRoute, P2PInferError, PeerUnreachable, UsageError
 from ..identity import Identity
 from ..ml.models import Activation, SplitModel, known_manifests, load_model
 from ..ml.tensors import decode_tensor, encode_optional, encode_tensor
@@ -46,9 +46,9 @@ from ..proto.reputation import Reputation
 from ..proto.routing import Segment, Server, ThroughputBook, plan_route
 from ..proto.trial import Admission
 from ..proto.wire import FORWARD_PROTOCOL, RESULT_PROTOCOL, Message
-from . import committee_client, trials, zk_client
+from . import committee_client, optimistic_client, trials, zk_client
 from .query_driver import ForwardResults, QueryDriver
-from .results import HopReport, QueryResult
+from .results import HopReport, QueryResult, stage_labels
 
 log = structlog.get_logger("p2p_infer.client")
 
@@ -81,11 +81,14 @@ class Client:
         audit_log: Path | None = None,
         critical: bool = False,
         proof_follows: bool = False,
+        unverified: bool = False,
+        optimistic: float | None = None,
+        check_rng: random.Random | None = None,
         plan: QueryPlan | None = None,
     ) -> None:
         self.query_plan = resolve_plan(plan, forwarding=forwarding, committee=committee, critical=critical, spot_check=spot_check,
-                                       proof_follows=proof_follows, local_layers=local_layers, max_retries=max_retries,
-                                       max_reruns=max_reruns, trial=trial)
+                                       optimistic=optimistic, unverified=unverified, proof_follows=proof_follows,
+                                       local_layers=local_layers, max_retries=max_retries, max_reruns=max_reruns, trial=trial)
         # read by committee_client, which runs on this client's attributes
         self.committee = self.query_plan.committee_k if self.query_plan.check == "committee" else None
         self.local_layers = self.query_plan.local_layers
@@ -99,6 +102,8 @@ class Client:
         self.reputation = Reputation()
         self.auditor = Auditor(self.reputation, AuditLog(audit_log, self.identity, now_ms) if audit_log else None)
         self._rng = random.SystemRandom()  # request ids and spot-check draws: unguessable by peers
+        self._check_rng = check_rng or self._rng  # optimistic draws (injected in tests)
+        self._checks: list[optimistic_client.PendingCheck] = []  # optimistic checks still running
         self.admission = Admission(self._rng, timeout=request_timeout)  # trial verdicts, kept across queries
         self.throughput = ThroughputBook()  # what routing ranks peers by: timed here, never taken from records
         self.results = ForwardResults()
@@ -141,6 +146,7 @@ class Client:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._stack is not None
+        await self._wait_for_checks()
         if self.gossip is not None:
             await self.gossip.flush()  # verdicts and evidence of the last query still go out
         await self._stack.__aexit__(None, None, None)
@@ -187,6 +193,7 @@ class Client:
         await self._admit_servers(model, act)
         live = time.perf_counter()
         if self.query_plan.check == "committee":
+            await self._require_committees(model)  # refused before anything is sent, never run unverified
             received, fields = await self._run_committee(model, act)
         else:
             received, fields = await self._run_machine(model, act)
@@ -194,8 +201,41 @@ class Client:
         finish_start = time.perf_counter()
         output = model.finish(received)
         local_ms += (time.perf_counter() - finish_start) * 1000
-        return QueryResult(model=model.name, model_id=model.model_id, output=output, local_ms=local_ms,
-                           total_ms=(time.perf_counter() - started) * 1000, **fields)
+        runs = fields.pop("optimistic_runs", None)
+        result = QueryResult(model=model.name, model_id=model.model_id, output=output, local_ms=local_ms,
+                             total_ms=(time.perf_counter() - started) * 1000, **fields)
+        result.verification = stage_labels(self.query_plan.check, self.query_plan.stage_check(), result.route, result.spot_checks,
+                                           result.proofs)
+        result.verified = bool(result.verification) and all(s["verified"] for s in result.verification)
+        if runs is not None:  # the answer is back: only now is its check drawn
+            stages = optimistic_client.stage_runs(runs, result.route, encode_optional(act.mask))
+            result.check = optimistic_client.start_check(self, model, stages, self._check_rng)
+            self._checks = [c for c in self._checks if not c.done] + [result.check]
+        return result
+
+    async def _require_committees(self, model: SplitModel) -> None:
+        """Every stage of the route needs ``k`` providers (trusted, past their trial); refresh once if one is short."""
+        k = self.query_plan.committee_k or 0
+        for attempt in range(2):
+            segments = await self._plan_or_refresh(model, self.local_layers, ())
+            servers = self.servers(model)
+            short = [(s, [x.peer_id for x in servers if x.first <= s.first and s.last <= x.last]) for s in segments]
+            short = [(s, found) for s, found in short if len(found) < k]
+            if not short:
+                return
+            if attempt == 0:
+                await self.refresh()  # maybe providers joined since the last refresh
+        segment, found = short[0]
+        names = f": {', '.join(p[:16] + '...' for p in found)}" if found else ""
+        raise CannotVerify(f"cannot verify {model.name} layers {segment.first}-{segment.last}: found {len(found)} provider(s) "
+                           f"(trusted, past their trial){names}; a committee of {k} needs {k}. Add providers, or ask for an "
+                           "unverified answer explicitly (--unverified, unverified=True)")
+
+    async def _wait_for_checks(self) -> None:
+        """Optimistic checks still running finish before the client closes (bounded)."""
+        with trio.move_on_after(3 * self.request_timeout):
+            for pending in self._checks:
+                await pending.wait()
 
     async def _run_committee(self, model: SplitModel, act: Activation) -> tuple[Activation, dict[str, Any]]:
         received, hops, stages, cert = await committee_client.run_committees(self, model, act)
@@ -209,9 +249,11 @@ class Client:
         done = await QueryDriver(self, model).drive(machine)
         received = Activation(decode_tensor(done.output, field="output"), act.mask)
         route = [HopReport(h.peer_id, h.first, h.last, h.compute_ms, h.queue_ms, h.round_trip_ms) for h in done.hops]
+        optimistic = self.query_plan.check == "optimistic"
         return received, {"route": route, "mode": done.mode, "retries": len(done.failed), "failed_peers": list(done.failed),
                           "spot_checks": list(done.spot_checks),
-                          "proofs": await self._proof_report(model, act, received, list(done.evidence))}
+                          "proofs": None if optimistic else await self._proof_report(model, act, received, list(done.evidence)),
+                          **({"optimistic_runs": list(done.evidence)} if optimistic else {})}
 
     async def _proof_report(self, model: SplitModel, sent: Activation, received: Activation, evidence: list[Any]) -> dict[str, Any] | None:
         """zk: verify the proofs and their chain now, or (proofs follow) keep them for verify_followed()."""

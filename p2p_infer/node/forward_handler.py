@@ -17,10 +17,11 @@ import structlog
 
 from libp2p.peer.id import ID
 
-from ..errors import NotServed, PeerUnreachable, RemoteError
+from ..errors import NotServed, PeerUnreachable, ProtocolViolation, RemoteError
 from ..net.framing import Held, current_reservation
 from ..ml.tensors import activation_from_wire, encode_tensor
 from ..proto.forward import ForwardRequest, forward_reply, parse_forward_request
+from ..proto.optimistic import input_digest, sign_commitment
 from ..proto.wire import ACCEPTED, FORWARD_FAILED, FORWARD_PROTOCOL, GET_PROOF, OK, PING, PONG, RESULT_PROTOCOL, Message, expect
 
 if TYPE_CHECKING:
@@ -44,6 +45,8 @@ class ForwardHandler:
         _dump_request(message)
         req = parse_forward_request(message)
         model, act = self._admit(req)
+        if req.commit is not None and (req.prove or req.reply_to):  # optimistic mode is client-driven and unproven
+            raise ProtocolViolation("forward: 'commit' is only for client-driven requests without 'prove'")
         if req.prove:  # critical mode: the circuit's own output, with a proof of it
             return await self.peer.prover.prove_forward(model, req, act)
         job = self.peer.admit()  # this peer's share of the queue, or Overloaded before any work
@@ -61,7 +64,12 @@ class ForwardHandler:
         self.forwards_served += 1
         hidden = self.peer.behaviour.forward_output(hidden)  # identity unless a --test-fault says otherwise
         await self.peer.behaviour.pace()  # no pause unless a --test-fault says otherwise
-        return forward_reply(encode_tensor(hidden), compute_ms, queue_ms, req.request_id)
+        out = encode_tensor(hidden)
+        commitment = None
+        if req.commit is not None:  # optimistic mode: bound to exactly what is returned, lie or not
+            commitment = sign_commitment(self.peer.identity, req.model_id, req.first, req.last,
+                                         input_digest(req.hidden, req.mask), out, req.commit)
+        return forward_reply(out, compute_ms, queue_ms, req.request_id, commitment)
 
     def _pong(self) -> Message:
         host = self.peer.host

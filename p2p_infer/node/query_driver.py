@@ -22,7 +22,8 @@ from ..ml.models import SplitModel
 from ..ml.tensors import activation_from_wire, encode_tensor
 from ..net.framing import remote_peer
 from ..net.host import dial, peer_info
-from ..proto.forward import ForwardRequest, Hop, parse_forward_reply
+from ..proto.forward import ForwardRequest, Hop, parse_commitment, parse_forward_reply
+from ..proto.optimistic import CommitRequest, ForwardCommitment, input_digest
 from ..proto.query import (
     Action,
     Arbitrate,
@@ -53,7 +54,7 @@ class Reply:
 
     output: WireTensor
     timing: dict[str, float]
-    evidence: Any = None  # zk: the shard's proof, or (peer, token, first, last) to fetch it later
+    evidence: Any = None  # zk: the shard's proof, or (peer, token, first, last) to fetch it later; optimistic: the commitment
 
 
 
@@ -183,10 +184,17 @@ class QueryDriver:
 
     # ---- one request and its checks ----
 
-    async def exchange(self, send: SendHop) -> Reply | HopFailure:
+    def _commit_request(self, send: SendHop) -> CommitRequest | None:
+        """Optimistic mode: every plain request asks for a signed commitment (trials too, so they look alike)."""
+        if self.client.query_plan.check != "optimistic" or send.prove:
+            return None
+        return CommitRequest.draw(self.client._rng)
+
+    async def exchange(self, send: SendHop, commit: CommitRequest | None = None) -> Reply | HopFailure:
         """Send one stage; a failure to answer, or an answer that fails the checks (the peer's fault)."""
+        commit = commit or self._commit_request(send)
         message = ForwardRequest(self.model.model_id, send.first, send.last, send.activation, send.mask,
-                                 session=send.session, request_id=send.request_id, prove=send.prove).to_wire()
+                                 session=send.session, request_id=send.request_id, prove=send.prove, commit=commit).to_wire()
         sent_at = self.now()
         try:  # the pool turns timeouts, resets and bad addresses into PeerUnreachable
             reply = await self.client._request(send.peer_id, message, timeout=max(send.deadline - sent_at, 1e-3))
@@ -196,7 +204,7 @@ class QueryDriver:
         try:
             hidden, timing = parse_forward_reply(reply)
             self._check_activation(hidden, send.mask)
-            evidence = self._evidence(send, reply)
+            evidence = self._evidence(send, reply) if commit is None else self._commitment(send, reply, hidden, commit)
         except P2PInferError as exc:
             return HopFailure.wrong_answer(exc)
         if not send.prove:  # a proof's seconds of proving say nothing about plain throughput
@@ -208,6 +216,13 @@ class QueryDriver:
     def _check_activation(self, hidden: WireTensor, mask: WireTensor | None) -> None:
         """The model's shapes and dtypes (the codec already checked the tensor itself)."""
         self.model.check_activation(activation_from_wire(hidden, mask))
+
+    def _commitment(self, send: SendHop, reply: Message, hidden: WireTensor, commit: CommitRequest) -> ForwardCommitment:
+        """The executor's signature over exactly this answer, or the answer is refused as its fault."""
+        commitment = parse_commitment(reply)
+        commitment.check(executor=send.peer_id, model_id=self.model.model_id, first=send.first, last=send.last,
+                         input_digest=input_digest(send.activation, send.mask), output=hidden, request=commit)
+        return commitment
 
     @staticmethod
     def _evidence(send: SendHop, reply: Message) -> Any:

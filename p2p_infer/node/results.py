@@ -1,8 +1,8 @@
-"""What a query returns: the result, its route and its evidence."""
+"""What a query returns: the result, its route, how each stage was verified, and its evidence."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 
@@ -31,10 +31,37 @@ class QueryResult:
     certificate: bytes | None = None  # committee mode: the quorum certificate (Certificate.encode())
     spot_checks: list[dict[str, Any]] = field(default_factory=list)
     proofs: dict[str, Any] | None = None  # critical mode: the verified proof chain
+    # True only if every stage was checked before this result was returned (committee, proven
+    # shards, or a spot check that ran on it); optimistic results are False: their check follows
+    verified: bool = False
+    # per stage: {"first", "last", "check": "committee k=3" | "zk" | "optimistic p=0.1" | "spot-check p=.." | "none", "verified"}
+    verification: list[dict[str, Any]] = field(default_factory=list)
+    # optimistic mode: the check that runs after the answer (``await result.check`` -> its report)
+    check: Any = None
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = asdict(replace(self, check=None))
         data["certificate"] = None if self.certificate is None else f"{len(self.certificate)} bytes"
         if self.proofs is not None:
             data["proofs"] = {k: v for k, v in self.proofs.items() if k not in ("chain", "output")}
+        if self.check is not None:
+            data["check"] = self.check.report if self.check.done else {"pending": True}
         return data
+
+
+def stage_labels(check: str, label: str, route: list[HopReport], spot_checks: list[dict[str, Any]],
+                 proofs: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """How each stage of a finished query was verified, for ``QueryResult.verification``."""
+    out = []
+    for hop in route:
+        if check == "committee":
+            verified = True  # a quorum certificate covers it, else the query failed
+        elif check == "zk":
+            verified = proofs is not None and proofs.get("verified") is True
+        elif check == "spot-check":
+            verified = any(c["first"] == hop.first and c["last"] == hop.last and c.get("outcome") in ("agree", "disagree")
+                           for c in spot_checks)
+        else:  # none, or optimistic (checked after the answer, if drawn)
+            verified = False
+        out.append({"first": hop.first, "last": hop.last, "check": label, "verified": verified})
+    return out

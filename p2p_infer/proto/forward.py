@@ -7,7 +7,9 @@ torch conversion (``ml/tensors.py``). ``protocols/forward.md`` is the normative 
 Request ``forward``: model id, layer range, session and request ids, the hidden state and
 its mask, and optionally ``route``: the hops after this one, for peer-to-peer forwarding
 (each hop is ``{peer, addrs, first, last}``; the last hop returns the result to
-``reply_to`` instead of to the sender).
+``reply_to`` instead of to the sender), and optionally ``commit`` (optimistic mode: a task id
+and client nonce; the reply then carries the executor's signed commitment,
+``proto/optimistic.py``). Both fields are additive: a request without them is answered as before.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ProtocolViolation
+from ..errors import BadCommitment, ProtocolViolation
+from .optimistic import CommitRequest, ForwardCommitment
 from .tensors import DEFAULT_MAX_TENSOR_BYTES, WireTensor, check_wire_tensor
 from .wire import FORWARD, FORWARD_PROTOCOL, FORWARD_RESULT, Message, expect, expect_reply
 MAX_ROUTE_HOPS = 32
@@ -51,9 +54,10 @@ class ForwardRequest:
     reply_addrs: tuple[str, ...] = ()  # where to dial the client if not connected
     trace: list[dict[str, Any]] = field(default_factory=list)  # timings of earlier hops
     prove: bool | str = False  # critical mode: True = proof in the reply; "follow" = fetch it later
+    commit: CommitRequest | None = None  # optimistic mode: sign a commitment to the reply
 
     def to_wire(self) -> Message:
-        return {
+        message = {
             "type": FORWARD,
             "model": self.model_id,
             "first": self.first,
@@ -68,6 +72,9 @@ class ForwardRequest:
             "trace": self.trace,
             "prove": self.prove,
         }
+        if self.commit is not None:  # only when asked: plain requests stay byte-identical
+            message["commit"] = self.commit.to_wire()
+        return message
 
 
 def parse_forward_request(message: Message, *, max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -> ForwardRequest:
@@ -81,6 +88,7 @@ def parse_forward_request(message: Message, *, max_tensor_bytes: int = DEFAULT_M
     hidden = check_wire_tensor(message.get("hidden"), max_bytes=max_tensor_bytes, field="hidden")
     raw_mask = message.get("mask")
     mask = None if raw_mask is None else check_wire_tensor(raw_mask, max_bytes=max_tensor_bytes, field="mask")
+    commit = _parse_commit(message.get("commit"))
     route_raw = message.get("route") or []
     if not isinstance(route_raw, list) or len(route_raw) > MAX_ROUTE_HOPS:
         raise ProtocolViolation(f"forward: 'route' must be a list of at most {MAX_ROUTE_HOPS} hops")
@@ -97,7 +105,17 @@ def parse_forward_request(message: Message, *, max_tensor_bytes: int = DEFAULT_M
         reply_addrs=_str_list(message.get("reply_addrs"), "reply_addrs"),
         trace=_parse_trace(message.get("trace")),
         prove=_parse_prove(message.get("prove", False)),
+        commit=commit,
     )
+
+
+def _parse_commit(value: object) -> CommitRequest | None:
+    if value is None:
+        return None
+    try:
+        return CommitRequest.from_wire(value)
+    except BadCommitment as exc:
+        raise ProtocolViolation(exc.message) from None
 
 
 def _parse_prove(value: object) -> bool | str:
@@ -151,13 +169,25 @@ def _parse_hop(raw: object) -> Hop:
     return Hop(raw["peer"], tuple(raw.get("addrs", [])), raw["first"], raw["last"])
 
 
-def forward_reply(hidden: WireTensor, compute_ms: float, queue_ms: float, request_id: str = "") -> Message:
-    return {
+def forward_reply(hidden: WireTensor, compute_ms: float, queue_ms: float, request_id: str = "",
+                  commitment: ForwardCommitment | None = None) -> Message:
+    reply: Message = {
         "type": FORWARD_RESULT,
         "request_id": request_id,
         "hidden": hidden,
         "timing": {"compute_ms": compute_ms, "queue_ms": queue_ms},
     }
+    if commitment is not None:
+        reply["commitment"] = commitment.to_wire()
+    return reply
+
+
+def parse_commitment(message: Message) -> ForwardCommitment:
+    """The signed commitment of a reply to a request that carried ``commit`` (BadCommitment if absent)."""
+    raw = message.get("commitment")
+    if raw is None:
+        raise BadCommitment("forward_result: no 'commitment' although the request asked for one")
+    return ForwardCommitment.from_wire(raw)
 
 
 def parse_forward_reply(message: Message, *, max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -> tuple[WireTensor, dict[str, float]]:

@@ -5,8 +5,12 @@ combination is built: :meth:`QueryPlan.validate` refuses the ones that are not w
 :class:`~p2p_infer.errors.UnsupportedMode` that names the combination (and the flags that
 asked for it), rather than quietly running some other mode. Sans-IO.
 
-Supported today: ``direct`` with no check, ``spot-check``, ``committee`` or ``zk``;
-``forwarding`` with no check. Privacy is ``plain`` only.
+Verified by default: ``QueryPlan()`` runs every stage on a committee of ``DEFAULT_K`` = 3.
+An unverified query is an explicit choice (``checks=()``, ``unverified=True``, CLI
+``--unverified``), and its result is labelled so.
+
+Supported today: ``direct`` with no check, ``spot-check``, ``committee``, ``zk`` or
+``optimistic``; ``forwarding`` with no check. Privacy is ``plain`` only.
 """
 
 from __future__ import annotations
@@ -18,12 +22,15 @@ from ..errors import UnsupportedMode
 from .sortition import MIN_K
 
 Transport = Literal["direct", "forwarding"]
-Check = Literal["none", "spot-check", "committee", "zk", "tee"]
+Check = Literal["none", "spot-check", "committee", "zk", "optimistic", "tee"]
 Privacy = Literal["plain", "threshold"]
 
 SUPPORTED: frozenset[tuple[Transport, Check]] = frozenset(
-    {("direct", "none"), ("direct", "spot-check"), ("direct", "committee"), ("direct", "zk"), ("forwarding", "none")}
+    {("direct", "none"), ("direct", "spot-check"), ("direct", "committee"), ("direct", "zk"), ("direct", "optimistic"),
+     ("forwarding", "none")}
 )
+DEFAULT_K = 3  # the default check: every stage on a committee of 3
+VERIFYING: frozenset[str] = frozenset({"committee", "zk"})  # checks that hold the answer until every stage is checked
 NOT_BUILT = {"tee": "TEE attestation", "threshold": "threshold privacy"}
 
 # How a user asks for each choice, so an error names what they typed.
@@ -32,6 +39,8 @@ FLAGS = {
     "committee": "--committee K",
     "zk": "--mode critical",
     "spot-check": "--spot-check P",
+    "optimistic": "--optimistic P",
+    "unverified": "--unverified",
     "tee": "check=tee",
     "threshold": "privacy=threshold",
 }
@@ -41,12 +50,17 @@ CHECK_CONFLICTS = {
     frozenset({"committee", "zk"}): "committee stages do not verify ZK proofs yet, so every proof would be dropped unchecked",
     frozenset({"spot-check", "zk"}): "a proven shard needs no spot check; pick one",
     frozenset({"spot-check", "committee"}): "committee stages are already re-run on k peers; pick one",
+    frozenset({"optimistic", "committee"}): "a committee already checks every stage before the answer; pick one",
+    frozenset({"optimistic", "zk"}): "a proven shard needs no re-execution; pick one",
+    frozenset({"optimistic", "spot-check"}): "both re-run stages on another provider; pick one",
 }
 
 # Why forwarding cannot carry a check yet.
 FORWARDING_CONFLICTS = {
     "zk": "proofs are collected and checked hop by hop; drop --forwarding",
-    "committee": "committee stages are sent from the client; drop --forwarding",
+    "committee": "committee stages are sent from the client (a committee of 3 is the default check); drop --forwarding, "
+                 "or add --unverified for an unverified forwarded query",
+    "optimistic": "re-executions are sent from the client; drop --forwarding",
     "spot-check": "spot checks re-run stages from the client; drop --forwarding",
 }
 
@@ -66,10 +80,11 @@ class QueryPlan:
     """Everything that decides how a query runs, before it runs."""
 
     transport: Transport = "direct"
-    checks: tuple[Check, ...] = ()  # composable; () is no check
+    checks: tuple[Check, ...] = ("committee",)  # composable; () is no check (unverified, labelled so)
     privacy: Privacy = "plain"
-    committee_k: int | None = None  # members per stage (check committee)
+    committee_k: int | None = None  # members per stage (check committee; DEFAULT_K when not given)
     spot_check: float = 0.0  # probability a stage is re-run on another provider (check spot-check)
+    optimistic: float = 0.0  # probability a stage is re-executed after the answer (check optimistic)
     proof_follows: bool = False  # zk: the result first, the proofs collected afterwards
     local_layers: int = 1  # layers the client runs itself, after the embedding
     max_retries: int = 3  # failed hops a query survives
@@ -80,6 +95,8 @@ class QueryPlan:
         checks = (self.checks,) if isinstance(self.checks, str) else tuple(self.checks)
         unique = tuple(dict.fromkeys(c for c in checks if c != "none"))
         object.__setattr__(self, "checks", unique)
+        if "committee" in unique and self.committee_k is None:
+            object.__setattr__(self, "committee_k", DEFAULT_K)
 
     @classmethod
     def from_options(
@@ -89,13 +106,16 @@ class QueryPlan:
         committee: int | None = None,
         critical: bool = False,
         spot_check: float = 0.0,
+        optimistic: float | None = None,
+        unverified: bool = False,
         proof_follows: bool = False,
         local_layers: int = 1,
         max_retries: int = 3,
         max_reruns: int = 2,
         trial: bool = True,
     ) -> QueryPlan:
-        """The plan the client's keyword arguments (and the CLI's flags) ask for."""
+        """The plan the client's keyword arguments (and the CLI's flags) ask for: a committee of
+        ``DEFAULT_K`` unless another check, or ``unverified``, is asked for."""
         checks: list[Check] = []
         if committee is not None:
             checks.append("committee")
@@ -103,8 +123,14 @@ class QueryPlan:
             checks.append("zk")
         if spot_check:
             checks.append("spot-check")
+        if optimistic is not None:
+            checks.append("optimistic")
+        if unverified and checks:
+            raise _refuse("unverified", checks[0], "an unverified query runs no check; drop one")
+        if not checks and not unverified:
+            checks.append("committee")  # verified by default
         return cls(transport="forwarding" if forwarding else "direct", checks=tuple(checks), committee_k=committee,
-                   spot_check=spot_check, proof_follows=proof_follows, local_layers=local_layers,
+                   spot_check=spot_check, optimistic=optimistic or 0.0, proof_follows=proof_follows, local_layers=local_layers,
                    max_retries=max_retries, max_reruns=max_reruns, trial=trial)
 
     @property
@@ -116,6 +142,17 @@ class QueryPlan:
 
     def describe(self) -> str:
         return "+".join([self.transport, *(self.checks or ("none",)), self.privacy])
+
+    def stage_check(self) -> str:
+        """How each stage of this plan is checked, as results label it."""
+        check = self.check
+        if check == "committee":
+            return f"committee k={self.committee_k}"
+        if check == "optimistic":
+            return f"optimistic p={self.optimistic:g}"
+        if check == "spot-check":
+            return f"spot-check p={self.spot_check:g}"
+        return check
 
     def validate(self) -> QueryPlan:
         """Raise :class:`UnsupportedMode` naming the first combination not built; else self."""
@@ -160,6 +197,10 @@ class QueryPlan:
             raise UnsupportedMode(f"unsupported mode: spot-check probability {self.spot_check} (must be in (0, 1])")
         if "spot-check" not in checks and self.spot_check:
             raise UnsupportedMode(f"unsupported mode: spot-check probability {self.spot_check} without check spot-check")
+        if "optimistic" in checks and not 0.0 < self.optimistic <= 1.0:
+            raise UnsupportedMode(f"unsupported mode: optimistic probability {self.optimistic} (--optimistic P needs P in (0, 1])")
+        if "optimistic" not in checks and self.optimistic:
+            raise UnsupportedMode(f"unsupported mode: optimistic probability {self.optimistic} without check optimistic")
         if self.proof_follows and "zk" not in checks:
             raise UnsupportedMode("unsupported mode: proof_follows without zk (--proof-follows needs --mode critical)")
         if self.local_layers < 1:

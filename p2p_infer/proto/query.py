@@ -180,7 +180,8 @@ class Done:
     mode: str
     failed: tuple[str, ...]
     spot_checks: tuple[dict[str, Any], ...] = ()
-    evidence: tuple[Any, ...] = ()  # zk: one proof (or proof token) per hop, in route order
+    evidence: tuple[Any, ...] = ()  # zk: one proof (or proof token) per hop, in route order; optimistic:
+    # (input, output, signed commitment) per hop, in route order
 
 
 @dataclass(frozen=True)
@@ -267,7 +268,7 @@ class QueryMachine:
 
     def __post_init__(self) -> None:
         self.plan.validate()
-        if self.plan.check not in ("none", "spot-check", "zk"):
+        if self.plan.check not in ("none", "spot-check", "zk", "optimistic"):
             raise UnsupportedMode(f"unsupported mode: check {self.plan.check} has its own driver, not QueryMachine")
         if self.plan.local_layers >= self.n_layers:
             raise UsageError(f"{self.model_name} has {self.n_layers} layers; the client keeps {self.plan.local_layers} locally")
@@ -276,6 +277,8 @@ class QueryMachine:
         self._sent = self.activation
         self._forwarding = self.plan.transport == "forwarding"
         self._mode = "critical" if self.plan.check == "zk" else "forwarding" if self._forwarding else "client"
+        if self.plan.check == "optimistic":
+            self._mode = f"optimistic p={self.plan.optimistic:g}"
 
     # ---- events ----
 
@@ -386,10 +389,12 @@ class QueryMachine:
         return [self._send_hop(checker, hop.first, hop.last, "check", now)]
 
     def _accept(self, hop: _Pending, output: WireTensor, trace: HopTrace, evidence: Any, now: float) -> list[Action]:
-        self.activation = output
-        self._hops.append(trace)
         if self.plan.check == "zk":
             self._evidence.append(evidence)
+        elif self.plan.check == "optimistic":  # what the stage was sent, what came back, the signed commitment
+            self._evidence.append((self.activation, output, evidence))
+        self.activation = output
+        self._hops.append(trace)
         self.pos = hop.last + 1
         self._refreshed = False
         if self.pos >= self.n_layers:

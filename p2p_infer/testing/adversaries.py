@@ -38,7 +38,7 @@ from ..proto.committee_codec import ExecuteRequest, TicketRequest, WireTensor, i
 from ..proto.consensus import Commit, Reveal, StageTask, commitment, sign_commit
 from ..proto.wire import Message
 
-TEST_FAULTS = ("wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial", "claims-fast")
+TEST_FAULTS = ("wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial", "claims-fast", "consistent-liar")
 NOISE = 0.5  # far outside the agreement tolerance: a wrong output is never "close enough"
 LATE_BY_S = 0.3  # past the commit deadline, inside the client's grace, so it is judged late
 COPY_WAIT_S = 2.0  # how long a copier waits for someone else's gossiped reveal
@@ -234,7 +234,7 @@ def install(fault: str, identity: Identity, compute: LayersCompute, publish: Pub
     stage_compute = layers_compute(compute)
     if fault:
         log.warning("test fault installed: this peer misbehaves on purpose", peer=identity.peer_id, fault=fault)
-    if fault == "wrong-output":
+    if fault in ("wrong-output", "consistent-liar"):  # consistent-liar: wrong in committees and in plain replies
         stage_compute = wrong_output(stage_compute)
     elif fault == "late-commit":
         stage_compute = late_commit(stage_compute)
@@ -247,4 +247,6 @@ def install(fault: str, identity: Identity, compute: LayersCompute, publish: Pub
         return Behaviour(Copier(member))
     if fault == "claims-fast":
         return Behaviour(member, ClaimsFast(), slow_reply, claims_fast)
+    if fault == "consistent-liar":  # honest on each client's first plain request (its trial), wrong on the rest
+        return Behaviour(member, ClaimsFast())
     return Behaviour(member, LieAfterTrial() if fault == "lie-after-trial" else honest_forward)

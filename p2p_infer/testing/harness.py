@@ -52,6 +52,8 @@ class PeerProcess:
     key_file: Path
     serve: list[str] = field(default_factory=list)
     info: dict[str, Any] | None = None
+    argv: list[str] = field(default_factory=list)  # how it was started: restart() runs it again
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def peer_id(self) -> str:
@@ -117,9 +119,46 @@ class Swarm:
             proc = subprocess.Popen(argv, stdout=log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env={**self.env, **(env or {})}, start_new_session=True, cwd=self.workdir)
         _LIVE.add(proc)
-        peer = PeerProcess(name, proc, ready, log, key)
+        peer = PeerProcess(name, proc, ready, log, key, argv=argv, env={**self.env, **(env or {})})
         self.peers[name] = peer
         return peer
+
+    def restart(self, name: str, wait: bool = True, timeout: float = 120) -> PeerProcess:
+        """Start a stopped process again as it was first started: same key (so the same peer
+        id), arguments and environment; its log is appended to (churn in simulations)."""
+        old = self.peers[name]
+        if old.alive():
+            raise SwarmError(f"{name} is still running; kill it first")
+        _LIVE.discard(old.proc)
+        old.ready_file.unlink(missing_ok=True)
+        with open(old.log_file, "ab") as log_handle:
+            proc = subprocess.Popen(old.argv, stdout=log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=old.env, start_new_session=True, cwd=self.workdir)
+        _LIVE.add(proc)
+        peer = PeerProcess(name, proc, old.ready_file, old.log_file, old.key_file, serve=old.serve, argv=old.argv, env=old.env)
+        self.peers[name] = peer
+        if wait and old.info is not None:
+            self.wait_ready([peer], timeout)
+        return peer
+
+    def start_tool(self, name: str, module: str, args: list[str]) -> PeerProcess:
+        """Run ``python -m module args`` in its own process group, stopped with the swarm
+        (light clients that drive a simulation's load); output goes to NAME.log."""
+        if name in self.peers:
+            raise SwarmError(f"a process named {name} already exists")
+        log = self.workdir / f"{name}.log"
+        argv = [self.python, "-m", module, *args]
+        with open(log, "ab") as log_handle:
+            proc = subprocess.Popen(argv, stdout=log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=self.env, start_new_session=True, cwd=self.workdir)
+        _LIVE.add(proc)
+        tool = PeerProcess(name, proc, self.workdir / f"{name}.ready", log, self.workdir / f"{name}.key", argv=argv, env=self.env)
+        self.peers[name] = tool
+        return tool
+
+    def process_groups(self) -> set[int]:
+        """The process group ids of everything this swarm started (each process leads its own)."""
+        return {p.proc.pid for p in self.peers.values()}
 
     def start_bootstrap(self, name: str = "bootstrap", timeout: float = 60) -> PeerProcess:
         self.bootstrap = self._spawn(name, "bootstrap", [])

@@ -1,0 +1,1 @@
+"""Network simulations: scenarios, the process and discrete-event engines, reports (issue 13)."""

@@ -1,0 +1,1 @@
+"""The discrete-event engine: the real proto/ machines on a virtual clock (issue 13)."""

@@ -1,0 +1,263 @@
+"""One query in the discrete-event model, driven through the real machines: plain and
+spot-checked queries through ``proto.query.QueryMachine``, committee stages through
+``proto.committee_round.CommitteeRound`` against each member's ``MemberCore``, verdicts
+through ``apply_judgement`` into the client's reputation table and auditor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ...errors import NoRoute, P2PInferError
+from ...proto import query as q
+from ...proto.committee_codec import activation_hash
+from ...proto.committee_round import (
+    AskTickets,
+    CommitteeRound,
+    Decided,
+    Failed,
+    ObserveCommit,
+    Rerun,
+    SendExecute,
+    StageSpec,
+    apply_judgement,
+)
+from ...proto.consensus import output_hash, outputs_agree, request_hash
+from ...proto.plan import QueryPlan
+from ...proto.routing import plan_route
+from ...testing import adversaries as adv
+from .client import CANDIDATE_BYTES, REQUEST_BYTES, SimClient
+from .world import HIDDEN, MODEL_ID, SimPeer, honest_layers, unwire, wire
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    wrong: bool = False
+    hops: int = 0
+    retries: int = 0
+    route: list[str] = field(default_factory=list)
+    verdicts: dict[str, str] = field(default_factory=dict)
+    code: str = ""
+    consensus_ms: float = 0.0
+
+
+Done = Callable[[Outcome], None]
+
+
+def query_input(rng: Any) -> np.ndarray:
+    return np.asarray([[rng.uniform(-1, 1) for _ in range(HIDDEN)]], dtype=np.float32)
+
+
+class PlainQuery:
+    """``QueryMachine`` over the modelled network: hops, failover, spot checks, reputation."""
+
+    def __init__(self, client: SimClient, plan: QueryPlan, hidden: np.ndarray, done: Done) -> None:
+        sc = client.world.sc
+        self.client, self.done, self.hidden = client, done, hidden
+        self.n_layers = sc.model.layers
+        self.truth = honest_layers(hidden, plan.local_layers, self.n_layers - 1)
+        self.machine = q.QueryMachine(plan, sc.name, self.n_layers, wire(hidden), client.servers(), client.rng,
+                                      reputation=client.reputation.of, min_reputation=client.reputation.threshold,
+                                      timeout=sc.load.request_timeout_s)
+
+    def start(self) -> None:
+        self.apply(self.machine.start(self.client.loop.now_ms / 1000))
+
+    def apply(self, actions: list[Any]) -> None:
+        loop = self.client.loop
+        for action in actions:
+            if isinstance(action, q.SendHop):
+                self.send(action)
+            elif isinstance(action, q.RefreshDirectory):
+                self.client.refresh(lambda: self.apply(self.machine.on_servers(self.client.servers(), loop.now_ms / 1000)))
+            elif isinstance(action, q.Arbitrate):  # the client's own weights settle a disagreement
+                truth = honest_layers(unwire(action.activation), action.first, action.last)
+                self.apply(self.machine.on_arbitration(wire(truth), loop.now_ms / 1000))
+            elif isinstance(action, q.Record):
+                self.client.reputation.record(action.peer_id, fault=action.fault)
+            elif isinstance(action, q.Done):
+                wrong = not outputs_agree(action.output, wire(self.truth))
+                self.done(Outcome(True, wrong, len(action.hops), len(action.failed), [h.peer_id for h in action.hops]))
+            elif isinstance(action, q.Failed):
+                self.done(Outcome(False, code=getattr(action.error, "code", "failed"), retries=len(self.machine.failed)))
+
+    def send(self, hop: q.SendHop) -> None:
+        client, loop = self.client, self.client.loop
+        peer = client.world.by_id[hop.peer_id]
+        nbytes = REQUEST_BYTES + 4 * HIDDEN * 8
+        if not peer.alive:
+            loop.after(client.world.sc.network.dial_timeout_ms, self.fail, hop.request_id, "unreachable")
+            return
+        arrive = loop.now_ms + client.one_way_ms(peer, nbytes)
+        finish = client.compute_at(peer, arrive, hop.last - hop.first + 1)
+        loop.at(finish + client.one_way_ms(peer, nbytes), self.reply, hop, peer, loop.now_ms)
+        loop.at(hop.deadline * 1000, self.poll)
+
+    def reply(self, hop: q.SendHop, peer: SimPeer, sent_ms: float) -> None:
+        now = self.client.loop.now_ms
+        if not peer.alive:
+            return self.fail(hop.request_id, "connection reset")
+        out = peer.plain_output(unwire(hop.activation), hop.first, hop.last, self.client.peer_id)
+        self.client.throughput.observe(peer.peer_id, hop.last - hop.first + 1, now - sent_ms, 2 * self.client.world.latency_ms(self.client.xy, peer.xy))
+        self.apply(self.machine.on_reply(hop.request_id, wire(out), now / 1000))
+
+    def fail(self, request_id: str, reason: str) -> None:
+        self.apply(self.machine.on_failure(request_id, q.HopFailure(reason), self.client.loop.now_ms / 1000))
+
+    def poll(self) -> None:
+        self.apply(self.machine.poll(self.client.loop.now_ms / 1000))
+
+
+class CommitteeQuery:
+    """The route's stages one after the other, each a ``CommitteeRound`` (``StageRun``)."""
+
+    def __init__(self, client: SimClient, hidden: np.ndarray, done: Done) -> None:
+        sc = client.world.sc
+        self.client, self.done, self.hidden = client, done, hidden
+        self.truth = honest_layers(hidden, 1, sc.model.layers - 1)
+        nonce = client.rng.getrandbits(256).to_bytes(32, "big")
+        self.req_hash = request_hash(MODEL_ID, output_hash(wire(hidden)), b"", nonce, client.identity.public_key)
+        self.outcome = Outcome(True)
+        self.segments: list[tuple[int, int]] = []
+        self.started_ms = client.loop.now_ms
+
+    def start(self) -> None:
+        try:
+            route = plan_route(self.client.servers(shape_only=True), 1, self.client.world.sc.model.layers - 1)
+        except NoRoute as exc:
+            self.done(Outcome(False, code=exc.code))
+            return
+        self.segments = [(s.first, s.last) for s in route]
+        self.next_stage(self.hidden)
+
+    def next_stage(self, hidden: np.ndarray) -> None:
+        stage = self.outcome.hops
+        if stage == len(self.segments):
+            self.outcome.wrong = not outputs_agree(wire(hidden), wire(self.truth))
+            self.outcome.consensus_ms = self.client.loop.now_ms - self.started_ms
+            return self.done(self.outcome)
+        first, last = self.segments[stage]
+        StageRun(self, stage, first, last, hidden).start()
+
+    def stage_done(self, decided: Any) -> None:
+        self.outcome.hops += 1
+        self.outcome.verdicts.update(decided.decision.verdicts)
+        self.outcome.route += [m for m, v in decided.decision.verdicts.items() if v == "agree"]
+        self.outcome.retries += decided.attempts - 1
+        self.next_stage(unwire(decided.decision.output))
+
+    def stage_failed(self, error: P2PInferError) -> None:
+        self.outcome.ok, self.outcome.code = False, error.code
+        self.done(self.outcome)
+
+
+class StageRun:
+    def __init__(self, query: CommitteeQuery, stage: int, first: int, last: int, hidden: np.ndarray) -> None:
+        client, sc = query.client, query.client.world.sc
+        self.query, self.client, self.first, self.last = query, client, first, last
+        self.hidden = wire(hidden)
+        spec = StageSpec(query.req_hash, stage, MODEL_ID, sc.name, first, last, activation_hash(self.hidden, None), sc.load.committee,
+                         commit_timeout_ms=int(sc.load.commit_timeout_s * 1000), max_reruns=sc.load.max_reruns, client=client.identity)
+        self.machine = CommitteeRound(spec)
+
+    def candidates(self) -> dict[str, bytes]:
+        """Trusted providers of these layers from the directory, at most ``des.candidates`` of them."""
+        client = self.client
+        pool = sorted({i for si, (f, l) in enumerate(client.world.shards) if f <= self.first and self.last <= l
+                       for i in client.directory.get(si, ())})
+        peers = [client.world.peers[i] for i in pool]
+        # a peer never met has R = 1; only met ones can be distrusted or excluded
+        peers = [p for p in peers if not p.known or (client.reputation.trusted(p.peer_id) and p.peer_id not in self.machine.excluded)]
+        chosen = client.rng.sample(peers, min(client.world.sc.des.candidates, len(peers)))
+        return {p.peer_id: p.record for p in chosen}
+
+    def start(self) -> None:
+        actions, cost = self.client.timed(self.machine.start, int(self.client.loop.now_ms), self.candidates())
+        self.client.loop.after(cost, self.apply, actions)
+
+    def apply(self, actions: list[Any]) -> None:
+        for action in actions:
+            if isinstance(action, AskTickets):
+                self.ask_tickets(action)
+            elif isinstance(action, SendExecute):
+                self.execute(action)
+            elif isinstance(action, ObserveCommit):
+                self.client.auditor.on_commit(action.commit, action.candidates)
+            elif isinstance(action, Decided):
+                apply_judgement(action.judgement, self.client.reputation, self.client.auditor, self.client.peer_id)
+                self.query.stage_done(action)
+            elif isinstance(action, Rerun):
+                apply_judgement(action.judgement, self.client.reputation, self.client.auditor, self.client.peer_id)
+                self.start()
+            elif isinstance(action, Failed):
+                if action.judgement is not None:
+                    apply_judgement(action.judgement, self.client.reputation, self.client.auditor, self.client.peer_id)
+                self.query.stage_failed(action.error)
+
+    def feed(self, attempt: int, event: Callable[..., list[Any]], *args: Any) -> None:
+        if attempt != self.machine.attempt:
+            return  # an answer to an earlier attempt: the real driver's requests end with their phase
+        actions, cost = self.client.timed(event, *args, int(self.client.loop.now_ms))
+        self.client.loop.after(cost, self.apply, actions) if cost > 0.05 else self.apply(actions)
+
+    def poll(self, attempt: int) -> None:
+        self.feed(attempt, self.machine.poll)
+
+    def ask_tickets(self, ask: AskTickets) -> None:
+        loop, attempt = self.client.loop, self.machine.attempt
+        for peer_id in ask.peers:
+            peer = self.client.world.by_id[peer_id]
+            if peer.alive:
+                assert peer.core is not None
+                ticket, cost = self.client.timed(peer.core.ticket, ask.request.seed)
+                rtt = 2 * self.client.one_way_ms(peer, REQUEST_BYTES)
+                loop.after(rtt + cost, self.feed, attempt, self.machine.on_ticket, peer_id, ticket)
+            else:
+                self.unreachable(attempt, peer_id)
+        loop.at(ask.deadline_ms, self.poll, attempt)
+
+    def execute(self, send: SendExecute) -> None:
+        loop, attempt = self.client.loop, self.machine.attempt
+        nbytes = REQUEST_BYTES + 4 * HIDDEN + CANDIDATE_BYTES * len(send.candidates.candidates)
+        for peer_id in send.members:
+            peer = self.client.world.by_id[peer_id]
+            if peer.alive:
+                arrive = loop.now_ms + self.client.one_way_ms(peer, nbytes)
+                loop.at(arrive, self.member_runs, attempt, peer, send)
+            else:
+                self.unreachable(attempt, peer_id)
+        loop.at(send.deadline_ms, self.poll, attempt)
+
+    def unreachable(self, attempt: int, peer_id: str) -> None:
+        delay = self.client.world.sc.network.dial_timeout_ms
+        self.client.loop.after(delay, self.feed, attempt, self.machine.on_failure, peer_id, "unreachable")
+
+    def member_runs(self, attempt: int, peer: SimPeer, send: SendExecute) -> None:
+        """The member checks the task (the candidate set's VRF proofs and records), computes, commits, answers."""
+        loop, core = self.client.loop, peer.core
+        assert core is not None
+        try:
+            _, check_ms = self.client.timed(core.check_execute, send.candidates, send.task.input_hash, self.client.peer_id, int(loop.now_ms))
+        except P2PInferError as exc:  # the member refuses with an error reply: silent for this phase
+            back = self.client.one_way_ms(peer, REQUEST_BYTES)
+            loop.after(back, self.feed, attempt, self.machine.on_failure, peer.peer_id, exc.message)
+            return
+        done = self.client.compute_at(peer, loop.now_ms, self.last - self.first + 1, check_ms)
+        if peer.fault == "late-commit":
+            done = max(done, send.task.commit_deadline_ms + adv.LATE_BY_S * 1000)
+        output = wire(peer.committee_output(unwire(self.hidden), self.first, self.last))
+        nonce = self.client.rng.getrandbits(256).to_bytes(32, "big")
+        loop.at(done, self.member_answers, attempt, peer, send, output, nonce)
+
+    def member_answers(self, attempt: int, peer: SimPeer, send: SendExecute, output: dict[str, Any], nonce: bytes) -> None:
+        if not peer.alive:
+            return
+        assert peer.core is not None
+        answer = peer.core.answer(send.candidates, output, nonce, int(self.client.loop.now_ms), reveal=peer.fault != "no-reveal")
+        back = self.client.one_way_ms(peer, REQUEST_BYTES + 4 * HIDDEN)
+        self.client.loop.after(back, self.feed, attempt, self.machine.on_answer, peer.peer_id, answer)

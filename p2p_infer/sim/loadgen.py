@@ -1,0 +1,175 @@
+"""A light client that drives a simulation's query load: its own OS process, the real
+:class:`~p2p_infer.node.client.Client` over real libp2p connections.
+
+    python -m p2p_infer.sim.loadgen --bootstrap ADDR --out events.jsonl --mode committee ...
+
+Queries arrive as a Poisson process (seeded), at most ``--concurrency`` in flight. Every
+answer is checked against the model run whole in this process (the client holds the
+weights anyway): an accepted answer that differs is a wrong result accepted. One JSON line
+per query, and the client's reputation table once a second, go to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import trio
+
+from ..errors import P2PInferError
+from .modes import client_options
+
+AGREE_ATOL = 1e-4  # honest split runs match the whole model to ~1e-6; a liar's noise is 0.5
+
+
+def sample_input(model: str, i: int) -> Any:
+    if model == "digits-mlp":
+        from ..ml.models import DigitsMLP
+
+        data = DigitsMLP.dataset()[2]
+        return data[i % len(data)].tolist()
+    return f"simulated query number {i}: peers serve layers, clients check what they get"
+
+
+def is_wrong(model: str, got: dict[str, Any], truth: dict[str, Any]) -> bool:
+    key = "probabilities" if model == "digits-mlp" else "embedding"
+    a, b = got.get(key, []), truth[key]
+    return len(a) != len(b) or any(abs(x - y) > AGREE_ATOL for x, y in zip(a, b))
+
+
+class Recorder:
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+
+    def write(self, **event: Any) -> None:
+        self.out.write(json.dumps({"t": time.time(), **event}) + "\n")
+        self.out.flush()  # the runner tails this file for its progress line
+
+
+def query_event(i: int, started: float, result: Any, wrong: bool) -> dict[str, Any]:
+    verdicts: dict[str, str] = {}
+    attempts = 0
+    for stage in result.stages:
+        attempts += int(stage.get("attempts", 1)) - 1
+        for member, verdict in stage.get("verdicts", {}).items():
+            verdicts[member] = verdict
+    peers = [p for hop in result.route for p in hop.peer.split(",")]
+    return {"kind": "query", "i": i, "t0": started, "ok": True, "wrong": wrong, "latency_ms": result.total_ms,
+            "route": peers, "hops": len(result.route), "retries": result.retries + attempts,
+            "failed_peers": list(result.failed_peers), "verdicts": verdicts, "mode": result.mode}
+
+
+async def one_query(client: Any, args: argparse.Namespace, i: int, truth: dict[str, Any], rec: Recorder) -> None:
+    started = time.time()
+    try:
+        with trio.fail_after(args.query_timeout):
+            result = await client.run(args.model, sample_input(args.model, i))
+    except (P2PInferError, trio.TooSlowError) as exc:
+        code = getattr(exc, "code", "timeout")
+        rec.write(kind="query", i=i, t0=started, ok=False, wrong=False, error=str(exc)[:300], code=code,
+                  latency_ms=(time.time() - started) * 1000)
+        return
+    rec.write(**query_event(i, started, result, is_wrong(args.model, result.output, truth)))
+
+
+async def warm_up(client: Any, model: Any, timeout: float) -> dict[str, Any]:
+    """Run trial tasks until every provider in the directory passed or failed its trial.
+
+    A committee needs k admitted providers per stage, and the client waits for trials only
+    when no admitted peer covers a layer: without this, the first queries of a fresh client
+    fail with "1 eligible candidates for a committee of 3" while trials trickle in."""
+    from ..node import trials
+
+    started = time.monotonic()
+    act = model.sample_activation(random=True)
+    pending: list[str] = []
+    with trio.move_on_after(timeout):
+        while True:
+            await client.refresh()
+            providers = {r.peer_id for r, _ in client.directory.shards_of(model.model_id)}
+            pending = sorted(p for p in providers if p not in client.admission.passed and client.reputation.trusted(p))
+            if providers and not pending:
+                break
+            await trials.trials_for_query(client, model, act)
+            await trio.sleep(1.0)
+    return {"warmup_s": round(time.monotonic() - started, 2), "untried_after_warmup": pending}
+
+
+async def reputation_loop(client: Any, rec: Recorder) -> None:
+    while True:
+        rec.write(kind="reputation", scores=dict(client.reputation.scores))
+        await trio.sleep(1.0)
+
+
+async def drive(args: argparse.Namespace, rec: Recorder) -> None:
+    from ..node.client import Client
+
+    values = {"committee": args.committee, "commit_timeout_s": args.commit_timeout, "max_reruns": args.max_reruns,
+              "optimistic": args.optimistic}
+    options = client_options(args.mode, values, Client.__init__)
+    rng = random.Random(args.seed)
+    async with Client(args.bootstrap, request_timeout=args.request_timeout, refresh_interval=2.0, **options) as client:
+        model = await client.model(args.model)
+        truths = {i: model.run_local(sample_input(args.model, i)) for i in range(args.offset, args.offset + args.queries)}
+        warmup = await warm_up(client, model, args.warmup_timeout)
+        rec.write(kind="client_ready", options={k: v for k, v in options.items()}, **warmup)
+        limiter = trio.CapacityLimiter(args.concurrency)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reputation_loop, client, rec)
+            async with trio.open_nursery() as queries:
+                for i in range(args.offset, args.offset + args.queries):
+                    await trio.sleep(rng.expovariate(args.rate))
+                    await limiter.acquire_on_behalf_of(i)
+                    queries.start_soon(_limited, limiter, i, client, args, truths[i], rec)
+            rec.write(kind="reputation", scores=dict(client.reputation.scores))
+            nursery.cancel_scope.cancel()
+    rec.write(kind="client_done")
+
+
+async def _limited(limiter: trio.CapacityLimiter, i: int, client: Any, args: argparse.Namespace, truth: dict[str, Any], rec: Recorder) -> None:
+    try:
+        await one_query(client, args, i, truth, rec)
+    finally:
+        limiter.release_on_behalf_of(i)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="p2p_infer.sim.loadgen")
+    p.add_argument("--bootstrap", action="append", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--model", default="digits-mlp")
+    p.add_argument("--mode", default="committee")
+    p.add_argument("--committee", type=int, default=3)
+    p.add_argument("--commit-timeout", type=float, default=2.0)
+    p.add_argument("--optimistic", type=float, default=0.5)
+    p.add_argument("--max-reruns", type=int, default=2)
+    p.add_argument("--request-timeout", type=float, default=10.0)
+    p.add_argument("--query-timeout", type=float, default=60.0)
+    p.add_argument("--queries", type=int, default=100)
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--rate", type=float, default=1.0)
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--warmup-timeout", type=float, default=90.0, help="seconds to spend admitting providers by trial first")
+    args = p.parse_args(argv)
+    from ..logs import configure_logging
+
+    configure_logging("json", "info")  # the client log in the swarm directory says why a query failed
+    with open(args.out, "a") as out:
+        rec = Recorder(out)
+        try:
+            trio.run(drive, args, rec)
+        except P2PInferError as exc:
+            rec.write(kind="client_failed", error=exc.message)
+            sys.stderr.write(f"error: {exc.message}\n")
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
