@@ -43,6 +43,25 @@ def _audit_and_limits(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conn-idle-timeout", type=float, help="seconds before a connection with no stream is closed (default 120)")
 
 
+def _tee_peer_flags(p: argparse.ArgumentParser) -> None:
+    """The peer's attestation flags, and the testing aid (some of whose faults are bad attestations)."""
+    p.add_argument("--test-fault", choices=["wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial",
+                                             "claims-fast", "consistent-liar", "tee-forged", "tee-stale", "tee-measurement"],
+                   help="TESTING AID, off by default: make this peer misbehave in committees")
+    p.add_argument("--tee", choices=["none", "sim", "tdx", "sgx"],
+           help="attestation backend (default none; sim protects nothing: docs/tee.md)")
+    p.add_argument("--tee-quote", type=Path, metavar="FILE", help="tdx/sgx: a DCAP quote file, where no quote device exists")
+    p.add_argument("--threshold-member", action="store_true", default=None, help="join the threshold-key DKG (needs --tee)")
+    p.add_argument("--dkg-members", type=int, metavar="N", help="members of the ritual (default 3)")
+    p.add_argument("--dkg-threshold", type=int, metavar="T", help="shares needed to decrypt (default 2)")
+
+
+def _tee_query_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--require-tee", action="store_true", help="route only through peers with a verified TEE attestation (docs/tee.md)")
+    p.add_argument("--enhanced-privacy", action="store_true",
+                   help="encrypt the request to the attested peers' threshold key; the result comes back sealed to this client")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p2p-infer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,9 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--witness-file", type=Path, help="where witnessed checkpoints of other peers are kept (default: KEY with .witnesses)")
         _audit_and_limits(p)
         if name == "peer":
-            p.add_argument("--test-fault", choices=["wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial",
-                                                     "claims-fast", "consistent-liar"],
-                           help="TESTING AID, off by default: make this peer misbehave in committees")
+            _tee_peer_flags(p)
 
     p = sub.add_parser("peers", help="list live peers and their verified capabilities")
     _common(p)
@@ -111,6 +128,7 @@ def _query_parser(sub: Any) -> None:
     p.add_argument("--optimistic", type=float, metavar="P",
                    help="one executor per stage with a signed commitment; after the answer, re-execute each stage on another "
                         "provider with probability P in (0, 1] (a lie is accepted with probability 1-P; the check finishes before exit)")
+    _tee_query_flags(p)
     p.add_argument("input", help="text for minilm-l6; for digits-mlp 64 comma-separated values or test:N")
 
 
@@ -136,7 +154,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     for name in ("key", "listen", "bootstrap", "bootstrap_file", "serve", "log_format", "log_level",
                  "record_ttl", "max_concurrent", "torch_threads", "ready_file", "audit_log", "test_fault",
-                 "checkpoint_interval", "witness_file",
+                 "checkpoint_interval", "witness_file", "tee", "tee_quote", "threshold_member", "dkg_members", "dkg_threshold",
                  "max_connections", "conn_idle_timeout"):
         value = getattr(args, name, None)
         if value is not None:
@@ -204,12 +222,13 @@ def cmd_peers(args: argparse.Namespace, settings: Settings) -> int:
     from .net.host import quiet_libp2p_logging
     from .ml.models import known_manifests
     from .node.peer import bootstrap_addrs
+    from .verify.tee import policy_from_settings
 
     quiet_libp2p_logging()
     names = {mid: m.name for mid, m in known_manifests(default_cache_dir()).items()}
 
     async def listing() -> list[dict[str, Any]]:
-        async with Client(bootstrap_addrs(settings)) as client:
+        async with Client(bootstrap_addrs(settings), tee_policy=policy_from_settings(settings)) as client:
             assert client.directory is not None
             return [
                 {
@@ -219,6 +238,8 @@ def cmd_peers(args: argparse.Namespace, settings: Settings) -> int:
                     "throughput": r.throughput,
                     "load": r.load,
                     "tee": r.tee,
+                    "tee_verified": client.directory.attested(r.peer_id) is not None,
+                    "attestation": a.to_json() if (a := client.directory.attested(r.peer_id)) else None,
                     "software": r.software,
                     "protocols": list(r.protocols),
                     "expires_in_s": round((r.expires_at_ms - _now_ms()) / 1000, 1),
@@ -234,7 +255,7 @@ def cmd_peers(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{len(peers)} live peer(s)")
         for p in peers:
             shards = ", ".join(f"{s['model']}:{s['first']}-{s['last']}" for s in p["shards"]) or "(bootstrap / no layers)"
-            print(f"  {p['peer_id']}  {shards}  throughput={p['throughput']:.0f} layers/s  load={p['load']:.2f}  tee={p['tee']}")
+            print(f"  {p['peer_id']}  {shards}  throughput={p['throughput']:.0f} layers/s  load={p['load']:.2f}  tee={p['tee']}{' (verified)' if p['tee_verified'] else ''}")
     return 0
 
 
@@ -274,7 +295,8 @@ def query_plan(args: argparse.Namespace) -> Any:
 
     return QueryPlan.from_options(forwarding=args.forwarding, committee=args.committee, critical=args.mode == "critical",
                                   spot_check=args.spot_check, optimistic=args.optimistic, unverified=args.unverified,
-                                  proof_follows=args.proof_follows, local_layers=args.local_layers).validate()
+                                  proof_follows=args.proof_follows, local_layers=args.local_layers, require_tee=args.require_tee,
+                                  enhanced_privacy=args.enhanced_privacy).validate()
 
 
 def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
@@ -284,12 +306,14 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     from .node.client import Client
     from .net.host import quiet_libp2p_logging
     from .node.peer import bootstrap_addrs
+    from .verify.tee import policy_from_settings
 
     quiet_libp2p_logging()
     inputs = parse_query_input(args.model, args.input)
 
     async def query() -> dict[str, Any]:
-        async with Client(bootstrap_addrs(settings), plan=plan, commit_timeout=args.commit_timeout) as client:
+        async with Client(bootstrap_addrs(settings), plan=plan, commit_timeout=args.commit_timeout,
+                          tee_policy=policy_from_settings(settings)) as client:
             result = await client.run(args.model, inputs)
             if args.proof_follows and result.proofs is not None:
                 if not args.json:
@@ -304,6 +328,7 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
                     print("optimistic check: running after the answer...", flush=True)
                 await result.check
             out = result.to_json()
+            out["tee"] = tee_report(client, out, plan.require_tee)
             if args.save_proofs is not None and result.proofs is not None:
                 args.save_proofs.write_bytes(proof_file(result))
                 out["proofs_file"] = str(args.save_proofs)
@@ -327,6 +352,14 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
         print("error: optimistic check: an answer returned did not match its re-executions (see above)", file=sys.stderr)
         return 1
     return 0
+
+
+def tee_report(client: Any, out: dict[str, Any], required: bool) -> dict[str, Any]:
+    """Which route peers had a verified attestation, as the client's directory checked it."""
+    peers = sorted({p for h in out.get("route", []) for p in h["peer"].split(",") if p}
+                   | {m for s in out.get("stages", []) for m in s.get("verdicts", {})})  # committee members too
+    attested = {p: a.to_json() for p in peers if (a := client.directory.attested(p)) is not None}
+    return {"required": required, "attested": attested, "route_peers": len(peers), "all_attested": len(attested) == len(peers)}
 
 
 def verification_line(out: dict[str, Any]) -> str:

@@ -81,6 +81,19 @@ class Settings:
     max_queued: int = _LIMITS.max_queued
     checkpoint_interval: float = 60.0  # seconds between signed checkpoints of the audit log (when it grew)
     witness_file: Path | None = None  # others' checkpoints this peer witnessed; default: the key file with .witnesses
+    # TEE (docs/tee.md): the attestation backend this peer uses (none, sim, tdx, sgx) and, for
+    # tdx/sgx without a quote device, a quote file; 
+    tee: str = "none"
+    tee_quote: Path | None = None
+    threshold_member: bool = False  # join the threshold-key DKG (attested peers only)
+    dkg_members: int = 3  # n: the ritual forms once this many attested members are listed
+    dkg_threshold: int = 2  # t: shares needed to decrypt
+    dkg_ritual: int = 1  # the ritual id (ferveo's tau)
+    # what this node accepts as attested (readers: clients and DKG members)
+    tee_allow_code: list[str] = field(default_factory=list)  # hex code hashes allowed besides our own
+    tee_allow_platform: list[str] = field(default_factory=list)  # hex mr_td (tdx) / mr_enclave (sgx)
+    tee_collateral: list[str] = field(default_factory=list)  # "tdx=FILE", "sgx=FILE": DCAP collateral JSON
+    tee_max_age: float = 600.0  # seconds an attestation stays fresh
 
     def witness_path(self) -> Path:
         return self.witness_file or self.key.with_suffix(".witnesses")

@@ -265,6 +265,60 @@ class NotProvable(ZkError):
     code = "not_provable"
 
 
+class TeeError(P2PInferError):
+    """An attestation that does not verify, or a TEE mode that cannot be honoured."""
+
+    code = "bad_attestation"
+
+
+class TeeUnavailable(TeeError, ConfigError):
+    """This machine cannot produce the attestation asked for (no TEE device, no quote file)."""
+
+    code = "tee_unavailable"
+
+
+class AttestationBinding(TeeError):
+    """A genuine attestation whose report data does not bind the peer key and measurement claimed."""
+
+    code = "attestation_binding"
+
+
+class AttestationStale(TeeError):
+    """An attestation (or its collateral) outside its freshness window."""
+
+    code = "attestation_stale"
+
+
+class MeasurementRefused(TeeError):
+    """A verified measurement that the allow-list policy does not accept."""
+
+    code = "measurement_refused"
+
+
+class ThresholdError(P2PInferError):
+    """Threshold key generation or decryption failed."""
+
+    code = "threshold_error"
+
+
+class DkgRefused(ThresholdError):
+    """A DKG message from a peer that is not an attested member of the ritual, or malformed."""
+
+    code = "dkg_refused"
+
+
+class NotEnoughShares(ThresholdError):
+    """Fewer valid decryption shares than the threshold: the ciphertext stays closed."""
+
+    code = "not_enough_shares"
+
+
+class ShareRefused(ThresholdError):
+    """A member will not release its decryption share for this request to this requester."""
+
+    code = "share_refused"
+
+
 class SwarmError(P2PInferError):
     """The test harness could not start, reach or stop a swarm process."""
 

@@ -15,6 +15,11 @@ SUPPORTED = [
     QueryPlan(checks=("zk",), proof_follows=True),
     QueryPlan(transport="forwarding", checks=()),
     QueryPlan(checks="none"),
+    QueryPlan(checks=("tee",)),
+    QueryPlan(checks=("tee", "committee"), committee_k=3),  # TEE-only committees
+    QueryPlan(checks=("zk", "tee")),
+    QueryPlan(privacy="threshold", checks=()),
+    QueryPlan(privacy="threshold", checks=("tee",)),
     QueryPlan(checks=("optimistic",), optimistic=0.1),
     QueryPlan(checks=("optimistic",), optimistic=1.0),
 ]
@@ -33,8 +38,8 @@ REFUSED = [
     (QueryPlan(checks=("zk", "committee"), committee_k=3), ["zk with committee", "--mode critical", "--committee K"]),
     (QueryPlan(checks=("spot-check", "zk"), spot_check=0.5), ["spot-check with zk"]),
     (QueryPlan(checks=("committee", "spot-check"), committee_k=3, spot_check=0.5), ["committee with spot-check"]),
-    (QueryPlan(checks=("tee",)), ["tee", "not built"]),
-    (QueryPlan(privacy="threshold"), ["threshold", "not built"]),
+    (QueryPlan(privacy="threshold", checks=("committee",), committee_k=3), ["threshold with committee", "--enhanced-privacy"]),
+    (QueryPlan(privacy="threshold", transport="forwarding", checks=()), ["threshold with forwarding", "do not carry ciphertext"]),
     (QueryPlan(checks=("committee",), committee_k=0), ["committee of k=0", "K >= 3"]),
     (QueryPlan(checks=("committee",), committee_k=1), ["committee of k=1", "K >= 3"]),  # one key's word certifies nothing
     (QueryPlan(checks=("committee",), committee_k=2), ["committee of k=2", "K >= 3"]),

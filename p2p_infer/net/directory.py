@@ -3,12 +3,15 @@
 Queries never wait on the DHT: the client refreshes this view in the background and
 routes from what it already holds (``notes/libp2p.md``: a lookup costs 60-80 ms of
 py-libp2p CPU). Every record is verified on the way in; what fails is dropped with a
-logged reason.
+logged reason. A record's TEE attestation is verified too (``verify/tee.py``): a peer whose
+attestation fails (forged, stale, wrong measurement) stays listed but is not attested, and
+the reason is logged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
+from typing import Any
 
 import structlog
 import trio
@@ -16,17 +19,23 @@ from libp2p.peer.id import ID
 
 from .dht import Discovery
 from ..clock import now_ms
+from ..errors import TeeError
 from ..proto.records import CapabilityRecord, ShardSpec, all_peers_key, model_key
+from ..verify.tee import Attested, Policy, check_record
 
 log = structlog.get_logger("p2p_infer.directory")
 FETCH_CONCURRENCY = 8
 
 
 class Directory:
-    def __init__(self, discovery: Discovery, known_models: Collection[str]) -> None:
+    def __init__(self, discovery: Discovery, known_models: Collection[str] | Mapping[str, Any], tee_policy: Policy | None = None) -> None:
         self.discovery = discovery
         self.known_models = set(known_models)
+        # manifests (model id -> Manifest) measure attested layers; a bare id list measures none
+        self.manifests: Mapping[str, Any] = known_models if isinstance(known_models, Mapping) else {}
+        self.tee_policy = tee_policy or Policy.default()
         self.records: dict[str, CapabilityRecord] = {}
+        self.attestations: dict[str, Attested] = {}  # peer id -> its verified attestation
         self.refreshed = trio.Event()
 
     async def refresh(self, model_ids: Collection[str] = ()) -> dict[str, CapabilityRecord]:
@@ -50,9 +59,24 @@ class Directory:
             for peer_id in sorted(candidates):
                 nursery.start_soon(fetch, peer_id)
         self.records = fetched
+        self.attestations = {p: a for p, a in ((p, self._attest(r)) for p, r in fetched.items()) if a is not None}
         self.refreshed.set()
         log.debug("directory refreshed", peers=len(fetched), candidates=len(candidates))
         return fetched
+
+    def _attest(self, record: CapabilityRecord) -> Attested | None:
+        if record.tee == "none":
+            return None
+        try:
+            return check_record(record, self.manifests, self.tee_policy, now_ms())
+        except TeeError as exc:
+            log.warning("attestation ignored", subject=record.peer_id, tee=record.tee, reason=exc.message)
+            return None
+
+    def attested(self, peer_id: str) -> Attested | None:
+        """The peer's verified attestation, if it is still fresh."""
+        found = self.attestations.get(peer_id)
+        return found if found is not None and found.fresh(now_ms()) else None
 
     def _remember_addrs(self, record: CapabilityRecord) -> None:
         import multiaddr

@@ -46,7 +46,7 @@ from ..proto.reputation import Reputation
 from ..proto.routing import Segment, Server, ThroughputBook, plan_route
 from ..proto.trial import Admission
 from ..proto.wire import FORWARD_PROTOCOL, RESULT_PROTOCOL, Message
-from . import committee_client, optimistic_client, trials, zk_client
+from . import committee_client, dkg, optimistic_client, trials, zk_client
 from .query_driver import ForwardResults, QueryDriver
 from .results import HopReport, QueryResult, stage_labels
 
@@ -85,6 +85,7 @@ class Client:
         optimistic: float | None = None,
         check_rng: random.Random | None = None,
         plan: QueryPlan | None = None,
+        tee_policy: Any = None,  # verify.tee.Policy: what counts as attested (default: our code, no real platform)
     ) -> None:
         self.query_plan = resolve_plan(plan, forwarding=forwarding, committee=committee, critical=critical, spot_check=spot_check,
                                        optimistic=optimistic, unverified=unverified, proof_follows=proof_follows,
@@ -117,6 +118,8 @@ class Client:
         self.pool: StreamPool | None = None
         self._stack: AsyncExitStack | None = None
         self._models: dict[str, SplitModel] = {}
+        self.tee_policy = tee_policy
+        self.threshold_key: Any = None  # enhanced privacy: the accepted DKG key (node/dkg.fetch_key)
 
     # ---- lifecycle ----
 
@@ -133,7 +136,7 @@ class Client:
             self.gossip = await self._stack.enter_async_context(running_gossip(self.host, self._on_gossip))
             if not await discovery.join():
                 raise PeerUnreachable("no bootstrap peer reachable")
-            self.directory = Directory(discovery, manifests)
+            self.directory = Directory(discovery, manifests, self.tee_policy)
             nursery = await self._stack.enter_async_context(trio.open_nursery())
             self._stack.callback(nursery.cancel_scope.cancel)
             self._nursery = nursery
@@ -192,7 +195,9 @@ class Client:
         local_ms = (time.perf_counter() - started) * 1000
         await self._admit_servers(model, act)
         live = time.perf_counter()
-        if self.query_plan.check == "committee":
+        if self.query_plan.privacy == "threshold":
+            received, fields = await dkg.run_private(self, model, act)
+        elif self.query_plan.check == "committee":
             await self._require_committees(model)  # refused before anything is sent, never run unverified
             received, fields = await self._run_committee(model, act)
         else:
@@ -271,14 +276,17 @@ class Client:
         """Servers of ``model`` this client will use: trusted, and past their trial task; ranked
         by the throughput this client measured (a record's claim can only lower an untimed peer's)."""
         assert self.directory is not None
-        shards = [(r, s) for r, s in self.directory.shards_of(model.model_id)
-                  if self.reputation.trusted(r.peer_id) and (not self.query_plan.trial or self.admission.admitted(r.peer_id))]
+        directory = self.directory
+        shards = [(r, s) for r, s in directory.shards_of(model.model_id)
+                  if self.reputation.trusted(r.peer_id) and (not self.query_plan.trial or self.admission.admitted(r.peer_id))
+                  and (not self.query_plan.require_tee or directory.attested(r.peer_id) is not None)]  # TEE-only stages
         speed = self.throughput.effective({r.peer_id: r.throughput for r, _ in shards})
-        return [Server(r.peer_id, s.first, s.last, speed[r.peer_id], r.load, self.rtt_ms.get(r.peer_id)) for r, s in shards]
+        return [Server(r.peer_id, s.first, s.last, speed[r.peer_id], r.load, self.rtt_ms.get(r.peer_id),
+                       directory.attested(r.peer_id) is not None) for r, s in shards]
 
     def plan(self, model: SplitModel, first: int, exclude: Sequence[str] = ()) -> list[Segment]:
         return plan_route(self.servers(model), first, len(model.layers) - 1, exclude=exclude, reputation=self.reputation.of,
-                          model_name=model.name, whole_shards=self.query_plan.check == "zk")
+                          model_name=model.name, whole_shards=self.query_plan.check == "zk", require_tee=self.query_plan.require_tee)
 
     async def _plan_or_refresh(self, model: SplitModel, pos: int, exclude: Sequence[str]) -> list[Segment]:
         """For the committee driver: plan, or refresh the directory once and plan again."""

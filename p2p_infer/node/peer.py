@@ -27,6 +27,12 @@ from ..proto.wire import ARTIFACT_PROTOCOL, COMMITTEE_PROTOCOL, FORWARD_PROTOCOL
 from ..net.host import add_handler, full_addrs, parse_peer_addr, running_host
 from ..identity import Identity, load_or_create_identity
 from ..proto.records import all_peers_key, make_record, model_key, shard_key, sign_record
+from ..verify.tee import attest_record_fields, make_attester, policy_from_settings
+from ..errors import TeeUnavailable
+from ..ml.models import known_manifests
+from ..net.directory import Directory
+from ..proto.wire import DKG_PROTOCOL
+from .dkg import DkgNode
 from ..ml.models import Activation
 from ..proto.audit import AuditLog
 from ..proto.auditor import Auditor, evidence_message
@@ -68,6 +74,10 @@ class Peer:
         self.identity = identity or load_or_create_identity(settings.key)
         self.specs = [ServeSpec.parse(s) for s in settings.serve]
         self.shards: ShardServer | None = None
+        self.attester = make_attester(settings.tee, settings.tee_quote)  # TeeUnavailable before anything starts
+        if settings.threshold_member and self.attester is None:
+            raise TeeUnavailable("--threshold-member needs --tee: only attested peers take part in the DKG")
+        self.dkg = DkgNode(self) if self.attester is not None else None  # attested peers serve enhanced-privacy stages
         self.throughput = 0.0
         self.limits = settings.limits()
         self.scheduler = FairScheduler(settings.compute_slots(), self.limits.max_queued_per_peer, self.limits.max_queued)
@@ -109,6 +119,8 @@ class Peer:
             add_handler(host, FORWARD_PROTOCOL, self.forward.handle)
             add_handler(host, COMMITTEE_PROTOCOL, self.member.handle)
             add_handler(host, ARTIFACT_PROTOCOL, handle_artifact)
+            if self.dkg is not None:
+                add_handler(host, DKG_PROTOCOL, self.dkg.handle)
             async with background_trio_service(discovery.kad), running_gossip(host, self.on_gossip) as gossip:
                 self.gossip = gossip
                 joined = await discovery.join()
@@ -120,6 +132,9 @@ class Peer:
                     nursery.start_soon(discovery.maintain, self.settings.refresh_interval)
                     nursery.start_soon(self.anchors.run)
                     nursery.start_soon(self.prover.build_all)  # ZK circuits, in another process
+                    if self.dkg is not None:
+                        manifests = await trio.to_thread.run_sync(known_manifests, default_cache_dir())
+                        nursery.start_soon(self.dkg.run, Directory(discovery, manifests, policy_from_settings(self.settings)))
                     addrs = full_addrs(host)
                     self._write_ready_file(addrs)
                     self.log.info(
@@ -159,6 +174,16 @@ class Peer:
                 await discovery.provide(keys)
                 last_provided = trio.current_time()
 
+    def _tee_fields(self) -> dict[str, Any]:
+        """The record's TEE kind and a fresh attestation (re-made at each publish: readers check its age)."""
+        if self.attester is None:
+            return {}
+        shards = self.shards.shards if self.shards else []
+        manifests = {mid: m.manifest for mid, m in (self.shards.models if self.shards else {}).items()}
+        kind, attestation = attest_record_fields(self.attester, self.identity.public_key, shards, manifests, now_ms(),
+                                                 fault=self.settings.test_fault)
+        return {"tee": kind, "tee_attestation": attestation}
+
     async def _publish_record(self, discovery: Discovery) -> None:
         assert self.host is not None
         record = make_record(
@@ -168,9 +193,10 @@ class Peer:
             throughput=self.behaviour.advertise(self.throughput),  # the measured value unless a --test-fault lies
             load=self.load(),
             software=f"p2p-infer/{__version__}",
-            protocols=SERVED_PROTOCOLS,
+            protocols=SERVED_PROTOCOLS + ((DKG_PROTOCOL,) if self.dkg is not None else ()),
             ttl_ms=int(self.settings.record_ttl * 1000),
             issued_at_ms=now_ms(),
+            **self._tee_fields(),
         )
         await discovery.put_record(self.identity.peer_id, sign_record(record, self.identity))
         self.log.debug("record published", expires_in_s=self.settings.record_ttl)

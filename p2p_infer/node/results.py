@@ -31,6 +31,7 @@ class QueryResult:
     certificate: bytes | None = None  # committee mode: the quorum certificate (Certificate.encode())
     spot_checks: list[dict[str, Any]] = field(default_factory=list)
     proofs: dict[str, Any] | None = None  # critical mode: the verified proof chain
+    privacy: dict[str, Any] | None = None  # enhanced privacy: the threshold key's ritual, t and members
     # True only if every stage was checked before this result was returned (committee, proven
     # shards, or a spot check that ran on it); optimistic results are False: their check follows
     verified: bool = False

@@ -10,7 +10,10 @@ An unverified query is an explicit choice (``checks=()``, ``unverified=True``, C
 ``--unverified``), and its result is labelled so.
 
 Supported today: ``direct`` with no check, ``spot-check``, ``committee``, ``zk`` or
-``optimistic``; ``forwarding`` with no check. Privacy is ``plain`` only.
+``optimistic``; ``forwarding`` with no check. ``tee`` is a constraint rather than a check of
+its own: it combines with any of them (only attested peers serve the stages; with
+``committee``, the committees are TEE-only). Privacy ``threshold`` runs ``direct`` with no
+other check (so it needs ``--unverified``: one attested executor per stage).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ SUPPORTED: frozenset[tuple[Transport, Check]] = frozenset(
 )
 DEFAULT_K = 3  # the default check: every stage on a committee of 3
 VERIFYING: frozenset[str] = frozenset({"committee", "zk"})  # checks that hold the answer until every stage is checked
-NOT_BUILT = {"tee": "TEE attestation", "threshold": "threshold privacy"}
+NOT_BUILT: dict[str, str] = {}
+CONSTRAINTS = frozenset({"tee"})  # narrow who serves; compose with every check
 
 # How a user asks for each choice, so an error names what they typed.
 FLAGS = {
@@ -41,8 +45,8 @@ FLAGS = {
     "spot-check": "--spot-check P",
     "optimistic": "--optimistic P",
     "unverified": "--unverified",
-    "tee": "check=tee",
-    "threshold": "privacy=threshold",
+    "tee": "--require-tee",
+    "threshold": "--enhanced-privacy",
 }
 
 # Why a pair of checks cannot run together yet.
@@ -113,9 +117,12 @@ class QueryPlan:
         max_retries: int = 3,
         max_reruns: int = 2,
         trial: bool = True,
+        require_tee: bool = False,
+        enhanced_privacy: bool = False,
     ) -> QueryPlan:
         """The plan the client's keyword arguments (and the CLI's flags) ask for: a committee of
-        ``DEFAULT_K`` unless another check, or ``unverified``, is asked for."""
+        ``DEFAULT_K`` unless another check, or ``unverified``, is asked for; ``require_tee``
+        constrains whichever check that is."""
         checks: list[Check] = []
         if committee is not None:
             checks.append("committee")
@@ -129,16 +136,28 @@ class QueryPlan:
             raise _refuse("unverified", checks[0], "an unverified query runs no check; drop one")
         if not checks and not unverified:
             checks.append("committee")  # verified by default
+        if require_tee:
+            checks.append("tee")  # a constraint on the check above, never in place of it
         return cls(transport="forwarding" if forwarding else "direct", checks=tuple(checks), committee_k=committee,
+                   privacy="threshold" if enhanced_privacy else "plain",
                    spot_check=spot_check, optimistic=optimistic or 0.0, proof_follows=proof_follows, local_layers=local_layers,
                    max_retries=max_retries, max_reruns=max_reruns, trial=trial)
 
     @property
     def check(self) -> Check:
         """The one check this plan runs ("none" without); call after :meth:`validate`."""
-        if len(self.checks) > 1:
+        checks = self._proper_checks()
+        if len(checks) > 1:
             self.validate()
-        return self.checks[0] if self.checks else "none"
+        return checks[0] if checks else "none"
+
+    @property
+    def require_tee(self) -> bool:
+        """Only peers with a verified, fresh TEE attestation serve this query's stages."""
+        return "tee" in self.checks or self.privacy == "threshold"  # threshold privacy runs on attested executors only
+
+    def _proper_checks(self) -> tuple[Check, ...]:
+        return tuple(c for c in self.checks if c not in CONSTRAINTS)
 
     def describe(self) -> str:
         return "+".join([self.transport, *(self.checks or ("none",)), self.privacy])
@@ -160,6 +179,7 @@ class QueryPlan:
         self._built_choices()
         self._check_pairs()
         self._transport_and_check()
+        self._privacy()
         self._parameters()
         return self
 
@@ -177,15 +197,24 @@ class QueryPlan:
                 raise UnsupportedMode(f"unsupported mode: {_named(choice)}: {NOT_BUILT[choice]} is not built yet")
 
     def _check_pairs(self) -> None:
-        for i, first in enumerate(self.checks):
-            for second in self.checks[i + 1:]:
+        checks = self._proper_checks()
+        for i, first in enumerate(checks):
+            for second in checks[i + 1:]:
                 why = CHECK_CONFLICTS.get(frozenset({first, second}), "these checks do not combine yet")
                 raise _refuse(first, second, why)
 
     def _transport_and_check(self) -> None:
-        check = self.checks[0] if self.checks else "none"
+        checks = self._proper_checks()
+        check = checks[0] if checks else "none"
         if (self.transport, check) not in SUPPORTED:
             raise _refuse(self.transport, check, FORWARDING_CONFLICTS.get(check, "not built yet"))
+
+    def _privacy(self) -> None:
+        if self.privacy == "threshold" and (self.transport != "direct" or self._proper_checks()):
+            other = self.transport if self.transport != "direct" else self._proper_checks()[0]
+            raise _refuse("threshold", other, "an enhanced-privacy stage runs on one attested executor that decrypts with "
+                          "threshold shares; committees, spot checks, proofs and forwarding do not carry ciphertext yet "
+                          "(add --unverified to the default committee check)")
 
     def _parameters(self) -> None:
         checks = set(self.checks)

@@ -348,7 +348,7 @@ class QueryMachine:
     def _route_from(self, first: int) -> list[Segment]:
         return plan_route(self.servers, first, self.n_layers - 1, exclude=self.failed, reputation=self.reputation,
                           min_reputation=self.min_reputation, model_name=self.model_name,
-                          whole_shards=self.plan.check == "zk")
+                          whole_shards=self.plan.check == "zk", require_tee=self.plan.require_tee)
 
     def _next(self, now: float) -> list[Action]:
         """Plan from ``pos``; on no route, refresh the directory once, then give up."""

@@ -11,7 +11,10 @@ reproduce an encoding to check a signature.
 
 Schema 2 (same fields as 1) adds one rule: the signing key solves the identity puzzle
 (``identity.PUZZLE_DIFFICULTY``). Schema 1 records came from keys that need not, so they
-are refused rather than read with the old rules.
+are refused rather than read with the old rules. Schema 3 (same fields) is a record that
+carries a TEE attestation: ``tee`` names a TEE kind and ``tee_attestation`` is an
+attestation envelope (``protocols/tee.md``) that readers verify before they count the peer
+as attested. Records without a TEE stay schema 2, so a schema 2 record with a TEE is refused.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ import msgpack
 from ..errors import RecordError
 from ..identity import PUZZLE_DIFFICULTY, Identity, peer_id_from_public_key, solves_puzzle, verify_signature
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 2  # records without a TEE
+TEE_SCHEMA_VERSION = 3  # records carrying a TEE kind and attestation (protocols/tee.md)
+READABLE_SCHEMAS = (SCHEMA_VERSION, TEE_SCHEMA_VERSION)
+MAX_ATTESTATION_BYTES = 12 * 1024  # a DCAP quote (~5 KiB) with its collateral fits
 ENVELOPE_VERSION = 1
 SIGNING_DOMAIN = b"p2p-infer/capability-record/v1\n"
 MAX_RECORD_BYTES = 16 * 1024
@@ -121,6 +127,8 @@ def make_record(
     protocols: Collection[str] = (),
     ttl_ms: int = 120_000,
     issued_at_ms: int,
+    tee: str = "none",
+    tee_attestation: bytes = b"",
 ) -> CapabilityRecord:
     issued = issued_at_ms
     return CapabilityRecord(
@@ -130,10 +138,13 @@ def make_record(
         shards=tuple(shards),
         throughput=throughput,
         load=load,
+        tee=tee,
+        tee_attestation=tee_attestation,
         software=software,
         protocols=tuple(protocols),
         issued_at_ms=issued,
         expires_at_ms=issued + ttl_ms,
+        schema=SCHEMA_VERSION if tee == "none" else TEE_SCHEMA_VERSION,
     )
 
 
@@ -194,7 +205,7 @@ def _parse_body(body: bytes) -> CapabilityRecord:
     if not isinstance(fields, list) or len(fields) != 13:
         raise RecordError("record body must be an array of 13 fields")
     schema, peer_id, public_key, addrs, shards, throughput, load, tee, att, software, protocols, issued, expires = fields
-    _expect(schema == SCHEMA_VERSION, f"unsupported record schema {schema!r}")
+    _expect(schema in READABLE_SCHEMAS, f"unsupported record schema {schema!r}")
     _expect(isinstance(peer_id, str) and 0 < len(peer_id) <= 128, "peer_id must be a string")
     _expect(isinstance(public_key, bytes) and len(public_key) == 32, "public_key must be 32 bytes")
     _expect(_is_str_list(addrs, 16), "addrs must be a list of at most 16 strings")
@@ -203,7 +214,9 @@ def _parse_body(body: bytes) -> CapabilityRecord:
     _expect(_is_finite_number(throughput) and throughput >= 0, "throughput must be a finite number >= 0")
     _expect(_is_finite_number(load) and load >= 0, "load must be a finite number >= 0")
     _expect(tee in TEE_KINDS, f"tee must be one of {TEE_KINDS}")
-    _expect(isinstance(att, bytes), "tee_attestation must be bytes")
+    _expect(isinstance(att, bytes) and len(att) <= MAX_ATTESTATION_BYTES, f"tee_attestation must be at most {MAX_ATTESTATION_BYTES} bytes")
+    _expect((tee == "none") == (schema == SCHEMA_VERSION), f"schema {schema} record cannot have tee {tee!r} (tee records are schema 3)")
+    _expect((tee == "none") == (att == b""), "tee_attestation must be empty exactly when tee is none")
     _expect(isinstance(software, str) and len(software) <= 64, "software must be a short string")
     _expect(_is_str_list(protocols, 32), "protocols must be a list of strings")
     _expect(isinstance(issued, int) and isinstance(expires, int), "issued/expires must be integers (ms)")

@@ -4,7 +4,9 @@ Sans-IO, as Petals' min-latency Dijkstra: nodes are layer positions (``p`` = the
 layer to run), and a server that holds layers ``[first, last]`` gives an edge from every
 ``p`` in its range to every ``q + 1`` with ``p <= q <= last``, costing its round trip plus
 its compute time for those layers, scaled up by its load. Servers with a reputation
-under the threshold, or excluded after a failure, are left out.
+under the threshold, or excluded after a failure, are left out; with ``require_tee`` so is
+every server without a verified attestation (``Server.attested``), and the error says how
+many attested providers there were.
 
 The throughput a route is planned with is the client's own measurement
 (:class:`ThroughputBook`), never what a peer claims: issue 9's liar advertised 1e9
@@ -33,6 +35,7 @@ class Server:
     throughput: float  # layer forwards per second: measured by the client (ThroughputBook.effective)
     load: float = 0.0
     rtt_ms: float | None = None  # measured by the client; None = not yet
+    attested: bool = False  # its record's TEE attestation verified, and is fresh (net/directory.py)
 
 
 @dataclass(frozen=True)
@@ -62,15 +65,18 @@ def plan_route(
     min_reputation: float = 0.0,
     model_name: str = "",
     whole_shards: bool = False,
+    require_tee: bool = False,
 ) -> list[Segment]:
     """Cheapest chain of segments running layers ``first..last`` in order.
 
     Reputation divides nothing by default; below ``min_reputation`` a server is skipped,
     and above it cost is scaled by ``1 / reputation`` (R in [0.1, 10]), so trusted peers win
     ties. Raises :class:`NoRoute` naming the first layer no usable server covers. With
-    ``whole_shards`` a server runs exactly its whole range (a ZK circuit covers a shard).
+    ``whole_shards`` a server runs exactly its whole range (a ZK circuit covers a shard);
+    with ``require_tee`` only attested servers are used.
     """
-    usable = [s for s in servers if s.peer_id not in exclude and reputation(s.peer_id) >= min_reputation]
+    usable = [s for s in servers if s.peer_id not in exclude and reputation(s.peer_id) >= min_reputation
+              and (s.attested or not require_tee)]
     end = last + 1
     best: dict[int, float] = {first: 0.0}
     back: dict[int, tuple[int, Segment]] = {}
@@ -95,6 +101,12 @@ def plan_route(
                     heapq.heappush(queue, (new_cost, nxt))
     if end not in best:
         reached = max(best)
+        if require_tee:
+            attested = {s.peer_id for s in servers if s.attested}
+            at_stage = {s.peer_id for s in usable if s.first <= reached <= s.last}
+            raise NoRoute(f"--require-tee: no attested peer serves layer {reached} of {model_name or 'the model'} "
+                          f"(stage from layer {reached}: {len(at_stage)} attested provider(s); "
+                          f"{len(attested)} attested provider(s) of the model in all)")
         raise NoRoute(f"no live peer serves layer {reached} of {model_name or 'the model'} (layers {first}-{last} needed)")
     route: list[Segment] = []
     pos = end

@@ -34,6 +34,7 @@ RESULT_PROTOCOL = protocol_id("forward-result")
 COMMITTEE_PROTOCOL = protocol_id("committee", "4.0.0")
 ARTIFACT_PROTOCOL = protocol_id("artifact")
 SERVED_PROTOCOLS = (FORWARD_PROTOCOL, COMMITTEE_PROTOCOL, ARTIFACT_PROTOCOL)  # advertised in records
+DKG_PROTOCOL = protocol_id("dkg")  # threshold key ritual, share release, enhanced-privacy stages (protocols/dkg.md)
 
 # ---- gossip ----
 # v2: messages keyed by "type" like every stream message (v1 used "kind").
@@ -62,6 +63,15 @@ REVEAL = "reveal"
 RESULT = "result"  # the reply to execute (since 3.0.0): commit + reveal + output
 # artifact protocol
 ARTIFACT = "artifact"
+# dkg protocol
+DKG_JOIN = "dkg_join"
+DKG_DEAL = "dkg_deal"
+DKG_KEY = "dkg_key"  # a member's signed key (the reply to get_dkg_key)
+GET_DKG_KEY = "get_dkg_key"
+SHARE_REQUEST = "share_request"
+SHARE = "share"
+PRIVATE_FORWARD = "private_forward"
+PRIVATE_RESULT = "private_result"
 # consensus gossip
 ROUND = "round"
 VERDICTS = "verdicts"
@@ -73,6 +83,7 @@ REQUESTS: dict[str, frozenset[str]] = {
     RESULT_PROTOCOL: frozenset({FORWARD_RESULT, FORWARD_FAILED}),
     COMMITTEE_PROTOCOL: frozenset({TICKET, EXECUTE}),
     ARTIFACT_PROTOCOL: frozenset({ARTIFACT}),
+    DKG_PROTOCOL: frozenset({DKG_JOIN, DKG_DEAL, GET_DKG_KEY, SHARE_REQUEST, PRIVATE_FORWARD}),
     CONSENSUS_TOPIC: frozenset({ROUND, VERDICTS, EVIDENCE, CHECKPOINT}),
 }
 

@@ -1,4 +1,4 @@
-"""Writes record-v2.json and committee-v2.json from fixed seeds and fields.
+"""Writes record-v2.json, record-v3.json and committee-v2.json from fixed seeds and fields.
 
     PYTHONPATH=. python protocols/test-vectors/generate.py
 
@@ -89,6 +89,30 @@ def record_vector() -> dict:
     }
 
 
+def record_v3_vector() -> dict:
+    """A schema 3 record: tee "simulated" with an attestation over a fixed code hash and layer hashes."""
+    from p2p_infer.verify import tee
+
+    ident, idv = identity_vector("record")
+    f = record_fields(ident)
+    code = bytes([0x11]) * 32
+    layer_hashes = [hashlib.sha256(f"layer {i}".encode()).hexdigest() for i in (1, 2)]
+    shards = [(MODEL, 1, 2, layer_hashes)]
+    measured = tee.measurement(code, shards)
+    attestation = tee.SimAttester().attest(ident.public_key, measured, code, ISSUED)
+    rec = make_record(ident, addrs=f["addrs"], shards=[ShardSpec(*s) for s in f["shards"]], throughput=f["throughput"], load=f["load"],
+                      software=f["software"], protocols=f["protocols"], ttl_ms=f["ttl_ms"], issued_at_ms=f["issued_at_ms"],
+                      tee="simulated", tee_attestation=attestation)
+    env = sign_record(rec, ident)
+    return {
+        "description": "Capability record, schema 3: tee simulated with its attestation (see protocols/records.md, protocols/tee.md).",
+        "identity": idv, "record": f, "code_hash_hex": code.hex(), "layer_hashes": layer_hashes,
+        "sim_root_public_key_hex": tee.sim_root_public_key().hex(), "measurement_hex": measured.hex(),
+        "report_data_hex": tee.report_data(ident.public_key, measured).hex(), "attestation_hex": attestation.hex(),
+        "body_hex": msgpack.unpackb(env)[1].hex(), "envelope_hex": env.hex(), "verify_at_ms": ISSUED + 60_000,
+    }
+
+
 def committee_vector() -> dict:
     client, client_v = identity_vector("client")
     idents = [identity_vector(f"member-{i}") for i in range(3)]
@@ -134,6 +158,7 @@ def committee_vector() -> dict:
 
 
 if __name__ == "__main__":
-    for name, vector in (("record-v2.json", record_vector()), ("committee-v2.json", committee_vector())):
+    for name, vector in (("record-v2.json", record_vector()), ("record-v3.json", record_v3_vector()),
+                         ("committee-v2.json", committee_vector())):
         (HERE / name).write_text(json.dumps(vector, indent=2) + "\n")
         print("wrote", HERE / name)
