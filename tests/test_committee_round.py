@@ -255,6 +255,17 @@ def test_one_round_trip_per_stage_and_prefetched_tickets_skip_the_ticket_phase()
     assert isinstance(failed[0], Failed) and "0 eligible candidates" in failed[0].error.message
 
 
+def test_prefetched_tickets_too_few_for_a_committee_ask_only_the_missing_candidates():
+    sim = swarm(3)
+    seed = sim.machine.spec.task(0, NOW).seed
+    peers = sorted(sim.members)
+    tickets = [sim.members[p].core.ticket(seed) for p in peers[:2]]  # one ticket request failed to open its stream
+    actions = sim.machine.start(NOW, {p: m.record for p, m in sim.members.items()}, tickets=tickets)
+    assert [type(a) for a in actions] == [AskTickets] and actions[0].peers == (peers[2],) and actions[0].request.seed == seed
+    outcome = sim.until_outcome(actions)
+    assert isinstance(outcome, Decided) and set(outcome.decision.verdicts) == set(peers)
+
+
 def test_words_about_someone_else_blame_no_one():
     sim = swarm(3, max_reruns=0)
     send = sim.step(start(sim))[0]

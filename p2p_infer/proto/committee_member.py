@@ -92,7 +92,7 @@ class MemberCore:
         return None if entry is None else entry[0]
 
     def answer(self, candidates: CandidateSet, output: WireTensor, nonce: bytes, now_ms: int, *, reveal: bool = True) -> MemberAnswer:
-        """Commit to ``output`` and open the commitment at once (committee/3.0.0: one round
+        """Commit to ``output`` and open the commitment at once (since committee/3.0.0: one round
         trip); the answer is kept so a repeated request gets the same one."""
         task_id = candidates.task.task_id
         known = self.existing_answer(candidates.task, now_ms)

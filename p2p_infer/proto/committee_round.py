@@ -236,8 +236,9 @@ class CommitteeRound:
     def start(self, now_ms: int, candidates: Mapping[str, bytes], tickets: Iterable[Ticket] | None = None) -> list[Action]:
         """Begin the next attempt with the current providers of the stage's layers, each
         with the signed record the client holds for it (it goes into the candidate set).
-        ``tickets``: this attempt's tickets, already fetched (the driver asks for every
-        stage's first-attempt tickets in one round per query); the ticket phase is skipped."""
+        ``tickets``: this attempt's tickets, already fetched (the driver asks every candidate
+        once per query); the ticket phase is skipped, unless they are too few for a committee:
+        then the candidates without one are asked again (a stream that failed to open)."""
         if self.phase is not Phase.IDLE:
             raise UsageError(f"{self.spec.layers}: start() while {self.phase.value}")
         self.attempt += 1
@@ -249,8 +250,11 @@ class CommitteeRound:
         self._enter(Phase.TICKETS, peers, deadline)
         if tickets is not None:
             self.tickets = [t for t in tickets if t.peer_id in self.records]  # ranking verifies each on this seed
-            self.waiting = set()
-        if not peers or tickets is not None:
+            have = {t.peer_id for t in self.tickets}
+            # too few for a committee: ask the candidates whose ticket did not come, once more
+            peers = () if len(have) >= self.spec.k else tuple(p for p in peers if p not in have)
+            self.waiting = set(peers)
+        if not peers:
             return self._close_tickets(now_ms)
         request = TicketRequest(self.task.seed, self.spec.model_id, self.spec.first, self.spec.last)
         return [AskTickets(self.attempt, request, peers, deadline)]

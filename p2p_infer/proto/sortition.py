@@ -115,7 +115,7 @@ class Ticket:
         known = BETAS.get(key)
         if known is None:
             try:
-                known = self._verify(seed)
+                known = self._check_proof(seed)
             except ConsensusError as exc:
                 known = exc.message
             BETAS.put(key, known)
@@ -123,7 +123,7 @@ class Ticket:
             raise ConsensusError(known)
         return known
 
-    def _verify(self, seed: bytes) -> bytes:
+    def _check_proof(self, seed: bytes) -> bytes:
         if peer_id_from_public_key(self.public_key) != self.peer_id:
             raise ConsensusError(f"ticket key does not match peer id {self.peer_id}")
         if not solves_puzzle(self.public_key):
