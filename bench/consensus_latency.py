@@ -5,7 +5,9 @@ spot-check, plain, ...) so machine load drifts affect them alike.
 
     .venv/bin/python bench/consensus_latency.py [--queries 50]
 
-Targets (issue 9): committee/plain <= 1.5x median and <= 2x p95; printed as ``targets_met``.
+Targets (issue 9): committee/plain <= 1.5x median and <= 2x p95, optimistic/plain <= 1.1x
+median; printed as ``targets_met``. An optimistic query's time is until its answer (its check
+runs after, in the background, as it does for a user; its CPU lands on the queries after it).
 ``MODES`` is a list: one entry (name, Client keywords) adds a mode to the interleaving. The
 first entry is the baseline and says "unverified" explicitly where the client knows the
 word (once committees are the default), so "plain" is plain routing before and after.
@@ -47,6 +49,7 @@ MODES: list[tuple[str, dict[str, object]]] = [
     ("plain", PLAIN),
     ("committee-3", {"committee": 3}),
     ("spot-check-0.1", {"spot_check": 0.1}),  # a check of its own: no committee added, never "unverified"
+    ("optimistic-0.1", {"optimistic": 0.1}),  # one executor + signed commitment, re-executed after the answer with p = 0.1
 ]
 BASELINE = MODES[0][0]
 
@@ -81,9 +84,10 @@ async def times(bootstrap: str, name: str, inputs, n: int) -> tuple[dict[str, li
 def report(name: str, n: int, runs: dict[str, list[float]], failed: dict[str, list[str]]) -> dict:
     table = {mode: stats(r) for mode, r in runs.items()}
     ratios = {mode: {k: round(v / table[BASELINE][k], 3) for k, v in row.items()} for mode, row in table.items() if mode != BASELINE}
-    committee = ratios["committee-3"]
+    committee, optimistic = ratios["committee-3"], ratios["optimistic-0.1"]
     return {"model": name, "queries": n, "ms": table, "ratio_to_plain": ratios,
-            "targets_met": {"committee_median_le_1.5x": committee["median"] <= 1.5, "committee_p95_le_2x": committee["p95"] <= 2.0},
+            "targets_met": {"committee_median_le_1.5x": committee["median"] <= 1.5, "committee_p95_le_2x": committee["p95"] <= 2.0,
+                            "optimistic_median_le_1.1x": optimistic["median"] <= 1.1},
             "failed_or_disagreed": {mode: len(f) for mode, f in failed.items()}, "failures": {m: f[:3] for m, f in failed.items() if f}}
 
 

@@ -9,11 +9,12 @@ import subprocess
 import sys
 import time
 
+import msgpack
 import pytest
 import trio
 
 from p2p_infer.errors import RemoteError
-from p2p_infer.ml.models import DigitsMLP
+from p2p_infer.ml.models import DigitsMLP, load_model
 from p2p_infer.node.client import Client
 from p2p_infer.proto.plan import QueryPlan
 from p2p_infer.net.framing import request
@@ -29,8 +30,14 @@ MEMBER = ["--tee", "sim", "--threshold-member", "--dkg-members", "3", "--dkg-thr
 
 
 @pytest.fixture(scope="module")
-def swarm(tmp_path_factory):
-    with Swarm(tmp_path_factory.mktemp("threshold"), record_ttl=TTL) as swarm:
+def dump_dir(tmp_path_factory):
+    """Every request a member's host receives (P2P_INFER_DUMP_DIR): what a recording peer sees."""
+    return tmp_path_factory.mktemp("dumps")
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory, dump_dir):
+    with Swarm(tmp_path_factory.mktemp("threshold"), record_ttl=TTL, extra_env={"P2P_INFER_DUMP_DIR": str(dump_dir)}) as swarm:
         swarm.start_bootstrap()
         started = [swarm.start_peer(f"m{i}", ["digits-mlp:1-3"], extra_args=MEMBER, wait=False) for i in range(3)]
         swarm.wait_ready(started, timeout=180)
@@ -42,7 +49,14 @@ def _private_query(swarm, check=True):
     return swarm.cli("query", "--model", "digits-mlp", "--enhanced-privacy", "--unverified", "--json", "--compare", "test:7", check=check)
 
 
-def test_enhanced_privacy_query_returns_the_plain_result(swarm):
+def _sent_activation(index: int) -> bytes:
+    """The bytes of the activation the client sends for test:INDEX (embedding + layer 0)."""
+    digits = load_model("digits-mlp")
+    act = digits.embed(DigitsMLP.dataset()[2][index].tolist())
+    return digits.run_layers(act, 0, 0).detach().numpy().astype("float32").tobytes()
+
+
+def test_enhanced_privacy_query_returns_the_plain_result(swarm, dump_dir):
     deadline = time.monotonic() + 120
     while True:  # the ritual forms once every member lists the others as attested
         result = _private_query(swarm, check=False)
@@ -51,6 +65,11 @@ def test_enhanced_privacy_query_returns_the_plain_result(swarm):
         time.sleep(2)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout)
+    # a recording peer (any member's host, outside the enclave) holds only ciphertext of the request
+    seen = [p.read_bytes() for p in dump_dir.iterdir()]
+    private = [raw for raw in seen if msgpack.unpackb(raw)["type"] in ("private_forward", "share_request")]
+    secret = _sent_activation(7)
+    assert private and not any(secret in raw or secret[:64] in raw for raw in seen)
     plain = json.loads(swarm.cli("query", "--model", "digits-mlp", "--unverified", "--json", "test:7").stdout)
     assert out["output"]["class"] == plain["output"]["class"] and out["local_check"]["match"]
     members = {swarm.peers[f"m{i}"].peer_id for i in range(3)}

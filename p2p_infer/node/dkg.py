@@ -28,6 +28,7 @@ from ..proto.dkg import RitualMember, ShareReleaser, ThresholdKey, accept_key
 from ..proto.wire import (DKG_DEAL, DKG_JOIN, DKG_KEY, DKG_PROTOCOL, GET_DKG_KEY, OK, PRIVATE_FORWARD, PRIVATE_RESULT, SHARE,
                           SHARE_REQUEST, Message, expect, expect_reply)
 from ..verify import threshold
+from .forward_handler import dump_request
 
 if TYPE_CHECKING:
     from ..net.directory import Directory
@@ -101,6 +102,7 @@ class DkgNode:
     # ---- the protocol handler ----
 
     async def handle(self, message: Message) -> Message:
+        dump_request(message)  # P2P_INFER_DUMP_DIR: what a recording peer (the host outside the enclave) sees
         kind = expect(DKG_PROTOCOL, message)
         if kind in (DKG_JOIN, DKG_DEAL):
             if self.member is None:

@@ -42,7 +42,7 @@ class ForwardHandler:
             return await self.peer.prover.collect(message)
         if kind == PING:
             return self._pong()
-        _dump_request(message)
+        dump_request(message)
         req = parse_forward_request(message)
         model, act = self._admit(req)
         if req.commit is not None and (req.prove or req.reply_to):  # optimistic mode is client-driven and unproven
@@ -147,7 +147,7 @@ class ForwardHandler:
         await self._send_to(client, RESULT_PROTOCOL, message)
 
 
-def _dump_request(message: Message) -> None:
+def dump_request(message: Message) -> None:
     """Testing and audit aid: with P2P_INFER_DUMP_DIR set, keep every request as received."""
     directory = os.environ.get("P2P_INFER_DUMP_DIR")
     if directory:

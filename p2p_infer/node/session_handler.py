@@ -63,9 +63,9 @@ class SessionHandler:
             self._sync()
 
     async def handle(self, message: Message) -> Message:
-        from .forward_handler import _dump_request
+        from .forward_handler import dump_request
 
-        _dump_request(message)  # P2P_INFER_DUMP_DIR: what a recording peer sees
+        dump_request(message)  # P2P_INFER_DUMP_DIR: what a recording peer sees
         self._sync()
         shards = self.peer.shards
         req = parse_request(message, hidden_size=None)
