@@ -2,8 +2,9 @@
 (issue 13): simulations/calibrate.toml, 6 peers, 40 committee queries, on both engines.
 
 Stated tolerance (docs/simulations.md, "Calibration"): the model's median query latency
-within a factor of 2 of the processes' (per_message_ms was fitted on this box at load ~17:
-754 ms measured, 798 ms modelled), the same route length, both >= 95% answered, neither
+within a factor of 2 of the processes' (per_message_ms = 8 was fitted on a quiet 2-core box:
+74.45 ms measured in the clean-clone CI run, 73.6 ms modelled; at load ~17 the processes took
+754 ms, so the test needs a quiet machine: marked load_sensitive, run by `make hardening`), the same route length, both >= 95% answered, neither
 accepting a wrong result. Tails are not claimed: the processes' p95 comes from CPU
 contention the model does not have.
 """
@@ -23,6 +24,7 @@ FACTOR = 2.0
 
 
 @pytest.mark.slow
+@pytest.mark.load_sensitive
 def test_the_model_matches_the_processes_within_the_stated_tolerance(tmp_path):
     processes = simulate(SCENARIO, tmp_path, progress=False, plots=False, check=False)
     model = summary(DesRun(replace(load_scenario(SCENARIO), engine="des"), progress=False).run())
