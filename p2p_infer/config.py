@@ -53,7 +53,9 @@ class Settings:
     listen: str = "/ip4/127.0.0.1/tcp/0"
     bootstrap: list[str] = field(default_factory=list)
     bootstrap_file: Path | None = None
-    serve: list[str] = field(default_factory=list)  # "MODEL:FIRST-LAST"
+    serve: list[str] = field(default_factory=list)  # "MODEL:FIRST-LAST", or "MODEL": layers chosen by coverage
+    memory_budget: str = ""  # weights a "MODEL"-only --serve may load ("512MB"); "" = a quarter of free memory
+    max_batch: int = 32  # inputs per forward request this peer accepts (protocols/forward.md)
     log_format: str = "console"
     log_level: str = "info"
     record_ttl: float = 120.0  # seconds a capability record stays valid
