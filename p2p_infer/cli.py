@@ -76,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p)
         _network(p)
         if name == "peer":
-            p.add_argument("--serve", action="append", metavar="MODEL:FIRST-LAST", help="serve layers FIRST..LAST of MODEL (repeatable)")
+            p.add_argument("--serve", action="append", metavar="MODEL[:FIRST-LAST]",
+                           help="serve layers FIRST..LAST of MODEL; MODEL alone: the layers the network covers least (repeatable)")
+            p.add_argument("--memory-budget", metavar="SIZE", help="weights --serve MODEL may load, e.g. 512MB (default: a quarter of free memory)")
+            p.add_argument("--max-batch", type=int, help="inputs per forward request accepted (default 32)")
         p.add_argument("--record-ttl", type=float, help="seconds a published capability record stays valid (default 120)")
         p.add_argument("--max-concurrent", type=int, help="forward requests computed at once (default: one per CPU core)")
         p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default 1)")
@@ -131,7 +134,8 @@ def _query_parser(sub: Any) -> None:
                    help="one executor per stage with a signed commitment; after the answer, re-execute each stage on another "
                         "provider with probability P in (0, 1] (a lie is accepted with probability 1-P; the check finishes before exit)")
     _tee_query_flags(p)
-    p.add_argument("input", help="text for minilm-l6; for digits-mlp 64 comma-separated values or test:N")
+    p.add_argument("input", nargs="+", help="text for minilm-l6; for digits-mlp 64 comma-separated values or test:N; "
+                   "several: one batched query")
 
 
 def _more_parsers(sub: Any) -> None:
@@ -158,7 +162,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     for name in ("key", "listen", "bootstrap", "bootstrap_file", "serve", "log_format", "log_level",
                  "record_ttl", "max_concurrent", "torch_threads", "ready_file", "audit_log", "test_fault",
                  "checkpoint_interval", "witness_file", "tee", "tee_quote", "threshold_member", "dkg_members", "dkg_threshold",
-                 "max_connections", "conn_idle_timeout"):
+                 "max_connections", "conn_idle_timeout", "memory_budget", "max_batch"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -312,7 +316,12 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     from .verify.tee import policy_from_settings
 
     quiet_libp2p_logging()
-    inputs = parse_query_input(args.model, args.input)
+    inputs = [parse_query_input(args.model, text) for text in args.input]
+    inputs = inputs[0] if len(inputs) == 1 else inputs  # several inputs: one batched query
+    if len(args.input) > 1 and args.compare:
+        from .errors import UsageError
+
+        raise UsageError("--compare takes one input, not a batch")
 
     async def query() -> dict[str, Any]:
         async with Client(bootstrap_addrs(settings), plan=plan, commit_timeout=args.commit_timeout,
@@ -426,11 +435,23 @@ def print_result(out: dict[str, Any]) -> None:
     o = out["output"]
     print(f"model {out['model']} ({out['model_id'][:16]}...), mode {out['mode']}")
     print(verification_line(out))
+    if out.get("batch", 1) > 1:
+        for i in range(out["batch"]):
+            print_output({k: v[i] for k, v in o.items()}, f"[{i}] ")
+    else:
+        print_output(o)
+    print_route(out)
+
+
+def print_output(o: dict[str, Any], prefix: str = "") -> None:
     if "embedding" in o:
         norm = sum(v * v for v in o["embedding"]) ** 0.5
-        print(f"embedding: {len(o['embedding'])} dims, norm {norm:.4f}, first values {[round(v, 4) for v in o['embedding'][:5]]}")
+        print(f"{prefix}embedding: {len(o['embedding'])} dims, norm {norm:.4f}, first values {[round(v, 4) for v in o['embedding'][:5]]}")
     else:
-        print(f"class {o['class']}, probabilities {[round(p, 3) for p in o['probabilities']]}")
+        print(f"{prefix}class {o['class']}, probabilities {[round(p, 3) for p in o['probabilities']]}")
+
+
+def print_route(out: dict[str, Any]) -> None:
     print(f"route ({len(out['route'])} hops, client ran its first layers and the head locally in {out['local_ms']:.1f} ms):")
     for h in out["route"]:
         rt = f", round trip {h['round_trip_ms']:.1f} ms" if h["round_trip_ms"] else ""

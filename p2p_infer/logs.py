@@ -54,7 +54,6 @@ def configure_library_logging(*, force: bool = False) -> None:
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.stdlib.filter_by_level,  # cheap: nothing is formatted for a disabled level
-            structlog.stdlib.add_log_level,
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
             structlog.processors.KeyValueRenderer(key_order=["event"], drop_missing=True),

@@ -205,8 +205,11 @@ class SyncClient:
         self.open()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self._portal.abort()  # Ctrl-C: leave now, cancelling what is in flight
+        else:
+            self.close()
 
     def open(self) -> None:
         """Join the network (blocks until the client is ready, or raises why it is not)."""
@@ -322,7 +325,7 @@ class Connection:
         self._open = SyncClient(self._bootstrap, **self._options)
         return self._open.__enter__()  # type: ignore[no-any-return]
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self._open.__exit__(*exc)
 
     async def __aenter__(self) -> Any:

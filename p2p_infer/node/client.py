@@ -63,6 +63,21 @@ def resolve_plan(plan: QueryPlan | None, **options: Any) -> QueryPlan:
     return (plan or asked).validate()
 
 
+def embed_batch(model: SplitModel, inputs: list[Any], plan: QueryPlan) -> Activation:
+    """A batch within the limits peers enforce, refused here before anything is sent."""
+    if plan.check == "zk":
+        raise UnsupportedMode("critical mode proves one input at a time (the shard circuits take batch 1); "
+                              "send the inputs one by one")
+    if not 1 <= len(inputs) <= DEFAULT_MAX_BATCH:
+        raise BatchTooLarge(f"a batch takes 1 to {DEFAULT_MAX_BATCH} inputs (peers refuse more), got {len(inputs)}")
+    act = model.embed_batch(inputs)
+    size = act.hidden.numel() * act.hidden.element_size()
+    if size > DEFAULT_MAX_TENSOR_BYTES:
+        raise BatchTooLarge(f"a batch of {len(inputs)} x {list(act.hidden.shape[1:])} is {size} bytes of hidden state, "
+                            f"over the {DEFAULT_MAX_TENSOR_BYTES}-byte limit of one request; send fewer or shorter inputs")
+    return act
+
+
 class Client:
     def __init__(
         self,
@@ -151,10 +166,12 @@ class Client:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._stack is not None
-        await self._wait_for_checks()
-        if self.gossip is not None:
-            await self.gossip.flush()  # verdicts and evidence of the last query still go out
-        await self._stack.__aexit__(None, None, None)
+        try:
+            await self._wait_for_checks()
+            if self.gossip is not None:
+                await self.gossip.flush()  # verdicts and evidence of the last query still go out
+        finally:  # also when cancelled (Ctrl-C in the sync facade): the host and the nursery close
+            await self._stack.__aexit__(None, None, None)
 
     async def refresh(self) -> None:
         """Re-read the overlay and re-measure round trips to the peers that serve layers."""
@@ -203,7 +220,7 @@ class Client:
             raise UsageError(f"{model_name} has {len(model.layers)} layers; the client keeps {self.local_layers} locally")
         batched = model.is_batch(inputs)
         started = time.perf_counter()
-        act = self._embed_batch(model, list(inputs)) if batched else model.embed(inputs)
+        act = embed_batch(model, list(inputs), self.query_plan) if batched else model.embed(inputs)
         act = Activation(model.run_layers(act, 0, self.local_layers - 1), act.mask)
         local_ms = (time.perf_counter() - started) * 1000
         await self._admit_servers(model, act)
@@ -230,20 +247,6 @@ class Client:
             result.check = optimistic_client.start_check(self, model, stages, self._check_rng)
             self._checks = [c for c in self._checks if not c.done] + [result.check]
         return result
-
-    def _embed_batch(self, model: SplitModel, inputs: list[Any]) -> Activation:
-        """A batch within the limits peers enforce, refused here before anything is sent."""
-        if self.query_plan.check == "zk":
-            raise UnsupportedMode("critical mode proves one input at a time (the shard circuits take batch 1); "
-                                  "send the inputs one by one")
-        if not 1 <= len(inputs) <= DEFAULT_MAX_BATCH:
-            raise BatchTooLarge(f"a batch takes 1 to {DEFAULT_MAX_BATCH} inputs (peers refuse more), got {len(inputs)}")
-        act = model.embed_batch(inputs)
-        size = act.hidden.numel() * act.hidden.element_size()
-        if size > DEFAULT_MAX_TENSOR_BYTES:
-            raise BatchTooLarge(f"a batch of {len(inputs)} x {list(act.hidden.shape[1:])} is {size} bytes of hidden state, "
-                                f"over the {DEFAULT_MAX_TENSOR_BYTES}-byte limit of one request; send fewer or shorter inputs")
-        return act
 
     async def _require_committees(self, model: SplitModel) -> None:
         """Every stage of the route needs ``k`` providers (trusted, past their trial); refresh once if one is short."""
