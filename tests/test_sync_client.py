@@ -127,7 +127,7 @@ def test_ctrl_c_cancels_a_call_and_exits_quickly(swarm):
                 for piece in c.generate("Write a long story about a dragon.", max_new_tokens=400, verified=False):
                     print("piece", flush=True)
         except KeyboardInterrupt:  # out of the with: the client was closed on the way
-            print("interrupted", [t.name for t in threading.enumerate()], flush=True)
+            print("interrupted", time.time(), [t.name for t in threading.enumerate()], flush=True)
             sys.exit(130)
         sys.exit(3)
     """)
@@ -135,10 +135,9 @@ def test_ctrl_c_cancels_a_call_and_exits_quickly(swarm):
                             text=True, env=swarm.env, cwd=swarm.workdir, start_new_session=True)
     try:
         assert proc.stdout.readline().strip() == "piece", proc.stderr.read() if proc.poll() is not None else ""
+        sent = time.time()
         proc.send_signal(signal.SIGINT)
-        sent = time.monotonic()
-        stdout, stderr = proc.communicate(timeout=15)
-        elapsed = time.monotonic() - sent
+        stdout, stderr = proc.communicate(timeout=60)  # the interpreter's own exit (torch teardown) takes seconds more
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -146,4 +145,5 @@ def test_ctrl_c_cancels_a_call_and_exits_quickly(swarm):
     assert proc.returncode == 130, stderr[-2000:]
     interrupted = [line for line in stdout.splitlines() if line.startswith("interrupted")]
     assert interrupted and "p2p-infer-trio" not in interrupted[0] and "Traceback" not in stderr
-    assert elapsed < 5, elapsed
+    back_in_the_application = float(interrupted[0].split()[1]) - sent  # the call cancelled, the client closed
+    assert back_in_the_application < 3, back_in_the_application
