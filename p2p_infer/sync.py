@@ -33,7 +33,10 @@ from .node.results import QueryResult
 
 CallFn = Callable[..., Awaitable[Any]]
 CLOSE_TIMEOUT = 60.0  # seconds leaving waits for the client to close (pending optimistic checks finish first)
-ABORT_TIMEOUT = 5.0  # after Ctrl-C or a stuck close: cancel everything, wait this long
+# After Ctrl-C: cancel everything and wait this long before handing control back. Shielded
+# clean-up can outlast it (a generation tells its peers to drop their KV caches, <= 5 s);
+# the daemon thread then finishes that on its own: wait_closed() waits for it.
+ABORT_TIMEOUT = 2.0
 log = structlog.get_logger("p2p_infer.client")
 
 
@@ -152,6 +155,12 @@ class _Portal:
         self._thread.join(ABORT_TIMEOUT)
         self.closed = True
 
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Wait for the loop's thread to end (after close, or an abort's clean-up); True once it has."""
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         if self.closed:
             return
@@ -165,6 +174,7 @@ class _Portal:
             raise
         if self._thread.is_alive():
             self.abort()
+            self._thread.join(CLOSE_TIMEOUT)  # a close that is not interrupted leaves no thread
 
 
 # What each client style runs in the loop: plain coroutine functions of the trio client.
@@ -218,6 +228,10 @@ class SyncClient:
     def close(self) -> None:
         """Leave: pending optimistic checks finish, the host closes, the thread is joined."""
         self._portal.close()
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """After Ctrl-C left the ``with`` at once: wait for the background clean-up to end."""
+        return self._portal.wait_closed(timeout)
 
     @property
     def client(self) -> Client:
