@@ -82,10 +82,12 @@ def test_asyncio_program_awaits_and_to_thread(swarm):
                 task = asyncio.create_task(ticker())
                 again = await c.embed(TEXTS[2])
                 task.cancel()
+                pieces = [p async for p in c.generate("Say hello.", max_new_tokens=3, verified=False)]
             with p2p_infer.connect(BOOT, unverified=True) as s:  # the blocking client, from asyncio via to_thread
                 threaded = await asyncio.to_thread(s.embed, TEXTS)
             return {{"first": both[0].numpy().tolist(), "rest": both[1].numpy().tolist(), "third": again.numpy().tolist(),
-                    "threaded": threaded.numpy().tolist(), "ticks": ticks}}
+                    "threaded": threaded.numpy().tolist(), "ticks": ticks,
+                    "generated": len(pieces[-1].result.tokens)}}
 
         out = asyncio.run(main())
         out["threads"] = [t.name for t in threading.enumerate()]
@@ -98,7 +100,7 @@ def test_asyncio_program_awaits_and_to_thread(swarm):
     assert np.abs(got - expected).max() <= 1e-5
     assert np.abs(np.array(out["third"]) - expected[2]).max() <= 1e-5
     assert np.abs(np.array(out["threaded"]) - expected).max() <= 1e-5
-    assert out["ticks"] > 0
+    assert out["ticks"] > 0 and out["generated"] == 3
     assert "p2p-infer-trio" not in out["threads"]
 
 
