@@ -17,6 +17,11 @@ import structlog
 
 LogFormat = Literal["console", "json"]
 LIBRARY_LOGGER = "p2p_infer"
+# Loggers kept from Python's last-resort stderr handler in library mode: ours, and py-libp2p's,
+# which logs routine events (a departed peer refusing a dial) at WARNING (notes/libp2p.md, bug 17).
+# An application that configures logging sees ours; py-libp2p's logger does not propagate
+# (its own set-up, at import), LIBP2P_DEBUG turns its output on.
+SILENT_LOGGERS = (LIBRARY_LOGGER, "libp2p")
 
 
 def configure_logging(fmt: LogFormat = "console", level: str = "info", **context: str) -> None:
@@ -47,7 +52,7 @@ def configure_library_logging(*, force: bool = False) -> None:
     An application that configured structlog itself keeps its set-up unless ``force``. With
     ``logging.basicConfig(level=logging.INFO)`` the events show as ``event key=value`` lines
     on the ``p2p_infer.client`` (and other ``p2p_infer.*``) loggers."""
-    logging.getLogger(LIBRARY_LOGGER).addHandler(_NULL)  # idempotent: the same handler object
+    silence_last_resort()
     if structlog.is_configured() and not force:
         return
     structlog.configure(
@@ -62,6 +67,16 @@ def configure_library_logging(*, force: bool = False) -> None:
         logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=False,
     )
+
+
+def silence_last_resort() -> None:
+    """A NullHandler on our loggers and py-libp2p's, so nothing reaches Python's last-resort
+    stderr handler. Again after ``import libp2p``, which clears its logger's handlers (and
+    stops it propagating) at import: node/client.py calls this once libp2p is imported."""
+    for name in SILENT_LOGGERS:
+        logger = logging.getLogger(name)
+        if _NULL not in logger.handlers:
+            logger.addHandler(_NULL)
 
 
 _NULL = logging.NullHandler()

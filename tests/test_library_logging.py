@@ -18,6 +18,8 @@ from p2p_infer.ml.models import load_model
 from p2p_infer.node.client import Client, resolve_plan
 structlog.get_logger("p2p_infer.client").warning("a library warning", peer="x")
 structlog.get_logger("p2p_infer.peer").info("an info line")
+import libp2p, logging  # py-libp2p resets its logger at import; the client module silences it again
+logging.getLogger("libp2p.kad_dht.peer_routing").warning("Failed to open stream to a departed peer")  # py-libp2p's own
 load_model("digits-mlp").run_local([0.0] * 64)
 resolve_plan(None, unverified=True)
 """

@@ -32,6 +32,7 @@ from ..clock import now_ms
 from ..config import default_cache_dir
 from ..errors import BatchTooLarge, CannotVerify, NoRoute, P2PInferError, PeerUnreachable, UnsupportedMode, UsageError
 from ..identity import Identity
+from ..logs import silence_last_resort
 from ..ml.models import Activation, SplitModel, known_manifests, load_model
 from ..ml.tensors import decode_tensor, encode_optional, encode_tensor
 from ..net.dht import Discovery
@@ -53,6 +54,7 @@ from .query_driver import ForwardResults, QueryDriver
 from .results import HopReport, QueryResult, stage_labels
 
 log = structlog.get_logger("p2p_infer.client")
+silence_last_resort()  # libp2p, just imported, cleared its logger's handlers: library mode stays silent
 
 
 def resolve_plan(plan: QueryPlan | None, **options: Any) -> QueryPlan:
