@@ -17,7 +17,9 @@ The rules are :mod:`consensus`'s (``StageRound``, ``rank_tickets``, ``Evidence``
 module only sequences them: tickets -> signed candidate set -> committee -> answers
 (commit + reveal) -> decision, and on
 no quorum a fresh committee (attempt + 1) without the members found faulty, at most
-``max_reruns`` times. Verdicts become reputation updates and evidence in :func:`judge`,
+``max_reruns`` times. A stage is decided at its first quorum of agreeing answers (2 of 3):
+``Decided`` comes then, without a judgement, and the members still out are judged when
+they answer or the deadline passes (``Judged``), against the output already accepted. Verdicts become reputation updates and evidence in :func:`judge`,
 and :func:`apply_judgement` applies them to a reputation table and an auditor.
 """
 
@@ -185,8 +187,20 @@ class ObserveCommit:
 
 @dataclass(frozen=True)
 class Decided:
+    """The stage's answer. ``judgement`` is None when it was decided at the first quorum of
+    agreeing answers: the members still out are judged later, in one :class:`Judged`."""
+
     decision: StageDecision
     attempts: int
+    judgement: Judgement | None
+
+
+@dataclass(frozen=True)
+class Judged:
+    """After an early decision: every member answered (or the deadline passed), so all are
+    judged against the output already accepted; ``decision.verdicts`` is now final."""
+
+    decision: StageDecision
     judgement: Judgement
 
 
@@ -206,13 +220,14 @@ class Failed:
     judgement: Judgement | None = None
 
 
-Action = AskTickets | SendExecute | ObserveCommit | Decided | Rerun | Failed
+Action = AskTickets | SendExecute | ObserveCommit | Decided | Judged | Rerun | Failed
 
 
 class Phase(enum.Enum):
     IDLE = "idle"  # before start, and between a Rerun and the next start
     TICKETS = "tickets"
     ANSWERS = "answers"  # commit + reveal + output, in one reply per member
+    JUDGING = "judging"  # decided at the first quorum; the other members' answers are still judged
     DONE = "done"
 
 
@@ -232,6 +247,7 @@ class CommitteeRound:
     records: dict[str, bytes] = field(default_factory=dict)  # this attempt's candidates' record envelopes
     waiting: set[str] = field(default_factory=set)  # peers the current phase still waits for
     deadline_ms: int | None = None
+    decision: StageDecision | None = None  # decided early: judged once the stragglers are in
 
     def start(self, now_ms: int, candidates: Mapping[str, bytes], tickets: Iterable[Ticket] | None = None) -> list[Action]:
         """Begin the next attempt with the current providers of the stage's layers, each
@@ -260,7 +276,7 @@ class CommitteeRound:
         return [AskTickets(self.attempt, request, peers, deadline)]
 
     def next_deadline_ms(self) -> int | None:
-        return self.deadline_ms if self.phase in (Phase.TICKETS, Phase.ANSWERS) else None
+        return self.deadline_ms if self.phase in (Phase.TICKETS, Phase.ANSWERS, Phase.JUDGING) else None
 
     def poll(self, now_ms: int) -> list[Action]:
         """Close the current phase if its deadline has passed."""
@@ -285,7 +301,7 @@ class CommitteeRound:
     def on_answer(self, peer: str, answer: MemberAnswer, now_ms: int) -> list[Action]:
         """A member's one reply: its commit (judged by when it arrived) and, unless it
         withheld it, the reveal and output."""
-        if not self._answered(Phase.ANSWERS, peer):
+        if not self._answered(Phase.ANSWERS, peer) and not self._answered(Phase.JUDGING, peer):
             return []
         actions: list[Action] = []
         if answer.commit.member != peer:  # a member speaks only for itself
@@ -299,6 +315,8 @@ class CommitteeRound:
                     self.round.on_reveal(answer.reveal, answer.output)
                 else:
                     log.info("reveal names another member", asked=peer, named=answer.reveal.member)
+        if self.waiting and self.phase is Phase.ANSWERS:
+            return actions + self._decide_early()
         return actions + (self._close(now_ms) if not self.waiting else [])
 
     def on_failure(self, peer: str, reason: str, now_ms: int) -> list[Action]:
@@ -327,6 +345,8 @@ class CommitteeRound:
             return self._close_tickets(now_ms)
         if self.phase is Phase.ANSWERS:
             return self._decide()
+        if self.phase is Phase.JUDGING:
+            return self._judge_rest()
         return []
 
     def _close_tickets(self, now_ms: int) -> list[Action]:
@@ -367,6 +387,24 @@ class CommitteeRound:
             return self._no_quorum(rnd, exc.message)
         self._enter(Phase.DONE, (), None)
         return [Decided(decision, self.attempt + 1, judge(rnd, decision.verdicts, decision))]
+
+    def _decide_early(self) -> list[Action]:
+        """A quorum agrees before every member answered: decide now, judge the rest later
+        (the stage waits for its quorum-th answer, not its slowest member)."""
+        assert self.round is not None
+        decision = self.round.quorum()
+        if decision is None:
+            return []
+        self.decision = decision
+        self.phase = Phase.JUDGING  # same members awaited, same deadline
+        return [Decided(decision, self.attempt + 1, None)]
+
+    def _judge_rest(self) -> list[Action]:
+        rnd, decision = self.round, self.decision
+        assert rnd is not None and decision is not None
+        rnd.judge_rest(decision)
+        self._enter(Phase.DONE, (), None)
+        return [Judged(decision, judge(rnd, decision.verdicts, decision))]
 
     def _no_quorum(self, rnd: StageRound, reason: str) -> list[Action]:
         self.failures.append(reason)

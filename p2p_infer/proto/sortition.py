@@ -23,15 +23,16 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
+from collections.abc import Callable
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
 from . import vrf
 from ..errors import ConsensusError, RecordError
 from ..identity import PUZZLE_DIFFICULTY, Identity, peer_id_from_public_key, solves_puzzle, verify_signature
-from .records import CLOCK_SKEW_MS, CapabilityRecord, verify_record
+from .records import CapabilityRecord, check_record_times, verify_record_static
 
 MIN_K = 3  # smallest committee a certificate may claim: k=1 is one key's word, k=2 has no majority to outvote a liar
 MIN_RECORD_AGE_MS = 1_000  # a listed record was issued at least this long before the request
@@ -40,6 +41,7 @@ MAX_CANDIDATES = 64  # candidates per stage (bounds a verifier's work: one VRF c
 MAX_CANDIDATE_RECORD_BYTES = 4096  # honest records are ~400 B; keeps a candidate set well under a frame
 CANDIDATES_DOMAIN = b"p2p-infer/candidates/v1\n"
 MEMO_ENTRIES = 4096  # verified tickets, records and candidate sets remembered per process (each table)
+T = TypeVar("T")
 
 
 def h(*parts: bytes) -> bytes:
@@ -92,6 +94,27 @@ class Memo:
             self.table.popitem(last=False)
 
 
+def memo_check(table: Memo, key: Any, check: Callable[[], T]) -> T:
+    """``check()``'s verdict, computed once per ``key``: its value, or the ConsensusError it
+    raised (remembered as a refusal and raised again). ``check`` must be pure: what it
+    decides may depend only on the bytes in ``key``, never on the time."""
+    known = table.get(key)
+    if known is None:
+        try:
+            known = check()
+        except ConsensusError as exc:
+            known = Refused(exc.message)
+        table.put(key, known)
+    if isinstance(known, Refused):
+        raise ConsensusError(known.reason)
+    return known
+
+
+@dataclass(frozen=True)
+class Refused:
+    reason: str
+
+
 BETAS = Memo()  # (public key, proof, seed) -> beta, or the ConsensusError's message
 RECORDS = Memo()  # (peer id, envelope) -> record whose time-independent checks passed
 COMMITTEES = Memo()  # (candidate set id, signature) -> committee, or the ConsensusError's message
@@ -111,17 +134,7 @@ class Ticket:
     def beta(self, seed: bytes) -> bytes:
         """Verify the proof and return the VRF output; raises ConsensusError if invalid
         (verified once per process: the verdict is remembered)."""
-        key = (self.peer_id, self.public_key, self.proof, seed)
-        known = BETAS.get(key)
-        if known is None:
-            try:
-                known = self._check_proof(seed)
-            except ConsensusError as exc:
-                known = exc.message
-            BETAS.put(key, known)
-        if isinstance(known, str):
-            raise ConsensusError(known)
-        return known
+        return memo_check(BETAS, (self.peer_id, self.public_key, self.proof, seed), lambda: self._check_proof(seed))
 
     def _check_proof(self, seed: bytes) -> bytes:
         if peer_id_from_public_key(self.public_key) != self.peer_id:
@@ -222,18 +235,22 @@ def check_candidate_record(task: StageTask, peer_id: str, envelope: bytes) -> Ca
     A record seen before skips its signature, schema and puzzle checks (they do not depend
     on time); its time window is checked against this task every time."""
     _expect(len(envelope) <= MAX_CANDIDATE_RECORD_BYTES, f"record of candidate {peer_id} is over {MAX_CANDIDATE_RECORD_BYTES} bytes")
-    record = RECORDS.get((peer_id, envelope))
-    now = task.requested_at_ms
-    if record is None or record.is_expired(now) or record.issued_at_ms > now + CLOCK_SKEW_MS:
-        try:
-            record = verify_record(envelope, now=now, expected_peer_id=peer_id)
-        except RecordError as exc:
-            raise ConsensusError(f"record of candidate {peer_id}: {exc.message}") from None
-        RECORDS.put((peer_id, envelope), record)
+    record = memo_check(RECORDS, (peer_id, envelope), lambda: _record_static(peer_id, envelope))
+    try:
+        check_record_times(record, task.requested_at_ms)
+    except RecordError as exc:
+        raise ConsensusError(f"record of candidate {peer_id}: {exc.message}") from None
     _expect(record.issued_at_ms <= task.requested_at_ms - MIN_RECORD_AGE_MS,
             f"record of candidate {peer_id} was issued less than {MIN_RECORD_AGE_MS} ms before the request")
     _expect(covers(record, task), f"record of candidate {peer_id} does not advertise layers {task.first}-{task.last} of the model")
     return record
+
+
+def _record_static(peer_id: str, envelope: bytes) -> CapabilityRecord:
+    try:
+        return verify_record_static(envelope, expected_peer_id=peer_id)
+    except RecordError as exc:
+        raise ConsensusError(f"record of candidate {peer_id}: {exc.message}") from None
 
 
 @dataclass(frozen=True)
@@ -286,17 +303,7 @@ class CandidateSet:
 
     @cached_property
     def _committee(self) -> tuple[Ticket, ...]:
-        key = (self.id, self.signature)
-        known = COMMITTEES.get(key)
-        if known is None:
-            try:
-                known = self._verify()
-            except ConsensusError as exc:
-                known = exc.message
-            COMMITTEES.put(key, known)
-        if isinstance(known, str):
-            raise ConsensusError(known)
-        return known
+        return memo_check(COMMITTEES, (self.id, self.signature), self._verify)
 
     def _verify(self) -> tuple[Ticket, ...]:
         task = self.task
