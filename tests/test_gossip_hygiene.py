@@ -107,3 +107,22 @@ def test_a_members_reveal_that_does_not_open_its_commit_is_evidence_not_noise(tm
     evidence = a.observe(MEMBER.peer_id, {**good, "reveal": other["reveal"], "output": other["output"]})
     assert [e.kind for e in evidence] == ["bad-reveal"]
     assert "evidence" in [e["kind"] for e in logged(a)]
+
+
+def test_a_client_audits_only_the_rounds_of_its_own_tasks():
+    """Clients leave other clients' rounds to the peers (CPU per query); their own are still
+    audited, so a member that gossips another commitment than it sent is caught."""
+    other_stage = StageTask(request_hash(MODEL, output_hash(HIDDEN), b"", b"o" * 32, CLIENT.public_key), 0, 0, MODEL, 1, 3,
+                            activation_digest(output_hash(HIDDEN), b""), 3, NOW, NOW + 60_000, CLIENT.public_key)
+    others = draw(CLIENT, other_stage, POOL)
+    output = array_to_wire(np.full((1, 4), 1.0, dtype=np.float32))
+    commit = sign_commit(MEMBER, other_stage.task_id, others.id, commitment(other_stage.task_id, output_hash(output), b"n" * 32), NOW)
+    foreign = round_message(others, commit, sign_reveal(MEMBER, other_stage.task_id, output_hash(output), b"n" * 32), output)
+    client = Auditor(Reputation(), own_rounds_only=True)
+    client.remember_committee(CANDIDATES, tuple(CANDIDATES.members))
+    assert client.observe(MEMBER.peer_id, foreign) == [] and not client.commits  # another task: left to the peers
+    client.observe(MEMBER.peer_id, member_round(MEMBER))
+    assert set(client.commits) == {(STAGE.task_id, MEMBER.peer_id)}  # its own: audited
+    peer = Auditor(Reputation())
+    peer.observe(MEMBER.peer_id, foreign)
+    assert set(peer.commits) == {(other_stage.task_id, MEMBER.peer_id)}  # a peer audits every round

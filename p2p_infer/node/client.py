@@ -101,7 +101,8 @@ class Client:
         self.request_timeout = request_timeout
         self.refresh_interval = refresh_interval
         self.reputation = Reputation()
-        self.auditor = Auditor(self.reputation, AuditLog(audit_log, self.identity, now_ms) if audit_log else None)
+        self.auditor = Auditor(self.reputation, AuditLog(audit_log, self.identity, now_ms) if audit_log else None,
+                               own_rounds_only=True)  # other clients' rounds are the peers' to audit
         self._rng = random.SystemRandom()  # request ids and spot-check draws: unguessable by peers
         self._check_rng = check_rng or self._rng  # optimistic draws (injected in tests)
         self._checks: list[Any] = []  # optimistic checks and committee judgements still running (each has wait())

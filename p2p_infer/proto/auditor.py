@@ -57,6 +57,9 @@ class Auditor:
     committees: dict[bytes, frozenset[str]] = field(default_factory=dict)  # candidate set id -> members (verified)
     witnesses: WitnessTable | None = None  # peers keep others' audit-log checkpoints (proto/checkpoints.py)
     verdicts_seen: dict[tuple[str, bytes, int], None] = field(default_factory=dict)  # (client, task, stage)
+    # a client audits only the rounds of its own tasks (equivocation against what it was sent);
+    # peers audit every round. Evidence, verdicts and checkpoints are handled either way
+    own_rounds_only: bool = False
 
     def observe(self, sender: str, message: dict[str, Any]) -> list[Evidence]:
         """Handle one gossip message signed by ``sender``; return evidence to publish."""
@@ -103,6 +106,8 @@ class Auditor:
 
     def on_round(self, sender: str, message: dict[str, Any]) -> list[Evidence]:
         """A member's own consistent commit/reveal pair; anything else is refused unlogged."""
+        if self.own_rounds_only and CandidateSet.from_wire(message.get("candidates")).id not in self.committees:
+            return []  # another client's task: the peers audit it; a client's CPU stays with its own queries
         commit, reveal = Commit.from_wire(message.get("commit")), Reveal.from_wire(message.get("reveal"))
         if not (commit.member == reveal.member == sender):
             raise ConsensusError(f"round for member {commit.member[:16]}... not signed by that member")
