@@ -41,7 +41,7 @@ DKG_PROTOCOL = protocol_id("dkg")  # threshold key ritual, share release, enhanc
 # v2: messages keyed by "type" like every stream message (v1 used "kind").
 # v3: rounds carry the candidate set, evidence counts only against its committee.
 # v4: candidate sets rank by the committee/4.0.0 draw (a v3 auditor would pick other committees).
-CONSENSUS_TOPIC = "p2p-infer/consensus/v4"
+CONSENSUS_TOPIC = "p2p-infer/consensus/v5"  # v5: optimistic evidence (protocols/committee.md)
 MAX_GOSSIP_BYTES = 900 * 1024
 
 # ---- message types ----
