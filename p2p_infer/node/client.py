@@ -112,7 +112,7 @@ class Client:
         self.gossip: Gossip | None = None
         self._nursery: trio.Nursery | None = None
         self._followed: dict[int, tuple[Any, Activation, Activation, list[Any]]] = {}  # proofs still to collect
-        self._verdicts: list[dict[str, Any]] = []  # this query's stage verdicts, gossiped at its end
+        self.ticket_session = committee_client.TicketSession(self.identity.public_key)  # committee tickets, per session
         self.host: IHost | None = None
         self.directory: Directory | None = None
         self.rtt_ms: dict[str, float] = {}

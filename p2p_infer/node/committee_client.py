@@ -2,10 +2,11 @@
 :mod:`proto.committee_round`: one committee per remaining stage, its requests sent
 concurrently, every answer fed to the machine, and its verdicts, reputation and
 evidence applied here. The stage verdicts are gossiped once per query. The route is
-planned once per query and every candidate's ticket is asked for once, in one concurrent
-round (committee/4.0.0: a ticket depends only on the request hash, and one ticket serves
-every stage and attempt of the query); each stage then costs one round trip (execute ->
-commit + reveal + output).
+planned once per query. Tickets are per client session (committee/5.0.0,
+:class:`TicketSession`): a candidate's ticket is asked for once per session, in one
+concurrent round with the other missing ones, and serves every query, stage and attempt
+in it, so a query whose candidates' tickets are held sends no ticket request at all; each
+stage then costs one round trip (execute -> commit + reveal + output).
 
 Each candidate goes into the signed candidate set with the record the client's directory
 holds for it; a record younger than ``MIN_RECORD_AGE_MS`` (just re-published) is waited
@@ -120,15 +121,16 @@ async def run_stages(client: Any, model: SplitModel, act: Activation, judging: J
     first_hidden, first_mask = encode_tensor(act.hidden), None if act.mask is None else encode_tensor(act.mask)
     hidden_hash, mask_hash = output_hash(first_hidden), b"" if first_mask is None else output_hash(first_mask)
     req_hash = request_hash(model.model_id, hidden_hash, mask_hash, nonce, client.identity.public_key)
+    session = client.ticket_session.current(now_ms())
     stages: list[StageCertificate] = []
     reports: list[dict[str, Any]] = []
     hops: list[Any] = []
     segments = await client._plan_or_refresh(model, client.local_layers, ())
-    tickets = await prefetch_tickets(client, model, req_hash, [(s.first, s.last) for s in segments])
+    tickets = await prefetch_tickets(client, model, session, [(s.first, s.last) for s in segments])
     for segment, stage_tickets in zip(segments, tickets):
         started = time.perf_counter()
         decision, attempts = await decide_stage(client, model, len(stages), segment.first, segment.last, act, req_hash, judging,
-                                                stage_tickets)
+                                                session, stage_tickets)
         act = Activation(decode_tensor(decision.output, field="output"), act.mask)
         stages.append(decision.certificate)
         reports.append({"stage": len(reports), "first": segment.first, "last": segment.last, "attempts": attempts,
@@ -149,16 +151,50 @@ def stage_candidates(client: Any, model: SplitModel, first: int, last: int) -> d
     return {p: records[p] for p in peers if p in records and records[p].envelope}
 
 
-async def prefetch_tickets(client: Any, model: SplitModel, req_hash: bytes, stages: list[tuple[int, int]]) -> list[list[Ticket]]:
-    """Every candidate's ticket in one concurrent round, one request per peer however many
-    stages it serves (the machine verifies each against the query's seed when it ranks
-    them, once per process; a ticket for another peer is dropped)."""
+class TicketSession:
+    """The client's ticket session (committee/5.0.0): a random session id, and each
+    candidate's ticket on ``H(client_key, session)``, fetched once and used by every query
+    until the session is renewed (``SESSION_MS``; ``MAX_TICKETS`` candidates remembered)."""
+
+    SESSION_MS = 600_000
+    MAX_TICKETS = 4096
+
+    def __init__(self, client_key: bytes) -> None:
+        self.client_key = client_key
+        self.session = b""
+        self.started_ms = 0
+        self.tickets: dict[str, Ticket] = {}
+
+    def current(self, now: int) -> bytes:
+        if not self.session or now - self.started_ms > self.SESSION_MS or len(self.tickets) > self.MAX_TICKETS:
+            self.session, self.started_ms, self.tickets = os.urandom(32), now, {}
+        return self.session
+
+    @property
+    def seed(self) -> bytes:
+        return ticket_seed(self.client_key, self.session)
+
+    def forget(self, peer: str) -> None:
+        self.tickets.pop(peer, None)
+
+
+async def prefetch_tickets(client: Any, model: SplitModel, session: bytes, stages: list[tuple[int, int]]) -> list[list[Ticket]]:
+    """Every candidate's ticket for the session: those not held yet in one concurrent round,
+    one request per peer however many stages it serves (each verified on the session's seed
+    as it arrives, once per process; a ticket for another peer is dropped). A query in a
+    session whose tickets are all held sends no ticket request."""
     wanted: dict[str, list[int]] = {}  # peer -> the stages it is a candidate of
     for i, (first, last) in enumerate(stages):
         for peer in stage_candidates(client, model, first, last):
             wanted.setdefault(peer, []).append(i)
     found: list[list[Ticket]] = [[] for _ in stages]
-    seed = ticket_seed(req_hash)
+    held = client.ticket_session
+    seed = ticket_seed(client.identity.public_key, session)
+    for peer, indices in list(wanted.items()):
+        ticket = held.tickets.get(peer) if held.session == session else None
+        if ticket is not None:
+            for i in wanted.pop(peer):
+                found[i].append(ticket)
 
     async def ask(peer: str, indices: list[int]) -> None:
         first, last = stages[indices[0]]  # the peer checks it serves the layers it is asked about
@@ -175,6 +211,8 @@ async def prefetch_tickets(client: Any, model: SplitModel, req_hash: bytes, stag
         except ConsensusError as exc:
             log.info("bad ticket", peer=peer, reason=exc.message)
             return
+        if held.session == session:
+            held.tickets[peer] = ticket
         for i in indices:
             found[i].append(ticket)
 
@@ -185,12 +223,13 @@ async def prefetch_tickets(client: Any, model: SplitModel, req_hash: bytes, stag
 
 
 async def decide_stage(client: Any, model: SplitModel, stage: int, first: int, last: int, act: Activation, req_hash: bytes,
-                       judging: Judging, tickets: list[Ticket] | None = None) -> tuple[StageDecision, int]:
+                       judging: Judging, session: bytes, tickets: list[Ticket] | None = None) -> tuple[StageDecision, int]:
     """Run the stage's committee; on no quorum re-run with a fresh committee, bounded."""
     assert client.directory is not None and client.committee is not None
     hidden, mask = encode_tensor(act.hidden), None if act.mask is None else encode_tensor(act.mask)
     spec = StageSpec(req_hash, stage, model.model_id, model.name, first, last, activation_hash(hidden, mask), client.committee,
-                     commit_timeout_ms=int(client.commit_timeout * 1000), max_reruns=client.max_reruns, client=client.identity)
+                     commit_timeout_ms=int(client.commit_timeout * 1000), max_reruns=client.max_reruns, client=client.identity,
+                     session=session)
     return await RoundDriver(client, model, CommitteeRound(spec), hidden, mask, judging, tickets).run()
 
 

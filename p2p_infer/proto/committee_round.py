@@ -6,10 +6,10 @@ In the style of rust-libp2p's ``ClosestPeersIter`` and h11: the driver feeds it 
 these candidates for tickets, send these members the task, then one of decided / re-run /
 failed). Since committee/3.0.0 a member answers the task in one round trip: its signed
 commit, the signed reveal and the output together (members never see each other's replies;
-the audit gossip waits for the commit deadline). Since committee/4.0.0 a ticket depends
-only on the request hash (each stage and attempt ranks the same tickets by its own draw),
-so the driver asks every candidate once per query and hands the tickets to
-:meth:`~CommitteeRound.start`. It never sends, never reads the clock
+the audit gossip waits for the commit deadline). Since committee/5.0.0 a ticket depends
+only on the client's key and session (each query, stage and attempt ranks the same tickets
+by its own draw), so the driver asks each candidate once per session and hands the tickets
+to :meth:`~CommitteeRound.start`. It never sends, never reads the clock
 and draws no randomness: every event carries ``now_ms``, and the request hash (with the
 client's nonce in it) comes in with the :class:`StageSpec`.
 
@@ -50,7 +50,7 @@ from .consensus import (
     sign_candidates,
 )
 from .reputation import Reputation
-from .sortition import MAX_COMMIT_WINDOW_MS, check_candidate_record
+from .sortition import MAX_COMMIT_WINDOW_MS, NO_SESSION, check_candidate_record
 
 log = structlog.get_logger("p2p_infer.committee_round")
 
@@ -75,6 +75,7 @@ class StageSpec:
     max_reruns: int
     client: Identity  # signs the candidate sets; its key is in request_hash and in every task
     ticket_timeout_ms: int = TICKET_TIMEOUT_MS
+    session: bytes = NO_SESSION  # the client's ticket session (committee/5.0.0): tickets serve every query in it
 
     def __post_init__(self) -> None:
         if self.k < MIN_K:  # members refuse such tasks and certificates are refused: say so before sending
@@ -84,7 +85,7 @@ class StageSpec:
 
     def task(self, attempt: int, now_ms: int) -> StageTask:
         return StageTask(self.request_hash, self.stage, attempt, self.model_id, self.first, self.last,
-                         self.input_hash, self.k, now_ms, now_ms + self.commit_timeout_ms, self.client.public_key)
+                         self.input_hash, self.k, now_ms, now_ms + self.commit_timeout_ms, self.client.public_key, self.session)
 
     @property
     def layers(self) -> str:
@@ -351,7 +352,7 @@ class CommitteeRound:
 
     def _close_tickets(self, now_ms: int) -> list[Action]:
         assert self.task is not None
-        ranked = rank_tickets(self.tickets, self.task.seed, self.task.stage, self.task.attempt)  # VRF proofs: once per process
+        ranked = rank_tickets(self.tickets, self.task.seed, self.task.request_hash, self.task.stage, self.task.attempt)  # VRF: once per process
         eligible = self._eligible(ranked)
         committee = [c.ticket for c in eligible[: self.spec.k]]
         if len(committee) < self.spec.k:  # too few candidates: a re-run cannot do better

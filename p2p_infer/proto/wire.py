@@ -31,7 +31,7 @@ RESULT_PROTOCOL = protocol_id("forward-result")
 # the commit deadline has passed
 # 4.0.0: one ticket per candidate and query (seed = H(request_hash)); stage i, attempt a
 # ranks the tickets by H(beta, i, a), so each VRF proof is made and verified once per query
-COMMITTEE_PROTOCOL = protocol_id("committee", "4.0.0")
+COMMITTEE_PROTOCOL = protocol_id("committee", "5.0.0")  # 5.0.0: tasks carry the ticket session
 ARTIFACT_PROTOCOL = protocol_id("artifact")
 SESSION_PROTOCOL = protocol_id("session")  # generation sessions with a KV cache (protocols/session.md)
 SERVED_PROTOCOLS = (FORWARD_PROTOCOL, COMMITTEE_PROTOCOL, ARTIFACT_PROTOCOL, SESSION_PROTOCOL)  # advertised in records
