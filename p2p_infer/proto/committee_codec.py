@@ -1,4 +1,4 @@
-"""The committee protocol's messages (``/p2p-infer/committee/4.0.0``) and its gossip, as
+"""The committee protocol's messages (``/p2p-infer/committee/5.0.0``) and its gossip, as
 typed values with their wire forms. Sans-IO and torch-free: tensors here are wire tensors
 (``{"dtype", "shape", "data"}``); the drivers do the I/O and the torch conversion.
 Normative description: ``protocols/committee.md``."""
