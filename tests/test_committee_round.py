@@ -199,7 +199,7 @@ def test_a_rerun_after_no_quorum_excludes_the_faulty_and_draws_a_fresh_committee
     assert {rerun.judgement.verdicts[p] for p in silent} == {"missing-reveal"}
     again = start(sim)
     assert isinstance(again[0], AskTickets) and set(again[0].peers) == set(sim.members) - set(silent)
-    # committee/4.0.0: the query's one ticket seed; attempt 1 ranks the same tickets by a fresh draw
+    # committee/5.0.0: the session's one ticket seed; attempt 1 ranks the same tickets by a fresh draw
     assert again[0].request.seed == sim.machine.spec.task(0, NOW).seed == sim.machine.spec.task(1, NOW).seed
     outcome = sim.until_outcome(again)
     assert isinstance(outcome, Decided) and outcome.attempts == 2
