@@ -32,6 +32,7 @@ from .sortition import (
     MAX_CANDIDATES,
     MIN_K,
     Candidate,
+    Memo,
     CandidateSet,
     StageTask,
     Ticket,
@@ -104,6 +105,19 @@ def commitment(task_id: bytes, out_hash: bytes, nonce: bytes) -> bytes:
     return h(b"p2p-infer/commitment/v1", task_id, out_hash, nonce)
 
 
+SIGNATURES = Memo()  # (member, key, signed bytes, signature) -> "valid" / "invalid": a commit is met 3-4 times per process
+
+
+def _signed(member: str, public_key: bytes, message: bytes, signature: bytes) -> bool:
+    """The member's key (its peer id embeds it) signed ``message``: checked once per process."""
+    key = (member, public_key, message, signature)
+    known = SIGNATURES.get(key)
+    if known is None:
+        known = "valid" if peer_id_from_public_key(public_key) == member and verify_signature(public_key, message, signature) else "invalid"
+        SIGNATURES.put(key, known)
+    return known == "valid"
+
+
 @dataclass(frozen=True)
 class Commit:
     task_id: bytes
@@ -119,7 +133,7 @@ class Commit:
                              use_bin_type=True)
 
     def valid_signature(self) -> bool:
-        return peer_id_from_public_key(self.public_key) == self.member and verify_signature(self.public_key, COMMIT_DOMAIN + self.body(), self.signature)
+        return _signed(self.member, self.public_key, COMMIT_DOMAIN + self.body(), self.signature)
 
     def to_wire(self) -> list[Any]:
         return [self.task_id, self.candidates_id, self.member, self.public_key, self.commitment, self.committed_at_ms, self.signature]
@@ -145,7 +159,7 @@ class Reveal:
         return msgpack.packb([self.task_id, self.member, self.public_key, self.output_hash, self.nonce], use_bin_type=True)
 
     def valid_signature(self) -> bool:
-        return peer_id_from_public_key(self.public_key) == self.member and verify_signature(self.public_key, REVEAL_DOMAIN + self.body(), self.signature)
+        return _signed(self.member, self.public_key, REVEAL_DOMAIN + self.body(), self.signature)
 
     def opens(self, commit: Commit) -> bool:
         return (
