@@ -153,14 +153,25 @@ def _interrupt_after(proc: subprocess.Popen[str], marker: str, timeout: float = 
     raise AssertionError(f"never saw {marker!r}:\n{''.join(seen)[-3000:]}")
 
 
-def test_ctrl_c_during_a_query_exits_130_at_once(swarm: Swarm, tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "p2p_infer.cli", "query", "--bootstrap", swarm.bootstrap.addr, "--model",
-                             "digits-mlp", "--unverified", "--log-level", "debug", "test:3"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=ENV)
-    try:
-        elapsed, err = _interrupt_after(proc, "p2p_infer")  # the client's first log line: it is joining
-    finally:
-        proc.kill()
+def test_ctrl_c_during_a_query_exits_130_at_once(tmp_path: Path) -> None:
+    """The query is stuck joining a bootstrap peer that accepts the connection and never answers."""
+    with socket.socket() as stalled:
+        stalled.bind(("127.0.0.1", 0))
+        stalled.listen()
+        addr = f"/ip4/127.0.0.1/tcp/{stalled.getsockname()[1]}/p2p/{NOWHERE.rsplit('/', 1)[1]}"
+        proc = subprocess.Popen([sys.executable, "-m", "p2p_infer.cli", "query", "--bootstrap", addr, "--unverified", "hello"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=ENV)
+        try:
+            stalled.settimeout(120)
+            conn, _ = stalled.accept()  # the client is inside the query, dialling
+            time.sleep(0.3)
+            sent = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+            elapsed = time.monotonic() - sent
+            conn.close()
+        finally:
+            proc.kill()
     assert proc.returncode == 130 and elapsed < 2.0, (proc.returncode, elapsed, err[-2000:])
     assert "Traceback" not in err and [ln for ln in err.splitlines() if ln.startswith("error:")] == ["error: interrupted"]
 

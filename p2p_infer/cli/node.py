@@ -105,7 +105,9 @@ def cmd_peer(args: argparse.Namespace, settings: Settings) -> int:
         configure_logging(settings.log_format, settings.log_level, peer=peer.identity.peer_id)  # type: ignore[arg-type]
         on_ready = (lambda addrs: (phases.done(), print(addrs[0], flush=True))) if args.command == "bootstrap" else (lambda _a: phases.done())
         completed = trio.run(run_peer_until_signalled, peer, on_ready)
-    return 0 if completed else 130
+    if not completed:
+        raise KeyboardInterrupt  # a signal during start-up: the boundary says so and exits 130
+    return 0
 
 
 def warn_if_alone(command: str, settings: Settings) -> None:

@@ -163,8 +163,6 @@ class Peer:
                         await trio.sleep_forever()
                     finally:
                         self.prover.close()
-                        with trio.CancelScope(shield=True), trio.move_on_after(WITHDRAW_TIMEOUT):
-                            await self._withdraw(discovery)
 
     def _write_ready_file(self, addrs: list[str]) -> None:
         path = self.settings.ready_file
@@ -210,14 +208,18 @@ class Peer:
             self.log.info("heartbeat", served=self.served, errors=self.failed, load=round(self.load(), 2),
                           connections=len(conns))
 
-    async def _withdraw(self, discovery: Discovery) -> None:
-        """On shutdown: replace our record with one serving nothing that expires in seconds, so
-        clients stop routing to us now instead of at the old record's expiry."""
-        try:
-            await self._publish_record(discovery, withdrawn=True)
-            self.log.info("record withdrawn")
-        except Exception as exc:  # noqa: BLE001 - best effort while stopping; the old record still expires
-            self.log.warning("record withdrawal failed", reason=str(exc))
+    async def withdraw(self) -> None:
+        """Before shutdown (the host still running): replace our record with one serving nothing
+        that expires in seconds, so clients stop routing to us now, not at the old record's expiry."""
+        if self.discovery is None or self.host is None:
+            return
+        with trio.move_on_after(WITHDRAW_TIMEOUT) as scope:
+            try:
+                await self._publish_record(self.discovery, withdrawn=True)
+            except Exception as exc:  # noqa: BLE001 - best effort while stopping; the old record still expires
+                self.log.warning("record withdrawal failed", reason=str(exc))
+                return
+        self.log.info("record withdrawn" if not scope.cancelled_caught else "record withdrawal timed out")
 
     async def _publish_record(self, discovery: Discovery, withdrawn: bool = False) -> None:
         assert self.host is not None
@@ -297,6 +299,8 @@ async def run_peer_until_signalled(peer: Peer, on_ready: Callable[[list[str]], N
             async def watch() -> None:
                 async for signum in signals:
                     peer.log.info("shutting down" if ready else "start-up interrupted", signal=signal.Signals(signum).name)
+                    if ready:
+                        await peer.withdraw()
                     nursery.cancel_scope.cancel()
                     return
 
