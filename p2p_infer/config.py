@@ -186,7 +186,8 @@ def layered(config_file: Path | None, overrides: dict[str, Any]) -> dict[str, tu
     for name, value in _check_names(overrides, "flags").items():
         if value is not None and value != []:
             layers[name] = (value, f"flag --{name.replace('_', '-')}")
-    return {k: (_coerce(k, v, src), src) for k, (v, src) in layers.items()}
+    # flags arrive typed and checked by click; file and env values are coerced here
+    return {k: (v if src.startswith("flag") else _coerce(k, v, src), src) for k, (v, src) in layers.items()}
 
 
 def load_settings(config_file: Path | None, overrides: dict[str, Any]) -> Settings:
