@@ -205,13 +205,16 @@ def save_certified(args: argparse.Namespace, certified: dict[str, bytes] | None)
 
 
 def proof_file(result: Any) -> bytes:
-    """The verified chain, the layers it covers and the output it proves (protocols/artifact.md)."""
+    """The verified chain, the layers it covers, the output it proves and the keys it was checked
+    with (protocols/artifact.md)."""
     from ..verify import zk
     from ..verify.chain import ProofChainFile
 
     p = result.proofs
+    pins = tuple({"vk_sha256": sh["vk_sha256"], "srs_sha256": sh["srs_sha256"]} for sh in p["shards"] if "srs_sha256" in sh)
     return ProofChainFile(result.model_id, p["first_layer"], p["last_layer"], p["input_hash"], tuple(p["output"]),
-                          tuple(zk.ShardProof.from_wire(c) for c in p["chain"]), result.output).encode()
+                          tuple(zk.ShardProof.from_wire(c) for c in p["chain"]), result.output,
+                          pins if len(pins) == len(p["chain"]) else ()).encode()
 
 
 def compare_outputs(remote: dict[str, Any], local: dict[str, Any]) -> dict[str, Any]:
