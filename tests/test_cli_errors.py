@@ -190,18 +190,20 @@ def test_ctrl_c_during_peer_start_up_exits_130_and_publishes_nothing(swarm: Swar
     assert "peer ready" not in err and "record published" not in err and "throughput probe" not in err
 
 
-def test_an_empty_bootstrap_list_is_said_loudly_and_ready_says_alone(swarm: Swarm, tmp_path: Path) -> None:
+def test_an_empty_bootstrap_list_is_said_loudly_and_ready_says_alone(tmp_path: Path) -> None:
+    """Also: the heartbeat line, and the record withdrawn on SIGTERM."""
     (tmp_path / "bootstrap").mkdir()
     (tmp_path / "bootstrap" / "peers.txt").write_text("# no peers yet\n")
     ready = tmp_path / "ready.json"
     proc = subprocess.Popen([sys.executable, "-m", "p2p_infer.cli", "peer", "--key", str(tmp_path / "k"), "--ready-file",
-                             str(ready), "--log-format", "json"],
+                             str(ready), "--log-format", "json", "--heartbeat-interval", "0.5"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=ENV)
     try:
         deadline = time.monotonic() + 120
         while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert ready.exists(), proc.stderr.read() if proc.poll() is not None else "not ready"
+        time.sleep(2)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     finally:
@@ -209,7 +211,9 @@ def test_an_empty_bootstrap_list_is_said_loudly_and_ready_says_alone(swarm: Swar
     assert "warning: no bootstrap peer configured (bootstrap/peers.txt lists none)" in err
     ready_line = next(json.loads(ln) for ln in err.splitlines() if '"peer ready"' in ln)
     assert ready_line["alone"] is True
-    assert proc.returncode == 0
+    beat = next(json.loads(ln) for ln in err.splitlines() if '"heartbeat"' in ln)
+    assert beat["served"] == 0 and beat["errors"] == 0 and "connections" in beat and "load" in beat
+    assert '"record withdrawn"' in err and proc.returncode == 0
 
 
 def test_query_uses_its_listen_address_and_key(swarm: Swarm, tmp_path: Path, keys: dict[str, Path]) -> None:
