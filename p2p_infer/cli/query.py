@@ -16,6 +16,7 @@ from ..errors import UsageError
 from ..proto.sortition import MIN_K
 from . import params
 from .app import cli, common, network, options, run
+from .progress import Phases
 
 
 def _committee_k(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
@@ -115,9 +116,12 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     quiet_libp2p_logging()
 
     async def query() -> dict[str, Any]:
+        phases.phase("join and read the directory")
         async with Client(addrs, plan=plan, commit_timeout=args.commit_timeout, identity=identity, listen=settings.listen,
                           tee_policy=policy_from_settings(settings)) as client:
+            phases.phase(f"query ({plan.describe()})")
             result = await client.run(args.model, inputs)
+            phases.done()
             if args.proof_follows and result.proofs is not None:
                 if not args.json:
                     print_result(result.to_json())
@@ -144,7 +148,8 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
                 out["local_check"] = compare_outputs(result.output, model.run_local(inputs))
             return out
 
-    out = trio.run(query)
+    with Phases("query", level="debug") as phases:  # a spinner on a terminal; debug lines otherwise
+        out = trio.run(query)
     if args.json:
         print(json.dumps(out))
     elif out.get("check") is not None:
