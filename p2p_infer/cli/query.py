@@ -87,10 +87,12 @@ def check_query(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def client_identity(settings: Settings, args: argparse.Namespace) -> Any:
-    """An explicit --key (flag or config) is used; otherwise a fresh key per run (a CLI client is not a peer)."""
+    """A key given (flag, P2P_INFER_KEY or the config file) is used; otherwise a fresh key per run (a CLI client is not a peer)."""
+    from ..config import settings_sources
     from ..identity import Identity, load_or_create_identity
 
-    return load_or_create_identity(settings.key) if args.key is not None else Identity.generate()
+    given = args.key is not None or settings_sources(args.config, {})["key"] != "default"
+    return load_or_create_identity(settings.key) if given else Identity.generate()
 
 
 def query_plan(args: argparse.Namespace) -> Any:
