@@ -205,8 +205,8 @@ def check_des_scenario(sc: Scenario) -> None:
         raise ScenarioError(f"the discrete-event model does not model {bad} (gossip is not modelled); it models {', '.join(DES_FAULTS)}")
     if sc.churn.joins:
         raise ScenarioError("churn.joins is not modelled by engine = \"des\" (use churn.kill or churn.rate_per_s: peers leave and rejoin)")
-    if sc.network.netem:
-        raise ScenarioError("network.netem applies to engine = \"processes\" only")
+    if sc.network.mode != "loopback":
+        raise ScenarioError("network.mode = \"netns\" applies to engine = \"processes\" only")
 
 
 def build_world(sc: Scenario, pool: Any, rng: random.Random) -> World:
