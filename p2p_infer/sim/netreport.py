@@ -1,7 +1,9 @@
 """The network section of a netns run's report: what each shaped link and each partition did.
 
-* ``shape[j]``: answered queries whose route includes one of the rule's peers, against those
-  whose route includes none: their median latency (the added delay, the lossy or slow link).
+* ``shape[j]``: answered queries (outside partitions) whose route includes one of the rule's
+  peers, against those whose route includes none: their median latency (the added delay, the
+  lossy or slow link); and the committee verdicts on those peers (a slow member is judged late
+  or missing: a route only includes members that agreed in time).
 * ``partition[j]``: queries sent while the group was cut off (answered / failed, and how many
   routes still included a group member: none can), and after the heal: the time until a group
   member is back in an answered route (``rejoin_after_heal_ms``) and the share answered.
@@ -10,6 +12,7 @@
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from typing import Any
 
 from .record import RunData
@@ -21,15 +24,18 @@ def _median(values: list[float]) -> float | None:
 
 
 def network_report(sc: Scenario, data: RunData, names: dict[str, str]) -> dict[str, Any]:
-    answered = [q for q in data.queries if q.ok]
+    cut = [(p.start_s, p.heal_s) for p in sc.network.partition]
+    answered = [q for q in data.queries if q.ok and not any(a <= q.t0_s < b for a, b in cut)]  # outside partitions
     shapes = []
     for rule in sc.network.shape:
         ids = {names[n] for n in rule.peers if n in names}
         touched = [q.latency_ms for q in answered if ids & set(q.route)]
         others = [q.latency_ms for q in answered if not ids & set(q.route)]
+        verdicts = Counter(v for q in data.queries for p, v in q.verdicts.items() if p in ids)
         shapes.append({"peers": rule.peers, "to": rule.to, "delay_ms": rule.delay_ms, "jitter_ms": rule.jitter_ms,
                        "loss": rule.loss, "rate_mbit": rule.rate_mbit, "queries_through": len(touched),
-                       "latency_p50_through_ms": _median(touched), "latency_p50_others_ms": _median(others)})
+                       "latency_p50_through_ms": _median(touched), "latency_p50_others_ms": _median(others),
+                       "verdicts": dict(verdicts)})
     return {"mode": "netns", "shape": shapes, "partition": [_partition(p, data, names) for p in sc.network.partition]}
 
 
@@ -56,7 +62,8 @@ def network_lines(net: dict[str, Any]) -> list[str]:
     for s in net["shape"]:
         what = ", ".join(f"{k} {s[k]}" for k in ("delay_ms", "jitter_ms", "loss", "rate_mbit") if s[k])
         lines.append(f"* {'/'.join(s['peers'])} -> {'/'.join(s['to']) or 'all'} ({what}): {s['queries_through']} answered "
-                     f"queries through them, p50 {s['latency_p50_through_ms']} ms against {s['latency_p50_others_ms']} ms for the others.")
+                     f"queries through them, p50 {s['latency_p50_through_ms']} ms against {s['latency_p50_others_ms']} ms for the others; "
+                     f"verdicts on them {s['verdicts'] or 'none'}.")
     for p in net["partition"]:
         d, a = p["during"], p["after"]
         lines.append(f"* partition of {'/'.join(p['peers'])} from {p['start_s']} s to {p['heal_s']} s: during it {d['answered']} of "

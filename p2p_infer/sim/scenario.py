@@ -126,7 +126,10 @@ class DesSpec:
     kademlia_k: int = 20
     kademlia_alpha: int = 3
     candidates: int = 8  # providers a client asks for tickets per stage (from its DHT lookup)
-    trial: bool = True
+    trial: bool = True  # trial tasks through proto.trial.Admission (des/trials.py); false: everyone admitted at once
+    gossip: bool = True  # audit gossip through the real codec and Auditor (des/gossip.py)
+    auditors: int = 8  # honest peers that run a real Auditor on every gossip message (the rest are counted)
+    gossip_degree: int = 6  # gossipsub mesh degree D
 
 
 @dataclass
