@@ -139,6 +139,7 @@ def test_a_network_scenario_is_checked_before_it_runs(tmp_path):
 
 @needs_netns
 @pytest.mark.slow
+@pytest.mark.simulation  # ~4-6 min: make simulate (and .ci/run)
 def test_the_netem_scenario_shows_a_slow_link_and_a_partition_healing(tmp_path):
     report = simulate(SIMS / "netem.toml", tmp_path, progress=False)  # raises InvariantBroken on a broken invariant
     assert report["wrong_accepted"] == 0 and report["processes_left"] == 0 and report["netns_left"] == []
@@ -153,6 +154,7 @@ def test_the_netem_scenario_shows_a_slow_link_and_a_partition_healing(tmp_path):
 
 @needs_netns
 @pytest.mark.slow
+@pytest.mark.simulation
 def test_ctrl_c_removes_every_namespace_and_link(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "p2p_infer.cli", "simulate", str(SIMS / "netem.toml"), "--out", str(out), "--quiet"],
