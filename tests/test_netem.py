@@ -180,3 +180,55 @@ def test_ctrl_c_removes_every_namespace_and_link(tmp_path):
         for pid in processes_mentioning(str(out)):  # never leave a peer or a namespace behind, even when the test fails
             os.kill(pid, signal.SIGKILL)
         sweep_stale()
+
+
+class StalledConnection:
+    """A yamux connection whose write lock is held by a write that never completes."""
+
+    def __init__(self) -> None:
+        import trio
+
+        self.write_lock = trio.Lock()
+        self.finalized: list[bool] = []
+
+    async def _write_frame(self, data: bytes) -> None:
+        async with self.write_lock:
+            pass
+
+    async def _finalize_stream(self, stream: object, *, fully_closed: bool) -> None:
+        self.finalized.append(fully_closed)
+
+
+async def test_a_stream_reset_stuck_behind_a_stalled_write_gives_up_inside_a_shield():
+    """The queries a loaded CI run lost (issue 13): py-libp2p's failed new_stream resets the
+    stream in a shielded scope, waiting for a write lock a stalled write holds; bounded now."""
+    import trio
+    from libp2p.stream_muxer.yamux.yamux import YamuxStream
+
+    from p2p_infer.net.host import RESET_BOUND_S, _bound_yamux_reset
+
+    _bound_yamux_reset()
+    conn = StalledConnection()
+    stream = YamuxStream(7, conn, True)  # type: ignore[arg-type]
+
+    async def stalled_write() -> None:
+        async with conn.write_lock:
+            await trio.sleep_forever()
+
+    done = trio.Event()
+
+    async def cleanup() -> None:
+        with trio.CancelScope(shield=True):  # as basic_host.new_stream's cleanup
+            await stream.reset()
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stalled_write)
+        await trio.sleep(0.1)
+        nursery.start_soon(cleanup)
+        with trio.move_on_after(RESET_BOUND_S * 2 + 1):
+            await done.wait()
+        finished = done.is_set()
+        nursery.cancel_scope.cancel()  # ends the stalled write, so an unbounded reset would end too
+    assert finished, "the reset waited for the stalled write"
+    assert stream.closed and conn.finalized == [True]
