@@ -30,7 +30,19 @@ class TrialStats:
 
 
 def providers_of(client: SimClient) -> list[SimPeer]:
-    return [client.world.peers[i] for si in sorted(client.directory) for i in sorted(client.directory[si])]
+    """The directory's providers this query's trials may cover: every one already met, and per
+    shard up to ``des.candidates`` not yet met, drawn at random. The real client plans a trial
+    for every untried provider in its directory at once; at 10,000 peers that is thousands of
+    identities to make (0.16 CPU-s each) in the first query, so the model admits the directory
+    at most ``des.candidates`` new providers per shard per query (all of it, over the run)."""
+    out: list[SimPeer] = []
+    want = client.world.sc.des.candidates
+    for si in sorted(client.directory):
+        peers = [client.world.peers[i] for i in sorted(client.directory[si])]
+        met = [p for p in peers if p.known]
+        unmet = [p for p in peers if not p.known]
+        out += met + client.rng.sample(unmet, min(len(unmet), want))
+    return out
 
 
 def admitted_enough(client: SimClient, need: int) -> bool:
