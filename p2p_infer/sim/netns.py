@@ -34,7 +34,10 @@ PREFIX = "p2psim-"
 
 
 def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(list(argv), capture_output=True, text=True, timeout=30)
+    try:
+        result = subprocess.run(list(argv), capture_output=True, text=True, timeout=30)
+    except (FileNotFoundError, subprocess.TimeoutExpired) as exc:  # no iproute2 here, or a wedged command
+        result = subprocess.CompletedProcess(list(argv), 127, "", str(exc))
     if check and result.returncode != 0:
         raise SimulationError(f"{' '.join(argv)}: {result.stderr.strip() or result.returncode}")
     return result
