@@ -20,6 +20,7 @@ from ...proto.committee_round import (
     AskTickets,
     CommitteeRound,
     Decided,
+    Judged,
     Failed,
     ObserveCommit,
     Rerun,
@@ -127,12 +128,20 @@ class CommitteeQuery:
         self.segments: list[tuple[int, int]] = []
         self.started_ms = client.loop.now_ms
         self.records: list[dict[str, Any]] = []  # each judged stage's verdicts: gossiped once, when the query ends
+        self.finished = False
+        self.unjudged = 0  # stages decided at the first quorum whose late members are not judged yet
 
     def finish(self) -> None:
-        gossip = self.client.world.gossip
-        if gossip is not None and self.records:
-            gossip.publish(self.client.peer_id, verdicts_message(self.client.peer_id, self.records))
+        self.finished = True
+        self.publish_verdicts()
         self.done(self.outcome)
+
+    def publish_verdicts(self) -> None:
+        """Once per query, when every member is judged (as node/committee_client.publish_verdicts)."""
+        gossip = self.client.world.gossip
+        if self.finished and not self.unjudged and self.records and gossip is not None:
+            gossip.publish(self.client.peer_id, verdicts_message(self.client.peer_id, self.records))
+            self.records = []
 
     def start(self) -> None:
         try:
@@ -196,9 +205,17 @@ class StageRun:
                 self.execute(action)
             elif isinstance(action, ObserveCommit):
                 self.client.auditor.on_commit(action.commit, action.candidates)
-            elif isinstance(action, Decided):
-                self.judge(action.judgement)
+            elif isinstance(action, Decided):  # at the first quorum: the rest is judged later (Judged)
+                if action.judgement is not None:
+                    self.judge(action.judgement)
+                else:
+                    self.query.unjudged += 1
                 self.query.stage_done(action)
+            elif isinstance(action, Judged):
+                self.judge(action.judgement)
+                self.query.outcome.verdicts.update(action.decision.verdicts)  # the "pending" ones, now judged
+                self.query.unjudged -= 1
+                self.query.publish_verdicts()
             elif isinstance(action, Rerun):
                 self.judge(action.judgement)
                 self.start()
@@ -212,9 +229,10 @@ class StageRun:
         client = self.client
         evidence = apply_judgement(judgement, client.reputation, client.auditor, client.peer_id)
         self.query.records.append(judgement.record())
-        if client.world.gossip is not None:
+        gossip = client.world.gossip
+        if gossip is not None:
             for item in evidence:
-                client.world.gossip.publish(client.peer_id, evidence_message(item))
+                gossip.publish(client.peer_id, evidence_message(item))
 
     def feed(self, attempt: int, event: Callable[..., list[Any]], *args: Any) -> None:
         if attempt != self.machine.attempt:
