@@ -221,3 +221,41 @@ async def test_killing_the_middle_peer_mid_generation_gives_the_same_tokens(swar
     assert result.route[1]["peer"] != swarm.peers[killed].peer_id
     if forwarding:  # the token after the kill went hop by hop (replay), the rest peer to peer again
         assert 32 - 2 <= result.forwarded_tokens < 32
+
+
+CHAT = ["My name is Ada and I live in Paris.", "What is my name?"]
+
+
+def conversation_answers(smol, tokens: int = 16):
+    """What the monolithic model answers turn by turn when each turn sees the whole conversation."""
+    messages, answers = [], []
+    for text in CHAT:
+        messages.append({"role": "user", "content": text})
+        answer = smol.tokenizer.decode(generate_local(smol, smol.prompt_ids(messages), tokens, Sampling()), skip_special_tokens=True)
+        messages.append({"role": "assistant", "content": answer})
+        answers.append(answer)
+    return messages, answers
+
+
+async def test_a_conversation_is_generated_with_its_history(swarm, smol):
+    messages, answers = conversation_answers(smol)
+    turns = messages[:-1]  # up to the second question
+    async with client(swarm) as c:
+        result, _ = await collect(c, turns, max_new_tokens=16, verified=False)
+    assert result.text == answers[1]
+    assert result.prompt_tokens == len(smol.prompt_ids(turns)) > len(smol.prompt_ids(CHAT[1]))
+    alone = smol.tokenizer.decode(generate_local(smol, smol.prompt_ids(CHAT[1]), 16, Sampling()), skip_special_tokens=True)
+    assert alone != answers[1]  # the history changes the answer: it was really sent
+
+
+def test_cli_chat_keeps_the_conversation(swarm, smol):
+    import subprocess
+
+    _, answers = conversation_answers(smol)
+    argv = [swarm.python, "-m", "p2p_infer.cli", "chat", "--bootstrap", swarm.bootstrap.addr, "--unverified", "--max-new-tokens", "16"]
+    out = subprocess.run(argv, input="\n".join([*CHAT, "/quit"]) + "\n", capture_output=True, text=True, timeout=400,
+                         env=swarm.env, cwd=swarm.workdir, start_new_session=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("> ") == 3
+    first, second = out.stdout.split("> ")[1:3]
+    assert first.strip() == answers[0].strip() and second.strip() == answers[1].strip()
