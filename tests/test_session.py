@@ -291,3 +291,55 @@ def test_machine_forwarded_steps_check_every_entry_and_fall_back():
     assert step.open.upstream == pid["a"] and step.step.tokens == 3
     m.on_opened(step)
     assert m.links() == [(2, LinkRequest(m.slots[2].session, pid["b2"]))]
+
+
+class LayeredSpan(FakeSpan):
+    """Per layer: row * 2 + position, so a span split in two parts computes what it did whole."""
+
+    def __init__(self, identity: Identity, first: int, last: int):
+        super().__init__(identity)
+        self.layers = last - first + 1
+
+    def answer(self, req: StepRequest, lie: float = 0.0) -> dict:
+        x = rows(req.hidden)
+        out = x.copy()
+        for _ in range(self.layers):
+            out = out * 2 + np.arange(req.position, req.position + len(x))[:, None]
+        out = out.astype(np.float32)
+        return output_reply(req.session, req.step, to_wire(out), 1.0, 0.0,
+                            signed_commitment(self.identity, req.session, req.step, req.position, x, out))
+
+
+def test_a_failed_span_no_one_peer_covers_is_re_split_and_replayed():
+    ids = {n: Identity.generate() for n in ("whole", "lo", "hi")}
+    ranges = {"whole": (1, 3), "lo": (1, 1), "hi": (2, 3)}
+    spans = {ids[n].peer_id: LayeredSpan(ids[n], *ranges[n]) for n in ids}
+    m = GenerationMachine(MODEL, 4, 1, H, servers([(ids[n].peer_id, *ranges[n]) for n in ids]), random.Random(0), max_length=16,
+                          avoid={ids["lo"].peer_id, ids["hi"].peer_id})
+    assert [s.peer for s in m.slots] == [ids["whole"].peer_id]
+
+    def through(x):
+        i, h = 0, to_wire(x)
+        while i < len(m.slots):
+            plan = m.plan_step(i, h)
+            if plan.open is not None:
+                m.on_opened(plan)
+            h = m.on_output(plan, spans[plan.peer].answer(plan.step))
+            i += 1
+        return rows(h)
+
+    expected = LayeredSpan(ids["whole"], 1, 3)
+    x0, x1 = np.ones((3, H), dtype=np.float32), np.full((1, H), 5.0, dtype=np.float32)
+    through(x0)
+    m.on_failure(m.plan_step(0, to_wire(x1)), "unreachable: killed")
+    assert [(s.first, s.last, s.peer) for s in m.slots] == [(1, 1, ids["lo"].peer_id), (2, 3, ids["hi"].peer_id)]
+    assert m.resplits == [{"first": 1, "last": 3, "parts": [(1, 1), (2, 3)]}]
+    with pytest.raises(NoRoute, match="not replayed"):
+        m.plan_step(1, to_wire(x1))  # the second part's history comes from the first part's replay
+    out = through(x1)
+    assert np.array_equal(out, rows(expected.answer(StepRequest(sid(0), 0, 3, to_wire(x1)))["hidden"]))  # as if whole
+    whole = rows(expected.answer(StepRequest(sid(0), 0, 0, to_wire(np.concatenate([x0, x1]))))["hidden"])
+    assert np.array_equal(m.slots[1].outputs, whole)  # the rebuilt history verifies against a whole-span re-execution
+    assert m.slots[0].producers == [ids["lo"].peer_id] * 4 and len(m.slots[1].inputs) == 4
+    with pytest.raises(NoRoute, match="alone or split"):
+        m.on_failure(m.plan_step(1, to_wire(x1)), "again")

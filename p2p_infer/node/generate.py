@@ -57,6 +57,7 @@ class GenerationResult:
     verification: dict[str, Any] = field(default_factory=dict)
     total_ms: float = 0.0
     forwarded_tokens: int = 0  # tokens that went peer to peer (the rest hop by hop: opens, replays, fallbacks)
+    resplits: list[dict[str, Any]] = field(default_factory=list)  # failed spans no single peer could take over
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,7 +126,7 @@ class Generation:
         result = GenerationResult(text, tokens, len(ids), machine.route, self.verified, "verified" if self.verified else "unverified",
                                   token_ms, "forwarded" if self.forwarding else "client-driven",
                                   [{"peer": p, "reason": r} for p, r in machine.failures], {**report, "caught": self.caught},
-                                  (time.perf_counter() - started) * 1000, machine.forwarded_tokens)
+                                  (time.perf_counter() - started) * 1000, machine.forwarded_tokens, machine.resplits)
         yield Piece("", result=result)
 
     async def _machine(self, model: Any, prompt_len: int, avoid: Collection[str]) -> GenerationMachine:
@@ -164,8 +165,10 @@ class Generation:
                 hidden = await trio.to_thread.run_sync(_first_layer, model, step_ids, cache)
                 logits = await self._forwarded(model, machine, hidden) if machine.can_forward(hidden) else None
                 if logits is None:  # hop by hop: client-driven mode, opens and replays, a failed forwarded token
-                    for span in range(len(machine.slots)):
+                    span = 0
+                    while span < len(machine.slots):  # a failed span may be re-split into several mid-token
                         hidden = await self._through(machine, span, hidden)
+                        span += 1
                     logits = await trio.to_thread.run_sync(_logits, model, hidden)
                 token = choose(logits, self.sampling, index)
                 tokens.append(token)

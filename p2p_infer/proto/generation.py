@@ -132,6 +132,10 @@ class Slot:
     cached: int = 0  # rows in the peer's cache
     step: int = 0  # the peer session's next step number
     linked: str | None = None  # the upstream peer this session was told (forwarded mode)
+    # re-split after a failure: the outputs so far are rebuilt from this slot's replay, and a
+    # later part of the split learns its input history from the part before it
+    rebuild: bool = False
+    awaiting_inputs: bool = False
 
     def __post_init__(self) -> None:
         self.inputs = np.zeros((0, self.hidden), dtype=np.float32)
@@ -166,6 +170,7 @@ class GenerationMachine:
         self.model_id, self.hidden, self.max_length, self.commit = model_id, hidden, max_length, commit
         self.forwarded = forwarded
         self.forwarded_tokens = self.fallbacks = 0
+        self.resplits: list[dict[str, Any]] = []
         self.servers = list(servers)
         self.rng = rng
         self.excluded: set[str] = set(exclude)
@@ -185,6 +190,8 @@ class GenerationMachine:
         """The request(s) carrying ``hidden`` (this token's rows) through span ``index``: an
         open and a replay of the history first if the span's peer is new."""
         slot = self.slots[index]
+        if slot.awaiting_inputs:
+            raise NoRoute(f"layers {slot.first}-{slot.last}: the part before it has not replayed the history yet")
         new = rows(hidden)
         send = np.concatenate([slot.inputs[slot.cached:], new]) if slot.cached < len(slot.inputs) else new
         opening = None if slot.opened else self.opening(index)
@@ -284,6 +291,12 @@ class GenerationMachine:
         if self.commit:
             check_commitment(reply.get("commitment"), plan.peer, plan.step, sent, out)
         fresh = out[-plan.new_rows:]
+        if slot.rebuild:  # one part of a re-split span: its history's outputs come from this replay
+            history = out[:-plan.new_rows]
+            slot.outputs, slot.producers, slot.rebuild = history.copy(), [plan.peer] * len(history), False
+            after = self.slots[plan.slot + 1] if plan.slot + 1 < len(self.slots) else None
+            if after is not None and after.awaiting_inputs:
+                after.inputs, after.awaiting_inputs = history.copy(), False
         if self.commit:
             slot.commitments.append({**reply["commitment"], "peer": plan.peer, "session": plan.step.session,
                                      "step": plan.step.step, "position": plan.step.position})
@@ -304,10 +317,27 @@ class GenerationMachine:
             raise NoRoute(f"generation failed over {len(self.failures)} times; last: {reason}")
         replacement = self.provider(slot.first, slot.last, self.excluded)
         if replacement is None:
-            raise NoRoute(f"no replacement serves layers {slot.first}-{slot.last} (excluded: {len(self.excluded)} peers); last failure: {reason}")
+            self._resplit(plan.slot, reason)
+            return slot.session
         old = slot.session
         slot.peer, slot.session, slot.opened, slot.cached, slot.step, slot.linked = replacement, self._session_id(), False, 0, 0, None
         return old
+
+    def _resplit(self, index: int, reason: str) -> None:
+        """No one peer serves the failed span any more: run it on a chain of peers whose ranges
+        cover it (the cheapest, as routing plans), each part replayed in turn."""
+        slot = self.slots[index]
+        try:
+            chain = plan_route(self.servers, slot.first, slot.last, exclude=self.excluded)
+        except NoRoute:
+            raise NoRoute(f"no replacement serves layers {slot.first}-{slot.last}, alone or split "
+                          f"(excluded: {len(self.excluded)} peers); last failure: {reason}") from None
+        parts = [Slot(seg.first, seg.last, seg.peer_id, self._session_id(), self.hidden, rebuild=True) for seg in chain]
+        parts[0].inputs = slot.inputs.copy()
+        for part in parts[1:]:
+            part.awaiting_inputs = True
+        self.slots[index:index + 1] = parts
+        self.resplits.append({"first": slot.first, "last": slot.last, "parts": [(p.first, p.last) for p in parts]})
 
     def provider(self, first: int, last: int, exclude: Collection[str]) -> str | None:
         """A server holding all of ``first..last`` outside ``exclude``, drawn with the rng."""
