@@ -247,8 +247,9 @@ class Generation:
             return None
 
     async def _forward_once(self, model: Any, plan: ForwardPlan) -> tuple[Any, Any, Any]:
-        """Send the step to the first hop; the last hop's pushed output (logits computed on it
-        at once) and the first hop's reply with every entry (which says if a hop failed)."""
+        """Send the step to the first hop; compute the logits on the last hop's output as soon as
+        it arrives, pushed by that hop or, if the reply chain is first, its last entry. The
+        first hop's reply (every entry, or which hop failed) and the pushed output, if any."""
         assert self.client.pool is not None
         pool, got = self.client.pool, {}  # type: dict[str, Any]
 
@@ -259,19 +260,23 @@ class Generation:
             except P2PInferError as exc:
                 got["error"] = exc
             if "error" in got or "failed" in got["reply"]:
-                nursery.cancel_scope.cancel()  # no pushed output will come
+                nursery.cancel_scope.cancel()  # nothing to compute on
+            else:
+                push_wait.cancel()  # the reply carries the last hop's output too
 
         with self.client.results.expect(plan.request_id, plan.last_peer) as inbox, trio.move_on_after(self.timeout) as deadline:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(chain)
-                got["pushed"] = await inbox.receive()
-                got["logits"] = await trio.to_thread.run_sync(_logits, model, got["pushed"]["hidden"])
+                with trio.CancelScope() as push_wait:
+                    nursery.start_soon(chain)
+                    got["pushed"] = await inbox.receive()
+                last = got["pushed"] if "pushed" in got else _last_entry(got["reply"])
+                got["logits"] = await trio.to_thread.run_sync(_logits, model, last["hidden"])
         if "error" in got:
             raise ForwardIncomplete(f"first hop: {got['error'].code}: {got['error'].message}", plan.first_peer)
         if deadline.cancelled_caught:
             self.client._drop_stream(plan.first_peer)  # the request may still be in flight on that stream
             raise ForwardIncomplete(f"no forwarded output within {self.timeout} s")
-        return got["reply"], got.get("pushed", {}), got.get("logits")
+        return got["reply"], got.get("pushed"), got.get("logits")
 
     async def _close_all(self, machine: GenerationMachine) -> None:
         with trio.move_on_after(5):
@@ -300,6 +305,13 @@ class Generation:
         req = ForwardRequest(model_id, first, last, to_wire(inputs), session=rid, request_id=rid)
         reply = await self.client.pool.request(peer, FORWARD_PROTOCOL, req.to_wire(), timeout=self.timeout * 4)
         return expect_reply(reply, "forward_result")["hidden"]
+
+
+def _last_entry(reply: dict[str, Any]) -> dict[str, Any]:
+    hops = reply.get("hops")
+    if not isinstance(hops, list) or not hops or not isinstance(hops[-1], dict) or "hidden" not in hops[-1]:
+        raise ForwardIncomplete("the forwarded reply carries no output of the last hop")
+    return hops[-1]
 
 
 def _first_layer(model: Any, ids: list[int], cache: Any) -> Any:

@@ -152,9 +152,17 @@ class SessionHandler:
                         raise ProtocolViolation(f"next hop answered {down.get('type')!r}, not {SESSION_FORWARDED}")
                     entries += down["hops"]
                     failed = down.get("failed")
-            else:
+            else:  # pushed without waiting for its ack: the reply chain is the other half of the critical path
                 result = {"type": FORWARD_RESULT, "request_id": req.request_id, "hidden": reply["hidden"], "timing": reply["timing"]}
-                await self.peer.forward._send_to_client(client, result)
+                self.peer.start_background(self._push, client, result)
         except Exception as exc:  # the client learns from our reply; the session stays (the client may rewind)
             failed = {"peer": me, "code": getattr(exc, "code", "internal"), "message": str(exc)[:300]}
         return forwarded_reply(req.session, req.step, entries, failed)
+
+    async def _push(self, client: str, result: Message) -> None:
+        """The last hop's output straight to the client (its fast path: the same rows also come
+        back in the reply chain, so a lost push only costs the client the chain's latency)."""
+        try:
+            await self.peer.forward._send_to_client(client, result)
+        except Exception as exc:  # a background task: nothing may escape into the peer's nursery
+            log.info("could not push a forwarded output to the client", client=client[:16], reason=str(exc)[:200])

@@ -233,9 +233,10 @@ class GenerationMachine:
         step = StepRequest(first.session, first.step, first.cached, hidden, self.commit, True, route, request_id)
         return ForwardPlan(step, request_id, first.peer, self.slots[-1].peer)
 
-    def on_forwarded(self, plan: ForwardPlan, reply: dict[str, Any], pushed: dict[str, Any]) -> WireTensor:
+    def on_forwarded(self, plan: ForwardPlan, reply: dict[str, Any], pushed: dict[str, Any] | None) -> WireTensor:
         """Check a forwarded step's reply (every hop's entry, signed when verified, each hop's
-        input the previous hop's output) and the last hop's pushed output; record every span's
+        input the previous hop's output) and the last hop's pushed output (None: the reply came
+        first, and the logits were computed on its last entry); record every span's
         rows as client-driven steps would. ForwardIncomplete if anything is missing or off."""
         entries, failed = reply.get("hops"), reply.get("failed")
         if isinstance(failed, dict):
@@ -256,7 +257,7 @@ class GenerationMachine:
                 raise ForwardIncomplete(f"forwarded entry of {slot.peer[:16]}...: {exc}") from None
             recorded.append((slot, step, entry, inputs, out))
             inputs = out
-        if pushed.get("hidden") != entries[-1].get("hidden"):
+        if pushed is not None and pushed.get("hidden") != entries[-1].get("hidden"):
             raise ForwardIncomplete("the last hop's pushed output differs from its entry in the reply")
         for slot, step, entry, inp, out in recorded:
             self._record(slot, slot.peer, step, entry.get("commitment"), inp, out)
