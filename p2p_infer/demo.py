@@ -58,11 +58,14 @@ def generation(swarm: Swarm, question: str) -> bool:
     from .net.host import quiet_libp2p_logging
     from .proto.sampling import Sampling
 
+    from .logs import configure_logging
+
     quiet_libp2p_logging()
+    configure_logging("console", "warning")  # the in-process client's routine logs would interleave with the answer
     print(f"$ p2p-infer generate --unverified {json.dumps(question)}   (SmolLM2-135M-Instruct, greedy)\n", flush=True)
     result, pieces = trio.run(_ask, swarm.bootstrap.addr if swarm.bootstrap else "", question)
     ms = result.token_ms
-    print("\n\nper-token latency, ms (the first includes the prompt's prefill):")
+    print("\n\nper-token latency, ms (the first includes the prompt's prefill and the client's first load of its layers):")
     print("  " + " ".join(f"{m:.0f}" for m in ms))
     decode = ms[1:] or ms
     print(f"  prefill of {result.prompt_tokens} tokens + first token: {ms[0]:.0f} ms; decode: median {statistics.median(decode):.0f} ms, "
