@@ -310,6 +310,19 @@ class OutOfOrder(SessionError):
     code = "out_of_order"
 
 
+class ForwardIncomplete(SessionError):
+    """A forwarded decode step did not come back whole and checked from every hop (one failed,
+    or a relayed entry did not match its producer's signature): the client redoes the token
+    hop by hop. ``failed`` names the hop reported failed, if any."""
+
+    code = "forward_incomplete"
+    retryable = True
+
+    def __init__(self, message: str, failed: str | None = None) -> None:
+        super().__init__(message)
+        self.failed = failed
+
+
 class VerificationFailed(P2PInferError):
     """Generated tokens could not be verified: re-execution disagreed and could not be settled."""
 
