@@ -92,7 +92,7 @@ def test_cli_generate_json_and_verified_refused_without_second_providers(swarm):
     assert "Paris" in data["text"] and data["verified"] is False and len(data["tokens"]) <= 12
     assert [h["first"] for h in data["route"]] == [1, 11, 21]
     refused = swarm.cli("generate", "--bootstrap", swarm.bootstrap.addr, "--max-new-tokens", "4", "hi", check=False, timeout=400)
-    assert refused.returncode == 2  # a mode that cannot be honoured is a usage error (exit 2)
+    assert refused.returncode == 1  # the network cannot verify (CannotVerify): a runtime failure, as for query
     assert "second provider of layers 1-10" in refused.stderr and "--unverified" in refused.stderr
 
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
-from ..errors import ForwardIncomplete, NoRoute, P2PInferError, UnsupportedMode, UsageError, VerificationFailed
+from ..errors import CannotVerify, ForwardIncomplete, NoRoute, P2PInferError, UsageError, VerificationFailed
 from ..proto.forward import ForwardRequest
 from ..proto.generation import ForwardPlan, GenerationMachine, StepPlan, rows, to_wire
 from ..proto.routing import Server
@@ -148,7 +148,7 @@ class Generation:
             for index, verifier in machine.verifiers():
                 if verifier is None:
                     slot = machine.slots[index]
-                    raise UnsupportedMode(f"verified generation needs a second provider of layers {slot.first}-{slot.last} "
+                    raise CannotVerify(f"verified generation needs a second provider of layers {slot.first}-{slot.last} "
                                           f"to re-execute them; none is known (pass --unverified to accept unverified tokens)")
         return machine
 
