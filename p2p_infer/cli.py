@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import cli_generate
+from . import cli_gateway, cli_generate
 from .config import Settings, default_cache_dir, load_settings
 
 
@@ -140,6 +140,7 @@ def _more_parsers(sub: Any) -> None:
     _audit_parser(sub)
     simulate_parser(sub)
     cli_generate.add_parsers(sub, _common, _network)  # generate, chat
+    cli_gateway.add_parsers(sub, _common)  # gateway, status; peer --api
 
 
 def _audit_parser(sub: Any) -> None:
@@ -158,7 +159,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     for name in ("key", "listen", "bootstrap", "bootstrap_file", "serve", "log_format", "log_level",
                  "record_ttl", "max_concurrent", "torch_threads", "ready_file", "audit_log", "test_fault",
                  "checkpoint_interval", "witness_file", "tee", "tee_quote", "threshold_member", "dkg_members", "dkg_threshold",
-                 "max_connections", "conn_idle_timeout"):
+                 "max_connections", "conn_idle_timeout", "api", "api_public"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -583,6 +584,7 @@ COMMANDS = {
     "models": cmd_models,
     "query": cmd_query,
     **cli_generate.COMMANDS,
+    **cli_gateway.COMMANDS,
 }
 
 if __name__ == "__main__":

@@ -94,6 +94,8 @@ class Settings:
     tee_allow_platform: list[str] = field(default_factory=list)  # hex mr_td (tdx) / mr_enclave (sgx)
     tee_collateral: list[str] = field(default_factory=list)  # "tdx=FILE", "sgx=FILE": DCAP collateral JSON
     tee_max_age: float = 600.0  # seconds an attestation stays fresh
+    api: str = ""  # HOST:PORT of the peer's control API (GET /status, /metrics); empty = off
+    api_public: bool = False  # allow a non-loopback --api address (it has no authentication)
 
     def witness_path(self) -> Path:
         return self.witness_file or self.key.with_suffix(".witnesses")
