@@ -71,8 +71,8 @@ async def serve_asgi(app: Any, bind: Bind, task_status: trio.TaskStatus[str] = t
     (the real port when ``bind.port`` is 0), or raises ListenError if it cannot bind."""
     from hypercorn.trio import serve
 
-    async def started(status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-        await serve(app, hypercorn_config(bind), task_status=status)
+    async def started(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        await serve(app, hypercorn_config(bind), task_status=task_status)
 
     async with trio.open_nursery() as nursery:
         try:
