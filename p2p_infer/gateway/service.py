@@ -96,7 +96,7 @@ class Gateway:
             self.recent.add("embeddings", req.model, started, None, f"{exc.code}: {exc.message}")
             raise
         model = await client.model(req.model)
-        tokens = sum(len(model.tokenizer(t)["input_ids"]) for t in req.inputs)  # type: ignore[attr-defined]
+        tokens = sum(min(len(model.tokenizer(t)["input_ids"]), model.max_tokens) for t in req.inputs)  # type: ignore[attr-defined]
         per_input = [query_evidence(r) for r in results]
         evidence = per_input[0] if req.single else {"verified": all(e["verified"] for e in per_input),
                                                     "mode": per_input[0]["mode"], "inputs": per_input}
@@ -176,7 +176,7 @@ class Gateway:
         """Peers, coverage per model and layer, reputation, as this gateway's client sees them."""
         directory = self.client.directory
         assert directory is not None
-        names = {mid: m.name for mid, m in directory.known_models.items()} if isinstance(directory.known_models, dict) else {}
+        names = {mid: m.name for mid, m in directory.manifests.items()}
         peers = []
         for r in sorted(directory.live(), key=lambda r: r.peer_id):
             peers.append({"peer_id": r.peer_id, "shards": [{"model": names.get(s.model_id, s.model_id), "first": s.first,
@@ -191,7 +191,7 @@ class Gateway:
         directory = self.client.directory
         assert directory is not None
         out: dict[str, Any] = {}
-        for mid, manifest in (directory.known_models.items() if isinstance(directory.known_models, dict) else []):
+        for mid, manifest in directory.manifests.items():
             if manifest.name not in (schemas.EMBEDDING_MODEL, schemas.CHAT_MODEL):
                 continue
             local = self.client.query_plan.local_layers
