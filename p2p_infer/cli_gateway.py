@@ -1,6 +1,6 @@
 """``p2p-infer gateway`` (an OpenAI-compatible HTTP API over the network) and ``p2p-infer
 status`` (a peer's control API, summarised); also the peer's ``--api`` flags. The commands'
-logic is plain functions; ``add_parsers`` only registers them (docs/gateway.md)."""
+logic is plain functions; the click commands only register them (docs/gateway.md)."""
 
 from __future__ import annotations
 
@@ -8,63 +8,91 @@ import argparse
 import json
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import click
+
+from .cli import params
+from .cli.app import cli, common, options, run
 from .config import Settings
 
 DEFAULT_GATEWAY = "127.0.0.1:8000"
 
 
-def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
-    peer = sub.choices.get("peer")
-    if peer is not None:  # the control API of a serving peer
-        peer.add_argument("--api", metavar="HOST:PORT", help="serve GET /status and /metrics here (loopback only, "
-                          "unless --api-public)")
-        peer.add_argument("--api-public", action="store_true", default=None,
-                          help="allow a non-loopback --api address (the API has no authentication)")
+def _check_api(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--api`` checked before torch or the network (``--api-public`` is eager, so known here)."""
+    from .errors import ConfigError
+    from .gateway.http import parse_bind
 
-    p = sub.add_parser("status", help="a running peer's status, read from its control API (peer --api)")
-    common(p)
-    p.add_argument("--api", dest="status_api", metavar="HOST:PORT", default=None,
-                   help="the peer's control API (default 127.0.0.1:8470)")
-    p.add_argument("--json", action="store_true", help="the raw /status object")
-    p.add_argument("--timeout", type=float, default=5.0)
+    if value is not None:
+        try:
+            parse_bind(value, allow_public=bool(ctx.params.get("api_public")))
+        except ConfigError as exc:
+            raise click.BadParameter(exc.message.removeprefix("--api "), ctx, param) from None
+    return value
 
-    p = sub.add_parser("gateway", help="serve an OpenAI-compatible HTTP API (embeddings, chat) through the network")
-    common(p)
-    p.add_argument("--bootstrap", action="append", metavar="MULTIADDR", help="bootstrap peer (repeatable)")
-    p.add_argument("--bootstrap-file", type=Path, help="file of bootstrap multiaddrs (default bootstrap/peers.txt if present)")
-    p.add_argument("--listen", dest="http_listen", metavar="HOST:PORT", default=DEFAULT_GATEWAY,
-                   help=f"HTTP address (default {DEFAULT_GATEWAY}; loopback only unless --public)")
-    p.add_argument("--public", action="store_true", help="allow a non-loopback --listen address (no authentication)")
-    p.add_argument("--p2p-listen", metavar="MULTIADDR", default="/ip4/127.0.0.1/tcp/0", help="the client's libp2p address")
-    p.add_argument("--unverified", action="store_true",
-                   help="answer every request unverified (labelled so in p2p_infer.verified); default: verified")
-    p.add_argument("--request-timeout", type=float, default=30.0, help="seconds per request to a peer")
-    p.add_argument("--ready-file", type=Path, help="write {url, peer_id, pid} as JSON here once serving")
+
+# the peer's control API flags (cli/node.py applies them to ``peer``)
+api_options = options(
+    click.option("--api-public", is_flag=True, default=None, is_eager=True,
+                 help="allow a non-loopback --api address (the API has no authentication)"),
+    click.option("--api", metavar="HOST:PORT", callback=_check_api,
+                 help="serve GET /status and /metrics here (loopback only, unless --api-public); docs/gateway.md"),
+)
+
+
+@cli.command("status")
+@common
+@click.option("--api", "status_api", metavar="HOST:PORT", help="the peer's control API (default 127.0.0.1:8470)")
+@click.option("--json", "json_out", is_flag=True, help="the raw /status object")
+@click.option("--timeout", type=click.FloatRange(0.0, min_open=True), default=5.0, show_default=True)
+def status_command(**values: Any) -> int:
+    """A running peer's status, read from its control API (peer --api)."""
+    values["json"] = values.pop("json_out")
+    return run("status", cmd_status, values)
+
+
+@cli.command("gateway")
+@common
+@click.option("--bootstrap", multiple=True, type=params.PEER_ADDR, metavar="MULTIADDR", help="bootstrap peer (repeatable)")
+@click.option("--bootstrap-file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="file of bootstrap multiaddrs (default bootstrap/peers.txt if present)")
+@click.option("--listen", "http_listen", metavar="HOST:PORT", default=DEFAULT_GATEWAY, show_default=True,
+              help="HTTP address (loopback only unless --public)")
+@click.option("--public", is_flag=True, help="allow a non-loopback --listen address (the API has no authentication)")
+@click.option("--p2p-listen", type=params.LISTEN_ADDR, metavar="MULTIADDR", default="/ip4/127.0.0.1/tcp/0", show_default=True,
+              help="the gateway client's libp2p address")
+@click.option("--unverified", is_flag=True, help="answer every request unverified (labelled so in p2p_infer.verified); "
+              "default: verified, and a request asks for unverified with p2p_infer.unverified")
+@click.option("--request-timeout", type=click.FloatRange(0.0, min_open=True), default=30.0, show_default=True,
+              help="seconds per request to a peer")
+@click.option("--ready-file", type=click.Path(path_type=Path, dir_okay=False), help="write {url, peer_id, pid} as JSON here once serving")
+def gateway_command(**values: Any) -> int:
+    """Serve an OpenAI-compatible HTTP API (embeddings, chat) through the network."""
+    return run("gateway", cmd_gateway, values)
 
 
 def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
     from .gateway.http import parse_bind
 
     bind = parse_bind(args.http_listen, allow_public=args.public, flag="--listen", public_flag="--public")  # before joining
+    from .cli.query import need_bootstrap
+
+    bootstrap = need_bootstrap(settings)
     import trio
 
     from .gateway.server import run_gateway
     from .net.host import quiet_libp2p_logging
-    from .node.peer import bootstrap_addrs
 
     quiet_libp2p_logging()
-    bootstrap = bootstrap_addrs(settings)
-    options = {"listen": args.p2p_listen, "request_timeout": args.request_timeout}
+    client_options = {"listen": args.p2p_listen, "request_timeout": args.request_timeout}
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 url = await nursery.start(lambda task_status: run_gateway(
-                    bootstrap, bind, unverified=args.unverified, ready_file=args.ready_file, client_options=options,
+                    bootstrap, bind, unverified=args.unverified, ready_file=args.ready_file, client_options=client_options,
                     task_status=task_status))
                 print(url, flush=True)
                 async for _ in signals:
@@ -120,5 +148,3 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         sys.stdout.write("\n".join(status_lines(s)) + "\n")
     return 0
 
-
-COMMANDS = {"gateway": cmd_gateway, "status": cmd_status}

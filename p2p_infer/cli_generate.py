@@ -13,27 +13,44 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import click
+
+from .cli.app import cli, common, network, options, run
 from .config import Settings
 
 
-def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None], network: Callable[[argparse.ArgumentParser], None]) -> None:
-    for name, helptext in (("generate", "generate text with a language model through the network"),
-                           ("chat", "an interactive chat loop through the network")):
-        p = sub.add_parser(name, help=helptext)
-        common(p)
-        network(p)
-        p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (the only generation model)")
-        p.add_argument("--max-new-tokens", type=int, default=64)
-        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-        p.add_argument("--top-p", type=float, default=1.0)
-        p.add_argument("--top-k", type=int, default=0)
-        p.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same tokens on any honest route")
-        p.add_argument("--unverified", action="store_true", help="skip re-execution by other providers (the result says unverified)")
-        p.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text")
-        p.add_argument("--timeout", type=float, default=30.0, help="seconds per request to a peer")
-        if name == "generate":
-            p.add_argument("--json", action="store_true", help="one JSON object on stdout instead of streamed text")
-            p.add_argument("prompt")
+def _generation_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return options(
+        common,
+        network,
+        click.option("--model", default="smollm2-135m", show_default=True, help="smollm2-135m (the only generation model)"),
+        click.option("--max-new-tokens", type=click.IntRange(1), default=64, show_default=True),
+        click.option("--temperature", type=click.FloatRange(0.0), default=0.0, help="0 = greedy (default)"),
+        click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True),
+        click.option("--top-k", type=click.IntRange(0), default=0, show_default=True),
+        click.option("--seed", type=int, default=0, help="sampling seed: the same seed gives the same tokens on any honest route"),
+        click.option("--unverified", is_flag=True, help="skip re-execution by other providers (the result says unverified)"),
+        click.option("--no-chat-template", is_flag=True, help="send the prompt as raw text"),
+        click.option("--timeout", type=click.FloatRange(0.0, min_open=True), default=30.0, show_default=True,
+                     help="seconds per request to a peer"),
+    )(fn)
+
+
+@cli.command("generate")
+@_generation_flags
+@click.option("--json", "json_out", is_flag=True, help="one JSON object on stdout instead of streamed text")
+@click.argument("prompt")
+def generate_command(**values: Any) -> int:
+    """Generate text with a language model through the network."""
+    values["json"] = values.pop("json_out")
+    return run("generate", cmd_generate, values)
+
+
+@cli.command("chat")
+@_generation_flags
+def chat_command(**values: Any) -> int:
+    """An interactive chat loop through the network."""
+    return run("chat", cmd_chat, values)
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -71,15 +88,16 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
 
     from .net.host import quiet_libp2p_logging
     from .node.client import Client
-    from .node.peer import bootstrap_addrs
+    from .cli.query import need_bootstrap
 
+    addrs = need_bootstrap(settings)
     quiet_libp2p_logging()
 
-    async def run() -> dict[str, Any]:
-        async with Client(bootstrap_addrs(settings), trial=False, request_timeout=args.timeout) as client:
+    async def generate() -> dict[str, Any]:
+        async with Client(addrs, trial=False, request_timeout=args.timeout) as client:
             return await _answer(client, args.prompt, options, stream=not args.json)
 
-    out = trio.run(run)
+    out = trio.run(generate)
     if args.json:
         print(json.dumps(out))
     return 0
@@ -92,12 +110,13 @@ def cmd_chat(args: argparse.Namespace, settings: Settings) -> int:
 
     from .net.host import quiet_libp2p_logging
     from .node.client import Client
-    from .node.peer import bootstrap_addrs
+    from .cli.query import need_bootstrap
 
+    addrs = need_bootstrap(settings)
     quiet_libp2p_logging()
 
-    async def run() -> None:
-        async with Client(bootstrap_addrs(settings), trial=False, request_timeout=args.timeout) as client:
+    async def chat() -> None:
+        async with Client(addrs, trial=False, request_timeout=args.timeout) as client:
             while True:
                 print("> ", end="", flush=True)
                 line = await trio.to_thread.run_sync(sys.stdin.readline)
@@ -106,8 +125,6 @@ def cmd_chat(args: argparse.Namespace, settings: Settings) -> int:
                 if line.strip():
                     await _answer(client, line.strip(), options, stream=True)
 
-    trio.run(run)
+    trio.run(chat)
     return 0
 
-
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat}

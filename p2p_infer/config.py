@@ -1,13 +1,19 @@
 """Peer and client settings from, in increasing priority: defaults, a TOML file,
-``P2P_INFER_*`` environment variables, and command-line flags."""
+``P2P_INFER_*`` environment variables, and command-line flags (stated here, in :func:`layered`).
+
+Each value is coerced to its field's type by pydantic (``"30"`` from the environment becomes
+30.0); an unknown key is named with the closest known one. ``p2p-infer config show`` prints
+the effective values and the layer each came from."""
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from .errors import ConfigError
 
@@ -96,6 +102,7 @@ class Settings:
     tee_max_age: float = 600.0  # seconds an attestation stays fresh
     api: str = ""  # HOST:PORT of the peer's control API (GET /status, /metrics); empty = off
     api_public: bool = False  # allow a non-loopback --api address (it has no authentication)
+    heartbeat_interval: float = 60.0  # seconds between a serving peer's heartbeat log lines; 0 = none
 
     def witness_path(self) -> Path:
         return self.witness_file or self.key.with_suffix(".witnesses")
@@ -114,41 +121,82 @@ class Settings:
         return Limits(**values)
 
 
-def _coerce(name: str, raw: Any) -> Any:
-    kind = {f.name: f for f in fields(Settings)}[name].type
-    if isinstance(raw, str):
-        if "bool" in str(kind):
-            if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                raise ConfigError(f"{name}: expected true or false, got {raw!r}")
-            return raw.lower() in ("1", "true", "yes", "on")
-        if "list" in str(kind):
-            return [v for v in raw.split(",") if v]
-        if "Path" in str(kind):
-            return Path(raw)
-        if "float" in str(kind):
-            return float(raw)
-        if "int" in str(kind):
-            return int(raw)
-        return raw
-    if "Path" in str(kind) and raw is not None:
-        return Path(raw)
-    return raw
+# The flags that set a setting of the same name (the CLI passes only those given).
+SETTING_FLAGS = ("key", "listen", "bootstrap", "bootstrap_file", "serve", "log_format", "log_level",
+                 "record_ttl", "max_concurrent", "torch_threads", "ready_file", "audit_log", "test_fault",
+                 "checkpoint_interval", "witness_file", "tee", "tee_quote", "threshold_member", "dkg_members",
+                 "dkg_threshold", "max_connections", "conn_idle_timeout", "heartbeat_interval", "api", "api_public")
+
+Source = str  # "default", "file PATH", "env P2P_INFER_X", "flag --x"
+
+
+@cache
+def _adapter(name: str) -> Any:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(get_type_hints(Settings)[name])
+
+
+def _coerce(name: str, raw: Any, source: Source) -> Any:
+    """One value as its field's type (pydantic's lax coercion); ConfigError names where it came from."""
+    from pydantic import ValidationError
+
+    if isinstance(raw, str) and source.startswith("env") and "list[" in str(get_type_hints(Settings)[name]):
+        raw = [v for v in raw.split(",") if v]  # lists in env vars are comma-separated
+    try:
+        return _adapter(name).validate_python(raw)
+    except ValidationError as exc:
+        reason = exc.errors()[0]["msg"].lower()
+        raise ConfigError(f"{source}: {name.replace('_', '-')} = {raw!r}: {reason}") from None
+
+
+def _check_names(table: dict[str, Any], where: str) -> dict[str, Any]:
+    names = [f.name for f in fields(Settings)]
+    out = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f"; did you mean {close[0].replace('_', '-')!r}?" if close else ""
+            raise ConfigError(f"{where}: unknown setting {key!r}{hint}")
+        out[name] = value
+    return out
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist (create one with: p2p-infer config init {path})") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return _check_names(table, f"config file {path}")
+
+
+def layered(config_file: Path | None, overrides: dict[str, Any]) -> dict[str, tuple[Any, Source]]:
+    """Every setting that is not its default, with the layer it came from: defaults < file < env < flags."""
+    layers: dict[str, tuple[Any, Source]] = {}
+    if config_file is not None:
+        layers.update({k: (v, f"file {config_file}") for k, v in read_config_file(config_file).items()})
+    for f in fields(Settings):
+        env = os.environ.get(ENV_PREFIX + f.name.upper())
+        if env is not None:
+            layers[f.name] = (env, f"env {ENV_PREFIX}{f.name.upper()}")
+    for name, value in _check_names(overrides, "flags").items():
+        if value is not None and value != []:
+            layers[name] = (value, f"flag --{name.replace('_', '-')}")
+    return {k: (_coerce(k, v, src), src) for k, (v, src) in layers.items()}
 
 
 def load_settings(config_file: Path | None, overrides: dict[str, Any]) -> Settings:
     """Merge the layers; ``overrides`` holds only the flags the user actually gave."""
-    names = {f.name for f in fields(Settings)}
-    merged: dict[str, Any] = {}
-    if config_file is not None:
-        with open(config_file, "rb") as f:
-            table = tomllib.load(f)
-        unknown = sorted(set(k.replace("-", "_") for k in table) - names)
-        if unknown:
-            raise ConfigError(f"{config_file}: unknown setting(s) {unknown}")
-        merged.update({k.replace("-", "_"): v for k, v in table.items()})
-    for name in names:
-        env = os.environ.get(ENV_PREFIX + name.upper())
-        if env is not None:
-            merged[name] = env
-    merged.update({k: v for k, v in overrides.items() if v is not None and v != []})
-    return Settings(**{k: _coerce(k, v) for k, v in merged.items()})
+    return Settings(**{k: v for k, (v, _) in layered(config_file, overrides).items()})
+
+
+def settings_sources(config_file: Path | None, overrides: dict[str, Any]) -> dict[str, Source]:
+    """Where each setting's effective value comes from (``p2p-infer config show``)."""
+    given = layered(config_file, overrides)
+    return {f.name: given[f.name][1] if f.name in given else "default" for f in fields(Settings)}

@@ -25,6 +25,7 @@ def test_unknown_setting_is_an_error(tmp_path):
 
 def test_cli_flags_reach_settings(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = build_parser().parse_args(["peer", "--serve", "digits-mlp:1-2", "--bootstrap", "/x", "--key", "k", "--record-ttl", "9"])
+    boot = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
+    args = build_parser().parse_args(["peer", "--serve", "digits-mlp:1-2", "--bootstrap", boot, "--key", "k", "--record-ttl", "9"])
     s = settings_from(args)
-    assert s.serve == ["digits-mlp:1-2"] and s.bootstrap == ["/x"] and s.key == Path("k") and s.record_ttl == 9.0
+    assert s.serve == ["digits-mlp:1-2"] and s.bootstrap == [boot] and s.key == Path("k") and s.record_ttl == 9.0

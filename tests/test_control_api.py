@@ -39,8 +39,9 @@ def test_api_address_must_be_loopback_unless_public():
 def test_peer_refuses_a_public_api_address_before_loading_anything(tmp_path):
     run = subprocess.run([sys.executable, "-m", "p2p_infer.cli", "peer", "--key", str(tmp_path / "k.key"), "--serve",
                           "minilm-l6:1-5", "--api", "0.0.0.0:8470"], capture_output=True, text=True, timeout=60)
-    assert run.returncode != 0
-    assert "error: --api '0.0.0.0:8470' is not a loopback address" in run.stderr and "Traceback" not in run.stderr
+    assert run.returncode == 2  # a usage error, refused before torch is imported
+    assert "'0.0.0.0:8470' is not a loopback address" in run.stderr and run.stderr.startswith("error: ")
+    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
     assert "peer ready" not in run.stderr + run.stdout
 
 

@@ -68,7 +68,7 @@ def test_unverified_must_be_asked_for_and_is_labelled(swarm):
     out = json.loads(swarm.cli("query", "--model", "minilm-l6", "--unverified", "--json", "hello there").stdout)
     assert out["verified"] is False and [s["check"] for s in out["verification"]] == ["none"]
     refused = swarm.cli("query", "--model", "minilm-l6", "--forwarding", "hello there", check=False)
-    assert refused.returncode == 1 and "--unverified" in refused.stderr  # forwarding alone is not verified
+    assert refused.returncode == 2 and "--unverified" in refused.stderr  # forwarding alone is not verified (a usage error)
 
 
 async def test_optimistic_mode_catches_the_liar_with_evidence(swarm):

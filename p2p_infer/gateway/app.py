@@ -66,73 +66,104 @@ async def _body(request: Any) -> Any:
         raise InvalidApiRequest("the request body is not valid JSON") from None
 
 
+def _gw(request: Any) -> Gateway:
+    return request.app.state.gateway  # type: ignore[no-any-return]
+
+
+async def embeddings(request: Any) -> Any:
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(await _gw(request).embeddings(schemas.parse_embeddings(await _body(request))))
+
+
+async def chat(request: Any) -> Any:
+    from starlette.responses import JSONResponse, StreamingResponse
+
+    gateway = _gw(request)
+    req = schemas.parse_chat(await _body(request))
+    if not req.stream:
+        return JSONResponse(await gateway.chat(req))
+    chunks = gateway.chat_stream(req)
+    primed = [await chunks.__anext__(), await chunks.__anext__()]  # errors before the first token get their HTTP status
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            for c in primed:
+                yield _sse(c)
+            async for c in chunks:
+                yield _sse(c)
+            yield _sse("[DONE]")
+        except P2PInferError as exc:  # too late for a status: OpenAI's in-stream error event
+            yield _sse(schemas.error_of(exc)[1])
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def models(request: Any) -> Any:
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(_gw(request).models())
+
+
+async def health(request: Any) -> Any:
+    from starlette.responses import JSONResponse
+
+    status, body = _gw(request).health()
+    return JSONResponse(body, status_code=status)
+
+
+async def metrics(request: Any) -> Any:
+    from starlette.responses import Response
+
+    return Response(_gw(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def network(request: Any) -> Any:
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(_gw(request).network())
+
+
+async def page(request: Any) -> Any:
+    from starlette.responses import HTMLResponse
+
+    return HTMLResponse(resources.files(__package__).joinpath("health.html").read_text())
+
+
+async def on_ours(request: Any, exc: Exception) -> Any:
+    from starlette.responses import JSONResponse
+
+    assert isinstance(exc, P2PInferError)
+    log.info("request failed", path=request.url.path, code=exc.code, reason=exc.message)
+    status, body = schemas.error_of(exc)
+    return JSONResponse(body, status_code=status)
+
+
+async def on_http(request: Any, exc: Exception) -> Any:
+    from starlette.responses import JSONResponse
+
+    status = getattr(exc, "status_code", 500)
+    kind = "not_found_error" if status == 404 else "invalid_request_error"
+    return JSONResponse(schemas.error_body(f"{request.method} {request.url.path}: {getattr(exc, 'detail', exc)}", kind, str(status)),
+                        status_code=status)
+
+
+async def on_bug(request: Any, exc: Exception) -> Any:
+    from starlette.responses import JSONResponse
+
+    log.exception("gateway handler failed", path=request.url.path)
+    return JSONResponse(schemas.error_body(f"internal error: {type(exc).__name__}", "server_error", "internal"), status_code=500)
+
+
 def build_app(gateway: Gateway) -> Any:
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.requests import Request
-    from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
-
-    def error_response(exc: P2PInferError) -> JSONResponse:
-        status, body = schemas.error_of(exc)
-        return JSONResponse(body, status_code=status)
-
-    async def embeddings(request: Request) -> Response:
-        return JSONResponse(await gateway.embeddings(schemas.parse_embeddings(await _body(request))))
-
-    async def chat(request: Request) -> Response:
-        req = schemas.parse_chat(await _body(request))
-        if not req.stream:
-            return JSONResponse(await gateway.chat(req))
-        chunks = gateway.chat_stream(req)
-        primed = [await chunks.__anext__(), await chunks.__anext__()]  # errors before the first token get their HTTP status
-
-        async def events() -> AsyncIterator[bytes]:
-            try:
-                for c in primed:
-                    yield _sse(c)
-                async for c in chunks:
-                    yield _sse(c)
-                yield _sse("[DONE]")
-            except P2PInferError as exc:  # too late for a status: OpenAI's in-stream error event
-                yield _sse(schemas.error_of(exc)[1])
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    async def models(request: Request) -> Response:
-        return JSONResponse(gateway.models())
-
-    async def health(request: Request) -> Response:
-        status, body = gateway.health()
-        return JSONResponse(body, status_code=status)
-
-    async def metrics(request: Request) -> Response:
-        return Response(gateway.metrics.render(), media_type=CONTENT_TYPE)
-
-    async def network(request: Request) -> Response:
-        return JSONResponse(gateway.network())
-
-    async def page(request: Request) -> Response:
-        return HTMLResponse(resources.files(__package__).joinpath("health.html").read_text())
-
-    async def on_ours(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, P2PInferError)
-        log.info("request failed", path=request.url.path, code=exc.code, reason=exc.message)
-        return error_response(exc)
-
-    async def on_http(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(schemas.error_body(f"{request.method} {request.url.path}: {exc.detail}", kind, str(exc.status_code)),
-                            status_code=exc.status_code)
-
-    async def on_bug(request: Request, exc: Exception) -> Response:
-        log.exception("gateway handler failed", path=request.url.path)
-        return JSONResponse(schemas.error_body(f"internal error: {type(exc).__name__}", "server_error", "internal"), status_code=500)
 
     app = Starlette(routes=[
         Route("/", page), Route("/health", health), Route("/metrics", metrics), Route("/api/network", network),
         Route("/v1/models", models), Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/v1/chat/completions", chat, methods=["POST"]),
     ], exception_handlers={P2PInferError: on_ours, HTTPException: on_http, Exception: on_bug})
+    app.state.gateway = gateway
     return CountRequests(app, gateway)

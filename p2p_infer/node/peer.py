@@ -56,6 +56,8 @@ log = structlog.get_logger("p2p_infer.peer")
 
 REPROVIDE_INTERVAL = 300.0
 MAX_PENDING_PROOFS = 64  # uncollected "proof follows" proofs kept per peer
+WITHDRAWN_TTL_MS = 2000  # the serving-nothing record put on shutdown lives this long
+WITHDRAW_TIMEOUT = 2.0  # seconds shutdown waits for the withdrawal to be stored
 
 
 def read_bootstrap_file(path: Path) -> list[str]:
@@ -104,6 +106,9 @@ class Peer:
         self.api = control_api.api_bind(settings)  # --api, refused here (before any load) if not loopback
         self.metrics = control_api.peer_metrics(self)
         self.api_url: str | None = None
+        self.on_phase: Callable[[str], None] = lambda _name: None  # start-up progress (the CLI shows it)
+        self.served = 0  # compute requests finished, and failed: the heartbeat's counters
+        self.failed = 0
 
     # ---- lifecycle ----
 
@@ -112,11 +117,14 @@ class Peer:
             import torch
 
             torch.set_num_threads(max(1, self.settings.torch_threads))
-            self.shards = await trio.to_thread.run_sync(ShardServer, self.specs, default_cache_dir())
+            self.on_phase("load and verify weights")  # threads abandoned on Ctrl-C: start-up stops at once
+            self.shards = await trio.to_thread.run_sync(ShardServer, self.specs, default_cache_dir(), abandon_on_cancel=True)
             self.member.shards = self.shards
-            self.throughput = await trio.to_thread.run_sync(self.shards.measure_throughput)
+            self.on_phase("throughput probe")
+            self.throughput = await trio.to_thread.run_sync(self.shards.measure_throughput, abandon_on_cancel=True)
             self.prover.start_builds()
         bootstrap = [parse_peer_addr(a) for a in bootstrap_addrs(self.settings)]
+        self.on_phase("join")
         async with running_host(self.identity, self.settings.listen, self.limits) as host:
             self.host = host
             discovery = Discovery(host, server=True, bootstrap=bootstrap)
@@ -135,7 +143,9 @@ class Peer:
                     self.log.warning("no bootstrap peer reachable; waiting for others to dial in")
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    self.on_phase("publish")
                     await nursery.start(self._publish_loop, discovery)
+                    nursery.start_soon(self._heartbeat)
                     nursery.start_soon(discovery.maintain, self.settings.refresh_interval)
                     nursery.start_soon(self.anchors.run)
                     nursery.start_soon(self.sessions.reap)
@@ -152,12 +162,15 @@ class Peer:
                         addrs=addrs,
                         serving=[str(s) for s in (self.shards.shards if self.shards else [])],
                         throughput=round(self.throughput, 1),
+                        alone=not bootstrap or not joined,  # no bootstrap peer: serves only who dials it
                     )
                     task_status.started(addrs)
                     try:
                         await trio.sleep_forever()
                     finally:
                         self.prover.close()
+                        with trio.CancelScope(shield=True), trio.move_on_after(WITHDRAW_TIMEOUT):
+                            await self._withdraw(discovery)
 
     def _write_ready_file(self, addrs: list[str]) -> None:
         path = self.settings.ready_file
@@ -194,21 +207,39 @@ class Peer:
                                                  fault=self.settings.test_fault)
         return {"tee": kind, "tee_attestation": attestation}
 
-    async def _publish_record(self, discovery: Discovery) -> None:
+    async def _heartbeat(self) -> None:
+        """One log line now and then, so a volunteer sees the peer is alive and used."""
+        interval = self.settings.heartbeat_interval
+        while interval > 0:
+            await trio.sleep(interval)
+            conns = self.host.get_network().connections if self.host is not None else {}
+            self.log.info("heartbeat", served=self.served, errors=self.failed, load=round(self.load(), 2),
+                          connections=len(conns))
+
+    async def _withdraw(self, discovery: Discovery) -> None:
+        """On shutdown: replace our record with one serving nothing that expires in seconds, so
+        clients stop routing to us now instead of at the old record's expiry."""
+        try:
+            await self._publish_record(discovery, withdrawn=True)
+            self.log.info("record withdrawn")
+        except Exception as exc:  # noqa: BLE001 - best effort while stopping; the old record still expires
+            self.log.warning("record withdrawal failed", reason=str(exc))
+
+    async def _publish_record(self, discovery: Discovery, withdrawn: bool = False) -> None:
         assert self.host is not None
         record = make_record(
             self.identity,
             addrs=full_addrs(self.host),
-            shards=self.shards.shards if self.shards else [],
+            shards=[] if withdrawn else self.shards.shards if self.shards else [],
             throughput=self.behaviour.advertise(self.throughput),  # the measured value unless a --test-fault lies
             load=self.load(),
             software=f"p2p-infer/{__version__}",
             protocols=SERVED_PROTOCOLS + ((DKG_PROTOCOL,) if self.dkg is not None else ()),
-            ttl_ms=int(self.settings.record_ttl * 1000),
+            ttl_ms=WITHDRAWN_TTL_MS if withdrawn else int(self.settings.record_ttl * 1000),
             issued_at_ms=now_ms(),
-            **self._tee_fields(),
+            **({} if withdrawn else self._tee_fields()),
         )
-        await discovery.put_record(self.identity.peer_id, sign_record(record, self.identity))
+        await discovery.put_record(self.identity.peer_id, sign_record(record, self.identity), thorough=not withdrawn)
         self.log.debug("record published", expires_in_s=self.settings.record_ttl)
 
     # ---- compute, shared by every protocol ----
@@ -223,7 +254,12 @@ class Peer:
         request's turn (``max_concurrent`` at once, remote peers served round-robin)."""
         async with self.scheduler.run(job or self.admit()) as queue_ms:
             assert self.shards is not None
-            hidden, compute_ms = await trio.to_thread.run_sync(partial(self.shards.compute, model, first, last, act))
+            try:
+                hidden, compute_ms = await trio.to_thread.run_sync(partial(self.shards.compute, model, first, last, act))
+            except Exception:
+                self.failed += 1
+                raise
+        self.served += 1
         return hidden, compute_ms, queue_ms
 
     async def _compute_layers(self, model: Any, first: int, last: int, act: Activation) -> Any:
@@ -257,14 +293,22 @@ class Peer:
             self._publish(evidence_message(evidence))
 
 
-async def run_peer_until_signalled(peer: Peer, on_ready: Callable[[list[str]], None] | None = None) -> None:
-    """Run until SIGINT or SIGTERM, then shut down cleanly (host closed, peers told)."""
+async def run_peer_until_signalled(peer: Peer, on_ready: Callable[[list[str]], None] | None = None) -> bool:
+    """Run until SIGINT or SIGTERM, then shut down cleanly (record withdrawn, host closed).
+    A signal during start-up cancels it at once; returns False then (True after serving)."""
+    ready = False
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                async for signum in signals:
+                    peer.log.info("shutting down" if ready else "start-up interrupted", signal=signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(watch)
             addrs = await nursery.start(peer.run)
+            ready = True
             if on_ready is not None:
                 on_ready(addrs)
-            async for signum in signals:
-                peer.log.info("shutting down", signal=signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
+    return ready

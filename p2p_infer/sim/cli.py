@@ -1,4 +1,4 @@
-"""``p2p-infer simulate SCENARIO.toml --out DIR`` (registered in ``p2p_infer/cli.py``)."""
+"""``p2p-infer simulate SCENARIO.toml --out DIR`` (listed in ``p2p_infer/cli/__init__.py``)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import click
 
-def add_parser(sub: Any) -> None:
-    p = sub.add_parser("simulate", help="run a network simulation scenario (simulations/*.toml) and write its report")
-    p.add_argument("scenario", type=Path, help="a scenario TOML file")
-    p.add_argument("--out", type=Path, required=True, help="directory for report.json, report.md and the PNG plots")
-    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument("--no-check", action="store_true", help="exit 0 even when an invariant is broken (the report still says so)")
-    p.add_argument("--quiet", action="store_true", help="no progress line")
+from ..cli.app import cli, make_args
+
+
+@cli.command("simulate")
+@click.argument("scenario", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="directory for report.json, report.md and the PNG plots")
+@click.option("--no-plots", is_flag=True, help="skip the PNG plots")
+@click.option("--no-check", is_flag=True, help="exit 0 even when an invariant is broken (the report still says so)")
+@click.option("--quiet", is_flag=True, help="no progress line")
+def simulate_command(**values: Any) -> int:
+    """Run a network simulation scenario (simulations/*.toml) and write its report."""
+    return cmd_simulate(make_args("simulate", values), None)
 
 
 def cmd_simulate(args: argparse.Namespace, _settings: Any) -> int:
