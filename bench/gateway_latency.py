@@ -8,7 +8,10 @@ Three peers each serve MiniLM layers 1-5 (so a committee of 3 can run); one gate
 timed by the caller's wall clock: the HTTP POST /v1/embeddings (as the openai client sends
 it: base64 floats) to its parsed JSON, and ``await client.run(...)`` to its result.
 ``overhead_ms`` is the gateway's wall time minus its own client's ``total_ms`` for that
-request (what the HTTP layer, JSON and the evidence add on top of the query itself).
+request (what the HTTP layer, JSON and the evidence add on top of the query itself), split
+into ``in_gateway_ms`` (the endpoint's own time, from its ``server-timing`` header, minus the
+query) and ``transport_ms`` (the rest: HTTP on loopback and waiting for the CPU between
+processes). ``http_floor`` times ``GET /health`` the same way, once per round.
 Target (issue 14): gateway median <= in-process median + 5 ms, printed as ``targets_met``.
 """
 
@@ -28,6 +31,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from p2p_infer.logs import configure_logging  # noqa: E402
 from p2p_infer.net.host import quiet_libp2p_logging  # noqa: E402
 from p2p_infer.node.client import Client  # noqa: E402
 from p2p_infer.testing.harness import Swarm  # noqa: E402
@@ -58,7 +62,8 @@ async def measure(bootstrap: str, url: str, mode: str, n: int) -> dict[str, list
 
     unverified = mode == "unverified"
     body = {"model": "minilm-l6", "input": TEXT, "encoding_format": "base64", **({"p2p_infer": {"unverified": True}} if unverified else {})}
-    out: dict[str, list[float]] = {"gateway": [], "in_process": [], "overhead": []}
+    out: dict[str, list[float]] = {"gateway": [], "in_process": [], "overhead": [], "in_gateway": [], "transport": [],
+                                   "http_floor": []}
     async with Client([bootstrap], unverified=unverified) as client, httpx.AsyncClient(timeout=120) as http:
         for i in range(WARM_UP + n):
             started = time.perf_counter()
@@ -70,10 +75,17 @@ async def measure(bootstrap: str, url: str, mode: str, n: int) -> dict[str, list
             result = await client.run("minilm-l6", TEXT)
             local_ms = (time.perf_counter() - started) * 1000
             assert result.verified is (not unverified)
+            started = time.perf_counter()
+            assert (await http.get(f"{url}/health")).status_code in (200, 503)
+            floor_ms = (time.perf_counter() - started) * 1000
             if i >= WARM_UP:
+                app_ms = float(reply.headers["server-timing"].split("dur=")[1])
                 out["gateway"].append(gateway_ms)
                 out["in_process"].append(local_ms)
                 out["overhead"].append(gateway_ms - data["p2p_infer"]["total_ms"])
+                out["in_gateway"].append(app_ms - data["p2p_infer"]["total_ms"])
+                out["transport"].append(gateway_ms - app_ms)
+                out["http_floor"].append(floor_ms)
     return out
 
 
@@ -83,6 +95,7 @@ def report(mode: str, n: int, runs: dict[str, list[float]]) -> dict:
     ratio = {k: round(table["gateway"][k] / table["in_process"][k], 3) for k in ("median", "mean", "p95")}
     return {"mode": mode, "requests": n, "ms": {"gateway": table["gateway"], "in_process": table["in_process"]},
             "gateway_minus_in_process_ms": diff, "ratio": ratio, "overhead_ms": table["overhead"],
+            "in_gateway_ms": table["in_gateway"], "transport_ms": table["transport"], "http_floor_ms": table["http_floor"],
             "targets_met": {"gateway_median_le_in_process_plus_5ms": diff["median"] <= 5.0}}
 
 
@@ -92,6 +105,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["unverified", "committee"], choices=["unverified", "committee"])
     args = parser.parse_args()
     quiet_libp2p_logging()
+    configure_logging("console", "warning")  # the in-process client's log lines go to stderr, not among the figures
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print(json.dumps({"uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}), file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp, Swarm(Path(tmp), record_ttl=300) as swarm:
