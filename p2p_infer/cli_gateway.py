@@ -88,19 +88,25 @@ def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
     quiet_libp2p_logging()
     client_options = {"listen": args.p2p_listen, "request_timeout": args.request_timeout}
 
-    async def main() -> None:
+    async def main() -> bool:
+        """Serve until SIGINT or SIGTERM; a signal during start-up aborts it at once (False)."""
+        ready = False
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
+                async def stop_on_signal() -> None:
+                    async for _ in signals:
+                        nursery.cancel_scope.cancel()
+                        return
+
+                nursery.start_soon(stop_on_signal)
                 url = await nursery.start(lambda task_status: run_gateway(
                     bootstrap, bind, unverified=args.unverified, ready_file=args.ready_file, client_options=client_options,
                     task_status=task_status))
+                ready = True
                 print(url, flush=True)
-                async for _ in signals:
-                    nursery.cancel_scope.cancel()
-                    break
+        return ready
 
-    trio.run(main)
-    return 0
+    return 0 if trio.run(main) else 130
 
 
 def fetch_status(api: str, timeout: float) -> dict[str, Any]:

@@ -93,6 +93,25 @@ def test_requests_are_parsed_or_refused_by_name():
         assert caught.value.param == param
 
 
+@pytest.mark.slow
+def test_gateway_refuses_its_mistakes_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from p2p_infer.identity import Identity
+
+    nobody = f"/ip4/127.0.0.1/tcp/9/p2p/{Identity.generate().peer_id}"
+    cases = [(["--listen", "0.0.0.0:8000", "--bootstrap", nobody], 2, "is not a loopback address"),
+             (["--listen", "127.0.0.1:http", "--bootstrap", nobody], 2, "expected HOST:PORT"),
+             (["--listen", "127.0.0.1:0", "--bootstrap", nobody], 1, "no bootstrap peer reachable")]
+    for argv, code, words in cases:
+        run = subprocess.run([sys.executable, "-m", "p2p_infer.cli", "gateway", *argv], capture_output=True, text=True,
+                             timeout=120, cwd=tmp_path)
+        last = run.stderr.strip().splitlines()[-1]  # after any log line of the client's join
+        assert run.returncode == code and last.startswith("error: ") and words in last, run.stderr
+        assert "Traceback" not in run.stderr
+
+
 # ---- embeddings ----
 
 
