@@ -64,6 +64,7 @@ async def test_wrong_output_missing_reveal_and_late_commit_are_outvoted(faults1,
     async with Client([swarm.bootstrap.addr], committee=3, commit_timeout=2.0) as c:
         result = await c.classify(sample(7))
         assert result.output["probabilities"] == pytest.approx(model.run_local(sample(7))["probabilities"], abs=1e-6)
+        await result.judged  # a faulty member answering after its stage's quorum is judged after the answer
         verdicts = [s["verdicts"] for s in result.stages]
         assert [(s["first"], s["last"]) for s in result.stages] == [(1, 1), (2, 2), (3, 3)]
         assert verdicts[0][ids["wrong"]] == "wrong-output"
@@ -161,6 +162,7 @@ async def test_copier_and_equivocator_are_caught(faults2, tmp_path):
     async with Client([swarm.bootstrap.addr], committee=3, commit_timeout=2.0) as c:
         result = await c.classify(sample(11))
         assert result.output["class"] == model.run_local(sample(11))["class"]
+        await result.judged
         # members gossip a round only after the commit deadline: the copier finds nothing to
         # copy in time, commits to its zeros and is outvoted
         assert result.stages[0]["verdicts"][copier] == "wrong-output"
@@ -213,6 +215,7 @@ async def test_an_outsider_cannot_frame_an_honest_member(tmp_path):
             assert "below the minimum of 3" in refusals[0] and "does not solve the puzzle" in refusals[1], refusals
             async with Client([swarm.bootstrap.addr], committee=3, commit_timeout=2.0) as c:
                 result = await c.classify(sample(5))
+                await result.judged
                 assert set(result.stages[0]["verdicts"].values()) == {"agree"}
                 before = c.reputation.of(victim)
                 control = wait_file(report, proc, 90)["control"]

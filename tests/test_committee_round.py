@@ -19,6 +19,7 @@ from p2p_infer.proto.committee_round import (
     AskTickets,
     CommitteeRound,
     Decided,
+    Judged,
     Failed,
     ObserveCommit,
     Rerun,
@@ -76,6 +77,7 @@ class Sim:
     members: dict[str, SimMember]
     now: int = NOW
     observed: list = field(default_factory=list)
+    rest: list = field(default_factory=list)  # what came with the outcome (a Judged, when all answered at once)
 
     def step(self, actions: list) -> list:
         out: list = []
@@ -125,7 +127,21 @@ class Sim:
     def until_outcome(self, actions: list):
         while not any(isinstance(a, (Decided, Rerun, Failed)) for a in actions):
             actions = self.step(actions)
+        self.rest = [a for a in actions if isinstance(a, Judged)]
         return next(a for a in actions if isinstance(a, (Decided, Rerun, Failed)))
+
+    def judgement(self, outcome):
+        """The outcome's judgement: at once, or (decided at the first quorum of agreeing
+        answers) once the other members have answered or the deadline has passed."""
+        if outcome.judgement is not None:
+            return outcome.judgement
+        actions = self.rest
+        while not any(isinstance(a, Judged) for a in actions):
+            assert self.machine.next_deadline_ms() is not None, "decided early, but nothing left to judge the rest"
+            actions = self.step(actions)
+        judged = next(a for a in actions if isinstance(a, Judged))
+        assert judged.decision is outcome.decision
+        return judged.judgement
 
 
 def swarm(n: int, **spec_changes) -> Sim:
@@ -153,12 +169,13 @@ def test_one_faulty_member_of_three_is_outvoted_judged_and_scored(fault, verdict
     assert isinstance(outcome, Decided) and outcome.attempts == 1
     assert outcome.decision.output == HONEST
     outcome.decision.certificate.verify()
+    judgement = sim.judgement(outcome)  # the faulty member answers last (or not at all): judged after the decision
     assert outcome.decision.verdicts == {m: (verdict if m == bad else "agree") for m in sim.members}
-    assert {u.member: u.fault for u in outcome.judgement.updates} == {m: m == bad for m in sim.members}
+    assert {u.member: u.fault for u in judgement.updates} == {m: m == bad for m in sim.members}
     assert {c.member for c in sim.observed} == set(sim.members)  # every direct commit goes to the auditor
     reputation = Reputation()
     auditor = Auditor(Reputation())
-    published = apply_judgement(outcome.judgement, reputation, auditor, reporter="client")
+    published = apply_judgement(judgement, reputation, auditor, reporter="client")
     assert reputation.of(bad) == pytest.approx(updated(1.0, True))
     if fault == "wrong":  # provable: signed evidence any peer can check
         assert [(e.kind, e.member) for e in published] == [("wrong-output", bad)]
@@ -182,7 +199,7 @@ def test_a_rerun_after_no_quorum_excludes_the_faulty_and_draws_a_fresh_committee
     assert {rerun.judgement.verdicts[p] for p in silent} == {"missing-reveal"}
     again = start(sim)
     assert isinstance(again[0], AskTickets) and set(again[0].peers) == set(sim.members) - set(silent)
-    # committee/4.0.0: the query's one ticket seed; attempt 1 ranks the same tickets by a fresh draw
+    # committee/5.0.0: the session's one ticket seed; attempt 1 ranks the same tickets by a fresh draw
     assert again[0].request.seed == sim.machine.spec.task(0, NOW).seed == sim.machine.spec.task(1, NOW).seed
     outcome = sim.until_outcome(again)
     assert isinstance(outcome, Decided) and outcome.attempts == 2
@@ -372,3 +389,33 @@ def test_pending_outputs_expire_on_the_passed_in_clock():
 def test_a_committee_below_the_minimum_is_refused_before_anything_is_sent():
     with pytest.raises(UsageError, match="k >= 3"):
         make_spec(k=1)
+
+
+@pytest.mark.parametrize("last", ["wrong", "honest", "silent"])
+def test_a_stage_is_decided_at_its_first_quorum_and_the_last_member_judged_after(last):
+    sim = swarm(3, max_reruns=0)
+    send = sim.step(start(sim))[0]
+    assert isinstance(send, SendExecute)
+    first, second, third = send.members
+    answers = {p: sim.members[p].core.answer(send.candidates, wrong() if (p == third and last == "wrong") else HONEST,
+                                             os.urandom(32), NOW + 10) for p in send.members}
+    assert [a for a in sim.machine.on_answer(first, answers[first], NOW + 10) if not isinstance(a, ObserveCommit)] == []
+    decided = [a for a in sim.machine.on_answer(second, answers[second], NOW + 20) if not isinstance(a, ObserveCommit)]
+    assert len(decided) == 1 and isinstance(decided[0], Decided) and decided[0].judgement is None  # not waiting for the third
+    decision = decided[0].decision
+    decision.certificate.verify()
+    assert decision.output == HONEST and decision.verdicts == {first: "agree", second: "agree", third: "pending"}
+    if last == "silent":
+        assert sim.machine.poll(send.deadline_ms - 1) == []
+        out = sim.machine.poll(send.deadline_ms)
+    else:
+        out = [a for a in sim.machine.on_answer(third, answers[third], NOW + 30) if not isinstance(a, ObserveCommit)]
+    assert len(out) == 1 and isinstance(out[0], Judged) and out[0].decision is decision
+    expected = {"wrong": "wrong-output", "honest": "agree", "silent": "missing-commit"}[last]
+    assert decision.verdicts == {first: "agree", second: "agree", third: expected}  # the report's dict, filled in place
+    assert {u.member: u.fault for u in out[0].judgement.updates} == {first: False, second: False, third: last != "honest"}
+    evidence = out[0].judgement.evidence
+    assert [(e.kind, e.member) for e in evidence] == ([("wrong-output", third)] if last == "wrong" else [])
+    for e in evidence:  # against the certificate of the early decision, checkable by anyone
+        e.verify()
+    assert sim.machine.phase.value == "done" and sim.machine.next_deadline_ms() is None

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+from dataclasses import replace
 
 from p2p_infer.clock import now_ms
 from p2p_infer.proto.audit import AuditError, AuditLog, verify_log
@@ -96,13 +97,13 @@ def test_sortition_is_deterministic_verifiable_and_rejects_forgeries(setup):
     task, members = setup
     _, signed, tickets = committee_for_cache[task]
     chosen = signed.committee()
-    assert [t.peer_id for t in select_committee(list(reversed(tickets)), task.seed, 3)] == [t.peer_id for t in chosen]
+    assert [t.peer_id for t in select_committee(list(reversed(tickets)), task.seed, task.request_hash, 3)] == [t.peer_id for t in chosen]
     forged = Ticket(tickets[0].peer_id, tickets[0].public_key, tickets[1].proof)
     with pytest.raises(ConsensusError, match="bad VRF proof"):
         forged.beta(task.seed)
-    other_seed = make_task(nonce=b"m" * 32).seed
-    assert select_committee(tickets, other_seed, 5) == []  # tickets are only valid for their seed
-    assert {t.peer_id for t in select_committee([forged] + tickets, task.seed, 9)} == {t.peer_id for t in tickets}
+    other_seed = replace(make_task(), session=b"m" * 32).seed  # another session of the client
+    assert select_committee(tickets, other_seed, task.request_hash, 5) == []  # tickets are only valid for their seed
+    assert {t.peer_id for t in select_committee([forged] + tickets, task.seed, task.request_hash, 9)} == {t.peer_id for t in tickets}
 
 
 def test_honest_round_is_accepted_with_a_verifiable_certificate(setup):

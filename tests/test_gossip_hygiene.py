@@ -4,6 +4,7 @@ verified signer as reporter; oversized messages are refused before they are hand
 from types import SimpleNamespace
 
 import msgpack
+import pytest
 import numpy as np
 
 from p2p_infer.clock import now_ms
@@ -107,3 +108,59 @@ def test_a_members_reveal_that_does_not_open_its_commit_is_evidence_not_noise(tm
     evidence = a.observe(MEMBER.peer_id, {**good, "reveal": other["reveal"], "output": other["output"]})
     assert [e.kind for e in evidence] == ["bad-reveal"]
     assert "evidence" in [e["kind"] for e in logged(a)]
+
+
+def test_a_client_audits_only_the_rounds_of_its_own_tasks():
+    """Clients leave other clients' rounds to the peers (CPU per query); their own are still
+    audited, so a member that gossips another commitment than it sent is caught."""
+    other_stage = StageTask(request_hash(MODEL, output_hash(HIDDEN), b"", b"o" * 32, CLIENT.public_key), 0, 0, MODEL, 1, 3,
+                            activation_digest(output_hash(HIDDEN), b""), 3, NOW, NOW + 60_000, CLIENT.public_key)
+    others = draw(CLIENT, other_stage, POOL)
+    output = array_to_wire(np.full((1, 4), 1.0, dtype=np.float32))
+    commit = sign_commit(MEMBER, other_stage.task_id, others.id, commitment(other_stage.task_id, output_hash(output), b"n" * 32), NOW)
+    foreign = round_message(others, commit, sign_reveal(MEMBER, other_stage.task_id, output_hash(output), b"n" * 32), output)
+    client = Auditor(Reputation(), own_rounds_only=True)
+    client.remember_committee(CANDIDATES, tuple(CANDIDATES.members))
+    assert client.observe(MEMBER.peer_id, foreign) == [] and not client.commits  # another task: left to the peers
+    client.observe(MEMBER.peer_id, member_round(MEMBER))
+    assert set(client.commits) == {(STAGE.task_id, MEMBER.peer_id)}  # its own: audited
+    peer = Auditor(Reputation())
+    peer.observe(MEMBER.peer_id, foreign)
+    assert set(peer.commits) == {(other_stage.task_id, MEMBER.peer_id)}  # a peer audits every round
+
+
+def test_a_members_rounds_go_out_in_one_message_and_are_audited_one_by_one(tmp_path):
+    """Gossip v5: rounds released within one gossip delay (a query's stages) travel as one
+    ``rounds`` message; the receiver handles each entry as a ``round`` from the same signer."""
+    from p2p_infer.errors import ProtocolViolation
+    from p2p_infer.proto.committee_codec import MAX_BATCH_ROUNDS, batches, unbatch
+
+    one, two = member_round(MEMBER), member_round(OUTSIDER, value=2.0)
+    assert batches([one]) == [one] and unbatch(one) == [one]  # alone: a plain round, as before
+    [batch] = batches([one, two])
+    assert batch["type"] == "rounds" and unbatch(batch) == [one, two]
+    assert acceptable_size(None, SimpleNamespace(data=msgpack.packb(batch, use_bin_type=True)))
+    assert [len(unbatch(b)) for b in batches([one] * (MAX_BATCH_ROUNDS + 1))] == [MAX_BATCH_ROUNDS, 1]
+    for bad in ({"type": "rounds", "rounds": []}, {"type": "rounds", "rounds": [{"type": "verdicts"}]},
+                {"type": "rounds", "rounds": [one] * (MAX_BATCH_ROUNDS + 1)}):
+        with pytest.raises(ProtocolViolation):
+            unbatch(bad)
+    a = auditor(tmp_path)
+    for item in unbatch(batch):  # what the gossip drain does, signed by MEMBER: only MEMBER's own round counts
+        a.observe(MEMBER.peer_id, item)
+    assert [(e["kind"], e["data"]["member"]) for e in logged(a)] == [("commit", MEMBER.peer_id), ("reveal", MEMBER.peer_id)]
+
+
+def test_signature_checks_are_remembered_and_never_admit_a_changed_byte():
+    from dataclasses import replace
+
+    from p2p_infer.proto import consensus
+    from p2p_infer.proto.consensus import Commit
+
+    commit = Commit.from_wire(member_round(MEMBER, value=3.0)["commit"])
+    assert commit.valid_signature() and commit.valid_signature()
+    assert ("valid" in {consensus.SIGNATURES.get((commit.member, commit.public_key, consensus.COMMIT_DOMAIN + commit.body(),
+                                                  commit.signature))})
+    for changed in (replace(commit, committed_at_ms=commit.committed_at_ms + 1), replace(commit, signature=bytes(64)),
+                    replace(commit, member=OUTSIDER.peer_id)):
+        assert not changed.valid_signature() and not changed.valid_signature()

@@ -1,4 +1,4 @@
-"""committee/4.0.0 sortition: one VRF ticket per candidate and query serves every stage and
+"""committee/5.0.0 sortition: one VRF ticket per candidate and client session serves every query, stage and
 attempt (each ranks by its own draw), and the per-process memos of verified tickets,
 records and candidate sets never admit what a fresh check refuses (issue 9, cheap2)."""
 
@@ -35,10 +35,11 @@ def client() -> Identity:
     return identities(1, offset=0)[0]
 
 
-def task(stage: int = 0, attempt: int = 0, nonce: bytes = b"q" * 32, at: int = NOW) -> StageTask:
+def task(stage: int = 0, attempt: int = 0, nonce: bytes = b"q" * 32, at: int = NOW, session: bytes = b"s" * 32) -> StageTask:
     c = client()
     req = request_hash(MODEL, output_hash(HIDDEN), b"", nonce, c.public_key)
-    return StageTask(req, stage, attempt, MODEL, 1, 3, activation_digest(output_hash(HIDDEN), b""), 3, at, at + 5_000, c.public_key)
+    return StageTask(req, stage, attempt, MODEL, 1, 3, activation_digest(output_hash(HIDDEN), b""), 3, at, at + 5_000, c.public_key,
+                     session)
 
 
 def signed(t: StageTask, pool, tickets: dict[str, Ticket] | None = None) -> CandidateSet:
@@ -46,26 +47,26 @@ def signed(t: StageTask, pool, tickets: dict[str, Ticket] | None = None) -> Cand
     return sign_candidates(client(), t, [Candidate(tickets[p.peer_id], p.record) for p in pool])
 
 
-def test_one_ticket_per_query_serves_every_stage_and_attempt_with_its_own_draw():
+def test_one_ticket_per_session_serves_every_query_stage_and_attempt_with_its_own_draw():
     pool = providers(8, MODEL, 1, 3, NOW - 60_000, offset=1)
     t0 = task()
-    assert all(task(s, a).seed == t0.seed for s in range(3) for a in range(3))  # one seed per query
-    assert task(nonce=b"r" * 32).seed != t0.seed  # and a fresh one per request
+    assert all(task(s, a, nonce=n).seed == t0.seed for s in range(3) for a in range(3) for n in (b"q" * 32, b"r" * 32))  # one per session
+    assert task(session=b"t" * 32).seed != t0.seed  # and a fresh one per session
     tickets = {p.peer_id: make_ticket(p.identity, t0.seed) for p in pool}
     committees = []
-    for stage, attempt in [(0, 0), (1, 0), (2, 0), (0, 1), (0, 2)]:
-        t = task(stage, attempt)
+    for stage, attempt, nonce in [(0, 0, b"q"), (1, 0, b"q"), (2, 0, b"q"), (0, 1, b"q"), (0, 2, b"q"), (0, 0, b"r"), (0, 0, b"u")]:
+        t = task(stage, attempt, nonce=nonce * 32)
         cs = signed(t, pool, tickets)  # the same tickets, signed into each stage's candidate set
-        expected = sorted(pool, key=lambda p: draw_key(tickets[p.peer_id].beta(t.seed), stage, attempt))[:3]
+        expected = sorted(pool, key=lambda p: draw_key(tickets[p.peer_id].beta(t.seed), t.request_hash, stage, attempt))[:3]
         assert cs.members == [p.peer_id for p in expected]
-        assert [x.peer_id for x in select_committee(list(tickets.values()), t.seed, 3, stage, attempt)] == cs.members
+        assert [x.peer_id for x in select_committee(list(tickets.values()), t.seed, t.request_hash, 3, stage, attempt)] == cs.members
         committees.append(tuple(cs.members))
-    assert len(set(committees)) > 1  # the draw depends on stage and attempt, not only on the ticket
+    assert len(set(committees)) > 1  # the draw depends on request, stage and attempt, not only on the ticket
 
 
-def test_a_ticket_for_another_query_is_refused_in_every_stage():
+def test_a_ticket_for_another_session_is_refused_in_every_stage():
     pool = providers(3, MODEL, 1, 3, NOW - 60_000, offset=1)
-    other = task(nonce=b"o" * 32)
+    other = task(session=b"o" * 32)
     stale = {p.peer_id: make_ticket(p.identity, other.seed) for p in pool}
     for stage in range(3):
         with pytest.raises(ConsensusError, match="bad VRF proof"):
@@ -111,13 +112,14 @@ def test_each_ticket_is_verified_once_per_process_across_stages_and_members(monk
 
     monkeypatch.setattr(vrf, "verify", counted)
     pool = providers(4, MODEL, 1, 3, NOW - 60_000, offset=1)
-    t0 = task(nonce=b"v" * 32)
+    t0 = task(session=b"v" * 32)
     tickets = {p.peer_id: make_ticket(p.identity, t0.seed) for p in pool}
-    for stage in range(3):
-        cs = signed(task(stage, nonce=b"v" * 32), pool, tickets)
-        assert len(cs.members) == 3
-        assert len(CandidateSet.from_wire(cs.to_wire()).members) == 3  # as a member, then an auditor, decodes it
-    assert sorted(calls) == sorted(p.identity.public_key for p in pool)  # one check per candidate for the whole query
+    for nonce in (b"v", b"w", b"x"):  # three queries of one session
+        for stage in range(3):
+            cs = signed(task(stage, nonce=nonce * 32, session=b"v" * 32), pool, tickets)
+            assert len(cs.members) == 3
+            assert len(CandidateSet.from_wire(cs.to_wire()).members) == 3  # as a member, then an auditor, decodes it
+    assert sorted(calls) == sorted(p.identity.public_key for p in pool)  # one check per candidate for the whole session
 
 
 def test_memos_are_bounded():

@@ -143,7 +143,7 @@ def ground_keys(task: StageTask, beat: list[bytes], n: int) -> list[Provider]:
     found: list[Provider] = []
     while len(found) < n:
         candidate = aged_sybil(offset=-1)
-        if draw_key(make_ticket(candidate.identity, task.seed).beta(task.seed), task.stage, task.attempt) < min(beat):
+        if draw_key(make_ticket(candidate.identity, task.seed).beta(task.seed), task.request_hash, task.stage, task.attempt) < min(beat):
             found.append(candidate)
     return found
 
@@ -152,10 +152,10 @@ def test_two_ground_sybil_keys_cannot_take_over_an_honest_certificate(honest):
     """Issue 9: two fresh keys ground to rank first and second, signing another output."""
     pool, signed, _, cert = honest
     task = signed.task
-    sybils = ground_keys(task, [draw_key(c.ticket.beta(task.seed), task.stage, task.attempt) for c in signed.candidates], 2)
+    sybils = ground_keys(task, [draw_key(c.ticket.beta(task.seed), task.request_hash, task.stage, task.attempt) for c in signed.candidates], 2)
     listed = [Candidate(make_ticket(s.identity, task.seed), s.record) for s in sybils] + list(signed.candidates)
     stolen = CandidateSet(task, tuple(listed), signed.signature)  # the client's signature kept
-    assert rank_tickets([c.ticket for c in listed], task.seed, task.stage, task.attempt)[0].peer_id in {s.peer_id for s in sybils}
+    assert rank_tickets([c.ticket for c in listed], task.seed, task.request_hash, task.stage, task.attempt)[0].peer_id in {s.peer_id for s in sybils}
     refused(certificate(CLIENT, sybil_stage(stolen, sybils)), "not signed by the task's client")
     # re-signed by the attacker as client: the task now names another client, so it is another request
     mallory = identities(1, offset=12)[0]
@@ -363,7 +363,7 @@ def test_identities_solve_the_puzzle_and_those_that_do_not_are_refused(tmp_path)
     task = task_for(CLIENT, nonce=b"z" * 32)
     with pytest.raises(ConsensusError, match="puzzle"):
         make_ticket(lazy, task.seed).beta(task.seed)
-    assert rank_tickets([make_ticket(lazy, task.seed)], task.seed) == []
+    assert rank_tickets([make_ticket(lazy, task.seed)], task.seed, task.request_hash) == []
     lazy_client_task = task_for(lazy, nonce=b"z" * 32)
     pool = providers(3, MODEL, 1, LAST, NOW - 10_000, offset=1)
     with pytest.raises(ConsensusError, match="client .* does not solve the identity puzzle"):

@@ -9,6 +9,7 @@ exits 0 with a wrong answer; too few providers -> exit 1 naming the stage; ``--u
 import functools
 import json
 import random
+import time
 
 import numpy as np
 import pytest
@@ -96,6 +97,19 @@ async def test_optimistic_mode_catches_the_liar_with_evidence(swarm):
         evidence.verify()
         assert evidence.member == liar and len(evidence.witnesses) == 2 and liar not in [w.executor for w, _ in evidence.witnesses]
         assert c.reputation.outcomes[(liar, evidence.accused.task_id)] is True  # the client's table acted on it
+    # gossiped: an honest peer's auditor checked it and logged it, with its own reputation change
+    task = evidence.accused.task_id.hex()
+    deadline = time.monotonic() + 40
+    while True:
+        entries = json.loads(swarm.cli("audit", "--log", str(swarm.workdir / "h1.audit.log"), "--json").stdout)["entries"]
+        found = [e for e in entries if e["kind"] == "evidence" and e["data"]["task"] == task]
+        if found:
+            break
+        assert time.monotonic() < deadline, "optimistic evidence did not reach h1's audit log"
+        time.sleep(0.5)
+    assert found[0]["data"]["kind"] == "optimistic-wrong-output" and found[0]["data"]["member"] == liar
+    assert any(e["kind"] == "reputation" and e["data"]["peer"] == liar and e["data"]["reason"] == "optimistic-wrong-output"
+               for e in entries)
 
 
 async def test_an_optimistic_check_of_a_sequence_model_agrees(swarm):

@@ -1,4 +1,4 @@
-"""protocols/test-vectors/committee-v2.json rebuilt byte for byte from its fields: puzzle
+"""protocols/test-vectors/committee-v3.json rebuilt byte for byte from its fields: puzzle
 hashes, request hash, task, tickets, the signed candidate set, commits, reveals and the
 certificate (protocols/committee.md)."""
 
@@ -25,7 +25,7 @@ from p2p_infer.proto.consensus import (
     sign_reveal,
 )
 
-V = json.loads((Path(__file__).parent.parent / "protocols" / "test-vectors" / "committee-v2.json").read_text())
+V = json.loads((Path(__file__).parent.parent / "protocols" / "test-vectors" / "committee-v3.json").read_text())
 
 
 def ident(entry: dict) -> Identity:
@@ -47,17 +47,17 @@ def test_committee_vector_byte_for_byte():
     nonce = bytes.fromhex(V["client_nonce_hex"])
     req = request_hash(V["model_id"], output_hash(hidden), b"", nonce, client.public_key)
     assert req.hex() == V["request_hash_hex"]
-    fields = [bytes.fromhex(f) if isinstance(f, str) and i in (0, 6, 10) else f for i, f in enumerate(V["task"]["fields"])]
+    fields = [bytes.fromhex(f) if isinstance(f, str) and i in (0, 6, 10, 11) else f for i, f in enumerate(V["task"]["fields"])]
     task = StageTask(*fields)
     assert task == StageTask(req, 0, 0, V["model_id"], 1, 2, activation_digest(output_hash(hidden), b""), 3,
-                             task.requested_at_ms, task.commit_deadline_ms, client.public_key)
+                             task.requested_at_ms, task.commit_deadline_ms, client.public_key, bytes.fromhex(V["session_hex"]))
     assert msgpack.packb(task.to_wire(), use_bin_type=True).hex() == V["task"]["msgpack_hex"]
     assert (task.task_id.hex(), task.seed.hex()) == (V["task"]["task_id_hex"], V["task"]["seed_hex"])
     candidates = []
     for c in V["candidates"]:
         ticket = make_ticket(members[c["peer_id"]], task.seed)
         assert ticket.proof.hex() == c["vrf_proof_hex"] and vrf.proof_to_hash(ticket.proof).hex() == c["beta_hex"]
-        assert draw_key(ticket.beta(task.seed), task.stage, task.attempt).hex() == c["draw_hex"]
+        assert draw_key(ticket.beta(task.seed), task.request_hash, task.stage, task.attempt).hex() == c["draw_hex"]
         candidates.append(Candidate(ticket, bytes.fromhex(c["record_hex"])))
     signed = sign_candidates(client, task, candidates)
     cs = V["candidate_set"]

@@ -130,6 +130,9 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
                     print_result(result.to_json())
                     print("optimistic check: running after the answer...", flush=True)
                 await result.check
+            if result.judged is not None:  # committee: the members answering after a stage's quorum, judged (bounded)
+                with trio.move_on_after(2 * args.commit_timeout + 5):
+                    await result.judged
             out = result.to_json()
             out["tee"] = tee_report(client, out, plan.require_tee)
             if args.save_proofs is not None and result.proofs is not None:

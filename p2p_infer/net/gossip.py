@@ -31,7 +31,8 @@ from libp2p.pubsub.pubsub import ContentAddressedMessageIDGenerator, Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
 from ..errors import ProtocolViolation
-from ..proto.wire import CONSENSUS_TOPIC, MAX_GOSSIP_BYTES, REQUESTS, VERDICTS, message_type
+from ..proto.committee_codec import batches, unbatch
+from ..proto.wire import CONSENSUS_TOPIC, MAX_GOSSIP_BYTES, REQUESTS, ROUND, VERDICTS, message_type
 
 GOSSIP_DELAY = 0.5  # seconds: audit traffic waits until the query has moved on
 MAX_VERDICTS_BYTES = 64 * 1024  # 64 stages of 64 members' verdicts fit several times over
@@ -45,6 +46,7 @@ class Gossip:
     def __init__(self, pubsub: Pubsub) -> None:
         self.pubsub = pubsub
         self.pending = 0
+        self.rounds: list[dict[str, Any]] = []  # this node's rounds waiting for the next batch
 
     async def flush(self, timeout: float = 2.0) -> None:
         """Wait for scheduled publishes to go out (a client about to leave calls this)."""
@@ -70,9 +72,26 @@ class Gossip:
         finally:
             self.pending -= 1
 
-    def publish_soon(self, nursery: trio.Nursery, message: dict[str, Any]) -> None:
+    async def _publish_rounds_later(self) -> None:
         try:
-            nursery.start_soon(self._publish_later, message)
+            await trio.sleep(GOSSIP_DELAY)  # a query's other stages' rounds join the batch meanwhile
+            batch, self.rounds = self.rounds, []
+            for message in batches(batch):
+                await self.publish(message)
+        finally:
+            self.pending -= 1
+
+    def publish_soon(self, nursery: trio.Nursery, message: dict[str, Any]) -> None:
+        """Publish after GOSSIP_DELAY. Rounds are batched: every round handed in within one
+        delay goes out as one ``rounds`` message (one signature and one trip through the
+        mesh for a query's stages instead of one each), within the size limits."""
+        batched = message_type(message) == ROUND
+        if batched:
+            self.rounds.append(message)
+            if len(self.rounds) > 1:
+                return  # a flush is already scheduled
+        try:
+            nursery.start_soon(self._publish_rounds_later if batched else self._publish_later, *(() if batched else (message,)))
             self.pending += 1
         except RuntimeError:  # shutting down: the nursery takes no more work, and gossip is best effort
             log.debug("gossip dropped at shutdown", type=message.get("type"))
@@ -144,7 +163,9 @@ async def _drain(subscription: Any, own_id: bytes, handle: GossipHandler) -> Non
             message = msgpack.unpackb(msg.data, raw=False)
             if not isinstance(message, dict):
                 raise ProtocolViolation("gossip message is not a map")
-            await handle(_sender(msg.from_id), message)
+            sender = _sender(msg.from_id)
+            for item in unbatch(message):  # a batch's rounds are each handled as if sent alone
+                await handle(sender, item)
         except Exception as exc:  # one bad message must not stop auditing
             log.info("gossip message dropped", error=f"{type(exc).__name__}: {exc}")
 

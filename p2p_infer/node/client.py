@@ -101,17 +101,18 @@ class Client:
         self.request_timeout = request_timeout
         self.refresh_interval = refresh_interval
         self.reputation = Reputation()
-        self.auditor = Auditor(self.reputation, AuditLog(audit_log, self.identity, now_ms) if audit_log else None)
+        self.auditor = Auditor(self.reputation, AuditLog(audit_log, self.identity, now_ms) if audit_log else None,
+                               own_rounds_only=True)  # other clients' rounds are the peers' to audit
         self._rng = random.SystemRandom()  # request ids and spot-check draws: unguessable by peers
         self._check_rng = check_rng or self._rng  # optimistic draws (injected in tests)
-        self._checks: list[optimistic_client.PendingCheck] = []  # optimistic checks still running
+        self._checks: list[Any] = []  # optimistic checks and committee judgements still running (each has wait())
         self.admission = Admission(self._rng, timeout=request_timeout)  # trial verdicts, kept across queries
         self.throughput = ThroughputBook()  # what routing ranks peers by: timed here, never taken from records
         self.results = ForwardResults()
         self.gossip: Gossip | None = None
         self._nursery: trio.Nursery | None = None
         self._followed: dict[int, tuple[Any, Activation, Activation, list[Any]]] = {}  # proofs still to collect
-        self._verdicts: list[dict[str, Any]] = []  # this query's stage verdicts, gossiped at its end
+        self.ticket_session = committee_client.TicketSession(self.identity.public_key)  # committee tickets, per session
         self.host: IHost | None = None
         self.directory: Directory | None = None
         self.rtt_ms: dict[str, float] = {}
@@ -221,7 +222,8 @@ class Client:
         if runs is not None:  # the answer is back: only now is its check drawn
             stages = optimistic_client.stage_runs(runs, result.route, encode_optional(act.mask))
             result.check = optimistic_client.start_check(self, model, stages, self._check_rng)
-            self._checks = [c for c in self._checks if not c.done] + [result.check]
+            self._checks.append(result.check)
+        self._checks = [c for c in self._checks if not c.done]
         return result
 
     async def _require_committees(self, model: SplitModel) -> None:
@@ -249,8 +251,9 @@ class Client:
                 await pending.wait()
 
     async def _run_committee(self, model: SplitModel, act: Activation) -> tuple[Activation, dict[str, Any]]:
-        received, hops, stages, cert = await committee_client.run_committees(self, model, act)
-        return received, {"route": hops, "mode": f"committee k={self.committee}", "stages": stages, "certificate": cert}
+        received, hops, stages, cert, judged = await committee_client.run_committees(self, model, act)
+        return received, {"route": hops, "mode": f"committee k={self.committee}", "stages": stages, "certificate": cert,
+                          "judged": judged}
 
     async def _run_machine(self, model: SplitModel, act: Activation) -> tuple[Activation, dict[str, Any]]:
         """Hop by hop, forwarding, spot-checked or proven: the query machine decides, the driver does the I/O."""

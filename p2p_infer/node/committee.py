@@ -1,4 +1,4 @@
-"""The committee protocol's member side (``/p2p-infer/committee/4.0.0``), as a thin trio
+"""The committee protocol's member side (``/p2p-infer/committee/5.0.0``), as a thin trio
 handler: decode the request, check it against the served shards and the client's signed
 candidate set (the member computes only tasks it was selected for), compute (torch, in the
 peer's worker threads), and let the sans-IO rules in :mod:`proto.committee_member` sign

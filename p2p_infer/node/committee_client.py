@@ -2,10 +2,11 @@
 :mod:`proto.committee_round`: one committee per remaining stage, its requests sent
 concurrently, every answer fed to the machine, and its verdicts, reputation and
 evidence applied here. The stage verdicts are gossiped once per query. The route is
-planned once per query and every candidate's ticket is asked for once, in one concurrent
-round (committee/4.0.0: a ticket depends only on the request hash, and one ticket serves
-every stage and attempt of the query); each stage then costs one round trip (execute ->
-commit + reveal + output).
+planned once per query. Tickets are per client session (committee/5.0.0,
+:class:`TicketSession`): a candidate's ticket is asked for once per session, in one
+concurrent round with the other missing ones, and serves every query, stage and attempt
+in it, so a query whose candidates' tickets are held sends no ticket request at all; each
+stage then costs one round trip (execute -> commit + reveal + output).
 
 Each candidate goes into the signed candidate set with the record the client's directory
 holds for it; a record younger than ``MIN_RECORD_AGE_MS`` (just re-published) is waited
@@ -18,14 +19,14 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
 import structlog
 import trio
 
 from ..clock import now_ms
-from ..errors import ConsensusError, P2PInferError
+from ..errors import ConsensusError, NoQuorum, P2PInferError
 from ..ml.models import Activation, SplitModel
 from ..ml.tensors import decode_tensor, encode_tensor
 from ..proto.auditor import evidence_message
@@ -45,6 +46,7 @@ from ..proto.committee_round import (
     CommitteeRound,
     Decided,
     Failed,
+    Judged,
     Judgement,
     ObserveCommit,
     Rerun,
@@ -62,31 +64,73 @@ log = structlog.get_logger("p2p_infer.client")
 Feed = Callable[[str, Message], list[Action]]
 
 
-async def run_committees(client: Any, model: SplitModel, act: Activation) -> tuple[Activation, list[HopReport], list[dict[str, Any]], bytes]:
+class Judging:
+    """A committee query's judgement, final once the members that answered after each
+    stage's quorum are judged (in the client's background nursery): ``await
+    result.judged`` returns every stage's verdicts; ``result.stages`` then holds them too.
+    The client's close waits for it (bounded), as for an optimistic check."""
+
+    def __init__(self) -> None:
+        self.rounds: list[trio.Event] = []  # one per stage attempt: set once its judgement is applied
+        self.records: list[dict[str, Any]] = []  # the verdicts gossip of this query
+        self.report: dict[str, Any] = {"pending": True}
+
+    @property
+    def done(self) -> bool:
+        return all(e.is_set() for e in self.rounds)
+
+    async def wait(self) -> dict[str, Any]:
+        for event in list(self.rounds):
+            await event.wait()
+        self.report = {"verdicts": [r["verdicts"] for r in self.records]}
+        return self.report
+
+    def __await__(self) -> Generator[Any, None, dict[str, Any]]:
+        return self.wait().__await__()
+
+
+async def run_committees(client: Any, model: SplitModel, act: Activation) -> tuple[Activation, list[HopReport], list[dict[str, Any]], bytes, Judging]:
     """Every remaining stage on a committee; the certificate chains them. The stage
-    verdicts are gossiped once, when the query ends (success or not)."""
+    verdicts are gossiped once per query, when every member is judged (success or not)."""
     assert client.committee is not None
+    judging = Judging()
+    client._checks.append(judging)  # the client's close waits for it
     try:
-        return await run_stages(client, model, act)
+        return (*await run_stages(client, model, act, judging), judging)
     finally:
-        if client._verdicts:
-            client._publish(verdicts_message(client.identity.peer_id, client._verdicts))
-            client._verdicts = []
+        spawn(client, publish_verdicts, client, judging)
 
 
-async def run_stages(client: Any, model: SplitModel, act: Activation) -> tuple[Activation, list[HopReport], list[dict[str, Any]], bytes]:
+async def publish_verdicts(client: Any, judging: Judging) -> None:
+    with trio.move_on_after(3 * client.request_timeout):  # a judgement ends by its commit deadline; this is a bound
+        await judging.wait()
+    if judging.records:
+        client._publish(verdicts_message(client.identity.peer_id, judging.records))
+
+
+def spawn(client: Any, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+    """Run ``fn`` in the client's nursery (it outlives the query: judging after the answer)."""
+    nursery = client._nursery
+    if nursery is None:
+        raise P2PInferError("the client is not running (use it as an async context manager)")
+    nursery.start_soon(fn, *args)
+
+
+async def run_stages(client: Any, model: SplitModel, act: Activation, judging: Judging) -> tuple[Activation, list[HopReport], list[dict[str, Any]], bytes]:
     nonce = os.urandom(32)  # the client's nonce: its one source of randomness for the request
     first_hidden, first_mask = encode_tensor(act.hidden), None if act.mask is None else encode_tensor(act.mask)
     hidden_hash, mask_hash = output_hash(first_hidden), b"" if first_mask is None else output_hash(first_mask)
     req_hash = request_hash(model.model_id, hidden_hash, mask_hash, nonce, client.identity.public_key)
+    session = client.ticket_session.current(now_ms())
     stages: list[StageCertificate] = []
     reports: list[dict[str, Any]] = []
     hops: list[Any] = []
     segments = await client._plan_or_refresh(model, client.local_layers, ())
-    tickets = await prefetch_tickets(client, model, req_hash, [(s.first, s.last) for s in segments])
+    tickets = await prefetch_tickets(client, model, session, [(s.first, s.last) for s in segments])
     for segment, stage_tickets in zip(segments, tickets):
         started = time.perf_counter()
-        decision, attempts = await decide_stage(client, model, len(stages), segment.first, segment.last, act, req_hash, stage_tickets)
+        decision, attempts = await decide_stage(client, model, len(stages), segment.first, segment.last, act, req_hash, judging,
+                                                session, stage_tickets)
         act = Activation(decode_tensor(decision.output, field="output"), act.mask)
         stages.append(decision.certificate)
         reports.append({"stage": len(reports), "first": segment.first, "last": segment.last, "attempts": attempts,
@@ -107,16 +151,50 @@ def stage_candidates(client: Any, model: SplitModel, first: int, last: int) -> d
     return {p: records[p] for p in peers if p in records and records[p].envelope}
 
 
-async def prefetch_tickets(client: Any, model: SplitModel, req_hash: bytes, stages: list[tuple[int, int]]) -> list[list[Ticket]]:
-    """Every candidate's ticket in one concurrent round, one request per peer however many
-    stages it serves (the machine verifies each against the query's seed when it ranks
-    them, once per process; a ticket for another peer is dropped)."""
+class TicketSession:
+    """The client's ticket session (committee/5.0.0): a random session id, and each
+    candidate's ticket on ``H(client_key, session)``, fetched once and used by every query
+    until the session is renewed (``SESSION_MS``; ``MAX_TICKETS`` candidates remembered)."""
+
+    SESSION_MS = 600_000
+    MAX_TICKETS = 4096
+
+    def __init__(self, client_key: bytes) -> None:
+        self.client_key = client_key
+        self.session = b""
+        self.started_ms = 0
+        self.tickets: dict[str, Ticket] = {}
+
+    def current(self, now: int) -> bytes:
+        if not self.session or now - self.started_ms > self.SESSION_MS or len(self.tickets) > self.MAX_TICKETS:
+            self.session, self.started_ms, self.tickets = os.urandom(32), now, {}
+        return self.session
+
+    @property
+    def seed(self) -> bytes:
+        return ticket_seed(self.client_key, self.session)
+
+    def forget(self, peer: str) -> None:
+        self.tickets.pop(peer, None)
+
+
+async def prefetch_tickets(client: Any, model: SplitModel, session: bytes, stages: list[tuple[int, int]]) -> list[list[Ticket]]:
+    """Every candidate's ticket for the session: those not held yet in one concurrent round,
+    one request per peer however many stages it serves (each verified on the session's seed
+    as it arrives, once per process; a ticket for another peer is dropped). A query in a
+    session whose tickets are all held sends no ticket request."""
     wanted: dict[str, list[int]] = {}  # peer -> the stages it is a candidate of
     for i, (first, last) in enumerate(stages):
         for peer in stage_candidates(client, model, first, last):
             wanted.setdefault(peer, []).append(i)
     found: list[list[Ticket]] = [[] for _ in stages]
-    seed = ticket_seed(req_hash)
+    held = client.ticket_session
+    seed = ticket_seed(client.identity.public_key, session)
+    for peer, indices in list(wanted.items()):
+        ticket = held.tickets.get(peer) if held.session == session else None
+        if ticket is not None:
+            for i in wanted.pop(peer):
+                found[i].append(ticket)
 
     async def ask(peer: str, indices: list[int]) -> None:
         first, last = stages[indices[0]]  # the peer checks it serves the layers it is asked about
@@ -133,6 +211,8 @@ async def prefetch_tickets(client: Any, model: SplitModel, req_hash: bytes, stag
         except ConsensusError as exc:
             log.info("bad ticket", peer=peer, reason=exc.message)
             return
+        if held.session == session:
+            held.tickets[peer] = ticket
         for i in indices:
             found[i].append(ticket)
 
@@ -143,22 +223,26 @@ async def prefetch_tickets(client: Any, model: SplitModel, req_hash: bytes, stag
 
 
 async def decide_stage(client: Any, model: SplitModel, stage: int, first: int, last: int, act: Activation, req_hash: bytes,
-                       tickets: list[Ticket] | None = None) -> tuple[StageDecision, int]:
+                       judging: Judging, session: bytes, tickets: list[Ticket] | None = None) -> tuple[StageDecision, int]:
     """Run the stage's committee; on no quorum re-run with a fresh committee, bounded."""
     assert client.directory is not None and client.committee is not None
     hidden, mask = encode_tensor(act.hidden), None if act.mask is None else encode_tensor(act.mask)
     spec = StageSpec(req_hash, stage, model.model_id, model.name, first, last, activation_hash(hidden, mask), client.committee,
-                     commit_timeout_ms=int(client.commit_timeout * 1000), max_reruns=client.max_reruns, client=client.identity)
-    return await RoundDriver(client, model, CommitteeRound(spec), hidden, mask, tickets).run()
+                     commit_timeout_ms=int(client.commit_timeout * 1000), max_reruns=client.max_reruns, client=client.identity,
+                     session=session)
+    return await RoundDriver(client, model, CommitteeRound(spec), hidden, mask, judging, tickets).run()
 
 
 class RoundDriver:
-    """Carries out one stage round's actions over the client's stream pool."""
+    """Carries out one stage round's actions over the client's stream pool. The answers of
+    an attempt are collected in the client's nursery: the stage returns at the first
+    quorum, and the members still out are judged there when they answer or time out."""
 
     def __init__(self, client: Any, model: SplitModel, machine: CommitteeRound, hidden: WireTensor, mask: WireTensor | None,
-                 tickets: list[Ticket] | None = None) -> None:
+                 judging: Judging, tickets: list[Ticket] | None = None) -> None:
         self.client, self.model, self.machine = client, model, machine
         self.hidden, self.mask = hidden, mask
+        self.judging = judging
         self.prefetched = tickets  # the first attempt's tickets, asked for with every other stage's
 
     def candidates(self) -> dict[str, Any]:
@@ -180,21 +264,14 @@ class RoundDriver:
         while queue:
             action = queue.popleft()
             if isinstance(action, Decided):
-                self.judged(action.judgement)
-                return action.decision, action.attempts
+                return action.decision, action.attempts  # judged already, or later in the background
             if isinstance(action, Failed):
-                if action.judgement is not None:
-                    self.judged(action.judgement)
                 raise action.error
             queue.extend(await self.perform(action))
         raise AssertionError("the committee round stopped without an outcome")
 
     async def perform(self, action: Action) -> list[Action]:
-        if isinstance(action, ObserveCommit):
-            publish_evidence(self.client, self.client.auditor.on_commit(action.commit, action.candidates))
-            return []
         if isinstance(action, Rerun):
-            self.judged(action.judgement)
             return await self.start()
         if isinstance(action, AskTickets):
             return await self.exchange(action.peers, action.request.to_wire(), action.deadline_ms, self.on_ticket)
@@ -202,44 +279,93 @@ class RoundDriver:
             # our own set: the auditor need not re-verify every ticket on the critical path
             self.client.auditor.remember_committee(action.candidates, action.members)
             message = ExecuteRequest(action.candidates, self.hidden, self.mask).to_wire()
-            return await self.exchange(action.members, message, action.deadline_ms, self.on_answer)
+            return await self.answers(action.members, message, action.deadline_ms)
         raise AssertionError(f"unexpected committee action {action!r}")
 
+    def settle(self, actions: list[Action], judged: trio.Event) -> list[Action]:
+        """What is done at once, wherever the actions arise: commits to the auditor, and
+        judgements applied (``judged`` set once this attempt's is); the rest (the round's
+        next step) is returned."""
+        out = []
+        for action in actions:
+            if isinstance(action, ObserveCommit):
+                publish_evidence(self.client, self.client.auditor.on_commit(action.commit, action.candidates))
+                continue
+            judgement = action.judgement if isinstance(action, (Decided, Judged, Rerun, Failed)) else None
+            if judgement is not None:
+                self.judged(judgement)
+            if isinstance(action, (Judged, Rerun, Failed)) or (isinstance(action, Decided) and judgement is not None):
+                judged.set()
+            if not isinstance(action, Judged):
+                out.append(action)
+        return out
+
     async def exchange(self, peers: tuple[str, ...], message: Message, deadline_ms: int, feed: Feed) -> list[Action]:
-        """One phase: ask every peer at once and feed each answer to the machine. Requests
-        end by their own timeout at the phase deadline (a pooled stream must never be
-        cancelled mid-reply), so the phase ends when all have answered or timed out."""
+        """The ticket phase: ask every peer at once and feed each answer to the machine.
+        Requests end by their own timeout at the phase deadline (a pooled stream must never
+        be cancelled mid-reply), so the phase ends when all have answered or timed out."""
         timeout = max(0.0, (deadline_ms - now_ms()) / 1000)
         out: list[Action] = []
 
         async def ask(peer: str) -> None:
             try:
-                reply = await committee_request(self.client, peer, message, timeout)
-                actions = feed(peer, reply)
+                actions = feed(peer, await committee_request(self.client, peer, message, timeout))
             except P2PInferError as exc:
                 actions = self.machine.on_failure(peer, exc.message, now_ms())
-            for action in actions:  # the auditor hears commits at once; the rest waits for the phase
-                if isinstance(action, ObserveCommit):
-                    await self.perform(action)
-                else:
-                    out.append(action)
+            out.extend(actions)
 
         async with trio.open_nursery() as nursery:
             for peer in peers:
                 nursery.start_soon(ask, peer)
         return out or self.machine.poll(max(now_ms(), deadline_ms))  # everyone timed out: the deadline has passed
 
+    async def answers(self, peers: tuple[str, ...], message: Message, deadline_ms: int) -> list[Action]:
+        """The task phase: every member at once, in the background; returns the round's next
+        step (decided at the first quorum, or re-run / failed once all are in)."""
+        judged = trio.Event()
+        self.judging.rounds.append(judged)
+        outcome: list[Action] = []
+        ready = trio.Event()
+
+        def take(actions: list[Action]) -> None:
+            outcome.extend(self.settle(actions, judged))
+            if outcome:
+                ready.set()
+
+        spawn(self.client, self.collect, peers, message, deadline_ms, take, ready, judged)
+        await ready.wait()
+        return outcome
+
+    async def collect(self, peers: tuple[str, ...], message: Message, deadline_ms: int, take: Callable[[list[Action]], None],
+                      ready: trio.Event, judged: trio.Event) -> None:
+        timeout = max(0.0, (deadline_ms - now_ms()) / 1000)
+
+        async def ask(peer: str) -> None:
+            try:
+                reply = await committee_request(self.client, peer, message, timeout)
+                actions = self.machine.on_answer(peer, parse_result_reply(reply), now_ms())
+            except P2PInferError as exc:
+                actions = self.machine.on_failure(peer, exc.message, now_ms())
+            take(actions)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for peer in peers:
+                    nursery.start_soon(ask, peer)
+            take(self.machine.poll(max(now_ms(), deadline_ms)))  # all in or timed out: nothing more can come
+        finally:
+            if not ready.is_set():  # never leave the stage waiting (cancelled at shutdown, or a bug)
+                take([Failed(NoQuorum(f"{self.machine.spec.layers}: the answers could not be collected"))])
+            judged.set()
+
     def on_ticket(self, peer: str, reply: Message) -> list[Action]:
         return self.machine.on_ticket(peer, parse_ticket_reply(reply), now_ms())
-
-    def on_answer(self, peer: str, reply: Message) -> list[Action]:
-        return self.machine.on_answer(peer, parse_result_reply(reply), now_ms())
 
     def judged(self, judgement: Judgement) -> None:
         """Reputation for one task, the verdicts for this query's gossip, and the evidence."""
         client = self.client
         evidence = apply_judgement(judgement, client.reputation, client.auditor, client.identity.peer_id)
-        client._verdicts.append(judgement.record())  # gossiped once per query
+        self.judging.records.append(judgement.record())  # gossiped once per query
         publish_evidence(client, evidence)
 
 

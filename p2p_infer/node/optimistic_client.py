@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
+from ..errors import ConsensusError
 from ..ml.models import SplitModel
+from ..proto.auditor import evidence_message
 from ..proto.optimistic import OptimisticCheck, OptimisticEvidence, Penalise, ReExecute, StageRun
 from ..proto.query import HopFailure, SendHop, new_request_id
 from .query_driver import QueryDriver
@@ -108,15 +110,14 @@ async def _re_execute(client: Client, driver: QueryDriver, machine: OptimisticCh
 
 
 def _penalise(client: Client, evidence: OptimisticEvidence) -> None:
-    """Verified evidence: the accused's reputation drops once for that task, and it is logged."""
-    evidence.verify()
+    """Verified evidence: the accused's reputation drops once for that task, it is logged,
+    and it is gossiped so every peer's auditor checks it and scores the accused too."""
     accused = evidence.accused
-    before = client.reputation.of(accused.executor)
-    after = client.reputation.penalize_task(accused.executor, accused.task_id)
+    try:
+        client.auditor.on_optimistic(evidence, reporter=client.identity.peer_id)
+    except ConsensusError as exc:
+        log.error("own optimistic evidence did not verify", accused=accused.executor, reason=exc.message)
+        return
     log.warning("optimistic check caught a wrong result", accused=accused.executor, layers=f"{accused.first}-{accused.last}",
-                witnesses=[c.executor for c, _ in evidence.witnesses], reputation=round(after, 4))
-    audit = client.auditor.audit
-    if audit is not None:
-        audit.append("evidence", {"kind": "optimistic-wrong-output", "member": accused.executor, "task": accused.task_id.hex(),
-                                  "reporter": client.identity.peer_id})
-        audit.append("reputation", {"peer": accused.executor, "before": before, "after": after, "reason": "optimistic-wrong-output"})
+                witnesses=[c.executor for c, _ in evidence.witnesses], reputation=round(client.reputation.of(accused.executor), 4))
+    client._publish(evidence_message(evidence))

@@ -39,9 +39,12 @@ class QueryResult:
     verification: list[dict[str, Any]] = field(default_factory=list)
     # optimistic mode: the check that runs after the answer (``await result.check`` -> its report)
     check: Any = None
+    # committee mode: members answering after a stage's quorum are judged after the answer
+    # (``await result.judged``; ``stages[i]["verdicts"]`` are final then, "pending" before)
+    judged: Any = None
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(replace(self, check=None))
+        data = asdict(replace(self, check=None, judged=None))
         data["certificate"] = None if self.certificate is None else f"{len(self.certificate)} bytes"
         if self.proofs is not None:
             data["proofs"] = {k: v for k, v in self.proofs.items() if k not in ("chain", "output")}

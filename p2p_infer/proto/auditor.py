@@ -16,7 +16,11 @@ strict signing, and it is the ``reporter`` of everything logged from the message
   evidence); a round already logged is not logged again;
 * ``verdicts`` only from the client named in them (``client`` = sender), only the fields
   a verdict has, bounded in number and size, once per (client, task, stage);
-* ``evidence`` only once verified, once per (kind, member, task).
+* ``evidence`` only once verified, once per (kind, member, task). Optimistic evidence
+  (kind ``optimistic-wrong-output``, ``OptimisticEvidence``) moves reputation under the same
+  rule: the accused's own signed forward commitment is the evidence, so an outsider cannot
+  make it sign what it did not return; it is checked against at least two agreeing signed
+  re-executions by other puzzle-solved identities (docs/consensus.md: what that proves).
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ import structlog
 from ..errors import BadTensor
 from .audit import AuditLog
 from .checkpoints import WitnessTable, witness
+from ..identity import solves_puzzle
 from .consensus import CandidateSet, Commit, ConsensusError, Evidence, Reveal, output_hash
+from .optimistic import EVIDENCE_KIND as OPTIMISTIC_KIND, OptimisticEvidence
 from .reputation import Reputation
 from .tensors import check_wire_tensor
 from .wire import CHECKPOINT, EVIDENCE, ROUND, VERDICTS, message_type
@@ -51,6 +57,9 @@ class Auditor:
     committees: dict[bytes, frozenset[str]] = field(default_factory=dict)  # candidate set id -> members (verified)
     witnesses: WitnessTable | None = None  # peers keep others' audit-log checkpoints (proto/checkpoints.py)
     verdicts_seen: dict[tuple[str, bytes, int], None] = field(default_factory=dict)  # (client, task, stage)
+    # a client audits only the rounds of its own tasks (equivocation against what it was sent);
+    # peers audit every round. Evidence, verdicts and checkpoints are handled either way
+    own_rounds_only: bool = False
 
     def observe(self, sender: str, message: dict[str, Any]) -> list[Evidence]:
         """Handle one gossip message signed by ``sender``; return evidence to publish."""
@@ -59,7 +68,11 @@ class Auditor:
             if kind == ROUND:  # a member's commit and reveal for one task
                 return self.on_round(sender, message)
             if kind == EVIDENCE:
-                self.on_evidence(Evidence.from_wire(message.get("evidence")), reporter=sender)
+                raw = message.get("evidence")
+                if isinstance(raw, dict) and raw.get("kind") == OPTIMISTIC_KIND:
+                    self.on_optimistic(OptimisticEvidence.from_wire(raw), reporter=sender)
+                else:
+                    self.on_evidence(Evidence.from_wire(raw), reporter=sender)
                 return []
             if kind == CHECKPOINT:  # kept, not logged: logging it would change our own log at every checkpoint
                 witness(self.witnesses, sender, message)
@@ -93,6 +106,8 @@ class Auditor:
 
     def on_round(self, sender: str, message: dict[str, Any]) -> list[Evidence]:
         """A member's own consistent commit/reveal pair; anything else is refused unlogged."""
+        if self.own_rounds_only and CandidateSet.from_wire(message.get("candidates")).id not in self.committees:
+            return []  # another client's task: the peers audit it; a client's CPU stays with its own queries
         commit, reveal = Commit.from_wire(message.get("commit")), Reveal.from_wire(message.get("reveal"))
         if not (commit.member == reveal.member == sender):
             raise ConsensusError(f"round for member {commit.member[:16]}... not signed by that member")
@@ -157,21 +172,39 @@ class Auditor:
         if key in self.punished:
             return False  # checked before verifying: a replayed message costs nothing
         evidence.verify()  # legitimate member, legitimate committee, valid certificate: else nothing moves
+        self._punish(key, reporter)
+        return True
+
+    def on_optimistic(self, evidence: OptimisticEvidence, reporter: str) -> bool:
+        """Optimistic mismatch evidence: verified offline, then the accused's task counts as
+        a fault, once. Returns True if applied."""
+        accused = evidence.accused
+        key = (OPTIMISTIC_KIND, accused.executor, accused.task_id)
+        if key in self.punished:
+            return False
+        evidence.verify()  # the accused's signed answer against >= 2 agreeing signed re-executions
+        for commitment in (accused, *(c for c, _ in evidence.witnesses)):  # costly identities, as on a committee
+            if not solves_puzzle(commitment.public_key):
+                raise ConsensusError(f"optimistic evidence: {commitment.executor[:16]}... does not solve the identity puzzle")
+        self._punish(key, reporter)
+        return True
+
+    def _punish(self, key: tuple[str, str, bytes], reporter: str) -> None:
+        kind, member, task = key
         self.punished[key] = None
         _bound(self.punished)
-        before = self.reputation.of(evidence.member)
-        after = self.reputation.penalize_task(evidence.member, evidence.commits[0].task_id)
-        self._log("evidence", {"kind": evidence.kind, "member": evidence.member, "task": key[2].hex(), "reporter": reporter})
-        self._log("reputation", {"peer": evidence.member, "before": before, "after": after, "reason": evidence.kind})
-        log.info("fault evidence verified", kind=evidence.kind, member=evidence.member, reputation=round(after, 4))
-        return True
+        before = self.reputation.of(member)
+        after = self.reputation.penalize_task(member, task)
+        self._log("evidence", {"kind": kind, "member": member, "task": task.hex(), "reporter": reporter})
+        self._log("reputation", {"peer": member, "before": before, "after": after, "reason": kind})
+        log.info("fault evidence verified", kind=kind, member=member, reputation=round(after, 4))
 
     def _log(self, kind: str, data: dict[str, Any]) -> None:
         if self.audit is not None:
             self.audit.append(kind, data)
 
 
-def evidence_message(evidence: Evidence) -> dict[str, Any]:
+def evidence_message(evidence: Evidence | OptimisticEvidence) -> dict[str, Any]:
     """The gossip message carrying fault evidence (protocols/committee.md)."""
     return {"type": EVIDENCE, "evidence": evidence.to_wire()}
 

@@ -1,4 +1,4 @@
-"""The committee protocol's messages (``/p2p-infer/committee/4.0.0``) and its gossip, as
+"""The committee protocol's messages (``/p2p-infer/committee/5.0.0``) and its gossip, as
 typed values with their wire forms. Sans-IO and torch-free: tensors here are wire tensors
 (``{"dtype", "shape", "data"}``); the drivers do the I/O and the torch conversion.
 Normative description: ``protocols/committee.md``."""
@@ -8,10 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
+
 from ..errors import ProtocolViolation
 from .consensus import CandidateSet, Commit, Reveal, StageTask, Ticket, activation_digest, output_hash
 from .tensors import WireTensor, check_wire_tensor
-from .wire import COMMITTEE_PROTOCOL, EXECUTE, RESULT, ROUND, TICKET, VERDICTS, Message, expect, expect_reply, message_type
+from .wire import COMMITTEE_PROTOCOL, EXECUTE, RESULT, ROUND, ROUNDS, TICKET, VERDICTS, Message, expect, expect_reply, message_type
 
 __all__ = ["ExecuteRequest", "MemberAnswer", "MemberRequest", "Message", "TicketRequest", "WireTensor", "activation_hash",
            "is_round", "parse_request", "parse_result_reply", "parse_ticket_reply", "result_reply", "round_message",
@@ -133,6 +135,43 @@ def round_message(candidates: CandidateSet, commit: Commit, reveal: Reveal, outp
 
 def is_round(message: Message) -> bool:
     return message_type(message) == ROUND
+
+
+MAX_BATCH_ROUNDS = 64  # rounds in one "rounds" message (a query's stages, one member)
+MAX_BATCH_BYTES = 512 * 1024  # well under MAX_GOSSIP_BYTES: a batch is flushed before it grows past this
+
+
+def rounds_message(rounds: list[Message]) -> Message:
+    """One member's rounds released together (a query's stages: their deadlines fall within
+    one gossip delay), as one gossip message: one signature, one trip through the mesh."""
+    return rounds[0] if len(rounds) == 1 else {"type": ROUNDS, "rounds": list(rounds)}
+
+
+def batches(rounds: list[Message]) -> list[Message]:
+    """``rounds`` as few gossip messages as the limits allow (in order)."""
+    out: list[Message] = []
+    chunk: list[Message] = []
+    size = 0
+    for r in rounds:
+        n = len(msgpack.packb(r, use_bin_type=True))
+        if chunk and (len(chunk) >= MAX_BATCH_ROUNDS or size + n > MAX_BATCH_BYTES):
+            out.append(rounds_message(chunk))
+            chunk, size = [], 0
+        chunk.append(r)
+        size += n
+    return out + ([rounds_message(chunk)] if chunk else [])
+
+
+def unbatch(message: Message) -> list[Message]:
+    """The rounds a gossip message carries (a ``rounds`` batch is every entry, each checked
+    alone like a ``round`` from the same signer); any other message is itself."""
+    if message_type(message) != ROUNDS:
+        return [message]
+    rounds = message.get("rounds")
+    if not (isinstance(rounds, list) and 0 < len(rounds) <= MAX_BATCH_ROUNDS
+            and all(isinstance(r, dict) and message_type(r) == ROUND for r in rounds)):
+        raise ProtocolViolation(f"'rounds' must be a list of 1 to {MAX_BATCH_ROUNDS} round messages")
+    return list(rounds)
 
 
 def verdicts_message(client: str, stages: list[dict[str, Any]]) -> Message:

@@ -6,10 +6,10 @@ In the style of rust-libp2p's ``ClosestPeersIter`` and h11: the driver feeds it 
 these candidates for tickets, send these members the task, then one of decided / re-run /
 failed). Since committee/3.0.0 a member answers the task in one round trip: its signed
 commit, the signed reveal and the output together (members never see each other's replies;
-the audit gossip waits for the commit deadline). Since committee/4.0.0 a ticket depends
-only on the request hash (each stage and attempt ranks the same tickets by its own draw),
-so the driver asks every candidate once per query and hands the tickets to
-:meth:`~CommitteeRound.start`. It never sends, never reads the clock
+the audit gossip waits for the commit deadline). Since committee/5.0.0 a ticket depends
+only on the client's key and session (each query, stage and attempt ranks the same tickets
+by its own draw), so the driver asks each candidate once per session and hands the tickets
+to :meth:`~CommitteeRound.start`. It never sends, never reads the clock
 and draws no randomness: every event carries ``now_ms``, and the request hash (with the
 client's nonce in it) comes in with the :class:`StageSpec`.
 
@@ -17,7 +17,9 @@ The rules are :mod:`consensus`'s (``StageRound``, ``rank_tickets``, ``Evidence``
 module only sequences them: tickets -> signed candidate set -> committee -> answers
 (commit + reveal) -> decision, and on
 no quorum a fresh committee (attempt + 1) without the members found faulty, at most
-``max_reruns`` times. Verdicts become reputation updates and evidence in :func:`judge`,
+``max_reruns`` times. A stage is decided at its first quorum of agreeing answers (2 of 3):
+``Decided`` comes then, without a judgement, and the members still out are judged when
+they answer or the deadline passes (``Judged``), against the output already accepted. Verdicts become reputation updates and evidence in :func:`judge`,
 and :func:`apply_judgement` applies them to a reputation table and an auditor.
 """
 
@@ -48,7 +50,7 @@ from .consensus import (
     sign_candidates,
 )
 from .reputation import Reputation
-from .sortition import MAX_COMMIT_WINDOW_MS, check_candidate_record
+from .sortition import MAX_COMMIT_WINDOW_MS, NO_SESSION, check_candidate_record
 
 log = structlog.get_logger("p2p_infer.committee_round")
 
@@ -73,6 +75,7 @@ class StageSpec:
     max_reruns: int
     client: Identity  # signs the candidate sets; its key is in request_hash and in every task
     ticket_timeout_ms: int = TICKET_TIMEOUT_MS
+    session: bytes = NO_SESSION  # the client's ticket session (committee/5.0.0): tickets serve every query in it
 
     def __post_init__(self) -> None:
         if self.k < MIN_K:  # members refuse such tasks and certificates are refused: say so before sending
@@ -82,7 +85,7 @@ class StageSpec:
 
     def task(self, attempt: int, now_ms: int) -> StageTask:
         return StageTask(self.request_hash, self.stage, attempt, self.model_id, self.first, self.last,
-                         self.input_hash, self.k, now_ms, now_ms + self.commit_timeout_ms, self.client.public_key)
+                         self.input_hash, self.k, now_ms, now_ms + self.commit_timeout_ms, self.client.public_key, self.session)
 
     @property
     def layers(self) -> str:
@@ -185,8 +188,20 @@ class ObserveCommit:
 
 @dataclass(frozen=True)
 class Decided:
+    """The stage's answer. ``judgement`` is None when it was decided at the first quorum of
+    agreeing answers: the members still out are judged later, in one :class:`Judged`."""
+
     decision: StageDecision
     attempts: int
+    judgement: Judgement | None
+
+
+@dataclass(frozen=True)
+class Judged:
+    """After an early decision: every member answered (or the deadline passed), so all are
+    judged against the output already accepted; ``decision.verdicts`` is now final."""
+
+    decision: StageDecision
     judgement: Judgement
 
 
@@ -206,13 +221,14 @@ class Failed:
     judgement: Judgement | None = None
 
 
-Action = AskTickets | SendExecute | ObserveCommit | Decided | Rerun | Failed
+Action = AskTickets | SendExecute | ObserveCommit | Decided | Judged | Rerun | Failed
 
 
 class Phase(enum.Enum):
     IDLE = "idle"  # before start, and between a Rerun and the next start
     TICKETS = "tickets"
     ANSWERS = "answers"  # commit + reveal + output, in one reply per member
+    JUDGING = "judging"  # decided at the first quorum; the other members' answers are still judged
     DONE = "done"
 
 
@@ -232,6 +248,7 @@ class CommitteeRound:
     records: dict[str, bytes] = field(default_factory=dict)  # this attempt's candidates' record envelopes
     waiting: set[str] = field(default_factory=set)  # peers the current phase still waits for
     deadline_ms: int | None = None
+    decision: StageDecision | None = None  # decided early: judged once the stragglers are in
 
     def start(self, now_ms: int, candidates: Mapping[str, bytes], tickets: Iterable[Ticket] | None = None) -> list[Action]:
         """Begin the next attempt with the current providers of the stage's layers, each
@@ -260,7 +277,7 @@ class CommitteeRound:
         return [AskTickets(self.attempt, request, peers, deadline)]
 
     def next_deadline_ms(self) -> int | None:
-        return self.deadline_ms if self.phase in (Phase.TICKETS, Phase.ANSWERS) else None
+        return self.deadline_ms if self.phase in (Phase.TICKETS, Phase.ANSWERS, Phase.JUDGING) else None
 
     def poll(self, now_ms: int) -> list[Action]:
         """Close the current phase if its deadline has passed."""
@@ -285,7 +302,7 @@ class CommitteeRound:
     def on_answer(self, peer: str, answer: MemberAnswer, now_ms: int) -> list[Action]:
         """A member's one reply: its commit (judged by when it arrived) and, unless it
         withheld it, the reveal and output."""
-        if not self._answered(Phase.ANSWERS, peer):
+        if not self._answered(Phase.ANSWERS, peer) and not self._answered(Phase.JUDGING, peer):
             return []
         actions: list[Action] = []
         if answer.commit.member != peer:  # a member speaks only for itself
@@ -299,6 +316,8 @@ class CommitteeRound:
                     self.round.on_reveal(answer.reveal, answer.output)
                 else:
                     log.info("reveal names another member", asked=peer, named=answer.reveal.member)
+        if self.waiting and self.phase is Phase.ANSWERS:
+            return actions + self._decide_early()
         return actions + (self._close(now_ms) if not self.waiting else [])
 
     def on_failure(self, peer: str, reason: str, now_ms: int) -> list[Action]:
@@ -327,11 +346,13 @@ class CommitteeRound:
             return self._close_tickets(now_ms)
         if self.phase is Phase.ANSWERS:
             return self._decide()
+        if self.phase is Phase.JUDGING:
+            return self._judge_rest()
         return []
 
     def _close_tickets(self, now_ms: int) -> list[Action]:
         assert self.task is not None
-        ranked = rank_tickets(self.tickets, self.task.seed, self.task.stage, self.task.attempt)  # VRF proofs: once per process
+        ranked = rank_tickets(self.tickets, self.task.seed, self.task.request_hash, self.task.stage, self.task.attempt)  # VRF: once per process
         eligible = self._eligible(ranked)
         committee = [c.ticket for c in eligible[: self.spec.k]]
         if len(committee) < self.spec.k:  # too few candidates: a re-run cannot do better
@@ -367,6 +388,24 @@ class CommitteeRound:
             return self._no_quorum(rnd, exc.message)
         self._enter(Phase.DONE, (), None)
         return [Decided(decision, self.attempt + 1, judge(rnd, decision.verdicts, decision))]
+
+    def _decide_early(self) -> list[Action]:
+        """A quorum agrees before every member answered: decide now, judge the rest later
+        (the stage waits for its quorum-th answer, not its slowest member)."""
+        assert self.round is not None
+        decision = self.round.quorum()
+        if decision is None:
+            return []
+        self.decision = decision
+        self.phase = Phase.JUDGING  # same members awaited, same deadline
+        return [Decided(decision, self.attempt + 1, None)]
+
+    def _judge_rest(self) -> list[Action]:
+        rnd, decision = self.round, self.decision
+        assert rnd is not None and decision is not None
+        rnd.judge_rest(decision)
+        self._enter(Phase.DONE, (), None)
+        return [Judged(decision, judge(rnd, decision.verdicts, decision))]
 
     def _no_quorum(self, rnd: StageRound, reason: str) -> list[Action]:
         self.failures.append(reason)

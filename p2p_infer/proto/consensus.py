@@ -32,6 +32,7 @@ from .sortition import (
     MAX_CANDIDATES,
     MIN_K,
     Candidate,
+    Memo,
     CandidateSet,
     StageTask,
     Ticket,
@@ -104,6 +105,19 @@ def commitment(task_id: bytes, out_hash: bytes, nonce: bytes) -> bytes:
     return h(b"p2p-infer/commitment/v1", task_id, out_hash, nonce)
 
 
+SIGNATURES = Memo()  # (member, key, signed bytes, signature) -> "valid" / "invalid": a commit is met 3-4 times per process
+
+
+def _signed(member: str, public_key: bytes, message: bytes, signature: bytes) -> bool:
+    """The member's key (its peer id embeds it) signed ``message``: checked once per process."""
+    key = (member, public_key, message, signature)
+    known = SIGNATURES.get(key)
+    if known is None:
+        known = "valid" if peer_id_from_public_key(public_key) == member and verify_signature(public_key, message, signature) else "invalid"
+        SIGNATURES.put(key, known)
+    return known == "valid"
+
+
 @dataclass(frozen=True)
 class Commit:
     task_id: bytes
@@ -119,7 +133,7 @@ class Commit:
                              use_bin_type=True)
 
     def valid_signature(self) -> bool:
-        return peer_id_from_public_key(self.public_key) == self.member and verify_signature(self.public_key, COMMIT_DOMAIN + self.body(), self.signature)
+        return _signed(self.member, self.public_key, COMMIT_DOMAIN + self.body(), self.signature)
 
     def to_wire(self) -> list[Any]:
         return [self.task_id, self.candidates_id, self.member, self.public_key, self.commitment, self.committed_at_ms, self.signature]
@@ -145,7 +159,7 @@ class Reveal:
         return msgpack.packb([self.task_id, self.member, self.public_key, self.output_hash, self.nonce], use_bin_type=True)
 
     def valid_signature(self) -> bool:
-        return peer_id_from_public_key(self.public_key) == self.member and verify_signature(self.public_key, REVEAL_DOMAIN + self.body(), self.signature)
+        return _signed(self.member, self.public_key, REVEAL_DOMAIN + self.body(), self.signature)
 
     def opens(self, commit: Commit) -> bool:
         return (
@@ -235,33 +249,59 @@ class StageRound:
 
     def decide(self) -> StageDecision:
         """Close the round: agreeing group of size >= quorum, or NoQuorum with what disagreed."""
-        for member in self.members:
-            if member not in self.faults:
-                if member not in self.commits:
-                    self.faults[member] = "missing-commit"
-                elif member not in self.reveals:
-                    self.faults[member] = "missing-reveal"
-        valid = [m for m in self.members if m in self.reveals and m not in self.faults]
-        best: list[str] = []
-        for anchor in valid:  # members in VRF rank order: ties go to the better-ranked anchor
-            group = [anchor] + [m for m in valid if m != anchor and outputs_agree(self.reveals[m][1], self.reveals[anchor][1])]
-            if len(group) > len(best):
-                best = group  # best[0] is the anchor: its output is the one every member agrees with
-        need = quorum_size(self.task.k)
-        if len(best) < need:
+        self._close_faults()
+        decision = self.quorum()
+        if decision is None:
+            best = self._best_group()
+            need = quorum_size(self.task.k)
             detail = {m: self.faults.get(m, "disagrees") for m in self.members}
             raise NoQuorum(f"stage {self.task.stage} (layers {self.task.first}-{self.task.last}): {len(best)} of {self.task.k} agree, {need} needed; {detail}")
-        for m in valid:
-            if m not in best:
-                self.faults[m] = "wrong-output"
+        return self.judge_rest(decision)
+
+    def quorum(self) -> StageDecision | None:
+        """The decision as soon as a quorum of valid reveals agrees, before every member has
+        answered (members not yet judged are ``pending``): since a quorum is more than half
+        of k, no other output can reach one. :meth:`judge_rest` judges the rest later."""
+        best = self._best_group()
+        if len(best) < quorum_size(self.task.k):
+            return None
         cert = StageCertificate(
             candidates=self.candidates,
             commits=[self.commits[m] for m in best],
             reveals=[self.reveals[m][0] for m in best],
             outputs=[self.reveals[m][1] for m in best],
         )
-        verdicts = {m: self.faults.get(m, "agree") for m in self.members}
+        verdicts = {m: "agree" if m in best else self.faults.get(m, "pending") for m in self.members}
         return StageDecision(output=self.reveals[best[0]][1], certificate=cert, verdicts=verdicts)
+
+    def judge_rest(self, decision: StageDecision) -> StageDecision:
+        """Once every member answered or the deadline passed: the verdict of each member the
+        decision's certificate does not hold, against the output already accepted (filled in
+        ``decision.verdicts`` in place, so reports that hold it see the final verdicts)."""
+        self._close_faults()
+        quorum = {c.member for c in decision.certificate.commits}
+        for m in self.members:  # every member not faulted by now has a valid reveal
+            if m not in quorum and m not in self.faults and not outputs_agree(self.reveals[m][1], decision.output):
+                self.faults[m] = "wrong-output"
+        decision.verdicts.update({m: self.faults.get(m, "agree") for m in self.members})
+        return decision
+
+    def _close_faults(self) -> None:
+        for member in self.members:
+            if member not in self.faults:
+                if member not in self.commits:
+                    self.faults[member] = "missing-commit"
+                elif member not in self.reveals:
+                    self.faults[member] = "missing-reveal"
+
+    def _best_group(self) -> list[str]:
+        valid = [m for m in self.members if m in self.reveals and m not in self.faults]
+        best: list[str] = []
+        for anchor in valid:  # members in VRF rank order: ties go to the better-ranked anchor
+            group = [anchor] + [m for m in valid if m != anchor and outputs_agree(self.reveals[m][1], self.reveals[anchor][1])]
+            if len(group) > len(best):
+                best = group  # best[0] is the anchor: its output is the one every member agrees with
+        return best
 
 
 @dataclass

@@ -162,6 +162,19 @@ def verify_record(
     given) that every shard names a known model and that the record is the expected peer's.
     The record returned keeps ``envelope``.
     """
+    record = verify_record_static(envelope, expected_peer_id=expected_peer_id)
+    _check_times(record, now)
+    if known_models is not None:
+        unknown = sorted({s.model_id for s in record.shards} - set(known_models))
+        if unknown:
+            raise RecordError(f"record of {record.peer_id} names unknown model(s) {unknown}")
+    return record
+
+
+def verify_record_static(envelope: bytes, *, expected_peer_id: str | None = None) -> CapabilityRecord:
+    """Every check of :func:`verify_record` that does not depend on the time (size, shape,
+    signature, schema, key binding, puzzle, expected peer, lifetime): same bytes, same
+    verdict, so a verifier may remember it; :func:`check_record_times` is the rest."""
     if len(envelope) > MAX_RECORD_BYTES:
         raise RecordError(f"record is {len(envelope)} bytes, limit {MAX_RECORD_BYTES}")
     body, signature = _open_envelope(envelope)
@@ -174,12 +187,16 @@ def verify_record(
         raise RecordError(f"identity {record.peer_id} does not solve the identity puzzle ({PUZZLE_DIFFICULTY} leading zero bits)")
     if expected_peer_id is not None and record.peer_id != expected_peer_id:
         raise RecordError(f"record is for {record.peer_id}, expected {expected_peer_id}")
-    _check_times(record, now)
-    if known_models is not None:
-        unknown = sorted({s.model_id for s in record.shards} - set(known_models))
-        if unknown:
-            raise RecordError(f"record of {record.peer_id} names unknown model(s) {unknown}")
+    if record.expires_at_ms <= record.issued_at_ms:
+        raise RecordError(f"record of {record.peer_id} expires before it is issued")
+    if record.expires_at_ms - record.issued_at_ms > MAX_LIFETIME_MS:
+        raise RecordError(f"record of {record.peer_id} lives longer than {MAX_LIFETIME_MS} ms")
     return replace(record, envelope=envelope)
+
+
+def check_record_times(record: CapabilityRecord, now: int) -> None:
+    """The time window of a record that passed :func:`verify_record_static`."""
+    _check_times(record, now)
 
 
 def _open_envelope(envelope: bytes) -> tuple[bytes, bytes]:
@@ -251,10 +268,6 @@ def _parse_shard(raw: object) -> ShardSpec:
 
 
 def _check_times(record: CapabilityRecord, now: int) -> None:
-    if record.expires_at_ms <= record.issued_at_ms:
-        raise RecordError(f"record of {record.peer_id} expires before it is issued")
-    if record.expires_at_ms - record.issued_at_ms > MAX_LIFETIME_MS:
-        raise RecordError(f"record of {record.peer_id} lives longer than {MAX_LIFETIME_MS} ms")
     if record.issued_at_ms > now + CLOCK_SKEW_MS:
         raise RecordError(f"record of {record.peer_id} is dated in the future")
     if record.is_expired(now):

@@ -3,12 +3,14 @@ the client signs. Sans-IO; time comes in with the task (``requested_at_ms``).
 
 * **Request and seeds.** ``request_hash = H(model_id, hidden_hash, mask_hash, client_nonce,
   client_key)``: every field of a certificate's header, so none can change without
-  changing every task. The query's one ticket seed is ``seed = H(request_hash)``.
-* **Tickets.** A candidate proves ``beta = VRF(sk, seed)`` once per query (committee/4.0.0;
-  one VRF proof per candidate and query, verified once per process); stage *i*, attempt *a*
-  ranks candidates by ``draw = H(beta, i, a)``. Nobody can choose its beta for a given seed,
-  and the seed is fixed (by the client's nonce) before anyone sees a VRF output, so every
-  stage's and attempt's draw is as unpredictable as a fresh VRF output would be.
+  changing every task. The session's one ticket seed is ``seed = H(client_key, session)``.
+* **Tickets.** A candidate proves ``beta = VRF(sk, seed)`` once per client session
+  (committee/5.0.0: ``seed = H(client_key, session)``; one VRF proof per candidate and
+  session, verified once per process); the request's stage *i*, attempt *a* ranks
+  candidates by ``draw = H(beta, request_hash, i, a)``. Nobody can choose its beta for a
+  seed. The client chooses its session, and so could grind it; that gives it nothing it
+  does not already have, since it signs the candidate list and may list only the k
+  candidates it likes (docs/consensus.md, "What a certificate proves").
 * **Candidate set.** The client lists every candidate it drew from (ticket + the signed
   capability record it held), signs the list with the task, and sends it with ``execute``.
   A member, an auditor or a certificate's reader checks it alone: the client's key solves
@@ -23,15 +25,16 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
+from collections.abc import Callable
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
 from . import vrf
 from ..errors import ConsensusError, RecordError
 from ..identity import PUZZLE_DIFFICULTY, Identity, peer_id_from_public_key, solves_puzzle, verify_signature
-from .records import CLOCK_SKEW_MS, CapabilityRecord, verify_record
+from .records import CapabilityRecord, check_record_times, verify_record_static
 
 MIN_K = 3  # smallest committee a certificate may claim: k=1 is one key's word, k=2 has no majority to outvote a liar
 MIN_RECORD_AGE_MS = 1_000  # a listed record was issued at least this long before the request
@@ -40,6 +43,7 @@ MAX_CANDIDATES = 64  # candidates per stage (bounds a verifier's work: one VRF c
 MAX_CANDIDATE_RECORD_BYTES = 4096  # honest records are ~400 B; keeps a candidate set well under a frame
 CANDIDATES_DOMAIN = b"p2p-infer/candidates/v1\n"
 MEMO_ENTRIES = 4096  # verified tickets, records and candidate sets remembered per process (each table)
+T = TypeVar("T")
 
 
 def h(*parts: bytes) -> bytes:
@@ -61,14 +65,18 @@ def request_hash(model_id: str, hidden_hash: bytes, mask_hash: bytes, client_non
     return h(b"p2p-infer/request/v2", model_id.encode(), hidden_hash, mask_hash, client_nonce, client_key)
 
 
-def ticket_seed(req_hash: bytes) -> bytes:
-    """The VRF input of every ticket of one query (all stages, all attempts)."""
-    return h(b"p2p-infer/sortition/v2", req_hash)
+NO_SESSION = bytes(32)
 
 
-def draw_key(beta: bytes, stage: int, attempt: int) -> bytes:
-    """What stage ``stage``, attempt ``attempt`` ranks a candidate by (smallest first)."""
-    return h(b"p2p-infer/draw/v1", beta, stage.to_bytes(4, "big"), attempt.to_bytes(4, "big"))
+def ticket_seed(client_key: bytes, session: bytes = NO_SESSION) -> bytes:
+    """The VRF input of every ticket of one client session (committee/5.0.0): every query,
+    stage and attempt of the session ranks the same tickets by its own draw."""
+    return h(b"p2p-infer/sortition/v3", client_key, session)
+
+
+def draw_key(beta: bytes, req_hash: bytes, stage: int, attempt: int) -> bytes:
+    """What the request's stage ``stage``, attempt ``attempt`` ranks a candidate by (smallest first)."""
+    return h(b"p2p-infer/draw/v2", beta, req_hash, stage.to_bytes(4, "big"), attempt.to_bytes(4, "big"))
 
 
 class Memo:
@@ -92,6 +100,27 @@ class Memo:
             self.table.popitem(last=False)
 
 
+def memo_check(table: Memo, key: Any, check: Callable[[], T]) -> T:
+    """``check()``'s verdict, computed once per ``key``: its value, or the ConsensusError it
+    raised (remembered as a refusal and raised again). ``check`` must be pure: what it
+    decides may depend only on the bytes in ``key``, never on the time."""
+    known = table.get(key)
+    if known is None:
+        try:
+            known = check()
+        except ConsensusError as exc:
+            known = Refused(exc.message)
+        table.put(key, known)
+    if isinstance(known, Refused):
+        raise ConsensusError(known.reason)
+    return known
+
+
+@dataclass(frozen=True)
+class Refused:
+    reason: str
+
+
 BETAS = Memo()  # (public key, proof, seed) -> beta, or the ConsensusError's message
 RECORDS = Memo()  # (peer id, envelope) -> record whose time-independent checks passed
 COMMITTEES = Memo()  # (candidate set id, signature) -> committee, or the ConsensusError's message
@@ -111,17 +140,7 @@ class Ticket:
     def beta(self, seed: bytes) -> bytes:
         """Verify the proof and return the VRF output; raises ConsensusError if invalid
         (verified once per process: the verdict is remembered)."""
-        key = (self.peer_id, self.public_key, self.proof, seed)
-        known = BETAS.get(key)
-        if known is None:
-            try:
-                known = self._check_proof(seed)
-            except ConsensusError as exc:
-                known = exc.message
-            BETAS.put(key, known)
-        if isinstance(known, str):
-            raise ConsensusError(known)
-        return known
+        return memo_check(BETAS, (self.peer_id, self.public_key, self.proof, seed), lambda: self._check_proof(seed))
 
     def _check_proof(self, seed: bytes) -> bytes:
         if peer_id_from_public_key(self.public_key) != self.peer_id:
@@ -147,14 +166,14 @@ def make_ticket(identity: Identity, seed: bytes) -> Ticket:
     return Ticket(identity.peer_id, identity.public_key, vrf.prove(identity.seed, seed))
 
 
-def rank_tickets(tickets: list[Ticket], seed: bytes, stage: int = 0, attempt: int = 0) -> list[Ticket]:
-    """Every valid ticket (one per peer), by its draw for the stage and attempt, smallest first."""
+def rank_tickets(tickets: list[Ticket], seed: bytes, req_hash: bytes, stage: int = 0, attempt: int = 0) -> list[Ticket]:
+    """Every valid ticket (one per peer), by its draw for the request's stage and attempt, smallest first."""
     ranked, seen = [], set()
     for t in tickets:
         if t.peer_id in seen:
             continue
         try:
-            ranked.append((draw_key(t.beta(seed), stage, attempt), t))
+            ranked.append((draw_key(t.beta(seed), req_hash, stage, attempt), t))
         except ConsensusError:
             continue  # a forged ticket never displaces the peer's real one
         seen.add(t.peer_id)
@@ -162,9 +181,9 @@ def rank_tickets(tickets: list[Ticket], seed: bytes, stage: int = 0, attempt: in
     return [t for _, t in ranked]
 
 
-def select_committee(tickets: list[Ticket], seed: bytes, k: int, stage: int = 0, attempt: int = 0) -> list[Ticket]:
+def select_committee(tickets: list[Ticket], seed: bytes, req_hash: bytes, k: int, stage: int = 0, attempt: int = 0) -> list[Ticket]:
     """The k valid tickets with the smallest draw (invalid ones never count)."""
-    return rank_tickets(tickets, seed, stage, attempt)[:k]
+    return rank_tickets(tickets, seed, req_hash, stage, attempt)[:k]
 
 
 # ---- the task a committee executes ----
@@ -183,11 +202,12 @@ class StageTask:
     requested_at_ms: int  # when the client fixed the candidate set (records are judged at this time)
     commit_deadline_ms: int
     client_key: bytes  # the client's Ed25519 key: it signs the candidate set, and only it may execute or reveal
+    session: bytes = NO_SESSION  # the client's session (32 B): with its key, the ticket seed of every query in it
 
     @property
     def seed(self) -> bytes:
-        """The query's ticket seed: the same for every stage and attempt."""
-        return ticket_seed(self.request_hash)
+        """The session's ticket seed: the same for every query, stage and attempt in it."""
+        return ticket_seed(self.client_key, self.session)
 
     @property
     def client_id(self) -> str:
@@ -195,19 +215,20 @@ class StageTask:
 
     def to_wire(self) -> list[Any]:
         return [self.request_hash, self.stage, self.attempt, self.model_id, self.first, self.last, self.input_hash, self.k,
-                self.requested_at_ms, self.commit_deadline_ms, self.client_key]
+                self.requested_at_ms, self.commit_deadline_ms, self.client_key, self.session]
 
     @classmethod
     def from_wire(cls, raw: Any) -> StageTask:
-        ok = isinstance(raw, list) and len(raw) == 11 and isinstance(raw[0], bytes) and isinstance(raw[3], str) and isinstance(raw[6], bytes)
+        ok = isinstance(raw, list) and len(raw) == 12 and isinstance(raw[0], bytes) and isinstance(raw[3], str) and isinstance(raw[6], bytes)
         ok = ok and all(isinstance(raw[i], int) and not isinstance(raw[i], bool) for i in (1, 2, 4, 5, 7, 8, 9))
-        ok = ok and isinstance(raw[10], bytes) and len(raw[10]) == 32
-        _expect(ok, "task must be [request_hash, stage, attempt, model_id, first, last, input_hash, k, requested_at, deadline, client_key]")
+        ok = ok and all(isinstance(raw[i], bytes) and len(raw[i]) == 32 for i in (10, 11))
+        _expect(ok, "task must be [request_hash, stage, attempt, model_id, first, last, input_hash, k, requested_at, deadline, "
+                    "client_key, session]")
         return cls(*raw)
 
     @property
     def task_id(self) -> bytes:
-        return h(b"p2p-infer/task/v2", msgpack.packb(self.to_wire(), use_bin_type=True))
+        return h(b"p2p-infer/task/v3", msgpack.packb(self.to_wire(), use_bin_type=True))
 
 
 # ---- candidates and the set the client signs ----
@@ -222,18 +243,22 @@ def check_candidate_record(task: StageTask, peer_id: str, envelope: bytes) -> Ca
     A record seen before skips its signature, schema and puzzle checks (they do not depend
     on time); its time window is checked against this task every time."""
     _expect(len(envelope) <= MAX_CANDIDATE_RECORD_BYTES, f"record of candidate {peer_id} is over {MAX_CANDIDATE_RECORD_BYTES} bytes")
-    record = RECORDS.get((peer_id, envelope))
-    now = task.requested_at_ms
-    if record is None or record.is_expired(now) or record.issued_at_ms > now + CLOCK_SKEW_MS:
-        try:
-            record = verify_record(envelope, now=now, expected_peer_id=peer_id)
-        except RecordError as exc:
-            raise ConsensusError(f"record of candidate {peer_id}: {exc.message}") from None
-        RECORDS.put((peer_id, envelope), record)
+    record = memo_check(RECORDS, (peer_id, envelope), lambda: _record_static(peer_id, envelope))
+    try:
+        check_record_times(record, task.requested_at_ms)
+    except RecordError as exc:
+        raise ConsensusError(f"record of candidate {peer_id}: {exc.message}") from None
     _expect(record.issued_at_ms <= task.requested_at_ms - MIN_RECORD_AGE_MS,
             f"record of candidate {peer_id} was issued less than {MIN_RECORD_AGE_MS} ms before the request")
     _expect(covers(record, task), f"record of candidate {peer_id} does not advertise layers {task.first}-{task.last} of the model")
     return record
+
+
+def _record_static(peer_id: str, envelope: bytes) -> CapabilityRecord:
+    try:
+        return verify_record_static(envelope, expected_peer_id=peer_id)
+    except RecordError as exc:
+        raise ConsensusError(f"record of candidate {peer_id}: {exc.message}") from None
 
 
 @dataclass(frozen=True)
@@ -286,17 +311,7 @@ class CandidateSet:
 
     @cached_property
     def _committee(self) -> tuple[Ticket, ...]:
-        key = (self.id, self.signature)
-        known = COMMITTEES.get(key)
-        if known is None:
-            try:
-                known = self._verify()
-            except ConsensusError as exc:
-                known = exc.message
-            COMMITTEES.put(key, known)
-        if isinstance(known, str):
-            raise ConsensusError(known)
-        return known
+        return memo_check(COMMITTEES, (self.id, self.signature), self._verify)
 
     def _verify(self) -> tuple[Ticket, ...]:
         task = self.task
@@ -314,7 +329,7 @@ class CandidateSet:
         for c in self.candidates:
             beta = c.ticket.beta(task.seed)
             check_candidate_record(task, c.ticket.peer_id, c.record)
-            ranked.append((draw_key(beta, task.stage, task.attempt), c.ticket))
+            ranked.append((draw_key(beta, task.request_hash, task.stage, task.attempt), c.ticket))
         ranked.sort(key=lambda pair: pair[0])
         return tuple(t for _, t in ranked[: task.k])
 

@@ -31,7 +31,9 @@ RESULT_PROTOCOL = protocol_id("forward-result")
 # the commit deadline has passed
 # 4.0.0: one ticket per candidate and query (seed = H(request_hash)); stage i, attempt a
 # ranks the tickets by H(beta, i, a), so each VRF proof is made and verified once per query
-COMMITTEE_PROTOCOL = protocol_id("committee", "4.0.0")
+# 5.0.0: one ticket per candidate and client session (seed = H(client_key, session), the
+# task's 12th field); the request's stage i, attempt a ranks by H(beta, request_hash, i, a)
+COMMITTEE_PROTOCOL = protocol_id("committee", "5.0.0")
 ARTIFACT_PROTOCOL = protocol_id("artifact")
 SESSION_PROTOCOL = protocol_id("session")  # generation sessions with a KV cache (protocols/session.md)
 SERVED_PROTOCOLS = (FORWARD_PROTOCOL, COMMITTEE_PROTOCOL, ARTIFACT_PROTOCOL, SESSION_PROTOCOL)  # advertised in records
@@ -41,7 +43,8 @@ DKG_PROTOCOL = protocol_id("dkg")  # threshold key ritual, share release, enhanc
 # v2: messages keyed by "type" like every stream message (v1 used "kind").
 # v3: rounds carry the candidate set, evidence counts only against its committee.
 # v4: candidate sets rank by the committee/4.0.0 draw (a v3 auditor would pick other committees).
-CONSENSUS_TOPIC = "p2p-infer/consensus/v4"
+# v5: committee/5.0.0 tasks; evidence may be optimistic-mode mismatch evidence; "rounds" batches.
+CONSENSUS_TOPIC = "p2p-infer/consensus/v5"
 MAX_GOSSIP_BYTES = 900 * 1024
 
 # ---- message types ----
@@ -82,6 +85,7 @@ PRIVATE_FORWARD = "private_forward"
 PRIVATE_RESULT = "private_result"
 # consensus gossip
 ROUND = "round"
+ROUNDS = "rounds"  # v5: a member's rounds of one moment, in one gossip message
 VERDICTS = "verdicts"
 EVIDENCE = "evidence"
 CHECKPOINT = "checkpoint"  # a peer's signed audit-log head (proto/checkpoints.py); additive on topic v3
@@ -93,7 +97,7 @@ REQUESTS: dict[str, frozenset[str]] = {
     ARTIFACT_PROTOCOL: frozenset({ARTIFACT}),
     SESSION_PROTOCOL: frozenset({SESSION_OPEN, SESSION_STEP, SESSION_CLOSE}),
     DKG_PROTOCOL: frozenset({DKG_JOIN, DKG_DEAL, GET_DKG_KEY, SHARE_REQUEST, PRIVATE_FORWARD}),
-    CONSENSUS_TOPIC: frozenset({ROUND, VERDICTS, EVIDENCE, CHECKPOINT}),
+    CONSENSUS_TOPIC: frozenset({ROUND, ROUNDS, VERDICTS, EVIDENCE, CHECKPOINT}),
 }
 
 

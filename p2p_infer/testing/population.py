@@ -43,7 +43,7 @@ def providers(n: int, model_id: str, first: int, last: int, issued_at_ms: int, o
 def draw(client: Identity, task: StageTask, pool: list[Provider]) -> CandidateSet:
     """What an honest client does: every provider's ticket, ranked, signed with its record."""
     records = {p.peer_id: p.record for p in pool}
-    ranked = rank_tickets([make_ticket(p.identity, task.seed) for p in pool], task.seed)
+    ranked = rank_tickets([make_ticket(p.identity, task.seed) for p in pool], task.seed, task.request_hash, task.stage, task.attempt)
     return sign_candidates(client, task, [Candidate(t, records[t.peer_id]) for t in ranked])
 
 

@@ -1,4 +1,4 @@
-"""Writes record-v2.json, record-v3.json and committee-v2.json from fixed seeds and fields.
+"""Writes record-v2.json, record-v3.json and committee-v3.json from fixed seeds and fields.
 
     PYTHONPATH=. python protocols/test-vectors/generate.py
 
@@ -121,10 +121,12 @@ def committee_vector() -> dict:
     nonce = bytes(range(32))
     hidden_hash, mask_hash = output_hash(hidden), b""
     req = request_hash(MODEL, hidden_hash, mask_hash, nonce, client.public_key)
-    task = StageTask(req, 0, 0, MODEL, 1, 2, activation_digest(hidden_hash, mask_hash), 3, REQUESTED, REQUESTED + 2000, client.public_key)
+    session = bytes(range(32, 64))
+    task = StageTask(req, 0, 0, MODEL, 1, 2, activation_digest(hidden_hash, mask_hash), 3, REQUESTED, REQUESTED + 2000, client.public_key,
+                     session)
     records = {i.peer_id: signed_record(i, record_fields(i)) for i, _ in idents}
     tickets = [make_ticket(i, task.seed) for i, _ in idents]
-    ranked = rank_tickets(tickets, task.seed, task.stage, task.attempt)
+    ranked = rank_tickets(tickets, task.seed, task.request_hash, task.stage, task.attempt)
     signed = sign_candidates(client, task, [Candidate(t, records[t.peer_id]) for t in ranked])
     by_id = {i.peer_id: i for i, _ in idents}
     agreeing = [by_id[t.peer_id] for t in ranked[:2]]
@@ -139,14 +141,14 @@ def committee_vector() -> dict:
         "description": "One committee stage end to end: puzzle-solved keys, task, tickets, the client's signed candidate set, "
                        "two agreeing members' commits and reveals, and the certificate (see protocols/committee.md).",
         "puzzle_difficulty": PUZZLE_DIFFICULTY, "client": client_v, "members": [v for _, v in idents],
-        "model_id": MODEL, "client_nonce_hex": nonce.hex(), "hidden": {**hidden, "data": hidden["data"].hex()},
+        "model_id": MODEL, "client_nonce_hex": nonce.hex(), "session_hex": session.hex(), "hidden": {**hidden, "data": hidden["data"].hex()},
         "hidden_hash_hex": hidden_hash.hex(), "mask_hash_hex": "", "request_hash_hex": req.hex(),
         "task": {"fields": [f.hex() if isinstance(f, bytes) else f for f in task.to_wire()],
                  "msgpack_hex": msgpack.packb(task.to_wire(), use_bin_type=True).hex(), "task_id_hex": task.task_id.hex(), "seed_hex": task.seed.hex()},
         "records_issued_at_ms": ISSUED,
         "candidates": [{"peer_id": c.ticket.peer_id, "record_hex": c.record.hex(), "vrf_proof_hex": c.ticket.proof.hex(),
                         "beta_hex": vrf.proof_to_hash(c.ticket.proof).hex(),
-                        "draw_hex": draw_key(vrf.proof_to_hash(c.ticket.proof), task.stage, task.attempt).hex()} for c in signed.candidates],
+                        "draw_hex": draw_key(vrf.proof_to_hash(c.ticket.proof), task.request_hash, task.stage, task.attempt).hex()} for c in signed.candidates],
         "candidate_set": {"body_hex": signed.body().hex(), "signature_hex": signed.signature.hex(), "id_hex": signed.id.hex(),
                           "committee": signed.members},
         "output": {**output, "data": output["data"].hex()}, "output_hash_hex": output_hash(output).hex(),
@@ -159,6 +161,6 @@ def committee_vector() -> dict:
 
 if __name__ == "__main__":
     for name, vector in (("record-v2.json", record_vector()), ("record-v3.json", record_v3_vector()),
-                         ("committee-v2.json", committee_vector())):
+                         ("committee-v3.json", committee_vector())):
         (HERE / name).write_text(json.dumps(vector, indent=2) + "\n")
         print("wrote", HERE / name)

@@ -19,6 +19,7 @@ from ...proto.committee_round import (
     AskTickets,
     CommitteeRound,
     Decided,
+    Judged,
     Failed,
     ObserveCommit,
     Rerun,
@@ -188,9 +189,13 @@ class StageRun:
                 self.execute(action)
             elif isinstance(action, ObserveCommit):
                 self.client.auditor.on_commit(action.commit, action.candidates)
-            elif isinstance(action, Decided):
-                apply_judgement(action.judgement, self.client.reputation, self.client.auditor, self.client.peer_id)
+            elif isinstance(action, Decided):  # at the first quorum: the rest is judged later (Judged)
+                if action.judgement is not None:
+                    apply_judgement(action.judgement, self.client.reputation, self.client.auditor, self.client.peer_id)
                 self.query.stage_done(action)
+            elif isinstance(action, Judged):
+                apply_judgement(action.judgement, self.client.reputation, self.client.auditor, self.client.peer_id)
+                self.query.outcome.verdicts.update(action.decision.verdicts)  # the "pending" ones, now judged
             elif isinstance(action, Rerun):
                 apply_judgement(action.judgement, self.client.reputation, self.client.auditor, self.client.peer_id)
                 self.start()
