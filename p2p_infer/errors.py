@@ -405,6 +405,12 @@ class InvariantBroken(SimulationError):
     code = "invariant_broken"
 
 
+class NetworkLabUnavailable(SimulationError):
+    """``[network] mode = "netns"`` asks for what this machine lacks (root, iproute2, iptables, sch_netem)."""
+
+    code = "netns_unavailable"
+
+
 def _subclasses(cls: type[P2PInferError]) -> list[type[P2PInferError]]:
     return [cls] + [s for sub in cls.__subclasses__() for s in _subclasses(sub)]
 
