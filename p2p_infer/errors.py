@@ -50,6 +50,17 @@ class UnsupportedMode(UsageError):
     code = "unsupported_mode"
 
 
+class InvalidApiRequest(UsageError):
+    """An HTTP API request (gateway, control API) with a missing, malformed or unsupported
+    field; ``param`` names it (OpenAI's error format carries it)."""
+
+    code = "invalid_request"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class IdentityError(P2PInferError, ValueError):
     """The key file is unreadable, malformed, or too permissive."""
 

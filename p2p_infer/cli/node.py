@@ -14,6 +14,7 @@ import structlog
 from ..config import Settings
 from . import params
 from .app import cli, common, network, options, run
+from ..cli_gateway import api_options
 
 log = structlog.get_logger("p2p_infer.cli")
 
@@ -67,6 +68,7 @@ def cmd_id(args: argparse.Namespace, settings: Settings) -> int:
 @click.option("--serve", multiple=True, type=params.SERVE, help="serve layers FIRST..LAST of MODEL (repeatable)")
 @serving
 @tee_peer
+@api_options  # --api, --api-public: the control API (cli_gateway.py)
 def peer_command(**values: Any) -> int:
     """Run a peer that serves model layers."""
     return run("peer", cmd_peer, values)
