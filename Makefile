@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install bench fuzz hardening clean
+.PHONY: demo test install bench fuzz hardening simulate clean chromium
 
 $(BIN)/p2p-infer: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -15,11 +15,21 @@ $(BIN)/p2p-infer: pyproject.toml
 
 install: $(BIN)/p2p-infer
 
+# Debian's chromium, for the health page test (tests/test_health_page.py, skipped without it); needs root
+chromium:
+	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m p2p_infer.demo
 
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not load_sensitive" tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not load_sensitive and not simulation" tests
+
+# The long network simulations (issue 13): the CI scenario (12 peers, churn, liars), the netem
+# scenario (namespaces, a slow lossy peer, a partition healing; skipped where namespaces are
+# unavailable) and its Ctrl-C test; several minutes each. .ci/run runs them after `make test`.
+simulate: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "simulation and not load_sensitive" tests
 
 # Latency and idle-timeout acceptance tests (issue 10): they measure time, so run them on a
 # quiet machine; on a loaded 2-core box they fail for want of CPU, not of the code.

@@ -93,7 +93,38 @@ def make_host(identity: Identity, listen: str = DEFAULT_LISTEN, limits: Limits |
     )
     _GUARDS[host] = Guard(limits, rcmgr)
     _lift_inbound_slot_leak(host)
+    _bound_yamux_reset()
     return host
+
+
+RESET_BOUND_S = 2.0
+
+
+def _bound_yamux_reset() -> None:
+    """py-libp2p 0.8.1's ``new_stream`` resets a stream it failed to open inside a *shielded*
+    scope, and the reset waits for the connection's write lock; when that lock is held by a
+    write stalled on a dead or starved connection, the wait never ends and nothing can cancel
+    the caller (issue 13: light clients' queries stuck for up to 5 minutes past their own
+    deadline, in a directory refresh, on a loaded box; loadgen's watchdog recorded the stack:
+    basic_host.new_stream -> net_stream.reset -> yamux _write_frame -> _write_lock). A reset
+    that cannot be sent within RESET_BOUND_S is given up: the stream is marked closed (the
+    original's ``finally``) and its backlog slot released, as a sent reset would."""
+    from libp2p.stream_muxer.yamux.yamux import YamuxStream
+
+    original = YamuxStream.reset
+    if getattr(original, "_p2p_infer_bounded", False):
+        return
+
+    async def reset(self: YamuxStream) -> None:
+        with trio.move_on_after(RESET_BOUND_S) as scope:  # honoured inside the caller's shield
+            await original(self)
+        if scope.cancelled_caught:
+            log.info("yamux reset not sent in time: stream closed locally", stream=self.stream_id, bound_s=RESET_BOUND_S)
+            with trio.move_on_after(RESET_BOUND_S):
+                await self.conn._finalize_stream(self, fully_closed=True)
+
+    reset._p2p_infer_bounded = True  # type: ignore[attr-defined]
+    YamuxStream.reset = reset  # type: ignore[method-assign]
 
 
 def _lift_inbound_slot_leak(host: IHost) -> None:

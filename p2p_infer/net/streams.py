@@ -59,6 +59,18 @@ class StreamPool:
         timeout): if a *reused* stream fails before any reply, the request is retried once on
         a fresh stream. Timeouts and malformed peer ids or addresses become PeerUnreachable,
         so callers only ever see P2PInferError subclasses."""
+        # The deadline covers the wait for the slot, the dial and the stream negotiation too: a
+        # connection that went dead (a partition, a killed peer, a starved box) makes
+        # open_stream hang for py-libp2p's 10-30 s negotiation timeouts, and every request to
+        # that peer queued behind it on the lock, outside any timeout (a 3 s ticket took 27 s).
+        try:
+            with trio.fail_after(timeout):
+                return await self._request(peer_id, protocol, message, timeout)
+        except trio.TooSlowError:
+            self.forget(peer_id)
+            raise PeerUnreachable(f"{peer_id} did not answer within {timeout} s (connecting or waiting for the stream)") from None
+
+    async def _request(self, peer_id: str, protocol: str, message: Message, timeout: float) -> Message:
         slot = self._slots.setdefault((peer_id, protocol), _Slot())
         async with slot.lock:
             for attempt in (0, 1):

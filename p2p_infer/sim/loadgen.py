@@ -64,8 +64,47 @@ def query_event(i: int, started: float, result: Any, wrong: bool) -> dict[str, A
             "failed_peers": list(result.failed_peers), "verdicts": verdicts, "mode": result.mode}
 
 
+INFLIGHT: dict[int, tuple[Any, float]] = {}  # query -> (its trio task, start): the watchdog reports stuck ones
+
+
+def task_stacks(task: Any, depth: int = 0) -> list[str]:
+    """Where ``task`` and its children wait: one line per coroutine frame (why a query outlived its timeout)."""
+    out, coro = [], task.coro
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            out.append(f"{'  ' * depth}{frame.f_code.co_filename.rsplit('/', 2)[-1]}:{frame.f_lineno} {frame.f_code.co_name}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    for nursery in task.child_nurseries:
+        for child in nursery.child_tasks:
+            out += task_stacks(child, depth + 1)
+    return out
+
+
+async def watchdog(rec: Recorder, limit_s: float) -> None:
+    """A query past its own fail_after by 15 s is stuck in something that ignores cancellation: say where, once."""
+    import traceback
+
+    reported: set[int] = set()
+    while True:
+        await trio.sleep(5.0)
+        for i, (task, started) in list(INFLIGHT.items()):
+            if i not in reported and time.time() - started > limit_s + 15:
+                reported.add(i)
+                threads = {str(t): traceback.format_stack(f)[-6:] for t, f in sys._current_frames().items()}
+                rec.write(kind="stuck", i=i, age_s=round(time.time() - started, 1), tasks=task_stacks(task), threads=threads)
+
+
 async def one_query(client: Any, args: argparse.Namespace, i: int, truth: dict[str, Any], rec: Recorder) -> None:
     started = time.time()
+    INFLIGHT[i] = (trio.lowlevel.current_task(), started)
+    try:
+        await _one_query(client, args, i, truth, rec, started)
+    finally:
+        INFLIGHT.pop(i, None)
+
+
+async def _one_query(client: Any, args: argparse.Namespace, i: int, truth: dict[str, Any], rec: Recorder, started: float) -> None:
     try:
         with trio.fail_after(args.query_timeout):
             result = await client.run(args.model, sample_input(args.model, i))
@@ -121,6 +160,7 @@ async def drive(args: argparse.Namespace, rec: Recorder) -> None:
         limiter = trio.CapacityLimiter(args.concurrency)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reputation_loop, client, rec)
+            nursery.start_soon(watchdog, rec, args.query_timeout)
             async with trio.open_nursery() as queries:
                 for i in range(args.offset, args.offset + args.queries):
                     await trio.sleep(rng.expovariate(args.rate))

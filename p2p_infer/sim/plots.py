@@ -11,7 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .record import RunData  # noqa: E402
 
-CHURN_COLOURS = {"kill": "red", "restart": "orange", "ready": "green", "joined": "blue", "join": "blue"}
+CHURN_COLOURS = {"kill": "red", "restart": "orange", "ready": "green", "joined": "blue", "join": "blue",
+                 "partition": "purple", "heal": "teal"}
 
 
 def _mark_churn(ax: plt.Axes, data: RunData) -> None:

@@ -24,6 +24,8 @@ import structlog
 
 from ..errors import SimulationError
 from ..testing.harness import Swarm
+from .netns import NetnsLab
+from .netreport import network_report
 from .record import QueryOutcome, RunData, RunEvent
 from .scenario import Scenario
 
@@ -78,6 +80,8 @@ class Churn:
             steps += [(at, "kill", p.name), (at + sc.churn.down_s, "restart", p.name)]
         for j in range(sc.churn.joins):
             steps.append((sc.churn.join_at_s + j, "join", f"joiner{j}"))
+        for j, part in enumerate(sc.network.partition):  # netns: cut a group off, then heal it
+            steps += [(part.start_s, "partition", str(j)), (part.heal_s, "heal", str(j))]
         return cls(sorted(steps))
 
 
@@ -94,19 +98,31 @@ class ProcessRun:
         self.event_files: list[Path] = []
         self.pending_ready: dict[str, str] = {}  # restarted or joined, not yet ready -> event kind
         self.last_shown = -1e9
+        self.lab: NetnsLab | None = NetnsLab(sc.network) if sc.network.mode == "netns" else None
+        self.names: dict[str, str] = {}  # process name -> peer id (the network report maps rules to routes)
 
     def run(self) -> RunData:
         started = time.monotonic()
-        swarm = Swarm(self.out / "swarm", record_ttl=self.sc.record_ttl_s)
         try:
-            self._start(swarm)
-            self._drive(swarm)
-            self.data.extra["client_exit_codes"] = {c: swarm.peers[c].proc.poll() for c in self.clients}
+            if self.lab is not None:
+                self.lab.open()  # refuses by name what this machine cannot do, before any process starts
+            swarm = Swarm(self.out / "swarm", record_ttl=self.sc.record_ttl_s, place=self.lab.place if self.lab else None)
+            try:
+                self._start(swarm)
+                self._drive(swarm)
+                self.data.extra["client_exit_codes"] = {c: swarm.peers[c].proc.poll() for c in self.clients}
+            finally:
+                swarm.stop()
+                self.data.processes_left = processes_left(self.groups)
+                self.names.update({n: p.peer_id for n, p in swarm.peers.items() if p.info is not None})
         finally:
-            swarm.stop()
-            self.data.processes_left = processes_left(self.groups)
+            if self.lab is not None:  # after the processes: a namespace with a process in it outlives its deletion
+                self.lab.close()
+                self.data.extra["netns_left"] = self.lab.leftovers()
             self.data.wall_s = time.monotonic() - started
         self._collect()
+        if self.lab is not None:
+            self.data.extra["network"] = network_report(self.sc, self.data, self.names)
         return self.data
 
     # ---- start ----
@@ -200,6 +216,11 @@ class ProcessRun:
             self._track(swarm)
             self.pending_ready[name] = "ready"
             self.data.events.append(RunEvent(t, "restart", name))
+        elif action in ("partition", "heal"):
+            assert self.lab is not None
+            group = self.sc.network.partition[int(name)].peers
+            (self.lab.partition if action == "partition" else self.lab.heal)(group)
+            self.data.events.append(RunEvent(t, action, ",".join(group)))
         elif action == "join":
             shard = f"{self.sc.model.name}:{self.sc.model.shards[len(swarm.peers) % len(self.sc.model.shards)]}"
             swarm.start_peer(name, [shard], wait=False)
@@ -241,6 +262,8 @@ class ProcessRun:
                         str(e.get("code", "")), f"client{c}"))
                 elif kind == "reputation":
                     self.data.reputation.append((e["t"] - self.t0, dict(e["scores"])))
+                elif kind == "stuck":  # a query that outlived its timeout: where it waited (loadgen.watchdog)
+                    self.data.extra.setdefault("stuck_queries", []).append({k: e[k] for k in ("i", "age_s", "tasks")})
                 elif kind == "client_failed":
                     self.data.extra.setdefault("client_errors", []).append(e.get("error", ""))
         self.data.queries.sort(key=lambda q: q.t0_s)

@@ -102,6 +102,8 @@ def check_invariants(report: dict[str, Any], data: RunData) -> list[str]:
         broken.append(f"success {report['success_rate']:.2%} < {inv.min_success:.0%}")
     if report["processes_left"] > inv.max_processes_left:
         broken.append(f"processes left running: {report['processes_left']}")
+    if report.get("netns_left"):
+        broken.append(f"network namespaces or links left: {report['netns_left']}")
     return broken
 
 
@@ -122,6 +124,21 @@ def reading(report: dict[str, Any], broken: list[str]) -> str:
         "(answered/failed over time, churn marked), routes.png (route lengths).", "",
         "Definitions are in `p2p_infer/sim/report.py`'s docstring.",
     ]
+    if report.get("trials"):
+        t = report["trials"]
+        lines += ["", f"Trials (proto.trial): {t['sent']} sent, {t['passed']} passed, {t['failed']} answered wrongly, "
+                      f"{t['unanswered']} unanswered; {t['gating']} held a query up."]
+    if report.get("gossip"):
+        g = report["gossip"]
+        lines += ["", f"Audit gossip: {g['published']} published, {g['transmissions']:,} transmissions "
+                      f"({g['messages_per_peer_per_query']} per peer per query, mesh degree {g['mesh_degree']}); "
+                      f"auditor CPU {g['audit_cpu_ms_per_message']} ms per message, {g['audit_cpu_ms_per_peer_per_query']} ms per peer "
+                      f"per query; evidence found from gossip {g['evidence_found_by_auditors'] or 'none'}; "
+                      f"sampled auditors' mean reputation by role {g['auditor_reputation'] or 'n/a'}."]
+    if report.get("network"):
+        from .netreport import network_lines
+
+        lines += network_lines(report["network"])
     for key in ("scenario_note", "note"):
         if report.get(key):
             lines += ["", report[key]]

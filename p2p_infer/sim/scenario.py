@@ -8,13 +8,16 @@ Every table and key is declared here; an unknown key is refused by name (a typo 
     [load]        queries, rate (per s), concurrency, clients, mode, committee, commit_timeout_s
     [churn]       kill (share of honest peers), start_s, every_s, down_s, joins, join_at_s
     [adversaries] share | count, kinds (testing/adversaries.py), collude, placement
-    [network]     (des) latency model, bandwidth, compute, per-message cost; netem: not built yet (refused)
+    [network]     (des) latency model, bandwidth, compute, per-message cost;
+                  (processes) mode = "netns": peers in network namespaces, [[network.shape]] per-peer
+                  or per-link delay / jitter / loss / rate, [[network.partition]] cut and heal (sim/netns.py)
     [invariants]  max_wrong_accepted, min_success, max_processes_left
     [des]         DES-only knobs (kademlia k / alpha, candidates per stage)
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -69,6 +72,31 @@ class AdversarySpec:
     trusted: bool = False  # the client is told to trust them (a deliberately broken run)
 
 
+PROCESS_NAME = re.compile(r"^(bootstrap|(peer|joiner|client)\d+)$")
+
+
+@dataclass
+class ShapeSpec:
+    """What ``peers`` send (egress of each; list both ends for a symmetric link) to ``to`` (every
+    address when empty): delay and jitter (sch_netem), loss (iptables statistic), rate (htb)."""
+
+    peers: list[str] = field(default_factory=list)
+    to: list[str] = field(default_factory=list)
+    delay_ms: float = 0.0
+    jitter_ms: float = 0.0
+    loss: float = 0.0  # share of packets dropped
+    rate_mbit: float = 0.0  # 0: unlimited
+
+
+@dataclass
+class PartitionSpec:
+    """``peers`` cut off from everyone else (they still reach each other) from start_s to heal_s."""
+
+    peers: list[str] = field(default_factory=list)
+    start_s: float = 10.0
+    heal_s: float = 30.0
+
+
 @dataclass
 class NetworkSpec:
     latency: str = "coordinates"  # des: "coordinates" (2-D, ms) or "constant"
@@ -81,11 +109,9 @@ class NetworkSpec:
     dht_timeout_ms: float = 3000.0  # des: a DHT query to a dead peer fails after this (notes/libp2p.md)
     dial_timeout_ms: float = 1000.0  # des: a request to a dead peer fails after this
     cpu_scale: float = 1.0  # des: the real proto code's CPU time is charged as virtual time, times this
-    netem: bool = False  # processes: run peers in network namespaces with netem delays
-    netem_delay_ms: float = 20.0
-    netem_loss: float = 0.0
-    partition_at_s: float = 0.0  # processes + netem: cut a peer's link at this time, heal after partition_s
-    partition_s: float = 0.0
+    mode: str = "loopback"  # processes: "loopback", or "netns" (own namespaces and addresses, sim/netns.py)
+    shape: list[ShapeSpec] = field(default_factory=list)  # netns: slow or lossy peers and links
+    partition: list[PartitionSpec] = field(default_factory=list)  # netns: groups cut off, then healed
 
 
 @dataclass
@@ -100,7 +126,10 @@ class DesSpec:
     kademlia_k: int = 20
     kademlia_alpha: int = 3
     candidates: int = 8  # providers a client asks for tickets per stage (from its DHT lookup)
-    trial: bool = True
+    trial: bool = True  # trial tasks through proto.trial.Admission (des/trials.py); false: everyone admitted at once
+    gossip: bool = True  # audit gossip through the real codec and Auditor (des/gossip.py)
+    auditors: int = 8  # honest peers that run a real Auditor on every gossip message (the rest are counted)
+    gossip_degree: int = 6  # gossipsub mesh degree D
 
 
 @dataclass
@@ -135,12 +164,32 @@ class Scenario:
         _check(self.adversaries.placement in PLACEMENTS, f"adversaries.placement must be one of {PLACEMENTS}")
         for shard in self.model.shards:
             parse_range(shard)
-        if self.network.netem or self.network.partition_s or self.network.partition_at_s:
-            raise ScenarioError("network.netem / partition_*: network namespaces with netem are not built yet (issue 13's last step)")
+        self._validate_network()
         if self.engine == "processes" and self.adversaries.collude:
             raise ScenarioError("adversaries.collude needs engine = \"des\": the peers' --test-fault wrappers add independent noise, "
                                 "and no colluding fault exists for real peers yet")
         return self
+
+
+    def _validate_network(self) -> None:
+        net = self.network
+        _check(net.mode in ("loopback", "netns"), f"network.mode must be \"loopback\" or \"netns\", got {net.mode!r}")
+        if net.mode == "loopback":
+            _check(not net.shape and not net.partition, "network.shape / network.partition need network.mode = \"netns\"")
+            return
+        _check(self.engine == "processes", "network.mode = \"netns\" runs real processes: engine = \"processes\"")
+        for spec in net.shape:
+            _check(bool(spec.peers), "network.shape: peers is empty")
+            _check(0 <= spec.loss < 1 and spec.delay_ms >= 0 and spec.jitter_ms >= 0 and spec.rate_mbit >= 0,
+                   "network.shape: loss in [0, 1), delay_ms, jitter_ms, rate_mbit >= 0")
+            _check(spec.jitter_ms <= spec.delay_ms, "network.shape: jitter_ms needs a delay_ms at least as large")
+        for part in net.partition:
+            _check(bool(part.peers) and 0 <= part.start_s < part.heal_s, "network.partition: peers, and 0 <= start_s < heal_s")
+        names = [n for s in net.shape for n in s.peers + s.to] + [n for p in net.partition for n in p.peers]
+        bad = sorted({n for n in names if not PROCESS_NAME.match(n)})
+        _check(not bad, f"network: unknown process name(s) {bad}: bootstrap, peerN, joinerN or clientN")
+        over = sorted({n for n in names if n.startswith("peer") and int(n[4:]) >= self.peers})
+        _check(not over, f"network: {over} beyond peers = {self.peers}")
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -182,6 +231,9 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     origin = getattr(kind, "__origin__", None)
+    if origin is list and is_dataclass(kind.__args__[0]):  # an array of tables: [[network.shape]]
+        _check(isinstance(value, list) and all(isinstance(v, dict) for v in value), f"{where} must be an array of tables")
+        return [_build(kind.__args__[0], v, f"{where}[{j}]") for j, v in enumerate(value)]
     if origin is list:
         _check(isinstance(value, list) and all(isinstance(v, str) for v in value), f"{where} must be a list of strings")
         return value

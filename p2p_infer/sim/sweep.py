@@ -21,7 +21,8 @@ from .scenario import load_scenario
 
 SCENARIO = Path(__file__).resolve().parents[2] / "simulations" / "scale.toml"
 KEYS = ("queries_answered", "queries_failed", "wrong_accepted", "latency_ms", "route_length", "dht_lookup_hops", "dht_lookup_ms",
-        "consensus_ms", "events", "events_per_s", "build_s", "wall_s", "identities_used", "identities_generated", "final_reputation")
+        "consensus_ms", "events", "events_per_s", "build_s", "wall_s", "identities_used", "identities_generated", "final_reputation",
+        "trials", "gossip")
 
 
 def one(peers: int, share: float, queries: int | None) -> dict[str, Any]:

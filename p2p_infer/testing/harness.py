@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import SwarmError
 
@@ -83,8 +83,12 @@ class Swarm:
         record_ttl: float = 30.0,
         extra_env: dict[str, str] | None = None,
         python: str = sys.executable,
+        place: Callable[[str], tuple[list[str], str]] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
+        # place(name) -> (argv prefix, listen multiaddr): run a process elsewhere, e.g. in a network
+        # namespace on its own address (sim/netns.py); None: loopback, as before.
+        self.place = place
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.record_ttl = record_ttl
         self.python = python
@@ -113,8 +117,9 @@ class Swarm:
         ready = self.workdir / f"{name}.ready"
         log = self.workdir / f"{name}.log"
         ready.unlink(missing_ok=True)
-        argv = [self.python, "-m", "p2p_infer.cli", command, "--key", str(key), "--ready-file", str(ready),
-                "--record-ttl", str(self.record_ttl), "--log-format", "json", *args]
+        prefix, listen = self.place(name) if self.place else ([], "")
+        argv = [*prefix, self.python, "-m", "p2p_infer.cli", command, "--key", str(key), "--ready-file", str(ready),
+                "--record-ttl", str(self.record_ttl), "--log-format", "json", *(["--listen", listen] if listen else []), *args]
         with open(log, "ab") as log_handle:
             proc = subprocess.Popen(argv, stdout=log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env={**self.env, **(env or {})}, start_new_session=True, cwd=self.workdir)
@@ -147,7 +152,7 @@ class Swarm:
         if name in self.peers:
             raise SwarmError(f"a process named {name} already exists")
         log = self.workdir / f"{name}.log"
-        argv = [self.python, "-m", module, *args]
+        argv = [*(self.place(name)[0] if self.place else []), self.python, "-m", module, *args]
         with open(log, "ab") as log_handle:
             proc = subprocess.Popen(argv, stdout=log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=self.env, start_new_session=True, cwd=self.workdir)

@@ -19,6 +19,7 @@ from ...proto.auditor import Auditor
 from ...proto.kademlia import Lookup, RoutingTable
 from ...proto.reputation import Reputation
 from ...proto.routing import Server, ThroughputBook
+from ...proto.trial import Admission
 from ...testing import adversaries as adv
 from .world import EventLoop, SimPeer, World, shard_key
 
@@ -42,9 +43,19 @@ class SimClient:
     lookup_ms: list[float] = field(default_factory=list)
     cpu_ms: float = 0.0  # CPU time the real proto code took on this client (charged as virtual time)
     auditor: Auditor = field(init=False)
+    admission: Admission = field(init=False)  # trial verdicts (proto.trial), kept across queries
+    trials: Any = None  # des.trials.TrialStats
 
     def __post_init__(self) -> None:
+        from .trials import TrialStats
+
         self.auditor = Auditor(self.reputation)
+        self.admission = Admission(random.Random(self.rng.random()), timeout=self.world.sc.load.request_timeout_s)
+        self.trials = TrialStats()
+
+    def admitted(self, peer: SimPeer) -> bool:
+        """Whether ``peer`` may carry live traffic: passed its trial (everyone, with ``des.trial = false``)."""
+        return not self.world.sc.des.trial or (peer.known and self.admission.admitted(peer.peer_id))
 
     @property
     def peer_id(self) -> str:
@@ -77,7 +88,7 @@ class SimClient:
         peers = [self.world.peers[i] for si in sorted(self.directory) for i in self.directory[si]]
         if shape_only:
             return [Server(f"peer{p.index}", p.first, p.last, 1000.0 / p.compute_ms_per_layer) for p in peers]
-        peers = [p for p in peers if self.reputation.trusted(p.peer_id)]
+        peers = [p for p in peers if self.admitted(p) and self.reputation.trusted(p.peer_id)]
         claims = {p.peer_id: adv.CLAIMED_THROUGHPUT if p.fault == "claims-fast" else 1000.0 / p.compute_ms_per_layer for p in peers}
         speed = self.throughput.effective(claims)
         return [Server(p.peer_id, p.first, p.last, speed[p.peer_id], 0.0, 2 * self.world.latency_ms(self.xy, p.xy)) for p in peers]

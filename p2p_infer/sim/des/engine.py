@@ -26,6 +26,7 @@ from ..report import percentiles
 from ..scenario import Scenario
 from .client import SimClient
 from .queries import CommitteeQuery, Outcome, PlainQuery, query_input
+from .trials import trials_for_query
 from .world import EPOCH_MS, World, build_world, neighbours
 
 log = structlog.get_logger("p2p_infer.sim.des")
@@ -72,6 +73,14 @@ class DesRun:
             spread = self.sc.network.spread_ms
             xy = (self.rng.uniform(0, spread), self.rng.uniform(0, spread))
             self.clients.append(SimClient(c, identity, xy, world, self.loop, random.Random(self.sc.seed * 7919 + c), table))
+        if self.sc.des.gossip:
+            from .gossip import Gossip
+
+            world.gossip = gossip = Gossip(world, self.loop, self.sc.des.gossip_degree)
+            honest = [p for p in world.peers if not p.fault]
+            gossip.add_peer_auditors(self.rng.sample(honest, min(self.sc.des.auditors, len(honest))))
+            for client in self.clients:
+                gossip.add_client(client)
         self.waiting = [deque() for _ in self.clients]
         self.in_flight = [0 for _ in self.clients]
         self.had_identities = had
@@ -149,6 +158,7 @@ class DesRun:
 
         def done(outcome: Outcome) -> None:
             latency = self.loop.now_ms - started
+            client.admission.on_query_done(latency / 1000)  # later trials are spread over this long
             self.data.queries.append(QueryOutcome(
                 (started - self.load_start_ms) / 1000, outcome.ok, outcome.wrong and outcome.ok, latency, outcome.hops, outcome.retries,
                 outcome.route, outcome.verdicts, outcome.code, f"client{c}", consensus_ms=outcome.consensus_ms))
@@ -156,6 +166,14 @@ class DesRun:
             self.in_flight[c] -= 1
             self.dispatch(c)
 
+        if sc.des.trial:  # the trials it cannot run without first, the rest among the live traffic (des/trials.py)
+            need = sc.load.committee if sc.load.mode == "committee" else 1
+            trials_for_query(client, need, lambda: self.launch(client, hidden, done))
+        else:
+            self.launch(client, hidden, done)
+
+    def launch(self, client: SimClient, hidden: Any, done: Any) -> None:
+        sc = self.sc
         if sc.load.mode == "committee":
             CommitteeQuery(client, hidden, done).start()
             return
@@ -214,7 +232,10 @@ class DesRun:
             "mean_latency_ms": round(statistics.mean([q.latency_ms for q in self.data.queries if q.ok]), 2) if any(q.ok for q in self.data.queries) else None,
             "wrong_share": round(sum(q.wrong for q in self.data.queries) / max(1, len(self.data.queries)), 4),
             "processes_left_note": "the discrete-event engine starts no processes",
+            "trials": {k: sum(getattr(c.trials, k) for c in self.clients) for k in ("sent", "passed", "failed", "unanswered", "gating")},
         })
+        if self.world.gossip is not None:
+            self.data.extra["gossip"] = self.world.gossip.report(len(self.data.queries), self.data.roles)
         if self.finished < self.sc.load.queries:
             self.data.extra["note"] = (f"stopped at the duration cap ({self.sc.duration_s} virtual s) with "
                                        f"{self.sc.load.queries - self.finished} queries unfinished")

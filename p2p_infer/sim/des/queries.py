@@ -14,7 +14,8 @@ import numpy as np
 
 from ...errors import NoRoute, P2PInferError
 from ...proto import query as q
-from ...proto.committee_codec import activation_hash
+from ...proto.auditor import evidence_message
+from ...proto.committee_codec import activation_hash, round_message, verdicts_message
 from ...proto.committee_round import (
     AskTickets,
     CommitteeRound,
@@ -126,6 +127,21 @@ class CommitteeQuery:
         self.outcome = Outcome(True)
         self.segments: list[tuple[int, int]] = []
         self.started_ms = client.loop.now_ms
+        self.records: list[dict[str, Any]] = []  # each judged stage's verdicts: gossiped once, when the query ends
+        self.finished = False
+        self.unjudged = 0  # stages decided at the first quorum whose late members are not judged yet
+
+    def finish(self) -> None:
+        self.finished = True
+        self.publish_verdicts()
+        self.done(self.outcome)
+
+    def publish_verdicts(self) -> None:
+        """Once per query, when every member is judged (as node/committee_client.publish_verdicts)."""
+        gossip = self.client.world.gossip
+        if self.finished and not self.unjudged and self.records and gossip is not None:
+            gossip.publish(self.client.peer_id, verdicts_message(self.client.peer_id, self.records))
+            self.records = []
 
     def start(self) -> None:
         try:
@@ -141,7 +157,7 @@ class CommitteeQuery:
         if stage == len(self.segments):
             self.outcome.wrong = not outputs_agree(wire(hidden), wire(self.truth))
             self.outcome.consensus_ms = self.client.loop.now_ms - self.started_ms
-            return self.done(self.outcome)
+            return self.finish()
         first, last = self.segments[stage]
         StageRun(self, stage, first, last, hidden).start()
 
@@ -154,7 +170,7 @@ class CommitteeQuery:
 
     def stage_failed(self, error: P2PInferError) -> None:
         self.outcome.ok, self.outcome.code = False, error.code
-        self.done(self.outcome)
+        self.finish()
 
 
 class StageRun:
@@ -173,7 +189,7 @@ class StageRun:
                        for i in client.directory.get(si, ())})
         peers = [client.world.peers[i] for i in pool]
         # a peer never met has R = 1; only met ones can be distrusted or excluded
-        peers = [p for p in peers if not p.known or (client.reputation.trusted(p.peer_id) and p.peer_id not in self.machine.excluded)]
+        peers = [p for p in peers if client.admitted(p) and (not p.known or (client.reputation.trusted(p.peer_id) and p.peer_id not in self.machine.excluded))]
         chosen = client.rng.sample(peers, min(client.world.sc.des.candidates, len(peers)))
         return {p.peer_id: p.record for p in chosen}
 
@@ -191,18 +207,32 @@ class StageRun:
                 self.client.auditor.on_commit(action.commit, action.candidates)
             elif isinstance(action, Decided):  # at the first quorum: the rest is judged later (Judged)
                 if action.judgement is not None:
-                    apply_judgement(action.judgement, self.client.reputation, self.client.auditor, self.client.peer_id)
+                    self.judge(action.judgement)
+                else:
+                    self.query.unjudged += 1
                 self.query.stage_done(action)
             elif isinstance(action, Judged):
-                apply_judgement(action.judgement, self.client.reputation, self.client.auditor, self.client.peer_id)
+                self.judge(action.judgement)
                 self.query.outcome.verdicts.update(action.decision.verdicts)  # the "pending" ones, now judged
+                self.query.unjudged -= 1
+                self.query.publish_verdicts()
             elif isinstance(action, Rerun):
-                apply_judgement(action.judgement, self.client.reputation, self.client.auditor, self.client.peer_id)
+                self.judge(action.judgement)
                 self.start()
             elif isinstance(action, Failed):
                 if action.judgement is not None:
-                    apply_judgement(action.judgement, self.client.reputation, self.client.auditor, self.client.peer_id)
+                    self.judge(action.judgement)
                 self.query.stage_failed(action.error)
+
+    def judge(self, judgement: Any) -> None:
+        """Score the members; gossip the verified evidence and keep the stage's verdicts for the query's gossip."""
+        client = self.client
+        evidence = apply_judgement(judgement, client.reputation, client.auditor, client.peer_id)
+        self.query.records.append(judgement.record())
+        gossip = client.world.gossip
+        if gossip is not None:
+            for item in evidence:
+                gossip.publish(client.peer_id, evidence_message(item))
 
     def feed(self, attempt: int, event: Callable[..., list[Any]], *args: Any) -> None:
         if attempt != self.machine.attempt:
@@ -266,3 +296,11 @@ class StageRun:
         answer = peer.core.answer(send.candidates, output, nonce, int(self.client.loop.now_ms), reveal=peer.fault != "no-reveal")
         back = self.client.one_way_ms(peer, REQUEST_BYTES + 4 * HIDDEN)
         self.client.loop.after(back, self.feed, attempt, self.machine.on_answer, peer.peer_id, answer)
+        gossip = self.client.world.gossip
+        if gossip is not None and answer.reveal is not None:  # the round, for audit, only after the commit deadline
+            def publish(message: dict[str, Any]) -> None:
+                gossip.publish(peer.peer_id, message)
+
+            sender = adv.equivocating(publish, peer.identity) if peer.fault == "equivocate" else publish
+            message = round_message(send.candidates, answer.commit, answer.reveal, output)
+            self.client.loop.at(max(self.client.loop.now_ms, send.task.commit_deadline_ms), sender, message)

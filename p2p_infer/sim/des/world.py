@@ -31,7 +31,7 @@ from ..scenario import Scenario, parse_range
 EPOCH_MS = 1_764_000_000_000  # virtual time starts here (records and tasks carry absolute ms)
 MODEL_ID = "de" * 32  # the modelled model's id (records advertise it; no weights behind it)
 HIDDEN = 8  # the modelled activation: 1 x HIDDEN float32; bandwidth uses hidden_bytes
-DES_FAULTS = ("wrong-output", "no-reveal", "late-commit", "copy", "lie-after-trial", "claims-fast")
+DES_FAULTS = ("wrong-output", "no-reveal", "late-commit", "copy", "lie-after-trial", "claims-fast", "equivocate")
 
 
 class EventLoop:
@@ -188,6 +188,7 @@ class World:
     by_nid: dict[int, SimPeer] = field(default_factory=dict)
     shards: list[tuple[int, int]] = field(default_factory=list)
     stores: dict[int, dict[int, list[int]]] = field(default_factory=dict)  # storing node nid -> shard -> provider indices
+    gossip: Any = None  # des.gossip.Gossip, when des.gossip
 
     def latency_ms(self, a: tuple[float, float], b: tuple[float, float]) -> float:
         net = self.sc.network
@@ -202,11 +203,13 @@ class World:
 def check_des_scenario(sc: Scenario) -> None:
     bad = [k for k in sc.adversaries.kinds if k not in DES_FAULTS] if (sc.adversaries.count or sc.adversaries.share) else []
     if bad:
-        raise ScenarioError(f"the discrete-event model does not model {bad} (gossip is not modelled); it models {', '.join(DES_FAULTS)}")
+        raise ScenarioError(f"the discrete-event model does not model {bad}; it models {', '.join(DES_FAULTS)}")
+    if "equivocate" in sc.adversaries.kinds and not sc.des.gossip and (sc.adversaries.count or sc.adversaries.share):
+        raise ScenarioError("adversaries.kinds equivocate needs des.gossip = true: equivocation is a gossiped commit")
     if sc.churn.joins:
         raise ScenarioError("churn.joins is not modelled by engine = \"des\" (use churn.kill or churn.rate_per_s: peers leave and rejoin)")
-    if sc.network.netem:
-        raise ScenarioError("network.netem applies to engine = \"processes\" only")
+    if sc.network.mode != "loopback":
+        raise ScenarioError("network.mode = \"netns\" applies to engine = \"processes\" only")
 
 
 def build_world(sc: Scenario, pool: Any, rng: random.Random) -> World:
