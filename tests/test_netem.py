@@ -20,6 +20,8 @@ from p2p_infer.sim.netns import PREFIX, Capabilities, NetnsLab, _tag
 from p2p_infer.sim.runner import simulate
 from p2p_infer.sim.scenario import NetworkSpec, PartitionSpec, ShapeSpec, load_scenario
 
+from .test_simulations import simulate_until_first_peer
+
 SIMS = Path(__file__).parent.parent / "simulations"
 CAPS = Capabilities.probe()
 needs_netns = pytest.mark.skipif(bool(CAPS.missing), reason="network namespaces unavailable here: " + "; ".join(CAPS.missing))
@@ -157,14 +159,8 @@ def test_the_netem_scenario_shows_a_slow_link_and_a_partition_healing(tmp_path):
 @pytest.mark.simulation
 def test_ctrl_c_removes_every_namespace_and_link(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "p2p_infer.cli", "simulate", str(SIMS / "netem.toml"), "--out", str(out), "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    proc = simulate_until_first_peer(SIMS / "netem.toml", out)
     try:
-        deadline = time.monotonic() + 240
-        while not (out / "swarm" / "peer0.ready").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no peer"
-            time.sleep(0.5)
         assert len(our_namespaces(proc.pid)) >= 2 and our_links(proc.pid)
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)

@@ -2,6 +2,11 @@
 liars, a deliberately broken invariant failing its run, and 2 of 3 wrong members."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,23 +92,28 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
-@pytest.mark.slow
-def test_ctrl_c_mid_run_leaves_nothing_running(tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
+def simulate_until_first_peer(scenario: Path, out: Path) -> "subprocess.Popen[bytes]":
+    """``p2p-infer simulate`` in its own process group, returned once its first peer is ready."""
 
-    out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "p2p_infer.cli", "simulate", str(SIMS / "smoke.toml"), "--out", str(out), "--quiet"],
+    proc = subprocess.Popen([sys.executable, "-m", "p2p_infer.cli", "simulate", str(scenario), "--out", str(out), "--quiet"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    deadline = time.monotonic() + 240
+    while not (out / "swarm" / "peer0.ready").exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            err = proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no peer ready"
+            proc.kill()
+            raise AssertionError(err)
+        time.sleep(0.5)
+    return proc
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_run_leaves_nothing_running(tmp_path):
+
+    out = tmp_path / "out"
+    proc = simulate_until_first_peer(SIMS / "smoke.toml", out)
     try:
-        deadline = time.monotonic() + 240
-        while not (out / "swarm" / "peer0.ready").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no peer"
-            time.sleep(0.5)
         assert len(processes_mentioning(str(out))) >= 3
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)

@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 import trio
-from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.abc import IHost, INetConn, INetwork
 from libp2p.kad_dht import common as kad_common
 from libp2p.kad_dht import kad_dht as kad_module
 from libp2p.kad_dht import peer_routing as kad_peer_routing
@@ -30,6 +30,7 @@ from libp2p.records.validator import NamespacedValidator, Validator
 from ..clock import now_ms
 from ..errors import InvalidDhtValue, PeerUnreachable, RecordError
 from .host import dial
+from .notify import Notifee
 from ..proto.records import KEY_NAMESPACE, CapabilityRecord, newest, record_key, verify_record
 
 DHT_CALL_TIMEOUT = 15.0
@@ -64,7 +65,7 @@ class RecordValidator(Validator):
         return newest(values)
 
 
-class _DropClients(INotifee):
+class _DropClients(Notifee):
     """py-libp2p puts every peer that opens a KAD stream in the routing table, light clients
     (``p2p-infer query``) too; once such a client disconnects, it is dropped again, so later
     clients neither list it nor wait on it in lookups (it never offered the KAD protocol)."""
@@ -80,21 +81,6 @@ class _DropClients(INotifee):
                 self.kad.routing_table.remove_peer(peer)
         except Exception:  # noqa: BLE001 - a notifee must never break the swarm
             pass
-
-    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
-        pass
-
-    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
-        pass
-
-    async def connected(self, network: INetwork, conn: INetConn) -> None:
-        pass
-
-    async def listen(self, network: INetwork, multiaddr: Any) -> None:
-        pass
-
-    async def listen_close(self, network: INetwork, multiaddr: Any) -> None:
-        pass
 
 
 class Discovery:

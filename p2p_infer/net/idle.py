@@ -22,13 +22,14 @@ from typing import Any
 
 import structlog
 import trio
-from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
-from multiaddr import Multiaddr
+from libp2p.abc import IHost, INetStream, INetwork
+
+from .notify import Notifee
 
 log = structlog.get_logger("p2p_infer.idle")
 
 
-class _Activity(INotifee):
+class _Activity(Notifee):
     """Stamps the time a stream opens, per remote peer (one connection per peer: we dial with
     ``max_connections_per_peer=1``). Short-lived streams (DHT RPCs) are seen here even when
     they open and close between two scans."""
@@ -47,18 +48,6 @@ class _Activity(INotifee):
             self.last_stream[str(stream.muxed_conn.peer_id)] = trio.current_time()
         except Exception:
             pass
-
-    async def connected(self, network: INetwork, conn: INetConn) -> None:
-        pass
-
-    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
-        pass
-
-    async def listen(self, network: INetwork, multiaddr: Multiaddr) -> None:
-        pass
-
-    async def listen_close(self, network: INetwork, multiaddr: Multiaddr) -> None:
-        pass
 
 
 async def _close(conn: Any) -> None:
