@@ -26,7 +26,7 @@ import structlog
 import trio
 
 from ..clock import now_ms
-from ..errors import ConsensusError, NoQuorum, P2PInferError
+from ..errors import ConsensusError, NoQuorum, P2PInferError, PeerTimedOut
 from ..ml.models import Activation, SplitModel
 from ..ml.tensors import decode_tensor, encode_tensor
 from ..proto.auditor import evidence_message
@@ -310,8 +310,8 @@ class RoundDriver:
         async def ask(peer: str) -> None:
             try:
                 actions = feed(peer, await committee_request(self.client, peer, message, timeout))
-            except P2PInferError as exc:
-                actions = self.machine.on_failure(peer, exc.message, now_ms())
+            except P2PInferError as exc:  # a timeout is silence (asked again, longer), not a refusal
+                actions = self.machine.on_failure(peer, exc.message, now_ms(), timed_out=isinstance(exc, PeerTimedOut))
             out.extend(actions)
 
         async with trio.open_nursery() as nursery:
@@ -359,7 +359,18 @@ class RoundDriver:
             judged.set()
 
     def on_ticket(self, peer: str, reply: Message) -> list[Action]:
-        return self.machine.on_ticket(peer, parse_ticket_reply(reply), now_ms())
+        """A ticket asked for in the round (missing from the prefetch, or re-asked after a
+        silence) enters the session cache like a prefetched one, once it ranks (verified)."""
+        ticket = parse_ticket_reply(reply)
+        actions = self.machine.on_ticket(peer, ticket, now_ms())
+        held, spec = self.client.ticket_session, self.machine.spec
+        if ticket.peer_id == peer and held.session == spec.session and held.session and ticket in self.machine.tickets:
+            try:
+                ticket.beta(held.seed)  # the session's seed: only a ticket valid for it is kept
+            except ConsensusError:
+                return actions
+            held.tickets[peer] = ticket
+        return actions
 
     def judged(self, judgement: Judgement) -> None:
         """Reputation for one task, the verdicts for this query's gossip, and the evidence."""
