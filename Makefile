@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install bench fuzz hardening simulate clean
+.PHONY: demo test install bench fuzz hardening simulate clean chromium
 
 $(BIN)/p2p-infer: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -14,6 +14,10 @@ $(BIN)/p2p-infer: pyproject.toml
 	touch $@
 
 install: $(BIN)/p2p-infer
+
+# Debian's chromium, for the health page test (tests/test_health_page.py, skipped without it); needs root
+chromium:
+	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m p2p_infer.demo

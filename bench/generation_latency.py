@@ -1,12 +1,16 @@
 """Generation latency: SmolLM2-135M decode over 3 peers (layers 1-10 / 11-20 / 21-29; the
-client runs the embedding, layer 0 and the head) vs the same weights decoding in this
-process with a KV cache; 32-token prefill; RSS/PSS per peer; failover recovery.
+client runs the embedding, layer 0 and the head), forwarded (peer to peer) and client-driven,
+vs the same weights decoding in this process with a KV cache; 32-token prefill; RSS/PSS per
+peer; failover recovery (forwarded mode).
 
     .venv/bin/python bench/generation_latency.py [--tokens 32] [--runs 3] [--threads 1] [--no-failover]
     .venv/bin/python bench/generation_latency.py --verified [--runs 3]   # verified vs unverified wall time, 2 providers per span
 
-Both sides use the same torch thread count per process. Decode figures exclude the first
-token (the prefill). Prints JSON lines, the last one a summary with ratios from this run.
+Every process uses the same torch thread count (peers: --torch-threads default 1; this
+process: --threads). The monolithic baseline runs while the swarm is up, interleaved with
+the distributed runs (monolithic, forwarded, client-driven, per round), so all three see the
+same machine load. Decode figures exclude the first token (the prefill). Prints one JSON
+summary with ratios from this run.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from p2p_infer.node.client import Client  # noqa: E402
 from p2p_infer.testing.harness import Swarm  # noqa: E402
 
 SPANS = [["smollm2-135m:1-10"], ["smollm2-135m:11-20"], ["smollm2-135m:21-29"]]
+MODES = ("monolithic", "forwarded", "client-driven")
 PETALS = {"decode_ms": 86.7, "decode_mono_ms": 38.2, "decode_ratio": 2.27, "prefill32_ms": 238, "prefill32_mono_ms": 83,
           "prefill_ratio": 2.86, "pss_mb_per_server": 850}
 
@@ -47,6 +52,11 @@ def prompt_of_32_tokens(model) -> str:
         text = candidate
     assert len(model.prompt_ids(text, chat=False)) == 32, len(model.prompt_ids(text, chat=False))
     return text
+
+
+def ratios(xs: list[float], base: list[float]) -> dict[str, float]:
+    a, b = stats(xs), stats(base)
+    return {k: round(a[k] / b[k], 2) for k in ("median", "mean", "p95")}
 
 
 def stats(xs: list[float]) -> dict[str, float]:
@@ -72,17 +82,29 @@ def monolithic(model, ids: list[int], tokens: int) -> tuple[float, list[float]]:
     return prefill, decode
 
 
-async def distributed(bootstrap: str, prompt: str, tokens: int, runs: int) -> tuple[list[float], list[float], list[int]]:
-    prefill, decode, out = [], [], []
+async def distributed(bootstrap: str, model, prompt: str, tokens: int, runs: int) -> dict[str, dict[str, list[float]]]:
+    """Per mode (monolithic, forwarded, client-driven): prefill ms and decode ms per token, rounds interleaved."""
+    ids = model.prompt_ids(prompt, chat=False)
+    out: dict[str, dict[str, list[float]]] = {m: {"prefill": [], "decode": []} for m in MODES}
+    outputs: dict[str, list[int]] = {}
     async with Client([bootstrap], trial=False, request_timeout=120) as c:
-        for run in range(runs + 1):  # the first run warms up (client model load, connections)
-            pieces = [p async for p in c.generate(prompt, max_new_tokens=tokens, verified=False, chat=False)]
-            result = pieces[-1].result
-            if run:
-                prefill.append(result.token_ms[0])
-                decode += result.token_ms[1:]
-                out = result.tokens
-    return prefill, decode, out
+        for run in range(runs + 1):  # the first round warms up (client model load, connections)
+            for mode in MODES:
+                if mode == "monolithic":
+                    prefill, decode = monolithic(model, ids, tokens)
+                else:
+                    pieces = [p async for p in c.generate(prompt, max_new_tokens=tokens, verified=False, chat=False,
+                                                          forwarding=mode == "forwarded")]
+                    result = pieces[-1].result
+                    assert result.forwarded_tokens == (len(result.tokens) if mode == "forwarded" else 0), result.forwarded_tokens
+                    prefill, decode = result.token_ms[0], result.token_ms[1:]
+                    outputs[mode] = result.tokens
+                if run:
+                    out[mode]["prefill"].append(prefill)
+                    out[mode]["decode"] += decode
+    assert outputs["forwarded"] == outputs["client-driven"]
+    out["sample"] = outputs["forwarded"]  # type: ignore[assignment]
+    return out
 
 
 async def failover(swarm: Swarm, prompt: str, tokens: int) -> dict[str, float]:
@@ -90,7 +112,7 @@ async def failover(swarm: Swarm, prompt: str, tokens: int) -> dict[str, float]:
     async with Client([swarm.bootstrap.addr], trial=False, request_timeout=120) as c:
         [p async for p in c.generate(prompt, max_new_tokens=4, verified=False, chat=False)]  # warm
         pieces, killed_at = [], None
-        async for piece in c.generate(prompt, max_new_tokens=tokens, verified=False, chat=False):
+        async for piece in c.generate(prompt, max_new_tokens=tokens, verified=False, chat=False, forwarding=True):
             pieces.append(piece)
             if piece.index == tokens // 2 and piece.result is None and killed_at is None:
                 swarm.kill(names[piece.route[1]], signal.SIGKILL)
@@ -155,11 +177,6 @@ def main() -> None:
         return run_verified(args, prompt)
     ids = model.prompt_ids(prompt, chat=False)
     monolithic(model, ids, 4)  # warm-up
-    mono_prefill, mono_decode = [], []
-    for _ in range(args.runs):
-        p, d = monolithic(model, ids, args.tokens)
-        mono_prefill.append(p)
-        mono_decode += d
     with Swarm(Path(tempfile.mkdtemp(prefix="genbench-"))) as swarm:
         swarm.start_bootstrap()
         peers = swarm.start_peers(SPANS, timeout=600)
@@ -168,15 +185,17 @@ def main() -> None:
             swarm.wait_ready([swarm.peers["spare"]], timeout=600)
         swarm.wait_discoverable(timeout=180)
         memory = {p.serve[0]: memory_mb(p.proc.pid) for p in peers}
-        prefill, decode, tokens = trio.run(distributed, swarm.bootstrap.addr, prompt, args.tokens, args.runs)
+        runs = trio.run(distributed, swarm.bootstrap.addr, model, prompt, args.tokens, args.runs)
         recovery = None if args.no_failover else trio.run(failover, swarm, prompt, args.tokens)
+    tokens = runs.pop("sample")
+    mono = runs["monolithic"]
     summary = {
         "tokens": args.tokens, "prompt_tokens": len(ids), "threads": args.threads, "runs": args.runs,
-        "decode_ms": {"monolithic": stats(mono_decode), "3_peers": stats(decode)},
-        "prefill32_ms": {"monolithic": stats(mono_prefill), "3_peers": stats(prefill)},
-        "decode_ratio_median": round(statistics.median(decode) / statistics.median(mono_decode), 2),
-        "prefill_ratio_median": round(statistics.median(prefill) / statistics.median(mono_prefill), 2),
-        "peer_memory": memory, "failover": recovery, "petals_anchor": PETALS,
+        "decode_ms": {m: stats(runs[m]["decode"]) for m in MODES},
+        "prefill32_ms": {m: stats(runs[m]["prefill"]) for m in MODES},
+        "decode_ratio": {m: ratios(runs[m]["decode"], mono["decode"]) for m in MODES[1:]},
+        "prefill_ratio": {m: ratios(runs[m]["prefill"], mono["prefill"]) for m in MODES[1:]},
+        "peer_memory": memory, "failover_forwarded": recovery, "petals_anchor": PETALS,
         "sample": model.tokenizer.decode(tokens, skip_special_tokens=True)[:80],
     }
     print(json.dumps(summary))

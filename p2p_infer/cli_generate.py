@@ -33,6 +33,8 @@ def _generation_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--no-chat-template", is_flag=True, help="send the prompt as raw text"),
         click.option("--timeout", type=click.FloatRange(0.0, min_open=True), default=30.0, show_default=True,
                      help="seconds per request to a peer"),
+        click.option("--client-driven", is_flag=True,
+                     help="send every decode step to each span's peer from here (default: forwarded peer to peer)"),
     )(fn)
 
 
@@ -61,10 +63,10 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"generation is served for smollm2-135m only, not {args.model!r}")
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed).validate()
     return {"max_new_tokens": args.max_new_tokens, "sampling": sampling, "verified": not args.unverified,
-            "chat": not args.no_chat_template}
+            "chat": not args.no_chat_template, "forwarding": not args.client_driven}
 
 
-async def _answer(client: Any, prompt: str, options: dict[str, Any], stream: bool) -> dict[str, Any]:
+async def _answer(client: Any, prompt: Any, options: dict[str, Any], stream: bool) -> dict[str, Any]:
     result = None
     async for piece in client.generate(prompt, **options):
         if piece.restart and stream:
@@ -103,9 +105,36 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+class Conversation:
+    """The chat so far, as the chat template wants it: each turn is generated from the whole
+    conversation (new sessions per turn, the history prefilled). The oldest turns are dropped
+    when the conversation and the answer would pass a session's token limit."""
+
+    def __init__(self, max_tokens: int, max_new_tokens: int) -> None:
+        self.messages: list[dict[str, str]] = []
+        self.budget = max_tokens - max_new_tokens
+
+    def ask(self, text: str, count: Callable[[list[dict[str, str]]], int]) -> list[dict[str, str]]:
+        self.messages.append({"role": "user", "content": text})
+        while len(self.messages) > 1 and count(self.messages) > self.budget:
+            del self.messages[:2]  # the oldest question and its answer
+        return list(self.messages)
+
+    def answered(self, text: str) -> None:
+        self.messages.append({"role": "assistant", "content": text})
+
+    def reset(self) -> None:
+        self.messages.clear()
+
+
 def cmd_chat(args: argparse.Namespace, settings: Settings) -> int:
-    """One question per line; each answer streams back (no history between turns yet)."""
+    """One message per line; the answer streams back, and the conversation is kept (``/reset``
+    forgets it, ``/quit`` ends)."""
     options = _options(args)
+    if not options["chat"]:
+        from .errors import UsageError
+
+        raise UsageError("chat keeps a conversation through the chat template; --no-chat-template is for generate")
     import trio
 
     from .net.host import quiet_libp2p_logging
@@ -117,14 +146,19 @@ def cmd_chat(args: argparse.Namespace, settings: Settings) -> int:
 
     async def chat() -> None:
         async with Client(addrs, trial=False, request_timeout=args.timeout) as client:
+            model = await client.model(args.model)
+            talk = Conversation(model.max_tokens, args.max_new_tokens)
             while True:
                 print("> ", end="", flush=True)
                 line = await trio.to_thread.run_sync(sys.stdin.readline)
                 if not line or line.strip() in ("/quit", "/exit"):
                     return
-                if line.strip():
-                    await _answer(client, line.strip(), options, stream=True)
+                if line.strip() == "/reset":
+                    talk.reset()
+                    print("[conversation forgotten]", file=sys.stderr)
+                elif line.strip():
+                    messages = talk.ask(line.strip(), lambda m: len(model.prompt_ids(m, True)))
+                    talk.answered((await _answer(client, messages, options, stream=True))["text"])
 
     trio.run(chat)
     return 0
-

@@ -100,6 +100,8 @@ class Settings:
     tee_allow_platform: list[str] = field(default_factory=list)  # hex mr_td (tdx) / mr_enclave (sgx)
     tee_collateral: list[str] = field(default_factory=list)  # "tdx=FILE", "sgx=FILE": DCAP collateral JSON
     tee_max_age: float = 600.0  # seconds an attestation stays fresh
+    api: str = ""  # HOST:PORT of the peer's control API (GET /status, /metrics); empty = off
+    api_public: bool = False  # allow a non-loopback --api address (it has no authentication)
     heartbeat_interval: float = 60.0  # seconds between a serving peer's heartbeat log lines; 0 = none
 
     def witness_path(self) -> Path:
@@ -123,7 +125,7 @@ class Settings:
 SETTING_FLAGS = ("key", "listen", "bootstrap", "bootstrap_file", "serve", "log_format", "log_level",
                  "record_ttl", "max_concurrent", "torch_threads", "ready_file", "audit_log", "test_fault",
                  "checkpoint_interval", "witness_file", "tee", "tee_quote", "threshold_member", "dkg_members",
-                 "dkg_threshold", "max_connections", "conn_idle_timeout", "heartbeat_interval")
+                 "dkg_threshold", "max_connections", "conn_idle_timeout", "heartbeat_interval", "api", "api_public")
 
 Source = str  # "default", "file PATH", "env P2P_INFER_X", "flag --x"
 
@@ -186,7 +188,8 @@ def layered(config_file: Path | None, overrides: dict[str, Any]) -> dict[str, tu
     for name, value in _check_names(overrides, "flags").items():
         if value is not None and value != []:
             layers[name] = (value, f"flag --{name.replace('_', '-')}")
-    return {k: (_coerce(k, v, src), src) for k, (v, src) in layers.items()}
+    # flags arrive typed and checked by click; file and env values are coerced here
+    return {k: (v if src.startswith("flag") else _coerce(k, v, src), src) for k, (v, src) in layers.items()}
 
 
 def load_settings(config_file: Path | None, overrides: dict[str, Any]) -> Settings:

@@ -50,6 +50,17 @@ class UnsupportedMode(UsageError):
     code = "unsupported_mode"
 
 
+class InvalidApiRequest(UsageError):
+    """An HTTP API request (gateway, control API) with a missing, malformed or unsupported
+    field; ``param`` names it (OpenAI's error format carries it)."""
+
+    code = "invalid_request"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class IdentityError(P2PInferError, ValueError):
     """The key file is unreadable, malformed, or too permissive."""
 
@@ -313,6 +324,19 @@ class OutOfOrder(SessionError):
     """A step whose number or position is not the next one the session expects."""
 
     code = "out_of_order"
+
+
+class ForwardIncomplete(SessionError):
+    """A forwarded decode step did not come back whole and checked from every hop (one failed,
+    or a relayed entry did not match its producer's signature): the client redoes the token
+    hop by hop. ``failed`` names the hop reported failed, if any."""
+
+    code = "forward_incomplete"
+    retryable = True
+
+    def __init__(self, message: str, failed: str | None = None) -> None:
+        super().__init__(message)
+        self.failed = failed
 
 
 class VerificationFailed(P2PInferError):

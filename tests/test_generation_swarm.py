@@ -61,11 +61,14 @@ async def collect(c: Client, prompt: str, **options):
     return pieces[-1].result, pieces[:-1]
 
 
-async def test_greedy_32_tokens_equal_monolithic(swarm, smol):
+@pytest.mark.parametrize("forwarding", [True, False], ids=["forwarded", "client-driven"])
+async def test_greedy_32_tokens_equal_monolithic(swarm, smol, forwarding):
     expected = generate_local(smol, smol.prompt_ids(PROMPT), 32, Sampling())
     async with client(swarm) as c:
-        result, pieces = await collect(c, PROMPT, max_new_tokens=32, verified=False)
+        result, pieces = await collect(c, PROMPT, max_new_tokens=32, verified=False, forwarding=forwarding)
     assert result.tokens == expected and len(expected) == 32
+    assert result.decode == ("forwarded" if forwarding else "client-driven")
+    assert result.forwarded_tokens == (32 if forwarding else 0)  # the prefill too: sessions open ahead
     assert "".join(p.text for p in pieces) == result.text == smol.tokenizer.decode(expected, skip_special_tokens=True)
     assert [(h["first"], h["last"]) for h in result.route] == [(1, 10), (11, 20), (21, 29)]
     assert result.verified is False and result.mode == "unverified"
@@ -76,7 +79,7 @@ async def test_seeded_sampling_is_reproducible_across_runs_and_equals_monolithic
     expected = generate_local(smol, smol.prompt_ids("Tell me a joke."), 24, s)
     async with client(swarm) as c:
         first, _ = await collect(c, "Tell me a joke.", max_new_tokens=24, sampling=s, verified=False)
-        second, _ = await collect(c, "Tell me a joke.", max_new_tokens=24, sampling=s, verified=False)
+        second, _ = await collect(c, "Tell me a joke.", max_new_tokens=24, sampling=s, verified=False, forwarding=False)
     assert first.tokens == second.tokens == expected
     other = generate_local(smol, smol.prompt_ids("Tell me a joke."), 24, Sampling(0.9, 40, 0.95, 2027))
     assert other != expected  # the seed matters
@@ -89,7 +92,7 @@ def test_cli_generate_json_and_verified_refused_without_second_providers(swarm):
     assert "Paris" in data["text"] and data["verified"] is False and len(data["tokens"]) <= 12
     assert [h["first"] for h in data["route"]] == [1, 11, 21]
     refused = swarm.cli("generate", "--bootstrap", swarm.bootstrap.addr, "--max-new-tokens", "4", "hi", check=False, timeout=400)
-    assert refused.returncode == 1
+    assert refused.returncode == 1  # the network cannot verify (CannotVerify): a runtime failure, as for query
     assert "second provider of layers 1-10" in refused.stderr and "--unverified" in refused.stderr
 
 
@@ -105,10 +108,11 @@ async def test_a_recording_peer_sees_only_float_hidden_states(swarm, smol, dump_
         msg = msgpack.unpackb(raw)
         if msg["type"] == "session_step":
             steps += 1
-            assert set(msg) == {"type", "session", "step", "position", "hidden", "commit"}
+            assert set(msg) == {"type", "session", "step", "position", "hidden", "commit", "forward", "route", "request_id"}
             assert msg["hidden"]["dtype"] == "float32" and msg["hidden"]["shape"][2] == 576
+            assert {k for hop in msg["route"] for k in hop} <= {"peer", "session", "step", "position"}
         else:
-            assert msg["type"] in ("session_open", "session_close", "ping", "forward")
+            assert msg["type"] in ("session_open", "session_close", "session_link", "ping", "forward")
             for value in msg.values():  # no tensors of ids, no strings but ids and types
                 assert not (isinstance(value, dict) and value.get("dtype") == "int64")
     assert steps == len(result.tokens)
@@ -148,8 +152,8 @@ async def test_session_errors_are_clear_and_the_peer_keeps_serving(swarm, smol):
             (opening(3, max_length=100000), "session_too_long"),
             (opening(4, model="00" * 32), "unknown_model"),
             ({"type": "session_open", "session": "short", "model": model}, "bad_request"),
-            (step(1, 1, 0), "out_of_order"),
             (step(1, 0, 5), "out_of_order"),
+            ({**step(1, 0, 0), "forward": True, "route": [], "request_id": ""}, "bad_request"),
             (step(1, 0, 0, to_wire(np.zeros((20, 576), dtype=np.float32))), "session_too_long"),
             (step(1, 0, 0, {**hidden, "data": hidden["data"][:-4]}), "bad_tensor"),
             (step(1, 0, 0, to_wire(np.zeros((2, 100), dtype=np.float32))), "bad_tensor"),  # refused; the session survives
@@ -161,6 +165,9 @@ async def test_session_errors_are_clear_and_the_peer_keeps_serving(swarm, smol):
             assert reply["type"] == "error" and reply["code"] == code, (code, reply)
         foreign = await raw(other, peer.addr, step(1, 0, 0))
         assert foreign["code"] == "foreign_session"
+        forwarded = {**step(1, 0, 0), "forward": True, "route": [], "request_id": "x"}  # a peer that is not the upstream
+        assert (await raw(other, peer.addr, forwarded))["code"] == "foreign_session"
+        assert (await raw(other, peer.addr, {"type": "session_link", "session": sid(1), "upstream": None}))["code"] == "foreign_session"
         assert (await raw(other, peer.addr, {"type": "session_close", "session": sid(1)}))["code"] == "foreign_session"
         ok = await raw(host, peer.addr, step(1, 0, 0))  # the owner's session is untouched
         assert ok["type"] == "session_output" and ok["hidden"]["shape"] == [1, 2, 576]
@@ -191,13 +198,18 @@ async def test_an_idle_session_expires_and_frees_its_slot(swarm, smol):
     assert peer.log_tail(400).count("session expired") >= 3
 
 
-async def test_killing_the_middle_peer_mid_generation_gives_the_same_tokens(swarm, smol):
+@pytest.mark.parametrize("forwarding", [True, False], ids=["forwarded", "client-driven"])
+async def test_killing_the_middle_peer_mid_generation_gives_the_same_tokens(swarm, smol, forwarding):
+    for name in ("mid-a", "mid-b"):  # the other parametrisation killed one: bring it back
+        if not swarm.peers[name].alive():
+            swarm.restart(name, timeout=300)
+            swarm.wait_discoverable(timeout=120)
     expected = generate_local(smol, smol.prompt_ids(PROMPT), 32, Sampling())
     names = {p.peer_id: p.name for p in swarm.peers.values() if p.info}
     killed = None
     async with client(swarm) as c:
         pieces = []
-        async for piece in c.generate(PROMPT, max_new_tokens=32, verified=False):
+        async for piece in c.generate(PROMPT, max_new_tokens=32, verified=False, forwarding=forwarding):
             pieces.append(piece)
             if piece.index == 8 and killed is None and piece.result is None:
                 killed = names[piece.route[1]]
@@ -207,3 +219,43 @@ async def test_killing_the_middle_peer_mid_generation_gives_the_same_tokens(swar
     assert result.tokens == expected
     assert [f["peer"] for f in result.failovers] == [swarm.peers[killed].peer_id]
     assert result.route[1]["peer"] != swarm.peers[killed].peer_id
+    if forwarding:  # the token after the kill went hop by hop (replay), the rest peer to peer again
+        assert 32 - 2 <= result.forwarded_tokens < 32
+
+
+CHAT = ["My name is Ada and I live in Paris.", "What is my name?"]
+
+
+def conversation_answers(smol, tokens: int = 16):
+    """What the monolithic model answers turn by turn when each turn sees the whole conversation."""
+    messages, answers = [], []
+    for text in CHAT:
+        messages.append({"role": "user", "content": text})
+        answer = smol.tokenizer.decode(generate_local(smol, smol.prompt_ids(messages), tokens, Sampling()), skip_special_tokens=True)
+        messages.append({"role": "assistant", "content": answer})
+        answers.append(answer)
+    return messages, answers
+
+
+async def test_a_conversation_is_generated_with_its_history(swarm, smol):
+    messages, answers = conversation_answers(smol)
+    turns = messages[:-1]  # up to the second question
+    async with client(swarm) as c:
+        result, _ = await collect(c, turns, max_new_tokens=16, verified=False)
+    assert result.text == answers[1]
+    assert result.prompt_tokens == len(smol.prompt_ids(turns)) > len(smol.prompt_ids(CHAT[1]))
+    alone = smol.tokenizer.decode(generate_local(smol, smol.prompt_ids(CHAT[1]), 16, Sampling()), skip_special_tokens=True)
+    assert alone != answers[1]  # the history changes the answer: it was really sent
+
+
+def test_cli_chat_keeps_the_conversation(swarm, smol):
+    import subprocess
+
+    _, answers = conversation_answers(smol)
+    argv = [swarm.python, "-m", "p2p_infer.cli", "chat", "--bootstrap", swarm.bootstrap.addr, "--unverified", "--max-new-tokens", "16"]
+    out = subprocess.run(argv, input="\n".join([*CHAT, "/quit"]) + "\n", capture_output=True, text=True, timeout=400,
+                         env=swarm.env, cwd=swarm.workdir, start_new_session=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("> ") == 3
+    first, second = out.stdout.split("> ")[1:3]
+    assert first.strip() == answers[0].strip() and second.strip() == answers[1].strip()

@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "p2p_infer.cli.config_cmd",  # config init|show
     "p2p_infer.cli_generate",  # generate, chat
     "p2p_infer.sim.cli",  # simulate
+    "p2p_infer.cli_gateway",  # gateway, status (and peer --api)
 ]
 
 

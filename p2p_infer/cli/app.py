@@ -90,7 +90,10 @@ USAGE_ERRORS = (UsageError, ConfigError)  # our own refusals of what was asked: 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every failure is one ``error:`` line on stderr (traceback only with --debug).
-    Exit 0 ok, 1 runtime failure, 2 usage or configuration error, 130 interrupted."""
+    Exit 0 ok, 1 runtime failure, 2 usage or configuration error, 130 interrupted. As the
+    process's entry point (no ``argv``) an interrupt ends the process at once."""
+    global _hard_exit
+    _hard_exit = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("P2P_INFER_DEBUG", "") not in ("", "0")
     _register()
@@ -147,9 +150,15 @@ def _usage_hint(exc: click.ClickException) -> str | None:
     return f"see '{ctx.command_path} --help'" if ctx is not None else None
 
 
+_hard_exit = False
+
+
 def _interrupted() -> int:
     sys.stderr.write("error: interrupted\n")
     sys.stderr.flush()
+    if _hard_exit:  # threads abandoned mid-load (torch, weights) would hold the exit for seconds
+        sys.stdout.flush()
+        os._exit(130)
     return 130
 
 

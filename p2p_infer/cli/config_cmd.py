@@ -11,7 +11,7 @@ import click
 
 from ..config import Settings, settings_sources
 from ..errors import ConfigError
-from .app import cli, common, make_args, settings_from
+from .app import cli, common, make_args, network, settings_from
 
 COMMENTS = {  # what a volunteer most often sets; every other setting is listed commented out
     "listen": "address to listen on (a public peer: /ip4/0.0.0.0/tcp/4001)",
@@ -45,6 +45,7 @@ def init_command(path: Path, force: bool) -> int:
 
 @config_group.command("show")
 @common
+@network
 @click.option("--json", "json_out", is_flag=True, help="one JSON object on stdout")
 def show_command(json_out: bool, **values: Any) -> int:
     """Print every setting's effective value and its source (default, file, env or flag)."""

@@ -14,6 +14,7 @@ import structlog
 from ..config import Settings
 from . import params
 from .app import cli, common, network, options, run
+from ..cli_gateway import api_options
 
 log = structlog.get_logger("p2p_infer.cli")
 
@@ -67,6 +68,7 @@ def cmd_id(args: argparse.Namespace, settings: Settings) -> int:
 @click.option("--serve", multiple=True, type=params.SERVE, help="serve layers FIRST..LAST of MODEL (repeatable)")
 @serving
 @tee_peer
+@api_options  # --api, --api-public: the control API (cli_gateway.py)
 def peer_command(**values: Any) -> int:
     """Run a peer that serves model layers."""
     return run("peer", cmd_peer, values)
@@ -105,7 +107,9 @@ def cmd_peer(args: argparse.Namespace, settings: Settings) -> int:
         configure_logging(settings.log_format, settings.log_level, peer=peer.identity.peer_id)  # type: ignore[arg-type]
         on_ready = (lambda addrs: (phases.done(), print(addrs[0], flush=True))) if args.command == "bootstrap" else (lambda _a: phases.done())
         completed = trio.run(run_peer_until_signalled, peer, on_ready)
-    return 0 if completed else 130
+    if not completed:
+        raise KeyboardInterrupt  # a signal during start-up: the boundary says so and exits 130
+    return 0
 
 
 def warn_if_alone(command: str, settings: Settings) -> None:

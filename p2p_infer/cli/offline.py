@@ -55,6 +55,10 @@ def cmd_verify_proofs(path: Path) -> int:
         if manifest is None:
             raise zk.ZkError(f"proofs are for unknown model {saved.model_id[:16]}...")
         model = load_model(manifest.name, default_cache_dir())
+        other = other_keys(saved, model)
+        if other:
+            print(f"CANNOT VERIFY here: {other}")
+            return 1
         lines = verify_saved(saved, model, manifest.num_layers, default_cache_dir())
     except (zk.ZkError, OSError, KeyError, TypeError, ValueError) as exc:
         print(f"INVALID: {getattr(exc, 'message', exc)}")
@@ -63,6 +67,29 @@ def cmd_verify_proofs(path: Path) -> int:
     for line in lines:
         print(f"  {line}")
     return 0
+
+
+def other_keys(saved: Any, model: Any) -> str | None:
+    """Why this machine cannot judge the file's proofs, if its SRS or verifying keys are not the
+    ones they were made with (another cache's test SRS): a valid proof is not INVALID here."""
+    from ..verify import zk
+    from ..verify.chain import local_kits
+
+    if not saved.pins:
+        return None
+    kits = local_kits(model, [(p.first, p.last) for p in saved.proofs], default_cache_dir())
+    for proof, pin in zip(saved.proofs, saved.pins):
+        kit = kits[(proof.first, proof.last)]
+        srs = zk.sha256_file(kit.srs)
+        if srs != pin["srs_sha256"]:
+            return (f"the proof of layers {proof.first}-{proof.last} was made with SRS {pin['srs_sha256'][:16]}..., this "
+                    f"machine's is {srs[:16]}... (a different SRS: a test SRS is generated per cache; share one with "
+                    "P2P_INFER_SRS_DIR, see docs/zk.md); a proof can only be checked against its own SRS")
+        vk = zk.sha256_file(kit.vk)
+        if vk != pin["vk_sha256"]:
+            return (f"the proof of layers {proof.first}-{proof.last} was made with verifying key {pin['vk_sha256'][:16]}..., "
+                    f"this machine builds {vk[:16]}... from its own weights and SRS (different weights or circuit settings)")
+    return None
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:

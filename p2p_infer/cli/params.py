@@ -75,10 +75,7 @@ def parse_query_input(model: str, text: str) -> Any:
         index = text[5:]
         if not index.isdigit() or int(index) >= DIGITS_TEST_SIZE:
             raise UsageError(f"test:N picks a digits test image, N in 0-{DIGITS_TEST_SIZE - 1}; got {text!r}")
-        from ..ml.models import DigitsMLP
-
-        _, _, x_test, _ = DigitsMLP.dataset()
-        return x_test[int(index)].tolist()
+        return digits_test_images()[int(index)]
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
@@ -86,6 +83,26 @@ def parse_query_input(model: str, text: str) -> Any:
     if len(values) != DIGITS_PIXELS or not all(math.isfinite(v) for v in values):
         raise UsageError(f"digits-mlp takes {DIGITS_PIXELS} finite comma-separated values (an 8x8 image), got {len(values)}")
     return values
+
+
+def digits_test_images() -> list[list[float]]:
+    """The digits test split, cached as JSON beside the model: sklearn costs seconds per cold query."""
+    from ..config import default_cache_dir
+
+    path = default_cache_dir() / "models" / "digits-mlp-test-images.json"
+    try:
+        images = json.loads(path.read_text())
+        if isinstance(images, list) and len(images) == DIGITS_TEST_SIZE:
+            return images
+    except (OSError, ValueError):
+        pass
+    from ..files import write_atomically
+    from ..ml.models import DigitsMLP
+
+    images = DigitsMLP.dataset()[2].tolist()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, json.dumps(images).encode())
+    return images
 
 
 class _Checked(click.ParamType):

@@ -16,8 +16,9 @@ log = structlog.get_logger("p2p_infer.cli")
 class Phases:
     """``phase(name)`` ends the previous phase and starts the next; ``done()`` ends the last."""
 
-    def __init__(self, job: str, tty: bool | None = None) -> None:
+    def __init__(self, job: str, tty: bool | None = None, level: str = "info") -> None:
         self.job = job
+        self.level = level  # of the one line per phase when not on a terminal
         self.tty = sys.stderr.isatty() if tty is None else tty
         self._current: str | None = None
         self._started = 0.0
@@ -48,7 +49,7 @@ class Phases:
         if self._status is not None:
             self._status.update(f"{self.job}: {name}...")
         else:
-            log.info("start-up phase", job=self.job, phase=name)
+            getattr(log, self.level)("start-up phase" if self.job != "query" else "query phase", job=self.job, phase=name)
 
     def done(self) -> None:
         self._end()

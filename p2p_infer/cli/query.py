@@ -16,6 +16,7 @@ from ..errors import UsageError
 from ..proto.sortition import MIN_K
 from . import params
 from .app import cli, common, network, options, run
+from .progress import Phases
 
 
 def _committee_k(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
@@ -86,10 +87,12 @@ def check_query(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def client_identity(settings: Settings, args: argparse.Namespace) -> Any:
-    """An explicit --key (flag or config) is used; otherwise a fresh key per run (a CLI client is not a peer)."""
+    """A key given (flag, P2P_INFER_KEY or the config file) is used; otherwise a fresh key per run (a CLI client is not a peer)."""
+    from ..config import settings_sources
     from ..identity import Identity, load_or_create_identity
 
-    return load_or_create_identity(settings.key) if args.key is not None else Identity.generate()
+    given = args.key is not None or settings_sources(args.config, {})["key"] != "default"
+    return load_or_create_identity(settings.key) if given else Identity.generate()
 
 
 def query_plan(args: argparse.Namespace) -> Any:
@@ -115,9 +118,12 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     quiet_libp2p_logging()
 
     async def query() -> dict[str, Any]:
+        phases.phase("join and read the directory")
         async with Client(addrs, plan=plan, commit_timeout=args.commit_timeout, identity=identity, listen=settings.listen,
                           tee_policy=policy_from_settings(settings)) as client:
+            phases.phase(f"query ({plan.describe()})")
             result = await client.run(args.model, inputs)
+            phases.done()
             if args.proof_follows and result.proofs is not None:
                 if not args.json:
                     print_result(result.to_json())
@@ -147,7 +153,8 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
                 out["local_check"] = compare_outputs(result.output, model.run_local(inputs))
             return out
 
-    out = trio.run(query)
+    with Phases("query", level="debug") as phases:  # a spinner on a terminal; debug lines otherwise
+        out = trio.run(query)
     if args.json:
         print(json.dumps(out))
     elif out.get("check") is not None:
@@ -208,13 +215,16 @@ def save_certified(args: argparse.Namespace, certified: dict[str, bytes] | None)
 
 
 def proof_file(result: Any) -> bytes:
-    """The verified chain, the layers it covers and the output it proves (protocols/artifact.md)."""
+    """The verified chain, the layers it covers, the output it proves and the keys it was checked
+    with (protocols/artifact.md)."""
     from ..verify import zk
     from ..verify.chain import ProofChainFile
 
     p = result.proofs
+    pins = tuple({"vk_sha256": sh["vk_sha256"], "srs_sha256": sh["srs_sha256"]} for sh in p["shards"] if "srs_sha256" in sh)
     return ProofChainFile(result.model_id, p["first_layer"], p["last_layer"], p["input_hash"], tuple(p["output"]),
-                          tuple(zk.ShardProof.from_wire(c) for c in p["chain"]), result.output).encode()
+                          tuple(zk.ShardProof.from_wire(c) for c in p["chain"]), result.output,
+                          pins if len(pins) == len(p["chain"]) else ()).encode()
 
 
 def compare_outputs(remote: dict[str, Any], local: dict[str, Any]) -> dict[str, Any]:

@@ -101,9 +101,9 @@ class SplitModel(ABC):
 
 
 def _runtime() -> dict[str, str]:
-    import transformers
+    from importlib.metadata import version  # not ``import transformers``: 2-3 s for a version string
 
-    return {"torch": torch.__version__.split("+")[0], "transformers": transformers.__version__}
+    return {"torch": torch.__version__.split("+")[0], "transformers": version("transformers")}
 
 
 WORD_IDS = (1996, 29612)  # bert-base-uncased: the whole words and word pieces, after the specials and single characters

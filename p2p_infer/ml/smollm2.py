@@ -170,6 +170,12 @@ class KVCache:
     def length(self) -> int:
         return next(iter(self.keys.values())).shape[-2] if self.keys else 0
 
+    def truncate(self, length: int) -> None:
+        """Forget every token from ``length`` on (a client's rewind after a failed forwarded step)."""
+        if length < self.length:
+            self.keys = {i: k[..., :length, :] for i, k in self.keys.items()}
+            self.values = {i: v[..., :length, :] for i, v in self.values.items()}
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
@@ -308,10 +314,15 @@ class SmolLM2(SplitModel):
         embed, norm = self.client_parts()
         return torch.nn.functional.linear(norm(hidden[:, -1:, :]), embed.weight)[0, 0]
 
-    def prompt_ids(self, prompt: str, chat: bool = True) -> list[int]:
+    def prompt_ids(self, prompt: str | list[dict[str, str]], chat: bool = True) -> list[int]:
+        """Token ids of a prompt: raw text, or with the chat template (a text is one user turn; a
+        list of ``{"role", "content"}`` messages is a conversation, ending with the user's turn)."""
         if chat:
-            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=True)
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
             return list(ids["input_ids"])
+        if not isinstance(prompt, str):
+            raise BadTensor(f"{NAME}: a conversation needs the chat template")
         return list(self.tokenizer(prompt)["input_ids"])
 
     def eos_ids(self) -> set[int]:

@@ -15,12 +15,13 @@ from typing import Any
 
 import structlog
 import trio
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from libp2p.kad_dht import common as kad_common
 from libp2p.kad_dht import kad_dht as kad_module
 from libp2p.kad_dht import peer_routing as kad_peer_routing
 from libp2p.kad_dht import provider_store as kad_provider_store
 from libp2p.kad_dht import value_store as kad_value_store
+from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT, _encode_key
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
@@ -63,6 +64,39 @@ class RecordValidator(Validator):
         return newest(values)
 
 
+class _DropClients(INotifee):
+    """py-libp2p puts every peer that opens a KAD stream in the routing table, light clients
+    (``p2p-infer query``) too; once such a client disconnects, it is dropped again, so later
+    clients neither list it nor wait on it in lookups (it never offered the KAD protocol)."""
+
+    def __init__(self, kad: KadDHT) -> None:
+        self.kad = kad
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        try:
+            peer = conn.muxed_conn.peer_id
+            protocols = network.peerstore.get_protocols(peer) if hasattr(network, "peerstore") else None
+            if protocols and str(KAD_PROTOCOL) not in protocols:
+                self.kad.routing_table.remove_peer(peer)
+        except Exception:  # noqa: BLE001 - a notifee must never break the swarm
+            pass
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        pass
+
+    async def listen(self, network: INetwork, multiaddr: Any) -> None:
+        pass
+
+    async def listen_close(self, network: INetwork, multiaddr: Any) -> None:
+        pass
+
+
 class Discovery:
     """One host's view of the DHT: join, publish, look up."""
 
@@ -79,6 +113,8 @@ class Discovery:
             strict_validation=True,
             max_peers_per_subnet=0,  # many peers share a /24 in data centres (notes, bug 20)
         )
+        if server:
+            host.get_network().register_notifee(_DropClients(self.kad))
         self.log = log.bind(peer=str(host.get_id()))
 
     async def join(self) -> int:
@@ -198,7 +234,7 @@ class Discovery:
         key = record_key(peer_id)
         envelope = await self._get_value(key, fresh=fresh and peer_id != str(self.host.get_id()))
         if envelope is None:
-            self.log.info("no record found", subject=peer_id)
+            self.log.debug("no record found", subject=peer_id)  # normal: a stopped peer stays a provider for 48 h
             return None
         try:
             return verify_record(envelope, now=now_ms(), expected_peer_id=peer_id, known_models=known_models)

@@ -1,9 +1,12 @@
 """The generation driver: a thin I/O loop around :class:`~p2p_infer.proto.generation.GenerationMachine`.
 
 The client tokenises, runs the embedding and layer 0 with its own KV cache, sends each
-token's hidden state through the route's sessions (``/p2p-infer/session/1.0.0``, client
-driven: one request per span per token), and applies the final norm, the tied head and
-the sampling itself: peers see float hidden states only. A failed span is moved to a
+token's hidden state through the route's sessions (``/p2p-infer/session/2.0.0``), and
+applies the final norm, the tied head and the sampling itself: peers see float hidden states
+only. Two modes: client-driven (one request per span per token) and forwarded (the token goes
+to the first span's peer, which passes its output on peer to peer; the last pushes the final
+hidden state to the client, and the reply chain brings every span's signed entry back). A
+forwarded token that fails part-way is redone hop by hop (with the failed hop failed over). A failed span is moved to a
 replacement and replayed (the machine plans it); with verification (the default) every
 span is re-executed by another provider before the answer is final, and a liar caught there
 is excluded and the generation run again without it. Usage::
@@ -24,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
-from ..errors import NoRoute, P2PInferError, UnsupportedMode, UsageError, VerificationFailed
+from ..errors import CannotVerify, ForwardIncomplete, NoRoute, P2PInferError, UsageError, VerificationFailed
 from ..proto.forward import ForwardRequest
-from ..proto.generation import GenerationMachine, StepPlan, rows, to_wire
+from ..proto.generation import ForwardPlan, GenerationMachine, StepPlan, rows, to_wire
 from ..proto.routing import Server
 from ..proto.sampling import Sampling, choose
-from ..proto.wire import FORWARD_PROTOCOL, SESSION_OPENED, SESSION_PROTOCOL, expect_reply
+from ..proto.wire import FORWARD_PROTOCOL, SESSION_FORWARDED, SESSION_LINKED, SESSION_OPENED, SESSION_PROTOCOL, expect_reply
 
 if TYPE_CHECKING:
     from .client import Client
@@ -49,9 +52,12 @@ class GenerationResult:
     verified: bool
     mode: str  # "verified" | "unverified"
     token_ms: list[float]
+    decode: str = "client-driven"  # or "forwarded" (steps passed peer to peer)
     failovers: list[dict[str, str]] = field(default_factory=list)
     verification: dict[str, Any] = field(default_factory=dict)
     total_ms: float = 0.0
+    forwarded_tokens: int = 0  # tokens that went peer to peer (the rest hop by hop: opens, replays, fallbacks)
+    resplits: list[dict[str, Any]] = field(default_factory=list)  # failed spans no single peer could take over
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,11 +87,17 @@ def servers(client: Client, model: Any) -> list[Server]:
 
 
 class Generation:
-    def __init__(self, client: Client, prompt: str, *, max_new_tokens: int = 64, sampling: Sampling | None = None,
-                 verified: bool = True, chat: bool = True, timeout: float | None = None, avoid: Collection[str] = ()) -> None:
+    def __init__(self, client: Client, prompt: str | list[dict[str, str]], *, max_new_tokens: int = 64,
+                 sampling: Sampling | None = None, verified: bool = True, chat: bool = True, timeout: float | None = None,
+                 avoid: Collection[str] = (), forwarding: bool = True) -> None:
+        """``prompt``: text, or (chat) the conversation so far as ``[{"role", "content"}, ...]``
+        ending with the user's turn; ``forwarding``: pass decode steps peer to peer."""
         if max_new_tokens < 1:
             raise UsageError("max_new_tokens must be >= 1")
+        if not isinstance(prompt, str) and not chat:
+            raise UsageError("a conversation (a list of messages) needs the chat template")
         self.client, self.prompt, self.max_new_tokens, self.chat = client, prompt, max_new_tokens, chat
+        self.forwarding = forwarding
         self.sampling = (sampling or Sampling()).validate()
         self.verified = verified
         self.timeout = timeout or client.request_timeout
@@ -112,15 +124,17 @@ class Generation:
             raise VerificationFailed(f"generation still disagreed with re-execution after {MAX_VERIFY_RERUNS} reruns")
         text = model.tokenizer.decode(tokens, skip_special_tokens=True)
         result = GenerationResult(text, tokens, len(ids), machine.route, self.verified, "verified" if self.verified else "unverified",
-                                  token_ms, [{"peer": p, "reason": r} for p, r in machine.failures], {**report, "caught": self.caught},
-                                  (time.perf_counter() - started) * 1000)
+                                  token_ms, "forwarded" if self.forwarding else "client-driven",
+                                  [{"peer": p, "reason": r} for p, r in machine.failures], {**report, "caught": self.caught},
+                                  (time.perf_counter() - started) * 1000, machine.forwarded_tokens, machine.resplits)
         yield Piece("", result=result)
 
     async def _machine(self, model: Any, prompt_len: int, avoid: Collection[str]) -> GenerationMachine:
         def build() -> GenerationMachine:
             return GenerationMachine(model.model_id, len(model.layers), 1, model.hidden_size, servers(self.client, model),
                                      self.client._rng, max_length=prompt_len + self.max_new_tokens, commit=self.verified,
-                                     reputation=self.client.reputation.of, exclude=self.excluded, avoid=avoid)
+                                     reputation=self.client.reputation.of, exclude=self.excluded, avoid=avoid,
+                                     forwarded=self.forwarding)
         for attempt in range(ROUTE_REFRESHES + 1):
             try:
                 machine = build()
@@ -134,7 +148,7 @@ class Generation:
             for index, verifier in machine.verifiers():
                 if verifier is None:
                     slot = machine.slots[index]
-                    raise UnsupportedMode(f"verified generation needs a second provider of layers {slot.first}-{slot.last} "
+                    raise CannotVerify(f"verified generation needs a second provider of layers {slot.first}-{slot.last} "
                                           f"to re-execute them; none is known (pass --unverified to accept unverified tokens)")
         return machine
 
@@ -144,12 +158,18 @@ class Generation:
 
         cache, eos, step_ids, shown = KVCache(), model.eos_ids(), ids, ""
         try:
+            if machine.forwarded:
+                await self._open_all(machine)
             for index in range(self.max_new_tokens):
                 t0 = time.perf_counter()
                 hidden = await trio.to_thread.run_sync(_first_layer, model, step_ids, cache)
-                for span in range(len(machine.slots)):
-                    hidden = await self._through(machine, span, hidden)
-                logits = await trio.to_thread.run_sync(_logits, model, hidden)
+                logits = await self._forwarded(model, machine, hidden) if machine.can_forward(hidden) else None
+                if logits is None:  # hop by hop: client-driven mode, opens and replays, a failed forwarded token
+                    span = 0
+                    while span < len(machine.slots):  # a failed span may be re-split into several mid-token
+                        hidden = await self._through(machine, span, hidden)
+                        span += 1
+                    logits = await trio.to_thread.run_sync(_logits, model, hidden)
                 token = choose(logits, self.sampling, index)
                 tokens.append(token)
                 token_ms.append((time.perf_counter() - t0) * 1000)
@@ -186,6 +206,78 @@ class Generation:
         reply = await self.client.pool.request(plan.peer, SESSION_PROTOCOL, plan.step.to_wire(), timeout=self.timeout)
         return machine.on_output(plan, reply)
 
+    async def _open_all(self, machine: GenerationMachine) -> None:
+        """Forwarded mode: open every span's session at once (each names its upstream peer)."""
+        async def one(index: int) -> None:
+            slot = machine.slots[index]
+            try:
+                reply = await self.client.pool.request(slot.peer, SESSION_PROTOCOL, machine.opening(index).to_wire(), timeout=self.timeout)  # type: ignore[union-attr]
+                expect_reply(reply, SESSION_OPENED)
+                machine.on_opened(index)
+            except P2PInferError as exc:  # that span opens (or fails over) hop by hop at its first step
+                log.info("could not open a session ahead", peer=slot.peer[:16], reason=exc.message)
+
+        async with trio.open_nursery() as nursery:
+            for index in range(len(machine.slots)):
+                nursery.start_soon(one, index)
+
+    async def _forwarded(self, model: Any, machine: GenerationMachine, hidden: Any) -> Any:
+        """One token peer to peer; its logits, or None when it must be redone hop by hop."""
+        assert self.client.pool is not None
+        pool, plan = self.client.pool, None
+        try:
+            for index, link in machine.links():
+                expect_reply(await pool.request(machine.slots[index].peer, SESSION_PROTOCOL, link.to_wire(), timeout=self.timeout),
+                             SESSION_LINKED)
+                machine.on_linked(index)
+            plan = machine.plan_forward(hidden)
+            reply, pushed, logits = await self._forward_once(model, plan)
+            machine.on_forwarded(plan, reply, pushed)
+            return logits
+        except P2PInferError as exc:
+            failed = exc.failed if isinstance(exc, ForwardIncomplete) else (plan.first_peer if plan is not None else None)
+            log.info("forwarded step incomplete; redoing it hop by hop", reason=exc.message, failed=(failed or "")[:16])
+            if failed is not None:
+                self.client._drop_stream(failed)
+            if plan is None:
+                plan = machine.plan_forward(hidden)
+            old = machine.on_forward_failed(plan, failed, f"{exc.code}: {exc.message}")
+            if old is not None and failed is not None:
+                self.client._nursery.start_soon(self._close_quietly, failed, old)  # type: ignore[union-attr]
+            return None
+
+    async def _forward_once(self, model: Any, plan: ForwardPlan) -> tuple[Any, Any, Any]:
+        """Send the step to the first hop; compute the logits on the last hop's output as soon as
+        it arrives, pushed by that hop or, if the reply chain is first, its last entry. The
+        first hop's reply (every entry, or which hop failed) and the pushed output, if any."""
+        assert self.client.pool is not None
+        pool, got = self.client.pool, {}  # type: dict[str, Any]
+
+        async def chain() -> None:
+            try:
+                got["reply"] = expect_reply(await pool.request(plan.first_peer, SESSION_PROTOCOL, plan.step.to_wire(),
+                                                               timeout=self.timeout), SESSION_FORWARDED)
+            except P2PInferError as exc:
+                got["error"] = exc
+            if "error" in got or "failed" in got["reply"]:
+                nursery.cancel_scope.cancel()  # nothing to compute on
+            else:
+                push_wait.cancel()  # the reply carries the last hop's output too
+
+        with self.client.results.expect(plan.request_id, plan.last_peer) as inbox, trio.move_on_after(self.timeout) as deadline:
+            async with trio.open_nursery() as nursery:
+                with trio.CancelScope() as push_wait:
+                    nursery.start_soon(chain)
+                    got["pushed"] = await inbox.receive()
+                last = got["pushed"] if "pushed" in got else _last_entry(got["reply"])
+                got["logits"] = await trio.to_thread.run_sync(_logits, model, last["hidden"])
+        if "error" in got:
+            raise ForwardIncomplete(f"first hop: {got['error'].code}: {got['error'].message}", plan.first_peer)
+        if deadline.cancelled_caught:
+            self.client._drop_stream(plan.first_peer)  # the request may still be in flight on that stream
+            raise ForwardIncomplete(f"no forwarded output within {self.timeout} s")
+        return got["reply"], got.get("pushed"), got.get("logits")
+
     async def _close_all(self, machine: GenerationMachine) -> None:
         with trio.move_on_after(5):
             async with trio.open_nursery() as nursery:
@@ -213,6 +305,13 @@ class Generation:
         req = ForwardRequest(model_id, first, last, to_wire(inputs), session=rid, request_id=rid)
         reply = await self.client.pool.request(peer, FORWARD_PROTOCOL, req.to_wire(), timeout=self.timeout * 4)
         return expect_reply(reply, "forward_result")["hidden"]
+
+
+def _last_entry(reply: dict[str, Any]) -> dict[str, Any]:
+    hops = reply.get("hops")
+    if not isinstance(hops, list) or not hops or not isinstance(hops[-1], dict) or "hidden" not in hops[-1]:
+        raise ForwardIncomplete("the forwarded reply carries no output of the last hop")
+    return hops[-1]
 
 
 def _first_layer(model: Any, ids: list[int], cache: Any) -> Any:

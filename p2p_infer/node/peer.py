@@ -49,6 +49,7 @@ from ..net.streams import StreamPool
 from ..net.addressbook import AddressBook
 from ..net.framing import remote_peer
 from .scheduler import FairScheduler, Job
+from . import control_api
 
 log = structlog.get_logger("p2p_infer.peer")
 
@@ -102,6 +103,9 @@ class Peer:
         self.anchors = Anchors(self.identity, audit, settings.witness_path(), settings.checkpoint_interval, self._publish)
         self.auditor.witnesses = self.anchors.witnesses
         self.log = log.bind(peer=self.identity.peer_id)
+        self.api = control_api.api_bind(settings)  # --api, refused here (before any load) if not loopback
+        self.metrics = control_api.peer_metrics(self)
+        self.api_url: str | None = None
         self.on_phase: Callable[[str], None] = lambda _name: None  # start-up progress (the CLI shows it)
         self.served = 0  # compute requests finished, and failed: the heartbeat's counters
         self.failed = 0
@@ -126,12 +130,12 @@ class Peer:
             discovery = Discovery(host, server=True, bootstrap=bootstrap)
             self.discovery = discovery
             self.pool = StreamPool(host, AddressBook(discovery).addrs)
-            add_handler(host, FORWARD_PROTOCOL, self.forward.handle)
-            add_handler(host, COMMITTEE_PROTOCOL, self.member.handle)
-            add_handler(host, ARTIFACT_PROTOCOL, handle_artifact)
-            add_handler(host, SESSION_PROTOCOL, self.sessions.handle)
+            add_handler(host, FORWARD_PROTOCOL, self.metrics.counted(FORWARD_PROTOCOL, self.forward.handle))
+            add_handler(host, COMMITTEE_PROTOCOL, self.metrics.counted(COMMITTEE_PROTOCOL, self.member.handle))
+            add_handler(host, ARTIFACT_PROTOCOL, self.metrics.counted(ARTIFACT_PROTOCOL, handle_artifact))
+            add_handler(host, SESSION_PROTOCOL, self.metrics.counted(SESSION_PROTOCOL, self.sessions.handle))
             if self.dkg is not None:
-                add_handler(host, DKG_PROTOCOL, self.dkg.handle)
+                add_handler(host, DKG_PROTOCOL, self.metrics.counted(DKG_PROTOCOL, self.dkg.handle))
             async with background_trio_service(discovery.kad), running_gossip(host, self.on_gossip) as gossip:
                 self.gossip = gossip
                 joined = await discovery.join()
@@ -149,6 +153,8 @@ class Peer:
                     if self.dkg is not None:
                         manifests = await trio.to_thread.run_sync(known_manifests, default_cache_dir())
                         nursery.start_soon(self.dkg.run, Directory(discovery, manifests, policy_from_settings(self.settings)))
+                    if self.api is not None:  # the local control API (GET /status, /metrics)
+                        self.api_url = await nursery.start(control_api.serve, self, self.api)
                     addrs = full_addrs(host)
                     self._write_ready_file(addrs)
                     self.log.info(
@@ -163,15 +169,13 @@ class Peer:
                         await trio.sleep_forever()
                     finally:
                         self.prover.close()
-                        with trio.CancelScope(shield=True), trio.move_on_after(WITHDRAW_TIMEOUT):
-                            await self._withdraw(discovery)
 
     def _write_ready_file(self, addrs: list[str]) -> None:
         path = self.settings.ready_file
         if path is None:
             return
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"peer_id": self.identity.peer_id, "addrs": addrs, "pid": os.getpid()}))
+        tmp.write_text(json.dumps({"peer_id": self.identity.peer_id, "addrs": addrs, "pid": os.getpid(), "api": self.api_url}))
         os.replace(tmp, path)
 
     async def _publish_loop(self, discovery: Discovery, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -210,14 +214,18 @@ class Peer:
             self.log.info("heartbeat", served=self.served, errors=self.failed, load=round(self.load(), 2),
                           connections=len(conns))
 
-    async def _withdraw(self, discovery: Discovery) -> None:
-        """On shutdown: replace our record with one serving nothing that expires in seconds, so
-        clients stop routing to us now instead of at the old record's expiry."""
-        try:
-            await self._publish_record(discovery, withdrawn=True)
-            self.log.info("record withdrawn")
-        except Exception as exc:  # noqa: BLE001 - best effort while stopping; the old record still expires
-            self.log.warning("record withdrawal failed", reason=str(exc))
+    async def withdraw(self) -> None:
+        """Before shutdown (the host still running): replace our record with one serving nothing
+        that expires in seconds, so clients stop routing to us now, not at the old record's expiry."""
+        if self.discovery is None or self.host is None:
+            return
+        with trio.move_on_after(WITHDRAW_TIMEOUT) as scope:
+            try:
+                await self._publish_record(self.discovery, withdrawn=True)
+            except Exception as exc:  # noqa: BLE001 - best effort while stopping; the old record still expires
+                self.log.warning("record withdrawal failed", reason=str(exc))
+                return
+        self.log.info("record withdrawn" if not scope.cancelled_caught else "record withdrawal timed out")
 
     async def _publish_record(self, discovery: Discovery, withdrawn: bool = False) -> None:
         assert self.host is not None
@@ -297,6 +305,8 @@ async def run_peer_until_signalled(peer: Peer, on_ready: Callable[[list[str]], N
             async def watch() -> None:
                 async for signum in signals:
                     peer.log.info("shutting down" if ready else "start-up interrupted", signal=signal.Signals(signum).name)
+                    if ready:
+                        await peer.withdraw()
                     nursery.cancel_scope.cancel()
                     return
 

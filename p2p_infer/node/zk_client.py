@@ -53,7 +53,8 @@ async def check_proofs(client: Any, model: SplitModel, sent: Activation, receive
     return {
         "verified": True,
         "shards": [{"first": p.first, "last": p.last, "proof_bytes": len(p.proof),
-                    "vk_sha256": manifest.pin(p.first, p.last).vk_sha256} for p in proofs],
+                    "vk_sha256": manifest.pin(p.first, p.last).vk_sha256,
+                    "srs_sha256": manifest.srs_for(manifest.pin(p.first, p.last))} for p in proofs],
         "verify_ms": (time.perf_counter() - started) * 1000,
         "artifacts_fetched": fetched,
         "input_hash": first_hash,
@@ -80,7 +81,10 @@ async def verify_followed(client: Any, result: Any) -> dict[str, Any]:
         if (proof.first, proof.last) != (first, last):
             raise ProtocolViolation(f"{peer} proved layers {proof.first}-{proof.last}, not {first}-{last}")
         proofs.append(proof)
-    result.proofs = await check_proofs(client, model, sent, received, proofs)
+    result.proofs = await check_proofs(client, model, sent, received, proofs)  # ZkError unless the whole chain holds
+    for stage in result.verification:
+        stage["verified"] = True
+    result.verified = True
     return result.proofs
 
 

@@ -1,11 +1,15 @@
-"""Generation sessions on the serving side (``/p2p-infer/session/1.0.0``): message codecs and
+"""Generation sessions on the serving side (``/p2p-infer/session/2.0.0``): message codecs and
 the bounded session table. Sans-IO: the clock (``now``, seconds, any monotonic origin) comes
 with every call; the KV caches themselves live in the driver (``node/session_handler.py``),
 which drops a session's cache whenever the table says it is gone.
 
 A session is bound to the client peer id that opened it (another client's steps are
-refused), holds one layer range of one model, and accepts steps strictly in order: step
-``n`` at ``position`` = the tokens already cached. Limits (:class:`SessionLimits`): sessions
+refused), holds one layer range of one model, and accepts steps in order: step numbers only
+grow, and a step comes at ``position`` = the tokens already cached. Forwarded decode (2.0.0):
+the session may also take steps from one ``upstream`` peer (the previous hop of the route,
+named by the client at open or by ``session_link``); only the client may rewind (a step at a
+position below the cached length truncates the cache first: the redo of a forwarded token
+that failed part-way). Limits (:class:`SessionLimits`): sessions
 in total and per client, tokens per session, and a memory budget: opening reserves
 ``max_length`` tokens' worth of KV cache, so a peer's cache memory is bounded by the budget
 however clients behave. An idle session expires after ``ttl`` seconds; ``close`` frees it
@@ -20,11 +24,13 @@ from typing import Any
 
 from ..errors import ForeignSession, OutOfOrder, ProtocolViolation, SessionLimit, SessionTooLong, UnknownSession
 from .tensors import WireTensor, check_wire_tensor, wire_array
-from .wire import (SESSION_CLOSE, SESSION_CLOSED, SESSION_OPEN, SESSION_OPENED, SESSION_OUTPUT, SESSION_PROTOCOL,
-                   SESSION_STEP, Message, expect)
+from .wire import (SESSION_CLOSE, SESSION_CLOSED, SESSION_FORWARDED, SESSION_LINK, SESSION_LINKED, SESSION_OPEN,
+                   SESSION_OPENED, SESSION_OUTPUT, SESSION_PROTOCOL, SESSION_STEP, Message, expect)
 
 SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
 MODEL_ID = re.compile(r"^[0-9a-f]{64}$")
+MAX_HOPS = 31  # downstream hops a forwarded step may name
+MAX_PEER_ID = 128
 
 
 @dataclass(frozen=True)
@@ -46,10 +52,34 @@ class OpenRequest:
     first: int
     last: int
     max_length: int
+    upstream: str | None = None  # the peer that may send forwarded steps (the previous hop)
 
     def to_wire(self) -> Message:
         return {"type": SESSION_OPEN, "session": self.session, "model": self.model_id, "first": self.first,
-                "last": self.last, "max_length": self.max_length}
+                "last": self.last, "max_length": self.max_length, "upstream": self.upstream}
+
+
+@dataclass(frozen=True)
+class Hop:
+    """A downstream hop of a forwarded step: whom to pass the output on to, and that hop's
+    session's step number and position (the client numbers every hop's steps)."""
+
+    peer: str
+    session: str
+    step: int
+    position: int
+
+    def to_wire(self) -> Message:
+        return {"peer": self.peer, "session": self.session, "step": self.step, "position": self.position}
+
+
+@dataclass(frozen=True)
+class LinkRequest:
+    session: str
+    upstream: str | None
+
+    def to_wire(self) -> Message:
+        return {"type": SESSION_LINK, "session": self.session, "upstream": self.upstream}
 
 
 @dataclass(frozen=True)
@@ -59,14 +89,20 @@ class StepRequest:
     position: int
     hidden: WireTensor
     commit: bool = False  # ask for a signed commitment to the output digest (verified generation)
+    forward: bool = False  # forwarded decode: pass the output on along ``route`` (the last hop: to the client)
+    route: tuple[Hop, ...] = ()
+    request_id: str = ""  # forwarded: the id the last hop's forward_result to the client carries
 
     @property
     def tokens(self) -> int:
         return int(self.hidden["shape"][1])
 
     def to_wire(self) -> Message:
-        return {"type": SESSION_STEP, "session": self.session, "step": self.step, "position": self.position,
-                "hidden": self.hidden, "commit": self.commit}
+        message: Message = {"type": SESSION_STEP, "session": self.session, "step": self.step, "position": self.position,
+                            "hidden": self.hidden, "commit": self.commit}
+        if self.forward:
+            message.update(forward=True, route=[h.to_wire() for h in self.route], request_id=self.request_id)
+        return message
 
 
 def _int(message: Message, key: str, low: int = 0) -> int:
@@ -83,12 +119,35 @@ def _session_id(message: Message) -> str:
     return session
 
 
-def parse_request(message: Message, hidden_size: int | None = None) -> OpenRequest | StepRequest | str:
+def _peer(value: Any, what: str, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_PEER_ID:
+        raise ProtocolViolation(f"{what} must be a peer id (a string of 1-{MAX_PEER_ID} characters)")
+    return value
+
+
+def _route(message: Message) -> tuple[Hop, ...]:
+    route = message.get("route", [])
+    if not isinstance(route, list) or len(route) > MAX_HOPS:
+        raise ProtocolViolation(f"session_step: 'route' must be a list of at most {MAX_HOPS} hops")
+    hops = []
+    for hop in route:
+        if not isinstance(hop, dict):
+            raise ProtocolViolation("session_step: a route hop must be a map")
+        hops.append(Hop(str(_peer(hop.get("peer"), "route hop 'peer'")), _session_id({**hop, "type": "route hop"}),
+                        _int(hop, "step"), _int(hop, "position")))
+    return tuple(hops)
+
+
+def parse_request(message: Message, hidden_size: int | None = None) -> OpenRequest | StepRequest | LinkRequest | str:
     """The typed request (a close is its session id); ProtocolViolation/BadTensor name the flaw."""
     kind = expect(SESSION_PROTOCOL, message)
     session = _session_id(message)
     if kind == SESSION_CLOSE:
         return session
+    if kind == SESSION_LINK:
+        return LinkRequest(session, _peer(message.get("upstream"), "session_link: 'upstream'", optional=True))
     if kind == SESSION_OPEN:
         model = message.get("model")
         if not isinstance(model, str) or not MODEL_ID.match(model):
@@ -96,15 +155,24 @@ def parse_request(message: Message, hidden_size: int | None = None) -> OpenReque
         first, last = _int(message, "first"), _int(message, "last")
         if last < first:
             raise ProtocolViolation("session_open: 'last' must be >= 'first'")
-        return OpenRequest(session, model, first, last, _int(message, "max_length", 1))
+        upstream = _peer(message.get("upstream"), "session_open: 'upstream'", optional=True)
+        return OpenRequest(session, model, first, last, _int(message, "max_length", 1), upstream)
     hidden = check_wire_tensor(message.get("hidden"), field="hidden")
     shape = hidden["shape"]
     if hidden["dtype"] != "float32" or len(shape) != 3 or shape[0] != 1 or (hidden_size is not None and shape[2] != hidden_size):
         raise ProtocolViolation(f"session_step: 'hidden' must be float32 [1, T, {hidden_size or 'H'}], got {hidden['dtype']} {shape}")
-    commit = message.get("commit", False)
-    if not isinstance(commit, bool):
-        raise ProtocolViolation("session_step: 'commit' must be a boolean")
-    return StepRequest(session, _int(message, "step"), _int(message, "position"), hidden, commit)
+    commit, forward = message.get("commit", False), message.get("forward", False)
+    if not isinstance(commit, bool) or not isinstance(forward, bool):
+        raise ProtocolViolation("session_step: 'commit' and 'forward' must be booleans")
+    route, request_id = (), ""
+    if forward:
+        route = _route(message)
+        request_id = message.get("request_id")
+        if not isinstance(request_id, str) or not 0 < len(request_id) <= 128:
+            raise ProtocolViolation("session_step: a forwarded step needs a 'request_id' of 1-128 characters")
+    elif "route" in message:
+        raise ProtocolViolation("session_step: 'route' is only for forwarded steps")
+    return StepRequest(session, _int(message, "step"), _int(message, "position"), hidden, commit, forward, route, request_id)
 
 
 def opened_reply(session: str, max_length: int, ttl: float) -> Message:
@@ -122,6 +190,24 @@ def output_reply(session: str, step: int, hidden: WireTensor, compute_ms: float,
 
 def closed_reply(session: str) -> Message:
     return {"type": SESSION_CLOSED, "session": session}
+
+
+def linked_reply(session: str) -> Message:
+    return {"type": SESSION_LINKED, "session": session}
+
+
+def hop_entry(peer: str, reply: Message) -> Message:
+    """One hop's part of a forwarded reply: its ``session_output`` fields and its peer id."""
+    return {"peer": peer, **{k: reply[k] for k in ("session", "step", "hidden", "timing", "commitment") if k in reply}}
+
+
+def forwarded_reply(session: str, step: int, hops: list[Message], failed: Message | None = None) -> Message:
+    """A forwarded step's reply to its sender: the entries of this hop and every hop after it
+    that answered, in route order; ``failed`` names the first hop that did not."""
+    reply: Message = {"type": SESSION_FORWARDED, "session": session, "step": step, "hops": hops}
+    if failed is not None:
+        reply["failed"] = failed
+    return reply
 
 
 def parse_output(message: Message, session: str, step: int, tokens: int, hidden_size: int) -> WireTensor:
@@ -149,8 +235,9 @@ class Session:
     reserved: int  # KV bytes reserved at open
     expires: float
     length: int = 0  # tokens cached
-    next_step: int = 0
+    next_step: int = 0  # step numbers only grow (a forwarded token that failed part-way leaves a gap)
     busy: bool = False  # a step is computing: it cannot expire under it
+    upstream: str | None = None  # the one peer besides the client that may send (forwarded) steps
 
 
 @dataclass
@@ -177,7 +264,8 @@ class SessionTable:
         if self.reserved + cost > self.limits.memory_budget:
             raise SessionLimit(f"a {req.max_length}-token session needs {cost} bytes of KV cache; "
                                f"{self.limits.memory_budget - self.reserved} of the budget are free")
-        session = Session(req.session, client, req.model_id, req.first, req.last, req.max_length, cost, now + self.limits.ttl)
+        session = Session(req.session, client, req.model_id, req.first, req.last, req.max_length, cost, now + self.limits.ttl,
+                          upstream=req.upstream)
         self.sessions[req.session] = session
         return session
 
@@ -189,22 +277,32 @@ class SessionTable:
             raise ForeignSession(f"session {session[:8]}... belongs to another client")
         return found
 
-    def begin_step(self, client: str, req: StepRequest, now: float) -> Session:
-        """Admit a step (the driver then computes it and calls :meth:`end_step`)."""
-        s = self._owned(client, req.session)
+    def link(self, client: str, req: LinkRequest) -> None:
+        self._owned(client, req.session).upstream = req.upstream
+
+    def begin_step(self, sender: str, req: StepRequest, now: float) -> tuple[Session, int]:
+        """Admit a step from the client or the session's upstream peer; the position to
+        truncate the cache to first (the client's rewind; = length otherwise). The driver then
+        computes and calls :meth:`end_step`."""
+        s = self.sessions.get(req.session)
+        if s is None:
+            raise UnknownSession(f"no session {req.session[:8]}... here (never opened, closed or expired)")
+        from_client = sender == s.client
+        if not from_client and (s.upstream is None or sender != s.upstream):
+            raise ForeignSession(f"session {req.session[:8]}... belongs to another client")
         if s.busy:
             raise OutOfOrder(f"step {req.step} sent while step {s.next_step} is computing")
-        if req.step != s.next_step or req.position != s.length:
-            raise OutOfOrder(f"expected step {s.next_step} at position {s.length}, got step {req.step} at {req.position}")
-        if s.length + req.tokens > s.max_length:
-            raise SessionTooLong(f"{s.length} + {req.tokens} tokens exceed the session's max_length {s.max_length}")
-        s.busy = True
+        if req.step < s.next_step or req.position > s.length or (req.position < s.length and not from_client):
+            raise OutOfOrder(f"expected step >= {s.next_step} at position {s.length}, got step {req.step} at {req.position}")
+        if req.position + req.tokens > s.max_length:
+            raise SessionTooLong(f"{req.position} + {req.tokens} tokens exceed the session's max_length {s.max_length}")
+        s.busy, s.length = True, req.position
         s.expires = now + self.limits.ttl
-        return s
+        return s, req.position
 
-    def end_step(self, session: str, tokens: int, now: float) -> None:
+    def end_step(self, session: str, step: int, tokens: int, now: float) -> None:
         s = self.sessions[session]
-        s.busy, s.length, s.next_step, s.expires = False, s.length + tokens, s.next_step + 1, now + self.limits.ttl
+        s.busy, s.length, s.next_step, s.expires = False, s.length + tokens, step + 1, now + self.limits.ttl
 
     def drop(self, session: str) -> None:
         """Forget a session whatever its state (its step failed: the cache may be half-written)."""

@@ -35,7 +35,9 @@ RESULT_PROTOCOL = protocol_id("forward-result")
 # task's 12th field); the request's stage i, attempt a ranks by H(beta, request_hash, i, a)
 COMMITTEE_PROTOCOL = protocol_id("committee", "5.0.0")
 ARTIFACT_PROTOCOL = protocol_id("artifact")
-SESSION_PROTOCOL = protocol_id("session")  # generation sessions with a KV cache (protocols/session.md)
+# generation sessions with a KV cache (protocols/session.md); 2.0.0: forwarded decode (steps passed
+# peer to peer along the route, upstream links, client rewinds), commitments bind input and output hashes
+SESSION_PROTOCOL = protocol_id("session", "2.0.0")
 SERVED_PROTOCOLS = (FORWARD_PROTOCOL, COMMITTEE_PROTOCOL, ARTIFACT_PROTOCOL, SESSION_PROTOCOL)  # advertised in records
 DKG_PROTOCOL = protocol_id("dkg")  # threshold key ritual, share release, enhanced-privacy stages (protocols/dkg.md)
 
@@ -74,6 +76,9 @@ SESSION_STEP = "session_step"
 SESSION_OUTPUT = "session_output"
 SESSION_CLOSE = "session_close"
 SESSION_CLOSED = "session_closed"
+SESSION_LINK = "session_link"
+SESSION_LINKED = "session_linked"
+SESSION_FORWARDED = "session_forwarded"
 # dkg protocol
 DKG_JOIN = "dkg_join"
 DKG_DEAL = "dkg_deal"
@@ -95,7 +100,7 @@ REQUESTS: dict[str, frozenset[str]] = {
     RESULT_PROTOCOL: frozenset({FORWARD_RESULT, FORWARD_FAILED}),
     COMMITTEE_PROTOCOL: frozenset({TICKET, EXECUTE}),
     ARTIFACT_PROTOCOL: frozenset({ARTIFACT}),
-    SESSION_PROTOCOL: frozenset({SESSION_OPEN, SESSION_STEP, SESSION_CLOSE}),
+    SESSION_PROTOCOL: frozenset({SESSION_OPEN, SESSION_STEP, SESSION_CLOSE, SESSION_LINK}),
     DKG_PROTOCOL: frozenset({DKG_JOIN, DKG_DEAL, GET_DKG_KEY, SHARE_REQUEST, PRIVATE_FORWARD}),
     CONSENSUS_TOPIC: frozenset({ROUND, ROUNDS, VERDICTS, EVIDENCE, CHECKPOINT}),
 }

@@ -86,11 +86,15 @@ class ProofChainFile:
     output: tuple[float, ...]  # the claimed output: the activation after last_layer, as received
     proofs: tuple[zk.ShardProof, ...]
     result: dict[str, Any] | None = None  # what the client made of the output (class, probabilities)
+    # per proof, the SHA-256 of the verifying key and SRS it was checked with ({"vk_sha256", "srs_sha256"});
+    # optional (older files lack it): lets a verifier with another SRS say so instead of "invalid"
+    pins: tuple[dict[str, str], ...] = ()
 
     def encode(self) -> bytes:
         return msgpack.packb({"version": CHAIN_FILE_VERSION, "model_id": self.model_id, "first_layer": self.first_layer,
                               "last_layer": self.last_layer, "input_hash": self.input_hash, "output": list(self.output),
-                              "result": self.result, "chain": [p.to_wire() for p in self.proofs]}, use_bin_type=True)
+                              "result": self.result, "chain": [p.to_wire() for p in self.proofs],
+                              **({"pins": list(self.pins)} if self.pins else {})}, use_bin_type=True)
 
     @classmethod
     def decode(cls, data: bytes) -> ProofChainFile:
@@ -110,7 +114,18 @@ class ProofChainFile:
                 and isinstance(raw.get("chain"), list) and isinstance(raw.get("result"), (dict, type(None)))):
             raise ZkError("proof chain file: fields missing or of the wrong type")
         return cls(raw["model_id"], raw["first_layer"], raw["last_layer"], raw["input_hash"],
-                   tuple(float(v) for v in output), tuple(zk.ShardProof.from_wire(p) for p in raw["chain"]), raw["result"])
+                   tuple(float(v) for v in output), tuple(zk.ShardProof.from_wire(p) for p in raw["chain"]), raw["result"],
+                   _pins(raw.get("pins")))
+
+
+def _pins(raw: Any) -> tuple[dict[str, str], ...]:
+    if raw is None:
+        return ()
+    ok = isinstance(raw, list) and all(isinstance(p, dict) and all(isinstance(p.get(k), str) for k in ("vk_sha256", "srs_sha256"))
+                                       for p in raw)
+    if not ok:
+        raise ZkError("proof chain file: pins must be [{vk_sha256, srs_sha256}]")
+    return tuple({"vk_sha256": p["vk_sha256"], "srs_sha256": p["srs_sha256"]} for p in raw)
 
 
 def verify_saved(saved: ProofChainFile, model: Any, n_layers: int, cache_dir: Path) -> list[str]:
