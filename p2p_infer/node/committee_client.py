@@ -339,20 +339,28 @@ class RoundDriver:
     async def collect(self, peers: tuple[str, ...], message: Message, deadline_ms: int, take: Callable[[list[Action]], None],
                       ready: trio.Event, judged: trio.Event) -> None:
         timeout = max(0.0, (deadline_ms - now_ms()) / 1000)
+        attempt = self.machine.attempt
+
+        def current() -> bool:
+            # after a Rerun the machine is in the next attempt: this attempt's late failures
+            # and its final poll (at this deadline, past the new ticket deadline) must not
+            # reach it, or they close the new ticket phase short ("N eligible candidates")
+            return self.machine.attempt == attempt
 
         async def ask(peer: str) -> None:
             try:
                 reply = await committee_request(self.client, peer, message, timeout)
-                actions = self.machine.on_answer(peer, parse_result_reply(reply), now_ms())
+                actions = self.machine.on_answer(peer, parse_result_reply(reply), now_ms()) if current() else []
             except P2PInferError as exc:
-                actions = self.machine.on_failure(peer, exc.message, now_ms())
+                actions = self.machine.on_failure(peer, exc.message, now_ms()) if current() else []
             take(actions)
 
         try:
             async with trio.open_nursery() as nursery:
                 for peer in peers:
                     nursery.start_soon(ask, peer)
-            take(self.machine.poll(max(now_ms(), deadline_ms)))  # all in or timed out: nothing more can come
+            if current():
+                take(self.machine.poll(max(now_ms(), deadline_ms)))  # all in or timed out: nothing more can come
         finally:
             if not ready.is_set():  # never leave the stage waiting (cancelled at shutdown, or a bug)
                 take([Failed(NoQuorum(f"{self.machine.spec.layers}: the answers could not be collected"))])
