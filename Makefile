@@ -23,13 +23,13 @@ demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m p2p_infer.demo
 
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not load_sensitive and not simulation" tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=25 -m "not load_sensitive and not simulation" tests
 
 # The long network simulations (issue 13): the CI scenario (12 peers, churn, liars), the netem
 # scenario (namespaces, a slow lossy peer, a partition healing; skipped where namespaces are
 # unavailable) and its Ctrl-C test; several minutes each. .ci/run runs them after `make test`.
 simulate: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "simulation and not load_sensitive" tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=10 -m "simulation and not load_sensitive" tests
 
 # Latency and idle-timeout acceptance tests (issue 10): they measure time, so run them on a
 # quiet machine; on a loaded 2-core box they fail for want of CPU, not of the code.

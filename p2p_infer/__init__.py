@@ -2,10 +2,17 @@
 
 The public face (the rest is importable but not promised)::
 
-    from p2p_infer import Client
+    import p2p_infer
 
-    async with Client(["/ip4/127.0.0.1/tcp/4001/p2p/12D3Koo..."]) as client:
+    with p2p_infer.connect("/ip4/127.0.0.1/tcp/4001/p2p/12D3Koo...") as client:   # plain code
+        result = client.embed(["a sentence", "another"])                          # one batch
+        print(result.numpy().shape)
+
+    async with p2p_infer.connect(...) as client:      # under asyncio (awaitable calls) or trio (the trio Client)
         result = await client.embed("a sentence")
+
+The library logs through the standard ``logging`` module (``p2p_infer.*`` loggers) and
+prints nothing unless the application configures logging (docs/client.md, "Logging").
 
 Layers, lowest first; each imports only those below it (docs/architecture.md):
 ``proto/`` (sans-IO protocol logic), ``ml/`` (models, tensors), ``net/`` (libp2p, trio),
@@ -17,6 +24,8 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import (
+    BatchTooLarge,
+    ClientClosed,
     NoQuorum,
     NoRoute,
     P2PInferError,
@@ -27,11 +36,17 @@ from .errors import (
 
 __version__ = "0.1.0"
 
+from .logs import configure_library_logging as _configure_library_logging  # noqa: E402
+
+_configure_library_logging()  # silent unless the application configures logging; the CLI reconfigures
+
 # Heavy names (torch, trio, libp2p behind them) load on first use, so `import p2p_infer`
 # and the CLI's fast paths stay fast.
 _LAZY = {
     "Client": "p2p_infer.node.client",
-    "connect": "p2p_infer.node.client",
+    "connect": "p2p_infer.sync",
+    "SyncClient": "p2p_infer.sync",
+    "AsyncioClient": "p2p_infer.sync",
     "QueryResult": "p2p_infer.node.results",
     "HopReport": "p2p_infer.node.results",
     "QueryPlan": "p2p_infer.proto.plan",
@@ -40,7 +55,7 @@ _LAZY = {
     "Identity": "p2p_infer.identity",
 }
 
-__all__ = ["NoQuorum", "NoRoute", "P2PInferError", "PeerUnreachable", "RemoteError", "UnsupportedMode", "__version__", *_LAZY]
+__all__ = ["BatchTooLarge", "ClientClosed", "NoQuorum", "NoRoute", "P2PInferError", "PeerUnreachable", "RemoteError", "UnsupportedMode", "__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -59,7 +59,9 @@ class Settings:
     listen: str = "/ip4/127.0.0.1/tcp/0"
     bootstrap: list[str] = field(default_factory=list)
     bootstrap_file: Path | None = None
-    serve: list[str] = field(default_factory=list)  # "MODEL:FIRST-LAST"
+    serve: list[str] = field(default_factory=list)  # "MODEL:FIRST-LAST", or "MODEL": layers chosen by coverage
+    memory_budget: str = ""  # weights a "MODEL"-only --serve may load ("512MB"); "" = a quarter of free memory
+    max_batch: int = 32  # inputs per forward request this peer accepts (protocols/forward.md)
     log_format: str = "console"
     log_level: str = "info"
     record_ttl: float = 120.0  # seconds a capability record stays valid
@@ -125,7 +127,7 @@ class Settings:
 SETTING_FLAGS = ("key", "listen", "bootstrap", "bootstrap_file", "serve", "log_format", "log_level",
                  "record_ttl", "max_concurrent", "torch_threads", "ready_file", "audit_log", "test_fault",
                  "checkpoint_interval", "witness_file", "tee", "tee_quote", "threshold_member", "dkg_members",
-                 "dkg_threshold", "max_connections", "conn_idle_timeout", "heartbeat_interval", "api", "api_public")
+                 "dkg_threshold", "max_connections", "conn_idle_timeout", "heartbeat_interval", "api", "api_public", "memory_budget", "max_batch")
 
 Source = str  # "default", "file PATH", "env P2P_INFER_X", "flag --x"
 

@@ -114,6 +114,12 @@ class BadTensor(P2PInferError):
     code = "bad_tensor"
 
 
+class BatchTooLarge(BadTensor):
+    """A request carries more inputs than the receiver's batch limit (peers cap batch memory)."""
+
+    code = "batch_too_large"
+
+
 class RecordError(P2PInferError):
     """A capability record failed verification (signature, binding, time, schema)."""
 
@@ -180,6 +186,12 @@ class NoRoute(P2PInferError):
     """No set of live peers covers the layers a query still needs."""
 
     code = "no_route"
+
+
+class ClientClosed(P2PInferError):
+    """A call on a client that is closed, or whose background loop stopped (p2p_infer.sync)."""
+
+    code = "client_closed"
 
 
 class RemoteError(P2PInferError):

@@ -35,11 +35,13 @@ def from_the_client():
 
 @dataclass
 class FakeModel:
-    def check_activation(self, act) -> None:
-        assert act.hidden.shape == (1, 8)
+    def check_activation(self, act, max_batch: int = 32) -> None:
+        assert act.hidden.shape == (1, 8) and max_batch >= 1
 
 
 class FakeShards:
+    max_batch = 32  # ShardServer's batch limit, which committee members pass to check_activation
+
     def serving(self, model_id: str, first: int, last: int) -> FakeModel:
         return FakeModel()
 

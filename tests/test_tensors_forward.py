@@ -88,7 +88,7 @@ def test_shard_server_checks_model_range_and_shape(digits_server):
         digits_server.check("00" * 32, 1, 2, good)
     with pytest.raises(NotServed, match="serving 1-2"):
         digits_server.check(model.model_id, 2, 3, good)
-    with pytest.raises(BadTensor, match=r"\[1, 32\]"):
+    with pytest.raises(BadTensor, match=r"\[B, 32\]"):  # dimension 0 is the batch (protocols/forward.md, "Batches")
         digits_server.check(model.model_id, 1, 2, Activation(torch.randn(1, 31)))
     with pytest.raises(BadTensor, match="no attention mask"):
         digits_server.check(model.model_id, 1, 2, Activation(torch.randn(1, 32), torch.ones(1, 1, dtype=torch.int64)))
@@ -106,8 +106,9 @@ def test_serve_spec_parsing():
     assert ServeSpec.parse("minilm-l6:4") == ServeSpec("minilm-l6", 4, 4)
     with pytest.raises(UnknownModel):
         ServeSpec.parse("gpt5:1-2")
+    assert ServeSpec.parse("minilm-l6").auto  # MODEL alone: the peer picks its layers (proto/coverage.py)
     with pytest.raises(Exception, match="MODEL:FIRST-LAST"):
-        ServeSpec.parse("minilm-l6")
+        ServeSpec.parse("minilm-l6:x")
 
 
 def test_serving_beyond_the_model_is_refused():

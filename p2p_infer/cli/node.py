@@ -65,7 +65,10 @@ def cmd_id(args: argparse.Namespace, settings: Settings) -> int:
 @cli.command("peer")
 @common
 @network
-@click.option("--serve", multiple=True, type=params.SERVE, help="serve layers FIRST..LAST of MODEL (repeatable)")
+@click.option("--serve", multiple=True, type=params.SERVE,
+              help="serve layers FIRST..LAST of MODEL; MODEL alone: the layers the network covers least (repeatable)")
+@click.option("--memory-budget", type=params.MEMORY_SIZE, help="weights a --serve MODEL may load, e.g. 512MB (default: a quarter of free memory)")
+@click.option("--max-batch", type=COUNT, help="inputs per forward request accepted (default 32)")
 @serving
 @tee_peer
 @api_options  # --api, --api-public: the control API (cli_gateway.py)

@@ -35,8 +35,13 @@ def model_layers() -> dict[str, int]:
     return found
 
 
-def parse_serve(text: str) -> tuple[str, int, int]:
-    """``MODEL:FIRST-LAST`` checked against the model's layer count."""
+def parse_serve(text: str) -> tuple[str, int | None, int | None]:
+    """``MODEL:FIRST-LAST`` checked against the model's layer count; ``MODEL`` alone: the peer
+    picks the layers the network covers least (proto/coverage.py), FIRST and LAST None."""
+    if ":" not in text:
+        if text not in model_layers():
+            raise ConfigError(f"unknown model {text!r} in --serve; known: {', '.join(sorted(model_layers()))}")
+        return text, None, None
     model, sep, layers = text.rpartition(":")
     first_s, _, last_s = layers.partition("-")
     if not sep or not first_s.isdigit() or not (last_s or first_s).isdigit():
@@ -119,7 +124,14 @@ class _Checked(click.ParamType):
             self.fail(exc.message, param, ctx)
 
 
-SERVE = _Checked("MODEL:FIRST-LAST", lambda v: (parse_serve(v), v)[1])
+SERVE = _Checked("MODEL[:FIRST-LAST]", lambda v: (parse_serve(v), v)[1])
+MEMORY_SIZE = _Checked("SIZE", lambda v: (parse_memory_budget(v), v)[1])
+
+
+def parse_memory_budget(text: str) -> int:
+    from ..proto.coverage import parse_size  # sans-IO, no torch
+
+    return parse_size(text)
 LISTEN_ADDR = _Checked("MULTIADDR", lambda v: parse_multiaddr(v, "--listen", need_peer=False))
 PEER_ADDR = _Checked("MULTIADDR", lambda v: parse_multiaddr(v, "--bootstrap", need_peer=True))
 PROBABILITY = click.FloatRange(0.0, 1.0, min_open=True)
@@ -129,6 +141,10 @@ def check_settings(settings: Any) -> None:
     """The checks flags get, for the merged settings (a config file or env var may carry them)."""
     for spec in settings.serve:
         parse_serve(spec)
+    if settings.memory_budget:
+        parse_memory_budget(settings.memory_budget)
+    if settings.max_batch < 1:
+        raise ConfigError(f"max-batch must be at least 1, got {settings.max_batch}")
     parse_multiaddr(settings.listen, "listen", need_peer=False)
     for addr in settings.bootstrap:
         parse_multiaddr(addr, "bootstrap", need_peer=True)

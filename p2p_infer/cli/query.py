@@ -67,9 +67,10 @@ tee_query = options(
               help="one executor per stage with a signed commitment; after the answer, re-execute each stage on another "
                    "provider with probability P in (0, 1] (a lie is accepted with probability 1-P; the check finishes before exit)")
 @tee_query
-@click.argument("input")
+@click.argument("input", nargs=-1, required=True)
 def query_command(**values: Any) -> int:
-    """Run a query through the network. INPUT is text for minilm-l6; for digits-mlp 64 comma-separated values or test:N."""
+    """Run a query through the network. INPUT is text for minilm-l6; for digits-mlp 64 comma-separated values or test:N.
+    Several INPUTs are one batched query (one request per stage)."""
     values["json"] = values.pop("json_out")
     return run("query", cmd_query, values)
 
@@ -83,7 +84,16 @@ def check_query(args: argparse.Namespace) -> tuple[Any, Any]:
     plan = query_plan(args)
     if args.save_proofs is not None and args.mode != "critical":
         raise UsageError("--save-proofs needs --mode critical (only critical mode returns proofs)")
-    return plan, params.parse_query_input(args.model, args.input)
+    from ..proto.tensors import DEFAULT_MAX_BATCH
+
+    inputs = [params.parse_query_input(args.model, text) for text in args.input]
+    if len(inputs) > 1 and args.compare:
+        raise UsageError("--compare takes one input, not a batch")
+    if len(inputs) > 1 and args.mode == "critical":
+        raise UsageError("--mode critical proves one input at a time: give one INPUT")
+    if len(inputs) > DEFAULT_MAX_BATCH:
+        raise UsageError(f"{len(inputs)} inputs: a batch takes at most {DEFAULT_MAX_BATCH} (peers refuse more)")
+    return plan, inputs[0] if len(inputs) == 1 else inputs  # several: one batched query
 
 
 def client_identity(settings: Settings, args: argparse.Namespace) -> Any:
@@ -239,11 +249,8 @@ def print_result(out: dict[str, Any]) -> None:
     o = out["output"]
     print(f"model {out['model']} ({out['model_id'][:16]}...), mode {out['mode']}")
     print(verification_line(out))
-    if "embedding" in o:
-        norm = sum(v * v for v in o["embedding"]) ** 0.5
-        print(f"embedding: {len(o['embedding'])} dims, norm {norm:.4f}, first values {[round(v, 4) for v in o['embedding'][:5]]}")
-    else:
-        print(f"class {o['class']}, probabilities {[round(p, 3) for p in o['probabilities']]}")
+    for i in range(out.get("batch", 1)):  # a batch: one line per input, in order
+        print_output({k: v[i] for k, v in o.items()} if out.get("batch", 1) > 1 else o, f"[{i}] " if out.get("batch", 1) > 1 else "")
     print(f"route ({len(out['route'])} hops, client ran its first layers and the head locally in {out['local_ms']:.1f} ms):")
     for h in out["route"]:
         rt = f", round trip {h['round_trip_ms']:.1f} ms" if h["round_trip_ms"] else ""
@@ -259,6 +266,14 @@ def print_result(out: dict[str, Any]) -> None:
     if "local_check" in out:
         c = out["local_check"]
         print(f"check against the model run locally: max abs diff {c['max_abs_diff']:.2e} -> {'MATCH' if c['match'] else 'MISMATCH'}")
+
+
+def print_output(o: dict[str, Any], prefix: str = "") -> None:
+    if "embedding" in o:
+        norm = sum(v * v for v in o["embedding"]) ** 0.5
+        print(f"{prefix}embedding: {len(o['embedding'])} dims, norm {norm:.4f}, first values {[round(v, 4) for v in o['embedding'][:5]]}")
+    else:
+        print(f"{prefix}class {o['class']}, probabilities {[round(p, 3) for p in o['probabilities']]}")
 
 
 def print_proofs(pr: dict[str, Any]) -> None:

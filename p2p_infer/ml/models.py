@@ -29,6 +29,7 @@ from torch import nn
 
 from ..config import default_cache_dir
 from ..errors import BadTensor, ManifestMismatch, TrainingFailed, UnknownModel, UsageError
+from ..proto.tensors import DEFAULT_MAX_BATCH, check_batch
 from .manifest import Manifest, check_layers, module_hash
 
 log = structlog.get_logger("p2p_infer.models")
@@ -59,8 +60,21 @@ class SplitModel(ABC):
         """Client side: the last hidden state to the result."""
 
     @abstractmethod
-    def check_activation(self, act: Activation) -> None:
-        """Raise :class:`BadTensor` unless ``act`` has this model's shapes and dtypes."""
+    def check_activation(self, act: Activation, max_batch: int = DEFAULT_MAX_BATCH) -> None:
+        """Raise :class:`BadTensor` unless ``act`` has this model's shapes and dtypes (dimension 0
+        is the batch: 1 to ``max_batch`` inputs, :class:`BatchTooLarge` past it)."""
+
+    def is_batch(self, inputs: Any) -> bool:
+        """Whether ``inputs`` is a list of this model's inputs rather than one input."""
+        return False
+
+    def embed_batch(self, inputs: list[Any]) -> Activation:
+        """Client side: several raw inputs to one batched hidden state (padded where lengths differ)."""
+        raise UsageError(f"{self.name} takes one input at a time")
+
+    def finish_batch(self, act: Activation) -> dict[str, list[Any]]:
+        """Client side: a batched last hidden state to the results, one list entry per input."""
+        raise UsageError(f"{self.name} takes one input at a time")
 
     def _layer_forward(self, layer: nn.Module, act: Activation) -> torch.Tensor:
         return layer(act.hidden)
@@ -147,6 +161,19 @@ class MiniLM(SplitModel):
         hidden = self.bert.embeddings(input_ids=enc["input_ids"], token_type_ids=enc["token_type_ids"])
         return Activation(hidden, enc["attention_mask"].to(torch.int64))
 
+    def is_batch(self, inputs: Any) -> bool:
+        return isinstance(inputs, (list, tuple))
+
+    @torch.inference_mode()
+    def embed_batch(self, inputs: list[Any]) -> Activation:
+        if not inputs or not all(isinstance(t, str) and t for t in inputs):
+            raise UsageError("minilm-l6 takes a non-empty list of non-empty strings")
+        # padded to the longest; the mask keeps padding out of attention and pooling, so each
+        # row equals that text embedded alone (within float tolerance: tests/test_batching.py)
+        enc = self.tokenizer(list(inputs), return_tensors="pt", truncation=True, max_length=self.max_tokens, padding=True)
+        hidden = self.bert.embeddings(input_ids=enc["input_ids"], token_type_ids=enc["token_type_ids"])
+        return Activation(hidden, enc["attention_mask"].to(torch.int64))
+
     @torch.inference_mode()
     def synthetic_input(self, tokens: int, rng: random.Random) -> Activation:
         """[CLS], random whole-word-vocabulary tokens, [SEP]: as long as the live query."""
@@ -165,16 +192,20 @@ class MiniLM(SplitModel):
 
     @torch.inference_mode()
     def finish(self, act: Activation) -> dict[str, Any]:
+        return {"embedding": self.finish_batch(act)["embedding"][0]}
+
+    @torch.inference_mode()
+    def finish_batch(self, act: Activation) -> dict[str, list[Any]]:
         mask = act.mask if act.mask is not None else torch.ones(act.hidden.shape[:2], dtype=torch.int64)
         weights = mask.unsqueeze(-1).to(act.hidden.dtype)
         pooled = (act.hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-        embedding = torch.nn.functional.normalize(pooled, p=2, dim=1)[0]
-        return {"embedding": embedding.tolist()}
+        return {"embedding": torch.nn.functional.normalize(pooled, p=2, dim=1).tolist()}
 
-    def check_activation(self, act: Activation) -> None:
+    def check_activation(self, act: Activation, max_batch: int = DEFAULT_MAX_BATCH) -> None:
         h = act.hidden
-        if h.dtype != torch.float32 or h.dim() != 3 or h.shape[0] != 1 or h.shape[2] != self.hidden_size:
-            raise BadTensor(f"minilm-l6 hidden state must be float32 [1, T, {self.hidden_size}], got {h.dtype} {list(h.shape)}")
+        if h.dtype != torch.float32 or h.dim() != 3 or h.shape[2] != self.hidden_size:
+            raise BadTensor(f"minilm-l6 hidden state must be float32 [B, T, {self.hidden_size}], got {h.dtype} {list(h.shape)}")
+        check_batch(int(h.shape[0]), max_batch=max_batch)
         if h.shape[1] > self.max_tokens:
             raise BadTensor(f"minilm-l6 takes at most {self.max_tokens} tokens, got {h.shape[1]}")
         if act.mask is None or act.mask.dtype != torch.int64 or list(act.mask.shape) != list(h.shape[:2]):
@@ -292,6 +323,20 @@ class DigitsMLP(SplitModel):
             raise UsageError("digits-mlp takes 64 pixel values in [0, 16]")
         return Activation(self.embed_layer(x / 16.0))
 
+    def is_batch(self, inputs: Any) -> bool:
+        """A list of images (each 64 values), as opposed to one image's 64 values."""
+        return isinstance(inputs, (list, tuple)) and len(inputs) > 0 and all(isinstance(x, (list, tuple)) for x in inputs)
+
+    @torch.inference_mode()
+    def embed_batch(self, inputs: list[Any]) -> Activation:
+        try:
+            x = torch.as_tensor([list(v) for v in inputs], dtype=torch.float32).reshape(len(inputs), 64)
+        except (RuntimeError, TypeError, ValueError):
+            raise UsageError("digits-mlp takes a list of images of 64 pixel values each") from None
+        if not bool(torch.isfinite(x).all()) or bool((x < 0).any()) or bool((x > 16).any()):
+            raise UsageError("digits-mlp takes 64 pixel values in [0, 16]")
+        return Activation(self.embed_layer(x / 16.0))
+
     @torch.inference_mode()
     def synthetic_input(self, tokens: int, rng: random.Random) -> Activation:
         """A training image with pixel noise (the client holds the data set)."""
@@ -311,13 +356,18 @@ class DigitsMLP(SplitModel):
 
     @torch.inference_mode()
     def finish(self, act: Activation) -> dict[str, Any]:
-        probs = torch.softmax(self.head(act.hidden), dim=-1)[0]
-        return {"class": int(probs.argmax()), "probabilities": probs.tolist()}
+        return {k: v[0] for k, v in self.finish_batch(act).items()}
 
-    def check_activation(self, act: Activation) -> None:
+    @torch.inference_mode()
+    def finish_batch(self, act: Activation) -> dict[str, list[Any]]:
+        probs = torch.softmax(self.head(act.hidden), dim=-1)
+        return {"class": [int(c) for c in probs.argmax(dim=-1)], "probabilities": probs.tolist()}
+
+    def check_activation(self, act: Activation, max_batch: int = DEFAULT_MAX_BATCH) -> None:
         h = act.hidden
-        if h.dtype != torch.float32 or list(h.shape) != [1, self.hidden_size]:
-            raise BadTensor(f"digits-mlp hidden state must be float32 [1, {self.hidden_size}], got {h.dtype} {list(h.shape)}")
+        if h.dtype != torch.float32 or h.dim() != 2 or h.shape[1] != self.hidden_size:
+            raise BadTensor(f"digits-mlp hidden state must be float32 [B, {self.hidden_size}], got {h.dtype} {list(h.shape)}")
+        check_batch(int(h.shape[0]), max_batch=max_batch)
         if act.mask is not None:
             raise BadTensor("digits-mlp takes no attention mask")
 

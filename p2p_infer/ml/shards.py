@@ -4,6 +4,7 @@ the peer runs :meth:`ShardServer.compute` in a worker thread."""
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,18 +14,44 @@ import torch
 from ..errors import NotServed, P2PInferError, UnknownModel
 from .models import MODEL_NAMES, Activation, SplitModel, load_model
 from ..proto.records import ShardSpec
+from ..proto.tensors import DEFAULT_MAX_BATCH
+
+
+def layer_bytes(name: str, cache_dir: Path | None = None) -> list[int]:
+    """Bytes of each layer's weights, what serving it costs in memory (``--memory-budget``).
+    SmolLM2 reads its per-layer files' sizes without loading them; the small models load once."""
+    if name == "smollm2-135m":
+        from .smollm2 import ensure_converted
+
+        directory = ensure_converted(cache_dir)
+        index = json.loads((directory / "index.json").read_text())
+        return [int((directory / entry["file"]).stat().st_size) for entry in index["layers"]]
+    model = load_model(name, cache_dir)
+    return [sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in model.layers]
 
 
 @dataclass(frozen=True)
 class ServeSpec:
-    """``MODEL:FIRST-LAST`` as given on the command line (model by name)."""
+    """``MODEL:FIRST-LAST`` as given on the command line (model by name), or ``MODEL`` alone:
+    the peer picks the layers once it has read the network's coverage (``first`` is then None)."""
 
     model: str
-    first: int
-    last: int
+    first: int | None
+    last: int | None
+
+    @property
+    def auto(self) -> bool:
+        return self.first is None
+
+    def chosen(self, first: int, last: int) -> ServeSpec:
+        return ServeSpec(self.model, first, last)
 
     @classmethod
     def parse(cls, text: str) -> ServeSpec:
+        if ":" not in text:  # MODEL alone: the layers are chosen after joining (proto/coverage.py)
+            if text not in MODEL_NAMES:
+                raise UnknownModel(f"unknown model {text!r} in --serve; known: {', '.join(MODEL_NAMES)}")
+            return cls(text, None, None)
         try:
             model, layers = text.rsplit(":", 1)
             first_s, _, last_s = layers.partition("-")
@@ -41,10 +68,13 @@ class ServeSpec:
 class ShardServer:
     """Loads the served models, verifies the served layers' weights, runs requests."""
 
-    def __init__(self, specs: list[ServeSpec], cache_dir: Path | None = None) -> None:
+    def __init__(self, specs: list[ServeSpec], cache_dir: Path | None = None, max_batch: int = DEFAULT_MAX_BATCH) -> None:
         self.models: dict[str, SplitModel] = {}
         self.shards: list[ShardSpec] = []
+        self.max_batch = max_batch  # inputs per request; the tensor byte limit bounds them too
         for spec in specs:
+            if spec.first is None or spec.last is None:
+                raise P2PInferError(f"--serve {spec.model}: layers not chosen yet (the peer picks them after joining)")
             model = load_model(spec.model, cache_dir)
             if spec.last >= len(model.layers):
                 raise P2PInferError(f"{spec.model} has layers 0-{len(model.layers) - 1}; cannot serve {spec.first}-{spec.last}")
@@ -64,7 +94,7 @@ class ShardServer:
 
     def check(self, model_id: str, first: int, last: int, act: Activation) -> SplitModel:
         model = self.serving(model_id, first, last)
-        model.check_activation(act)
+        model.check_activation(act, self.max_batch)
         return model
 
     def compute(self, model: SplitModel, first: int, last: int, act: Activation) -> tuple[torch.Tensor, float]:

@@ -338,7 +338,7 @@ class SmolLM2(SplitModel):
     def finish(self, act: Activation) -> dict[str, Any]:
         return {"next_token": int(self.logits(act.hidden).argmax())}
 
-    def check_activation(self, act: Activation) -> None:
+    def check_activation(self, act: Activation, max_batch: int = 1) -> None:  # generation is one sequence at a time
         h = act.hidden
         if h.dtype != torch.float32 or h.dim() != 3 or h.shape[0] != 1 or h.shape[2] != HIDDEN:
             raise BadTensor(f"{NAME} hidden state must be float32 [1, T, {HIDDEN}], got {h.dtype} {list(h.shape)}")

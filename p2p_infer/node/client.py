@@ -22,6 +22,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import structlog
 import trio
 from libp2p.abc import IHost
@@ -29,8 +30,9 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from ..clock import now_ms
 from ..config import default_cache_dir
-from ..errors import CannotVerify, NoRoute, P2PInferError, PeerUnreachable, UsageError
+from ..errors import BatchTooLarge, CannotVerify, NoRoute, P2PInferError, PeerUnreachable, UnsupportedMode, UsageError
 from ..identity import Identity
+from ..logs import silence_last_resort
 from ..ml.models import Activation, SplitModel, known_manifests, load_model
 from ..ml.tensors import decode_tensor, encode_optional, encode_tensor
 from ..net.dht import Discovery
@@ -43,6 +45,7 @@ from ..proto.auditor import Auditor, evidence_message
 from ..proto.plan import QueryPlan
 from ..proto.query import QueryMachine
 from ..proto.reputation import Reputation
+from ..proto.tensors import DEFAULT_MAX_BATCH, DEFAULT_MAX_TENSOR_BYTES
 from ..proto.routing import Segment, Server, ThroughputBook, plan_route
 from ..proto.trial import Admission
 from ..proto.wire import FORWARD_PROTOCOL, RESULT_PROTOCOL, Message
@@ -51,6 +54,7 @@ from .query_driver import ForwardResults, QueryDriver
 from .results import HopReport, QueryResult, stage_labels
 
 log = structlog.get_logger("p2p_infer.client")
+silence_last_resort()  # libp2p, just imported, cleared its logger's handlers: library mode stays silent
 
 
 def resolve_plan(plan: QueryPlan | None, **options: Any) -> QueryPlan:
@@ -59,6 +63,21 @@ def resolve_plan(plan: QueryPlan | None, **options: Any) -> QueryPlan:
     if plan is not None and asked != QueryPlan():
         raise UsageError("pass either plan= or the mode keywords (committee=, forwarding=, critical=, ...), not both")
     return (plan or asked).validate()
+
+
+def embed_batch(model: SplitModel, inputs: list[Any], plan: QueryPlan) -> Activation:
+    """A batch within the limits peers enforce, refused here before anything is sent."""
+    if plan.check == "zk":
+        raise UnsupportedMode("critical mode proves one input at a time (the shard circuits take batch 1); "
+                              "send the inputs one by one")
+    if not 1 <= len(inputs) <= DEFAULT_MAX_BATCH:
+        raise BatchTooLarge(f"a batch takes 1 to {DEFAULT_MAX_BATCH} inputs (peers refuse more), got {len(inputs)}")
+    act = model.embed_batch(inputs)
+    size = act.hidden.numel() * act.hidden.element_size()
+    if size > DEFAULT_MAX_TENSOR_BYTES:
+        raise BatchTooLarge(f"a batch of {len(inputs)} x {list(act.hidden.shape[1:])} is {size} bytes of hidden state, "
+                            f"over the {DEFAULT_MAX_TENSOR_BYTES}-byte limit of one request; send fewer or shorter inputs")
+    return act
 
 
 class Client:
@@ -150,10 +169,12 @@ class Client:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._stack is not None
-        await self._wait_for_checks()
-        if self.gossip is not None:
-            await self.gossip.flush()  # verdicts and evidence of the last query still go out
-        await self._stack.__aexit__(None, None, None)
+        try:
+            await self._wait_for_checks()
+            if self.gossip is not None:
+                await self.gossip.flush()  # verdicts and evidence of the last query still go out
+        finally:  # also when cancelled (Ctrl-C in the sync facade): the host and the nursery close
+            await self._stack.__aexit__(None, None, None)
 
     async def refresh(self) -> None:
         """Re-read the overlay and re-measure round trips to the peers that serve layers."""
@@ -174,11 +195,14 @@ class Client:
 
     # ---- public API ----
 
-    async def embed(self, text: str) -> QueryResult:
-        return await self.run("minilm-l6", text)
+    async def embed(self, text: str | Sequence[str]) -> QueryResult:
+        """One text, or a list of texts sent as one batch (``result.output["embedding"]`` then holds one per text)."""
+        return await self.run("minilm-l6", text if isinstance(text, str) else list(text))
 
-    async def classify(self, pixels: Sequence[float]) -> QueryResult:
-        return await self.run("digits-mlp", list(pixels))
+    async def classify(self, pixels: Sequence[float] | Sequence[Sequence[float]]) -> QueryResult:
+        """One image's 64 pixel values, or a list of images sent as one batch."""
+        array = np.asarray(pixels, dtype=np.float32)
+        return await self.run("digits-mlp", array.tolist())  # 2-D: a batch of images
 
     def generate(self, prompt: str, **options: Any) -> AsyncIterator[Any]:
         """``async for piece in client.generate(prompt, max_new_tokens=32)``: text generation (node/generate.py)."""
@@ -192,12 +216,14 @@ class Client:
         return self._models[name]
 
     async def run(self, model_name: str, inputs: Any) -> QueryResult:
-        """Run ``inputs`` through ``model_name``: the first layers and the head here, the rest as the plan says."""
+        """Run ``inputs`` through ``model_name``: the first layers and the head here, the rest as the plan says.
+        A list of inputs (texts; images of 64 values) goes as one batch: one request per stage."""
         model = await self.model(model_name)
         if self.local_layers >= len(model.layers):
             raise UsageError(f"{model_name} has {len(model.layers)} layers; the client keeps {self.local_layers} locally")
+        batched = model.is_batch(inputs)
         started = time.perf_counter()
-        act = model.embed(inputs)
+        act = embed_batch(model, list(inputs), self.query_plan) if batched else model.embed(inputs)
         act = Activation(model.run_layers(act, 0, self.local_layers - 1), act.mask)
         local_ms = (time.perf_counter() - started) * 1000
         await self._admit_servers(model, act)
@@ -211,11 +237,11 @@ class Client:
             received, fields = await self._run_machine(model, act)
         self.admission.on_query_done(time.perf_counter() - live)  # later trials are spread over this long
         finish_start = time.perf_counter()
-        output = model.finish(received)
+        output = model.finish_batch(received) if batched else model.finish(received)
         local_ms += (time.perf_counter() - finish_start) * 1000
         runs = fields.pop("optimistic_runs", None)
         result = QueryResult(model=model.name, model_id=model.model_id, output=output, local_ms=local_ms,
-                             total_ms=(time.perf_counter() - started) * 1000, **fields)
+                             total_ms=(time.perf_counter() - started) * 1000, batch=int(act.hidden.shape[0]), **fields)
         result.verification = stage_labels(self.query_plan.check, self.query_plan.stage_check(), result.route, result.spot_checks,
                                            result.proofs)
         result.verified = bool(result.verification) and all(s["verified"] for s in result.verification)

@@ -112,7 +112,8 @@ class CommitteeMember:
         if known is not None:  # never sign two commitments for one task (that is equivocation)
             return known
         act = activation_from_wire(request.hidden, request.mask)
-        model.check_activation(act)
+        assert self.shards is not None  # served() checked it
+        model.check_activation(act, self.shards.max_batch)
         # the stream's remote peer, authenticated by Noise: only the task's client may ask
         self.core.check_execute(request.candidates, request.input_hash, remote_peer.get(), self.clock())
         output = encode_tensor(await self.compute(task, model, act))

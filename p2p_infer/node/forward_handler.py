@@ -79,6 +79,7 @@ class ForwardHandler:
             "in_flight": self.peer.scheduler.in_flight,
             "threads": threading.active_count(),  # lets operators and tests see leaks
             "connections": len(host.get_network().get_connections()) if host is not None else 0,
+            "max_batch": self.peer.shards.max_batch if self.peer.shards is not None else 0,  # inputs per request
         }
 
     def _admit(self, req: ForwardRequest) -> tuple[Any, Any]:

@@ -112,17 +112,23 @@ class Peer:
 
     # ---- lifecycle ----
 
-    async def run(self, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _load_shards(self) -> None:
         if self.specs:  # torch is imported only by peers that serve layers
             import torch
 
             torch.set_num_threads(max(1, self.settings.torch_threads))
             self.on_phase("load and verify weights")  # threads abandoned on Ctrl-C: start-up stops at once
-            self.shards = await trio.to_thread.run_sync(ShardServer, self.specs, default_cache_dir(), abandon_on_cancel=True)
+            self.shards = await trio.to_thread.run_sync(ShardServer, self.specs, default_cache_dir(), self.settings.max_batch,
+                                                        abandon_on_cancel=True)
             self.member.shards = self.shards
             self.on_phase("throughput probe")
             self.throughput = await trio.to_thread.run_sync(self.shards.measure_throughput, abandon_on_cancel=True)
             self.prover.start_builds()
+
+    async def run(self, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        auto = any(s.auto for s in self.specs)  # "--serve MODEL": layers chosen from the directory, after joining
+        if not auto:
+            await self._load_shards()
         bootstrap = [parse_peer_addr(a) for a in bootstrap_addrs(self.settings)]
         self.on_phase("join")
         async with running_host(self.identity, self.settings.listen, self.limits) as host:
@@ -141,6 +147,9 @@ class Peer:
                 joined = await discovery.join()
                 if bootstrap and not joined:
                     self.log.warning("no bootstrap peer reachable; waiting for others to dial in")
+                if auto:
+                    self.specs = await choose_layers(self, discovery)
+                    await self._load_shards()
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     self.on_phase("publish")
@@ -293,6 +302,41 @@ class Peer:
         self.member.on_gossip(message)
         for evidence in self.auditor.observe(sender, message):
             self._publish(evidence_message(evidence))
+
+
+async def choose_layers(peer: Peer, discovery: Discovery) -> list[ServeSpec]:
+    """``--serve MODEL``: read the directory, pick the span of weakest coverage that fits the
+    memory budget (proto/coverage.py), and log the choice and why."""
+    from ..ml.models import resolve_model
+    from ..ml.shards import layer_bytes
+    from ..proto.coverage import Provider, choose_span, parse_size
+
+    budget = parse_size(peer.settings.memory_budget) if peer.settings.memory_budget else default_budget()
+    manifests = await trio.to_thread.run_sync(known_manifests, default_cache_dir())
+    directory = Directory(discovery, manifests)
+    chosen = []
+    for spec in peer.specs:
+        if not spec.auto:
+            chosen.append(spec)
+            continue
+        model_id = (await trio.to_thread.run_sync(resolve_model, spec.model, default_cache_dir())).model_id
+        await directory.refresh([model_id])
+        providers = [Provider(r.peer_id, s.first, s.last, r.throughput) for r, s in directory.shards_of(model_id)]
+        sizes = await trio.to_thread.run_sync(layer_bytes, spec.model, default_cache_dir())
+        choice = choose_span(sizes, providers, budget, exclude=peer.identity.peer_id)
+        budget -= choice.span_bytes  # several auto specs share one budget
+        peer.log.info("chose layers to serve", model=spec.model, first=choice.first, last=choice.last,
+                      providers=len(providers), why=choice.reason)
+        chosen.append(spec.chosen(choice.first, choice.last))
+    return chosen
+
+
+def default_budget() -> int:
+    """A quarter of the memory free now: room for activations, queues and the rest of the machine."""
+    try:
+        return max(1, os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4)
+    except (ValueError, OSError):
+        return 1 << 30
 
 
 async def run_peer_until_signalled(peer: Peer, on_ready: Callable[[list[str]], None] | None = None) -> bool:

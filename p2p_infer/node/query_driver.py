@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
-from ..errors import P2PInferError, PeerUnreachable, ProtocolViolation
+from ..errors import BadTensor, P2PInferError, PeerUnreachable, ProtocolViolation
 from ..ml.models import SplitModel
 from ..ml.tensors import activation_from_wire, encode_tensor
 from ..net.framing import remote_peer
@@ -203,7 +203,7 @@ class QueryDriver:
         elapsed_ms = (self.now() - sent_at) * 1000
         try:
             hidden, timing = parse_forward_reply(reply)
-            self._check_activation(hidden, send.mask)
+            self._check_activation(hidden, send.mask, send.activation)
             evidence = self._evidence(send, reply) if commit is None else self._commitment(send, reply, hidden, commit)
         except P2PInferError as exc:
             return HopFailure.wrong_answer(exc)
@@ -213,9 +213,12 @@ class QueryDriver:
                                            self.client.rtt_ms.get(send.peer_id))
         return Reply(hidden, timing, evidence)
 
-    def _check_activation(self, hidden: WireTensor, mask: WireTensor | None) -> None:
-        """The model's shapes and dtypes (the codec already checked the tensor itself)."""
+    def _check_activation(self, hidden: WireTensor, mask: WireTensor | None, sent: WireTensor) -> None:
+        """The model's shapes and dtypes (the codec already checked the tensor itself), and one
+        answer per input sent: a batch comes back as large as it went out."""
         self.model.check_activation(activation_from_wire(hidden, mask))
+        if hidden["shape"][0] != sent["shape"][0]:
+            raise BadTensor(f"sent a batch of {sent['shape'][0]}, got {hidden['shape'][0]} answers back")
 
     def _commitment(self, send: SendHop, reply: Message, hidden: WireTensor, commit: CommitRequest) -> ForwardCommitment:
         """The executor's signature over exactly this answer, or the answer is refused as its fault."""
@@ -275,7 +278,7 @@ class QueryDriver:
             return machine.on_failure(send.request_id, failure, now)
         try:
             hidden, _ = parse_forward_reply(result)
-            self._check_activation(hidden, send.mask)
+            self._check_activation(hidden, send.mask, send.activation)
         except P2PInferError as exc:
             log.info("forwarding failed, falling back to client-driven hops", reason=exc.message)
             return machine.on_failure(send.request_id, HopFailure.wrong_answer(exc), now)

@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import numpy as np
+
+# the array ``QueryResult.numpy()`` returns when no key is named, by what the output holds
+PRIMARY_KEYS = ("embedding", "probabilities", "next_token")
+
 
 @dataclass
 class HopReport:
@@ -42,6 +47,25 @@ class QueryResult:
     # committee mode: members answering after a stage's quorum are judged after the answer
     # (``await result.judged``; ``stages[i]["verdicts"]`` are final then, "pending" before)
     judged: Any = None
+    # inputs answered by this one query: > 1 when ``run`` was given a list; then every value
+    # of ``output`` is a list with one entry per input, in order (``{"embedding": [[...], ...]}``)
+    batch: int = 1
+
+    def numpy(self, key: str | None = None) -> np.ndarray:
+        """``output[key]`` as a numpy array (a copy): by default the embedding (float32 ``[384]``,
+        or ``[B, 384]`` for a batch) or the class probabilities (``[10]`` / ``[B, 10]``)."""
+        if key is None:
+            key = next((k for k in PRIMARY_KEYS if k in self.output), None)
+            if key is None:
+                raise KeyError(f"no default array in output {sorted(self.output)}; name one")
+        value = self.output[key]
+        kind = np.int64 if key in ("class", "next_token") else np.float32
+        return np.asarray(value, dtype=kind)
+
+    @property
+    def array(self) -> np.ndarray:
+        """The default array of :meth:`numpy`."""
+        return self.numpy()
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(replace(self, check=None, judged=None))

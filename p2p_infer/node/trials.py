@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import structlog
+import torch
 import trio
 
 from ..errors import NoRoute
@@ -38,7 +39,7 @@ async def trials_for_query(client: Client, model: SplitModel, act: Activation) -
     specs = client.admission.plan(providers, remote_first=client.local_layers, n_layers=len(model.layers),
                                   tokens=tokens_of(act), gate_untried=not routable(client, model),
                                   whole_shards=client.query_plan.check == "zk")
-    driver = TrialDriver(client, model)
+    driver = TrialDriver(client, model, batch=int(act.hidden.shape[0]))  # shaped like the live request, batch too
     async with trio.open_nursery() as nursery:
         for spec in specs:
             if spec.gating:
@@ -58,9 +59,10 @@ def routable(client: Client, model: SplitModel) -> bool:
 
 
 class TrialDriver:
-    def __init__(self, client: Client, model: SplitModel) -> None:
+    def __init__(self, client: Client, model: SplitModel, batch: int = 1) -> None:
         self.client = client
         self.model = model
+        self.batch = batch  # a batched query's trials carry as many synthetic inputs (peers must not tell them apart)
         self.hops = QueryDriver(client, model)
 
     async def run(self, spec: TrialSpec) -> None:
@@ -78,7 +80,9 @@ class TrialDriver:
 
     def task(self, spec: TrialSpec) -> TrialTask:
         """A model-shaped input for layer ``spec.first`` and the answer to it, from the client's weights."""
-        act = self.model.synthetic_input(spec.tokens, self.client._rng)
+        acts = [self.model.synthetic_input(spec.tokens, self.client._rng) for _ in range(self.batch)]
+        act = acts[0] if self.batch == 1 else Activation(torch.cat([a.hidden for a in acts]),
+                                                          None if acts[0].mask is None else torch.cat([a.mask for a in acts]))
         if spec.first > 0:
             act = Activation(self.model.run_layers(act, 0, spec.first - 1), act.mask)
         expected = self.model.run_layers(act, spec.first, spec.last)

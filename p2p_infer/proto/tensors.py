@@ -12,12 +12,15 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BadTensor
+from ..errors import BadTensor, BatchTooLarge
 
 WireTensor = dict[str, Any]
 ALLOWED_DTYPES = ("float32", "int64")
 DEFAULT_MAX_TENSOR_BYTES = 4 * 1024 * 1024
 MAX_DIMS = 4
+# Inputs in one batched request (dimension 0 of a hidden state). The byte limit above still
+# bounds the tensor, so a long-sequence batch meets that limit first (protocols/forward.md).
+DEFAULT_MAX_BATCH = 32
 
 
 def wire_array(obj: object, *, max_bytes: int = DEFAULT_MAX_TENSOR_BYTES, field: str = "tensor") -> np.ndarray:
@@ -46,6 +49,14 @@ def check_wire_tensor(obj: object, *, max_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
     wire_array(obj, max_bytes=max_bytes, field=field)
     assert isinstance(obj, dict)
     return obj
+
+
+def check_batch(batch: int, *, max_batch: int = DEFAULT_MAX_BATCH, field: str = "hidden") -> None:
+    """BatchTooLarge unless ``1 <= batch <= max_batch``."""
+    if batch > max_batch:
+        raise BatchTooLarge(f"{field}: batch of {batch} exceeds the limit of {max_batch} inputs per request")
+    if batch < 1:
+        raise BadTensor(f"{field}: batch must be at least 1, got {batch}")
 
 
 def array_to_wire(array: np.ndarray) -> WireTensor:
