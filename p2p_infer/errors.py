@@ -171,6 +171,11 @@ class PeerUnreachable(P2PInferError):
     retryable = True
 
 
+class PeerTimedOut(PeerUnreachable):
+    """The request ran to its deadline unanswered (connecting, waiting for the stream or the
+    reply): the peer may be slow rather than gone, so a caller may ask again, longer."""
+
+
 class ListenError(P2PInferError):
     """The host cannot listen where it was told to (address in use, not ours, malformed)."""
 

@@ -23,6 +23,8 @@ from p2p_infer.proto.committee_round import (
     Failed,
     ObserveCommit,
     Rerun,
+    TICKET_REASKS,
+    TICKET_TIMEOUT_MS,
     SendExecute,
     StageSpec,
     apply_judgement,
@@ -232,14 +234,66 @@ def test_excluding_the_faulty_can_leave_too_few_candidates():
     assert "1 eligible candidates for a committee of 3" in failed.error.message
 
 
-def test_ticket_deadline_expires_on_virtual_time():
+def test_ticket_deadline_expires_on_virtual_time_and_silent_candidates_are_asked_again_longer():
     sim = swarm(3)
     ask = start(sim)[0]
-    assert isinstance(ask, AskTickets) and ask.deadline_ms == NOW + 3000
+    assert isinstance(ask, AskTickets) and ask.deadline_ms == NOW + TICKET_TIMEOUT_MS
     assert sim.machine.poll(NOW + 2999) == []
-    failed = sim.machine.poll(NOW + 3000)
-    assert isinstance(failed[0], Failed) and "0 eligible candidates" in failed[0].error.message
-    assert sim.machine.on_ticket(ask.peers[0], sim.members[ask.peers[0]].core.ticket(ask.request.seed), NOW + 3001) == []
+    now, deadlines = NOW + TICKET_TIMEOUT_MS, []
+    for _ in range(TICKET_REASKS):  # nobody answers: the silent are asked again, the deadline doubled
+        again = sim.machine.poll(now)
+        assert [type(a) for a in again] == [AskTickets] and set(again[0].peers) == set(sim.members)
+        assert again[0].request == ask.request  # the same ticket: the session's seed
+        deadlines.append(again[0].deadline_ms - now)
+        assert sim.machine.poll(again[0].deadline_ms - 1) == []
+        now = again[0].deadline_ms
+    assert deadlines == [2 * TICKET_TIMEOUT_MS, 4 * TICKET_TIMEOUT_MS][:TICKET_REASKS]
+    failed = sim.machine.poll(now)  # still silent after the last re-ask: the stage fails, with today's message
+    assert isinstance(failed[0], Failed) and "0 eligible candidates for a committee of 3" in failed[0].error.message
+    assert f"3 silent after {TICKET_REASKS} re-ask(s)" in failed[0].error.message
+    assert sim.machine.on_ticket(ask.peers[0], sim.members[ask.peers[0]].core.ticket(ask.request.seed), now + 1) == []
+
+
+def test_a_silent_candidate_that_answers_the_re_ask_is_used():
+    sim = swarm(3)
+    slow = sorted(sim.members)[0]
+    sim.members[slow].behaviour = "silent"
+    ask = start(sim)[0]
+    assert sim.tickets(ask) == [] and sim.machine.waiting == {slow}  # two tickets in; the third is late
+    again = sim.machine.poll(ask.deadline_ms)
+    assert [type(a) for a in again] == [AskTickets] and again[0].peers == (slow,)
+    assert again[0].deadline_ms == ask.deadline_ms + 2 * TICKET_TIMEOUT_MS
+    sim.now = ask.deadline_ms + 4000  # answers within the longer deadline
+    sim.members[slow].behaviour = ""
+    outcome = sim.until_outcome(again)
+    assert sim.now < again[0].deadline_ms + 3000  # decided on the answers, not at a deadline
+    assert isinstance(outcome, Decided) and set(outcome.decision.verdicts) == set(sim.members)
+    assert set(outcome.decision.verdicts.values()) == {"agree"}
+    outcome.decision.certificate.verify()
+
+
+def test_a_timed_out_request_is_silence_but_a_refusal_or_unreachable_fails_at_once():
+    sim = swarm(3)
+    peers = sorted(sim.members)
+    ask = start(sim)[0]
+    for peer in peers[:2]:
+        assert sim.machine.on_ticket(peer, sim.members[peer].core.ticket(ask.request.seed), NOW + 10) == []
+    failed = sim.machine.on_failure(peers[2], "refused: not serving", NOW + 20)  # refused: no re-ask
+    assert isinstance(failed[0], Failed) and "2 eligible candidates for a committee of 3" in failed[0].error.message
+    assert "silent" not in failed[0].error.message
+    sim = swarm(3)
+    ask = start(sim)[0]
+    for peer in peers[:2]:
+        sim.machine.on_ticket(peer, sim.members[peer].core.ticket(ask.request.seed), NOW + 10)
+    again = sim.machine.on_failure(peers[2], "did not answer within 3.0 s", NOW + TICKET_TIMEOUT_MS, timed_out=True)
+    assert [type(a) for a in again] == [AskTickets] and again[0].peers == (peers[2],)
+    assert isinstance(sim.until_outcome(again), Decided)
+
+
+def test_too_few_providers_fail_at_once_without_a_re_ask():
+    sim = swarm(2)
+    failed = sim.step(start(sim))  # both answer: no one is silent, and two cannot make a committee of 3
+    assert isinstance(failed[0], Failed) and "2 eligible candidates for a committee of 3" in failed[0].error.message
 
 
 def test_commit_deadline_expires_on_virtual_time():
@@ -281,6 +335,19 @@ def test_prefetched_tickets_too_few_for_a_committee_ask_only_the_missing_candida
     assert [type(a) for a in actions] == [AskTickets] and actions[0].peers == (peers[2],) and actions[0].request.seed == seed
     outcome = sim.until_outcome(actions)
     assert isinstance(outcome, Decided) and set(outcome.decision.verdicts) == set(peers)
+
+
+def test_prefetched_tickets_short_of_a_silent_candidate_re_ask_it_with_longer_deadlines_then_fail():
+    sim = swarm(3)
+    seed = sim.machine.spec.task(0, NOW).seed
+    peers = sorted(sim.members)
+    sim.members[peers[2]].behaviour = "silent"
+    tickets = [sim.members[p].core.ticket(seed) for p in peers[:2]]  # the prefetch (the first ask) timed out on one
+    ask = sim.machine.start(NOW, {p: m.record for p, m in sim.members.items()}, tickets=tickets)[0]
+    assert ask.peers == (peers[2],) and ask.deadline_ms == NOW + 2 * TICKET_TIMEOUT_MS  # the prefetch was the first ask
+    failed = sim.until_outcome([ask])
+    assert isinstance(failed, Failed) and "2 eligible candidates for a committee of 3" in failed.error.message
+    assert sim.now == NOW + 2 * TICKET_TIMEOUT_MS + 4 * TICKET_TIMEOUT_MS  # asked TICKET_REASKS times in all, the cap reached
 
 
 def test_words_about_someone_else_blame_no_one():

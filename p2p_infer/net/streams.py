@@ -14,7 +14,7 @@ import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 
-from ..errors import P2PInferError, PeerUnreachable, RemoteError
+from ..errors import P2PInferError, PeerTimedOut, PeerUnreachable, RemoteError
 from .framing import Message, request
 from .host import dial, open_stream, peer_info
 
@@ -68,7 +68,7 @@ class StreamPool:
                 return await self._request(peer_id, protocol, message, timeout)
         except trio.TooSlowError:
             self.forget(peer_id)
-            raise PeerUnreachable(f"{peer_id} did not answer within {timeout} s (connecting or waiting for the stream)") from None
+            raise PeerTimedOut(f"{peer_id} did not answer within {timeout} s (connecting or waiting for the stream)") from None
 
     async def _request(self, peer_id: str, protocol: str, message: Message, timeout: float) -> Message:
         slot = self._slots.setdefault((peer_id, protocol), _Slot())
@@ -83,7 +83,7 @@ class StreamPool:
                     raise  # the stream is fine; the request was refused
                 except trio.TooSlowError:
                     slot.stream = None
-                    raise PeerUnreachable(f"{peer_id} did not answer within {timeout} s") from None
+                    raise PeerTimedOut(f"{peer_id} did not answer within {timeout} s") from None
                 except P2PInferError:
                     slot.stream = None
                     if reused and attempt == 0:

@@ -26,7 +26,7 @@ import structlog
 import trio
 
 from ..clock import now_ms
-from ..errors import ConsensusError, NoQuorum, P2PInferError
+from ..errors import ConsensusError, NoQuorum, P2PInferError, PeerTimedOut
 from ..ml.models import Activation, SplitModel
 from ..ml.tensors import decode_tensor, encode_tensor
 from ..proto.auditor import evidence_message
@@ -310,8 +310,8 @@ class RoundDriver:
         async def ask(peer: str) -> None:
             try:
                 actions = feed(peer, await committee_request(self.client, peer, message, timeout))
-            except P2PInferError as exc:
-                actions = self.machine.on_failure(peer, exc.message, now_ms())
+            except P2PInferError as exc:  # a timeout is silence (asked again, longer), not a refusal
+                actions = self.machine.on_failure(peer, exc.message, now_ms(), timed_out=isinstance(exc, PeerTimedOut))
             out.extend(actions)
 
         async with trio.open_nursery() as nursery:
@@ -339,27 +339,46 @@ class RoundDriver:
     async def collect(self, peers: tuple[str, ...], message: Message, deadline_ms: int, take: Callable[[list[Action]], None],
                       ready: trio.Event, judged: trio.Event) -> None:
         timeout = max(0.0, (deadline_ms - now_ms()) / 1000)
+        attempt = self.machine.attempt
+
+        def current() -> bool:
+            # after a Rerun the machine is in the next attempt: this attempt's late failures
+            # and its final poll (at this deadline, past the new ticket deadline) must not
+            # reach it, or they close the new ticket phase short ("N eligible candidates")
+            return self.machine.attempt == attempt
 
         async def ask(peer: str) -> None:
             try:
                 reply = await committee_request(self.client, peer, message, timeout)
-                actions = self.machine.on_answer(peer, parse_result_reply(reply), now_ms())
+                actions = self.machine.on_answer(peer, parse_result_reply(reply), now_ms()) if current() else []
             except P2PInferError as exc:
-                actions = self.machine.on_failure(peer, exc.message, now_ms())
+                actions = self.machine.on_failure(peer, exc.message, now_ms()) if current() else []
             take(actions)
 
         try:
             async with trio.open_nursery() as nursery:
                 for peer in peers:
                     nursery.start_soon(ask, peer)
-            take(self.machine.poll(max(now_ms(), deadline_ms)))  # all in or timed out: nothing more can come
+            if current():
+                take(self.machine.poll(max(now_ms(), deadline_ms)))  # all in or timed out: nothing more can come
         finally:
             if not ready.is_set():  # never leave the stage waiting (cancelled at shutdown, or a bug)
                 take([Failed(NoQuorum(f"{self.machine.spec.layers}: the answers could not be collected"))])
             judged.set()
 
     def on_ticket(self, peer: str, reply: Message) -> list[Action]:
-        return self.machine.on_ticket(peer, parse_ticket_reply(reply), now_ms())
+        """A ticket asked for in the round (missing from the prefetch, or re-asked after a
+        silence) enters the session cache like a prefetched one, once it ranks (verified)."""
+        ticket = parse_ticket_reply(reply)
+        actions = self.machine.on_ticket(peer, ticket, now_ms())
+        held, spec = self.client.ticket_session, self.machine.spec
+        if ticket.peer_id == peer and held.session == spec.session and held.session and ticket in self.machine.tickets:
+            try:
+                ticket.beta(held.seed)  # the session's seed: only a ticket valid for it is kept
+            except ConsensusError:
+                return actions
+            held.tickets[peer] = ticket
+        return actions
 
     def judged(self, judgement: Judgement) -> None:
         """Reputation for one task, the verdicts for this query's gossip, and the evidence."""

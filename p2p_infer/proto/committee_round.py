@@ -55,6 +55,11 @@ from .sortition import MAX_COMMIT_WINDOW_MS, NO_SESSION, check_candidate_record
 log = structlog.get_logger("p2p_infer.committee_round")
 
 TICKET_TIMEOUT_MS = 3000
+# A candidate that stays silent through the ticket deadline (an oversubscribed box, not a
+# refusal) is asked again, at most TICKET_REASKS times per attempt, each time with the
+# deadline doubled up to TICKET_BACKOFF_MAX times the first, before the stage fails short.
+TICKET_REASKS = 2
+TICKET_BACKOFF_MAX = 4
 COMMIT_GRACE_MS = 1000  # wait past the deadline, so a late commit is judged late, not missing
 MIN_COMMIT_WAIT_MS = 500
 
@@ -249,6 +254,12 @@ class CommitteeRound:
     waiting: set[str] = field(default_factory=set)  # peers the current phase still waits for
     deadline_ms: int | None = None
     decision: StageDecision | None = None  # decided early: judged once the stragglers are in
+    silent: set[str] = field(default_factory=set)  # asked for a ticket, timed out: asked again before failing
+    ticket_asks: int = 0  # this attempt's ticket asks after the first
+
+    def ticket_deadline_ms(self, now_ms: int) -> int:
+        """The deadline of this attempt's current ticket ask: doubled on each re-ask, bounded."""
+        return now_ms + self.spec.ticket_timeout_ms * min(2**self.ticket_asks, TICKET_BACKOFF_MAX)
 
     def start(self, now_ms: int, candidates: Mapping[str, bytes], tickets: Iterable[Ticket] | None = None) -> list[Action]:
         """Begin the next attempt with the current providers of the stage's layers, each
@@ -262,19 +273,25 @@ class CommitteeRound:
         self.task = self.spec.task(self.attempt, now_ms)
         self.round, self.tickets = None, []
         self.records = {p: env for p, env in candidates.items() if p not in self.excluded}
+        self.silent, self.ticket_asks = set(), 0
         peers = tuple(sorted(self.records))
-        deadline = now_ms + self.spec.ticket_timeout_ms
-        self._enter(Phase.TICKETS, peers, deadline)
         if tickets is not None:
             self.tickets = [t for t in tickets if t.peer_id in self.records]  # ranking verifies each on this seed
             have = {t.peer_id for t in self.tickets}
-            # too few for a committee: ask the candidates whose ticket did not come, once more
+            # too few for a committee: ask the candidates whose ticket did not come again (the
+            # prefetch was the first ask: a stream that failed to open, or a reply too slow)
             peers = () if len(have) >= self.spec.k else tuple(p for p in peers if p not in have)
-            self.waiting = set(peers)
+            self.ticket_asks = 1
+        deadline = self.ticket_deadline_ms(now_ms)
+        self._enter(Phase.TICKETS, peers, deadline)
         if not peers:
             return self._close_tickets(now_ms)
+        return [self._ask_tickets(peers, deadline)]
+
+    def _ask_tickets(self, peers: tuple[str, ...], deadline_ms: int) -> AskTickets:
+        assert self.task is not None
         request = TicketRequest(self.task.seed, self.spec.model_id, self.spec.first, self.spec.last)
-        return [AskTickets(self.attempt, request, peers, deadline)]
+        return AskTickets(self.attempt, request, peers, deadline_ms)
 
     def next_deadline_ms(self) -> int | None:
         return self.deadline_ms if self.phase in (Phase.TICKETS, Phase.ANSWERS, Phase.JUDGING) else None
@@ -286,6 +303,8 @@ class CommitteeRound:
             return []
         if self.waiting:
             log.info("deadline passed", phase=self.phase.value, stage=self.spec.stage, silent=sorted(self.waiting))
+            if self.phase is Phase.TICKETS:
+                self.silent |= self.waiting
         return self._close(now_ms)
 
     # ---- events ----
@@ -320,13 +339,16 @@ class CommitteeRound:
             return actions + self._decide_early()
         return actions + (self._close(now_ms) if not self.waiting else [])
 
-    def on_failure(self, peer: str, reason: str, now_ms: int) -> list[Action]:
+    def on_failure(self, peer: str, reason: str, now_ms: int, timed_out: bool = False) -> list[Action]:
         """``peer`` did not answer the current phase's request (unreachable, error reply,
-        malformed reply): it counts as silent for this phase."""
+        malformed reply): it counts as silent for this phase. ``timed_out``: the request ran
+        to its deadline unanswered (not refused, not unreachable): a ticket is asked again."""
         if peer not in self.waiting:
             return []
-        log.info("no answer", phase=self.phase.value, stage=self.spec.stage, peer=peer, reason=reason)
+        log.info("no answer", phase=self.phase.value, stage=self.spec.stage, peer=peer, reason=reason, timed_out=timed_out)
         self.waiting.discard(peer)
+        if timed_out and self.phase is Phase.TICKETS:
+            self.silent.add(peer)
         return self._close(now_ms) if not self.waiting else []
 
     # ---- transitions ----
@@ -351,12 +373,24 @@ class CommitteeRound:
         return []
 
     def _close_tickets(self, now_ms: int) -> list[Action]:
-        assert self.task is not None
+        # the task is issued when the committee is drawn, not when its tickets were first asked
+        # for: a slow ticket phase must not eat the members' commit window (records checked now)
+        self.task = self.spec.task(self.attempt, now_ms)
         ranked = rank_tickets(self.tickets, self.task.seed, self.task.request_hash, self.task.stage, self.task.attempt)  # VRF: once per process
         eligible = self._eligible(ranked)
         committee = [c.ticket for c in eligible[: self.spec.k]]
-        if len(committee) < self.spec.k:  # too few candidates: a re-run cannot do better
-            self.failures.append(f"{self.spec.layers}: {len(committee)} eligible candidates for a committee of {self.spec.k}")
+        if len(committee) < self.spec.k:
+            silent = tuple(sorted(self.silent - {t.peer_id for t in self.tickets}))
+            if silent and self.ticket_asks < TICKET_REASKS:  # slow, not absent: ask them again, longer
+                self.ticket_asks += 1
+                self.silent = set()
+                deadline = self.ticket_deadline_ms(now_ms)
+                log.info("asking silent candidates again", stage=self.spec.stage, silent=silent, ask=self.ticket_asks, deadline_ms=deadline - now_ms)
+                self._enter(Phase.TICKETS, silent, deadline)
+                return [self._ask_tickets(silent, deadline)]
+            # too few candidates: a re-run cannot do better
+            note = f" ({len(silent)} silent after {self.ticket_asks} re-ask(s))" if silent else ""
+            self.failures.append(f"{self.spec.layers}: {len(committee)} eligible candidates for a committee of {self.spec.k}{note}")
             return self._fail(None)
         signed = sign_candidates(self.spec.client, self.task, eligible)
         self.round = StageRound(signed, committee)
