@@ -46,6 +46,16 @@ def verify_all(circuits, proofs, tmp):
 
 
 @pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    """One swarm for the end-to-end tests: they only query it (none stops or changes a peer)."""
+    with Swarm(tmp_path_factory.mktemp("zk-swarm"), extra_env=BUILD_AT_START) as swarm:
+        swarm.start_bootstrap()
+        swarm.start_peers([["digits-mlp:1-2"], ["digits-mlp:3-3"]])
+        swarm.wait_discoverable()
+        yield swarm
+
+
+@pytest.fixture(scope="module")
 def chain(model, circuits, tmp_path_factory):
     x = DigitsMLP.dataset()[2][0].tolist()
     return prove_chain(model, circuits, x, tmp_path_factory.mktemp("chain"))
@@ -153,98 +163,86 @@ def test_malformed_proof_on_the_wire():
 
 
 @pytest.mark.slow
-def test_critical_queries_over_two_peers(tmp_path):
+def test_critical_queries_over_two_peers(swarm, tmp_path):
     model = load_model("digits-mlp")
     _, _, x_test, _ = DigitsMLP.dataset()
-    with Swarm(tmp_path, extra_env=BUILD_AT_START) as swarm:
-        swarm.start_bootstrap()
-        swarm.start_peers([["digits-mlp:1-2"], ["digits-mlp:3-3"]])
-        swarm.wait_discoverable()
-        for i in range(4):
-            proofs_file = tmp_path / f"p{i}.bin"
-            out = json.loads(swarm.cli("query", "--model", "digits-mlp", "--mode", "critical", "--json",
-                                       "--save-proofs", str(proofs_file), f"test:{i}").stdout)
-            assert out["mode"] == "critical" and out["proofs"]["verified"] is True
-            assert [(s["first"], s["last"]) for s in out["proofs"]["shards"]] == RANGES
-            assert out["output"]["class"] == model.run_local(x_test[i].tolist())["class"]
-            assert swarm.cli("verify", "--proofs", str(proofs_file)).returncode == 0
-        # a saved chain whose claimed output was changed no longer verifies offline
-        data = msgpack.unpackb(proofs_file.read_bytes())
-        assert data["version"] == 2 and (data["first_layer"], data["last_layer"]) == (1, 3)
-        data["output"] = [0.0] * 32
-        bad = tmp_path / "bad.bin"
-        bad.write_bytes(msgpack.packb(data, use_bin_type=True))
-        result = swarm.cli("verify", "--proofs", str(bad), check=False)
-        assert result.returncode == 1 and "INVALID: the output received is not the output the last proof" in result.stdout
-        # ...nor does one whose last shard was dropped (issue 9: the chain must reach the model's last layer)
-        data = msgpack.unpackb(proofs_file.read_bytes())
-        data["chain"] = data["chain"][:1]
-        bad.write_bytes(msgpack.packb(data, use_bin_type=True))
-        result = swarm.cli("verify", "--proofs", str(bad), check=False)
-        assert result.returncode == 1 and "chain was cut" in result.stdout
-        # a client whose cache holds only the weights and the ZK manifest (the pins) fetches
-        # settings, verifying keys and SRS from the peers, checking each against its pin
-        fresh = tmp_path / "fresh-cache"
-        (fresh / "models").mkdir(parents=True)
-        for f in (default_cache_dir() / "models").glob("digits-mlp-*.pt"):
-            shutil.copy(f, fresh / "models" / f.name)
-        pins = zk.zk_manifest_path(default_cache_dir(), model.model_id)
-        zk.zk_manifest_path(fresh, model.model_id).parent.mkdir(parents=True)
-        shutil.copy(pins, zk.zk_manifest_path(fresh, model.model_id))
-        out = json.loads(swarm.cli("query", "--model", "digits-mlp", "--mode", "critical", "--json", "test:9",
-                                   env={"P2P_INFER_CACHE": str(fresh)}).stdout)
-        assert out["proofs"]["verified"] is True and out["proofs"]["artifacts_fetched"] == 5  # 2 settings, 2 vks, 1 SRS
-        assert not list((fresh / "zk").glob("circuits/*/pk.key"))  # a verifier never needs a proving key
-        # pins that name a verifying key nobody has: a clear error, no silent fallback
-        manifest = json.loads(pins.read_text())
-        first_shard = next(p for p in manifest["shards"] if (p["first"], p["last"]) == RANGES[0])
-        first_shard["vk_sha256"] = "0" * 64  # the pins may hold other ranges too (other tests' circuits)
-        zk.zk_manifest_path(fresh, model.model_id).write_text(json.dumps(manifest))
-        failed = swarm.cli("query", "--model", "digits-mlp", "--mode", "critical", "test:9", check=False,
-                           env={"P2P_INFER_CACHE": str(fresh)})
-        assert failed.returncode != 0 and "no peer supplied the verifying key 0000000000000000" in failed.stderr
-        # critical routes use whole shards (a circuit covers one): starting inside one is no route
-        query = swarm.cli("query", "--model", "digits-mlp", "--mode", "critical", "--local-layers", "2", "test:0", check=False)
-        assert query.returncode != 0 and "no live peer serves layer 2" in query.stderr
+    for i in range(2):  # two proved queries in a row; every test image's chain is checked in-process above
+        proofs_file = tmp_path / f"p{i}.bin"
+        out = json.loads(swarm.cli("query", "--model", "digits-mlp", "--mode", "critical", "--json",
+                                   "--save-proofs", str(proofs_file), f"test:{i}").stdout)
+        assert out["mode"] == "critical" and out["proofs"]["verified"] is True
+        assert [(s["first"], s["last"]) for s in out["proofs"]["shards"]] == RANGES
+        assert out["output"]["class"] == model.run_local(x_test[i].tolist())["class"]
+        assert swarm.cli("verify", "--proofs", str(proofs_file)).returncode == 0
+    # a saved chain whose claimed output was changed no longer verifies offline
+    data = msgpack.unpackb(proofs_file.read_bytes())
+    assert data["version"] == 2 and (data["first_layer"], data["last_layer"]) == (1, 3)
+    data["output"] = [0.0] * 32
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(msgpack.packb(data, use_bin_type=True))
+    result = swarm.cli("verify", "--proofs", str(bad), check=False)
+    assert result.returncode == 1 and "INVALID: the output received is not the output the last proof" in result.stdout
+    # ...nor does one whose last shard was dropped (issue 9: the chain must reach the model's last layer)
+    data = msgpack.unpackb(proofs_file.read_bytes())
+    data["chain"] = data["chain"][:1]
+    bad.write_bytes(msgpack.packb(data, use_bin_type=True))
+    result = swarm.cli("verify", "--proofs", str(bad), check=False)
+    assert result.returncode == 1 and "chain was cut" in result.stdout
+    # a client whose cache holds only the weights and the ZK manifest (the pins) fetches
+    # settings, verifying keys and SRS from the peers, checking each against its pin
+    fresh = tmp_path / "fresh-cache"
+    (fresh / "models").mkdir(parents=True)
+    for f in (default_cache_dir() / "models").glob("digits-mlp-*.pt"):
+        shutil.copy(f, fresh / "models" / f.name)
+    pins = zk.zk_manifest_path(default_cache_dir(), model.model_id)
+    zk.zk_manifest_path(fresh, model.model_id).parent.mkdir(parents=True)
+    shutil.copy(pins, zk.zk_manifest_path(fresh, model.model_id))
+    out = json.loads(swarm.cli("query", "--model", "digits-mlp", "--mode", "critical", "--json", "test:9",
+                               env={"P2P_INFER_CACHE": str(fresh)}).stdout)
+    assert out["proofs"]["verified"] is True and out["proofs"]["artifacts_fetched"] == 5  # 2 settings, 2 vks, 1 SRS
+    assert not list((fresh / "zk").glob("circuits/*/pk.key"))  # a verifier never needs a proving key
+    # pins that name a verifying key nobody has: a clear error, no silent fallback
+    manifest = json.loads(pins.read_text())
+    first_shard = next(p for p in manifest["shards"] if (p["first"], p["last"]) == RANGES[0])
+    first_shard["vk_sha256"] = "0" * 64  # the pins may hold other ranges too (other tests' circuits)
+    zk.zk_manifest_path(fresh, model.model_id).write_text(json.dumps(manifest))
+    failed = swarm.cli("query", "--model", "digits-mlp", "--mode", "critical", "test:9", check=False,
+                       env={"P2P_INFER_CACHE": str(fresh)})
+    assert failed.returncode != 0 and "no peer supplied the verifying key 0000000000000000" in failed.stderr
+    # critical routes use whole shards (a circuit covers one): starting inside one is no route
+    query = swarm.cli("query", "--model", "digits-mlp", "--mode", "critical", "--local-layers", "2", "test:0", check=False)
+    assert query.returncode != 0 and "no live peer serves layer 2" in query.stderr
 
 
 @pytest.mark.slow
-def test_critical_mode_with_a_committee_is_refused_by_name(tmp_path):
+def test_critical_mode_with_a_committee_is_refused_by_name(swarm, tmp_path):
     """Committee stages would drop every ZK proof unchecked: the CLI refuses the combination
     by name, in one line, before it sends anything (issue 8)."""
-    with Swarm(tmp_path, extra_env=BUILD_AT_START) as swarm:
-        swarm.start_bootstrap()
-        swarm.start_peers([["digits-mlp:1-2"], ["digits-mlp:3-3"]])
-        swarm.wait_discoverable()
-        refused = swarm.cli("query", "--model", "digits-mlp", "--committee", "3", "--mode", "critical", "test:0", check=False)
-        assert refused.returncode != 0 and refused.stdout == ""
-        assert "committee with zk" in refused.stderr and "--committee K with --mode critical" in refused.stderr
-        assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
-        forwarding = swarm.cli("query", "--model", "digits-mlp", "--forwarding", "--mode", "critical", "test:0", check=False)
-        assert forwarding.returncode != 0 and "forwarding with zk (--forwarding with --mode critical)" in forwarding.stderr
-        # the same swarm still answers a supported critical query
-        out = json.loads(swarm.cli("query", "--model", "digits-mlp", "--mode", "critical", "--json", "test:0").stdout)
-        assert out["mode"] == "critical" and out["proofs"]["verified"] is True
+    refused = swarm.cli("query", "--model", "digits-mlp", "--committee", "3", "--mode", "critical", "test:0", check=False)
+    assert refused.returncode != 0 and refused.stdout == ""
+    assert "committee with zk" in refused.stderr and "--committee K with --mode critical" in refused.stderr
+    assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    forwarding = swarm.cli("query", "--model", "digits-mlp", "--forwarding", "--mode", "critical", "test:0", check=False)
+    assert forwarding.returncode != 0 and "forwarding with zk (--forwarding with --mode critical)" in forwarding.stderr
+    # the same swarm still answers a supported critical query
+    out = json.loads(swarm.cli("query", "--model", "digits-mlp", "--mode", "critical", "--json", "test:0").stdout)
+    assert out["mode"] == "critical" and out["proofs"]["verified"] is True
 
 
 @pytest.mark.slow
-async def test_proof_follows_the_result(tmp_path):
+async def test_proof_follows_the_result(swarm, tmp_path):
     from p2p_infer.node.client import Client
 
     model = load_model("digits-mlp")
     x = DigitsMLP.dataset()[2][12].tolist()
-    with Swarm(tmp_path, extra_env=BUILD_AT_START) as swarm:
-        swarm.start_bootstrap()
-        swarm.start_peers([["digits-mlp:1-2"], ["digits-mlp:3-3"]])
-        swarm.wait_discoverable()
-        async with Client([swarm.bootstrap.addr], critical=True, proof_follows=True) as c:
-            result = await c.classify(x)
-            assert result.proofs == {"verified": None, "pending": 2}  # the answer came before the proofs
-            assert result.output["class"] == model.run_local(x)["class"]
-            report = await c.verify_followed(result)
-            assert report["verified"] is True and [s["first"] for s in report["shards"]] == [1, 3]
-            with pytest.raises(ValueError):
-                await c.verify_followed(result)  # collected once
+    async with Client([swarm.bootstrap.addr], critical=True, proof_follows=True) as c:
+        result = await c.classify(x)
+        assert result.proofs == {"verified": None, "pending": 2}  # the answer came before the proofs
+        assert result.output["class"] == model.run_local(x)["class"]
+        report = await c.verify_followed(result)
+        assert report["verified"] is True and [s["first"] for s in report["shards"]] == [1, 3]
+        with pytest.raises(ValueError):
+            await c.verify_followed(result)  # collected once
 
 
 def test_a_supplied_ceremony_srs_is_used_instead_of_a_generated_one(tmp_path, circuits, monkeypatch):

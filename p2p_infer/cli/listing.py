@@ -47,24 +47,7 @@ def cmd_peers(args: argparse.Namespace, settings: Settings) -> int:
     async def listing() -> list[dict[str, Any]]:
         async with Client(addrs, tee_policy=policy_from_settings(settings), identity=client_identity(settings, args),
                           listen=settings.listen, trial=False) as client:
-            assert client.directory is not None
-            return [
-                {
-                    "peer_id": r.peer_id,
-                    "addrs": list(r.addrs),
-                    "shards": [{"model": names.get(s.model_id, s.model_id), "model_id": s.model_id, "first": s.first, "last": s.last} for s in r.shards],
-                    "throughput": r.throughput,
-                    "load": r.load,
-                    "tee": r.tee,
-                    "tee_verified": client.directory.attested(r.peer_id) is not None,
-                    "attestation": a.to_json() if (a := client.directory.attested(r.peer_id)) else None,
-                    "software": r.software,
-                    "protocols": list(r.protocols),
-                    "expires_in_s": round((r.expires_at_ms - _now_ms()) / 1000, 1),
-                    "rtt_ms": None if r.peer_id not in client.rtt_ms else round(client.rtt_ms[r.peer_id], 2),
-                }
-                for r in sorted(client.directory.live(), key=lambda r: r.peer_id)
-            ]
+            return peer_rows(client, names)
 
     peers = trio.run(listing)
     if args.json:
@@ -75,6 +58,29 @@ def cmd_peers(args: argparse.Namespace, settings: Settings) -> int:
             shards = ", ".join(f"{s['model']}:{s['first']}-{s['last']}" for s in p["shards"]) or "(bootstrap / no layers)"
             print(f"  {p['peer_id']}  {shards}  throughput={p['throughput']:.0f} layers/s  load={p['load']:.2f}  tee={p['tee']}{' (verified)' if p['tee_verified'] else ''}")
     return 0
+
+
+def peer_rows(client: Any, names: dict[str, str]) -> list[dict[str, Any]]:
+    """What ``peers --json`` lists for each live record a joined client holds (also the test
+    harness's in-process wait for records, so both read the overlay the same way)."""
+    assert client.directory is not None
+    return [
+        {
+            "peer_id": r.peer_id,
+            "addrs": list(r.addrs),
+            "shards": [{"model": names.get(s.model_id, s.model_id), "model_id": s.model_id, "first": s.first, "last": s.last} for s in r.shards],
+            "throughput": r.throughput,
+            "load": r.load,
+            "tee": r.tee,
+            "tee_verified": client.directory.attested(r.peer_id) is not None,
+            "attestation": a.to_json() if (a := client.directory.attested(r.peer_id)) else None,
+            "software": r.software,
+            "protocols": list(r.protocols),
+            "expires_in_s": round((r.expires_at_ms - _now_ms()) / 1000, 1),
+            "rtt_ms": None if r.peer_id not in client.rtt_ms else round(client.rtt_ms[r.peer_id], 2),
+        }
+        for r in sorted(client.directory.live(), key=lambda r: r.peer_id)
+    ]
 
 
 def _now_ms() -> int:

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -34,6 +35,12 @@ def _kill_leftovers() -> None:  # last line of defence if a caller forgot stop()
 
 
 atexit.register(_kill_leftovers)
+
+
+def trio_run_sync(fn: Callable[..., Any], *args: Any) -> Any:
+    import trio
+
+    return trio.run(fn, *args)
 
 
 def _kill_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
@@ -225,16 +232,63 @@ class Swarm:
         return {p["peer_id"]: p for p in json.loads(out)["peers"]}
 
     def wait_discoverable(self, peers: list[PeerProcess] | None = None, timeout: float = 90) -> dict[str, dict[str, Any]]:
-        """Poll as a light client until every given peer's record is found and verified."""
+        """Poll as a light client until every given peer's record is found and verified; return
+        the listing (``peers --json``'s rows)."""
         expected = {p.peer_id for p in (peers if peers is not None else self.serving())}
+        return self.wait_listing(lambda listed: expected <= set(listed), timeout,
+                                 lambda listed: f"not discoverable after {timeout} s: {sorted(expected - set(listed))}")
+
+    def wait_listing(self, done: Callable[[dict[str, dict[str, Any]]], bool], timeout: float,
+                     failure: Callable[[dict[str, dict[str, Any]]], str]) -> dict[str, dict[str, Any]]:
+        """Poll the listing until ``done(listing)``; SwarmError(``failure(last listing)``) after
+        ``timeout`` s. Each poll is a fresh client (new key, join, refresh), as ``p2p-infer
+        peers`` is, but run in this process where it can: a CLI process per poll spends most of
+        its 3-4 s of CPU importing, which starved the peers it waited for."""
+        if not self._can_list_here():
+            return self._wait_listed_by_cli(done, timeout, failure)
+        with ThreadPoolExecutor(1) as pool:  # trio.run in its own thread: callers may be inside a trio test
+            found, listed = pool.submit(trio_run_sync, self._poll_here, done, timeout).result()
+        if not found:
+            raise SwarmError(failure(listed))
+        return listed
+
+    def _can_list_here(self) -> bool:
+        """This process reads the overlay as the swarm's CLI would only on loopback (no netns
+        placement) and with the same cache (the same model ids)."""
+        return self.place is None and self.env.get("P2P_INFER_CACHE") == os.environ.get("P2P_INFER_CACHE")
+
+    def _wait_listed_by_cli(self, done: Callable[[dict[str, dict[str, Any]]], bool], timeout: float,
+                            failure: Callable[[dict[str, dict[str, Any]]], str]) -> dict[str, dict[str, Any]]:
         deadline = time.monotonic() + timeout
         while True:
             listed = self.list_peers()
-            if expected <= set(listed):
+            if done(listed):
                 return listed
             if time.monotonic() > deadline:
-                raise SwarmError(f"not discoverable after {timeout} s: {sorted(expected - set(listed))}")
+                raise SwarmError(failure(listed))
             time.sleep(1)
+
+    async def _poll_here(self, done: Callable[[dict[str, dict[str, Any]]], bool], timeout: float) -> tuple[bool, dict[str, dict[str, Any]]]:
+        import trio
+
+        from ..cli.listing import peer_rows
+        from ..config import default_cache_dir
+        from ..ml.models import known_manifests
+        from ..net.host import quiet_libp2p_logging
+        from ..node.client import Client
+
+        assert self.bootstrap is not None
+        quiet_libp2p_logging()
+        names = {mid: m.name for mid, m in known_manifests(default_cache_dir()).items()}
+        listed: dict[str, dict[str, Any]] = {}
+        with trio.move_on_after(timeout):
+            while True:
+                async with Client([self.bootstrap.addr], trial=False) as client:
+                    listed = {row["peer_id"]: row for row in peer_rows(client, names)}
+                if done(listed):
+                    return True, listed
+                await trio.sleep(0.5)
+        return False, listed
 
     def serving(self) -> list[PeerProcess]:
         return [p for p in self.peers.values() if p.serve and p.alive()]
