@@ -52,6 +52,17 @@ def swarm(tmp_path_factory, dump_dir, smol):
         yield swarm
 
 
+@pytest.fixture(scope="module")
+def greedy_expected(smol) -> list[int]:
+    """The monolithic model's 32 greedy tokens for PROMPT (computed once: four tests compare with them)."""
+    return generate_local(smol, smol.prompt_ids(PROMPT), 32, Sampling())
+
+
+@pytest.fixture(scope="module")
+def conversation(smol):
+    return conversation_answers(smol)
+
+
 def client(swarm, **kw) -> Client:
     return Client([swarm.bootstrap.addr], trial=False, request_timeout=60, **kw)
 
@@ -62,8 +73,8 @@ async def collect(c: Client, prompt: str, **options):
 
 
 @pytest.mark.parametrize("forwarding", [True, False], ids=["forwarded", "client-driven"])
-async def test_greedy_32_tokens_equal_monolithic(swarm, smol, forwarding):
-    expected = generate_local(smol, smol.prompt_ids(PROMPT), 32, Sampling())
+async def test_greedy_32_tokens_equal_monolithic(swarm, smol, forwarding, greedy_expected):
+    expected = greedy_expected
     async with client(swarm) as c:
         result, pieces = await collect(c, PROMPT, max_new_tokens=32, verified=False, forwarding=forwarding)
     assert result.tokens == expected and len(expected) == 32
@@ -199,12 +210,12 @@ async def test_an_idle_session_expires_and_frees_its_slot(swarm, smol):
 
 
 @pytest.mark.parametrize("forwarding", [True, False], ids=["forwarded", "client-driven"])
-async def test_killing_the_middle_peer_mid_generation_gives_the_same_tokens(swarm, smol, forwarding):
+async def test_killing_the_middle_peer_mid_generation_gives_the_same_tokens(swarm, smol, forwarding, greedy_expected):
     for name in ("mid-a", "mid-b"):  # the other parametrisation killed one: bring it back
         if not swarm.peers[name].alive():
             swarm.restart(name, timeout=300)
             swarm.wait_discoverable(timeout=120)
-    expected = generate_local(smol, smol.prompt_ids(PROMPT), 32, Sampling())
+    expected = greedy_expected
     names = {p.peer_id: p.name for p in swarm.peers.values() if p.info}
     killed = None
     async with client(swarm) as c:
@@ -237,8 +248,8 @@ def conversation_answers(smol, tokens: int = 16):
     return messages, answers
 
 
-async def test_a_conversation_is_generated_with_its_history(swarm, smol):
-    messages, answers = conversation_answers(smol)
+async def test_a_conversation_is_generated_with_its_history(swarm, smol, conversation):
+    messages, answers = conversation
     turns = messages[:-1]  # up to the second question
     async with client(swarm) as c:
         result, _ = await collect(c, turns, max_new_tokens=16, verified=False)
@@ -248,10 +259,10 @@ async def test_a_conversation_is_generated_with_its_history(swarm, smol):
     assert alone != answers[1]  # the history changes the answer: it was really sent
 
 
-def test_cli_chat_keeps_the_conversation(swarm, smol):
+def test_cli_chat_keeps_the_conversation(swarm, smol, conversation):
     import subprocess
 
-    _, answers = conversation_answers(smol)
+    _, answers = conversation
     argv = [swarm.python, "-m", "p2p_infer.cli", "chat", "--bootstrap", swarm.bootstrap.addr, "--unverified", "--max-new-tokens", "16"]
     out = subprocess.run(argv, input="\n".join([*CHAT, "/quit"]) + "\n", capture_output=True, text=True, timeout=400,
                          env=swarm.env, cwd=swarm.workdir, start_new_session=True)
