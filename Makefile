@@ -22,8 +22,12 @@ chromium:
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m p2p_infer.demo
 
+# Two pytest workers (pytest-xdist), each module's tests on one worker so module-scoped swarms
+# are started once: the swarm tests leave a core idle while they wait on peers. TEST_WORKERS=0
+# runs them in this one process, as before.
+TEST_WORKERS ?= 2
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=25 -m "not load_sensitive and not simulation" tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile -m "not load_sensitive and not simulation" tests
 
 # The long network simulations (issue 13): the CI scenario (12 peers, churn, liars) and the
 # netem Ctrl-C test (namespaces; skipped where unavailable); several minutes each. .ci/run runs
