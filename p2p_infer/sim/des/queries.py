@@ -266,6 +266,8 @@ class StageRun:
                 loop.at(arrive, self.member_runs, attempt, peer, send)
             else:
                 self.unreachable(attempt, peer_id)
+        if send.hedge_at_ms is not None:  # quorum first: the rest is asked then if no quorum has formed
+            loop.at(send.hedge_at_ms, self.poll, attempt)
         loop.at(send.deadline_ms, self.poll, attempt)
 
     def unreachable(self, attempt: int, peer_id: str) -> None:
