@@ -304,5 +304,5 @@ class StageRun:
                 gossip.publish(peer.peer_id, message)
 
             sender = adv.equivocating(publish, peer.identity) if peer.fault == "equivocate" else publish
-            message = round_message(send.candidates, answer.commit, answer.reveal, output)
+            message = round_message(send.candidates, answer.commit, answer.reveal)
             self.client.loop.at(max(self.client.loop.now_ms, send.task.commit_deadline_ms), sender, message)
