@@ -266,6 +266,8 @@ class StageRun:
                 loop.at(arrive, self.member_runs, attempt, peer, send)
             else:
                 self.unreachable(attempt, peer_id)
+        if send.hedge_at_ms is not None:  # quorum first: the rest is asked then if no quorum has formed
+            loop.at(send.hedge_at_ms, self.poll, attempt)
         loop.at(send.deadline_ms, self.poll, attempt)
 
     def unreachable(self, attempt: int, peer_id: str) -> None:
@@ -302,5 +304,5 @@ class StageRun:
                 gossip.publish(peer.peer_id, message)
 
             sender = adv.equivocating(publish, peer.identity) if peer.fault == "equivocate" else publish
-            message = round_message(send.candidates, answer.commit, answer.reveal, output)
+            message = round_message(send.candidates, answer.commit, answer.reveal)
             self.client.loop.at(max(self.client.loop.now_ms, send.task.commit_deadline_ms), sender, message)
