@@ -247,7 +247,7 @@ def test_the_netem_scenario_shows_a_slow_link_and_a_partition_healing(tmp_path):
       is all three and its first quorum (2 of 3) needs peer0's or peer1's answer, a ~25 kB
       activation over a 1 Mbit/s link with 5% loss: >= 0.2 s, against milliseconds unshaped;
       so every stage A hop has a shaped peer in its quorum and stage A's median round trip is
-      over 0.2 s and over twice stage B's;
+      over 0.2 s and over stage B's by 0.15 s (CPU load slows both stages; the link adds to A);
     * the partition: peer7/peer8 serve only stage B (six providers, four left when they are
       cut), so no answered route passes through them while they are cut off; a member found
       unreachable loses its held ticket (the client asks it again on each query) and its
@@ -263,7 +263,7 @@ def test_the_netem_scenario_shows_a_slow_link_and_a_partition_healing(tmp_path):
     (shape,), (part,) = report["network"]["shape"], report["network"]["partition"]
     answered = report["queries_answered"]
     assert shape["stages_through"] >= answered - part["during"]["sent"] and shape["stages_through"] == shape["stages_others"], shape
-    assert shape["stage_p50_through_ms"] > max(200.0, 2 * shape["stage_p50_others_ms"]), shape
+    assert shape["stage_p50_through_ms"] > max(200.0, shape["stage_p50_others_ms"] + 150.0), shape  # 24.6 kB at 1 Mbit/s: 0.2 s
     assert part["during"]["sent"] > 0 and part["during"]["routes_through_group"] == 0  # nobody reached the cut-off peers
     rejoin = part["agree_after_heal"]
     assert rejoin is not None and rejoin["query_after_heal"] <= 6, part  # and they were back after the heal
