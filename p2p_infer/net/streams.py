@@ -95,6 +95,8 @@ class StreamPool:
             self._unreachable(peer_id)
             raise
         self._heard[peer_id] = trio.current_time()
+        while len(self._heard) > 4096:  # bounded: the peers first heard from go first
+            self._heard.pop(next(iter(self._heard)))
         return reply
 
     def _timed_out(self, peer_id: str, sent: float) -> None:
