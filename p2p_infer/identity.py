@@ -14,6 +14,7 @@ Records, tickets and candidate sets of keys that do not solve it are refused
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 from dataclasses import dataclass
@@ -70,7 +71,14 @@ class Identity:
         return peer_id_from_public_key(self.public_key)
 
     def sign(self, message: bytes) -> bytes:
-        return nacl.signing.SigningKey(self.seed).sign(message).signature
+        return _signing_key(self.seed).sign(message).signature
+
+
+@functools.lru_cache(maxsize=64)
+def _signing_key(seed: bytes) -> nacl.signing.SigningKey:
+    """A seed's signing key, derived once: a signature then costs one Ed25519 sign, not a
+    key derivation as well (peers sign every commit, reveal, record and audit-log entry)."""
+    return nacl.signing.SigningKey(seed)
 
 
 def peer_id_bytes_from_public_key(public_key: bytes) -> bytes:

@@ -4,14 +4,16 @@ no committee and tries to get an honest member VICTIM penalised. Not part of the
 1. It asks VICTIM for tickets on seeds of tasks it makes up (anyone may), then sends
    ``execute`` for them: k=1 with VICTIM alone, and k=3 padded with keys that solve no
    identity puzzle. An honest member refuses both.
-2. It waits for VICTIM's gossiped round of a real query (commit, reveal, output, candidate
-   set), then gossips wrong-output evidence against VICTIM built from those real signatures:
+2. It waits for VICTIM's gossiped round of a real query (commit, reveal, candidate set;
+   since topic v6 a round carries only the output's hash, so the test hands the framer the
+   output itself in OUTPUT_FILE: the strongest framer, one who learned it), then gossips
+   wrong-output evidence against VICTIM built from those real signatures:
    a k=1 certificate of one sybil for the real task under a candidate set it signed itself,
    the real candidate set with a sybil "quorum", and a task it made up listing VICTIM.
 3. As a control that gossip reaches everyone, it gossips valid equivocation evidence
    against one of its own sybils (on a committee of its own sybils, which is legitimate).
 
-usage: python tests/framer.py BOOTSTRAP_ADDR VICTIM READY_FILE REPORT_FILE
+usage: python tests/framer.py BOOTSTRAP_ADDR VICTIM READY_FILE REPORT_FILE OUTPUT_FILE
 """
 
 import json
@@ -41,6 +43,7 @@ from p2p_infer.proto.consensus import (
     commitment,
     make_ticket,
     output_hash,
+    read_activation_file,
     request_hash,
     sign_candidates,
     sign_commit,
@@ -92,10 +95,11 @@ async def try_execute(pool: StreamPool, me: Identity, victim: str, envelope: byt
     return refusals
 
 
-async def framing_evidence(pool: StreamPool, me: Identity, round_msg: dict, shard, sybils: list) -> list[Evidence]:
+async def framing_evidence(pool: StreamPool, me: Identity, round_msg: dict, output: dict, shard, sybils: list) -> list[Evidence]:
     real = CandidateSet.from_wire(round_msg["candidates"])
     commit, reveal = Commit.from_wire(round_msg["commit"]), Reveal.from_wire(round_msg["reveal"])
-    output, victim = round_msg["output"], commit.member
+    victim = commit.member
+    assert output_hash(output) == reveal.output_hash, "the leaked output is not the one the victim revealed"
     other = {**output, "data": bytes(len(output["data"]))}  # "the right answer", says the framer
     records = {s.peer_id: provider(s, shard.model_id, shard.first, shard.last, now_ms() - 600_000).record for s in sybils}
     task = real.task
@@ -124,7 +128,7 @@ def control_evidence(me: Identity, shard, sybils: list) -> Evidence:
     return Evidence("equivocation", liar.peer_id, commits, candidates=signed)
 
 
-async def main(bootstrap: str, victim: str, ready_file: str, report_file: str) -> None:
+async def main(bootstrap: str, victim: str, ready_file: str, report_file: str, output_file: str) -> None:
     quiet_libp2p_logging()
     me, sybils = Identity.generate(), [Identity.generate() for _ in range(3)]
     lazy = [i for i in (Identity.from_seed(bytes([n]) * 32) for n in range(64)) if not i.solves_puzzle][:2]
@@ -145,9 +149,11 @@ async def main(bootstrap: str, victim: str, ready_file: str, report_file: str) -
             refusals = await try_execute(pool, me, victim, record.envelope, shard, lazy)
             write_json(ready_file, {"peer_id": me.peer_id, "refusals": refusals})
             with trio.fail_after(180):
-                while not rounds:
+                while not rounds or not os.path.exists(output_file):
                     await trio.sleep(0.2)
-            evidence = await framing_evidence(pool, me, rounds[0], shard, sybils) + [control_evidence(me, shard, sybils)]
+            with open(output_file, "rb") as f:
+                output, _ = read_activation_file(f.read())
+            evidence = await framing_evidence(pool, me, rounds[0], output, shard, sybils) + [control_evidence(me, shard, sybils)]
             for item in evidence:
                 await gossip.publish(evidence_message(item))
             write_json(report_file, {"peer_id": me.peer_id, "refusals": refusals, "published": len(evidence),
@@ -156,4 +162,4 @@ async def main(bootstrap: str, victim: str, ready_file: str, report_file: str) -
 
 
 if __name__ == "__main__":
-    trio.run(main, *sys.argv[1:5])
+    trio.run(main, *sys.argv[1:6])

@@ -159,8 +159,11 @@ def test_ctrl_c_during_a_query_exits_130_at_once(tmp_path: Path) -> None:
         stalled.bind(("127.0.0.1", 0))
         stalled.listen()
         addr = f"/ip4/127.0.0.1/tcp/{stalled.getsockname()[1]}/p2p/{NOWHERE.rsplit('/', 1)[1]}"
+        # SIGINT back to its default in the child: started from a background job (`pytest &`)
+        # it inherits SIG_IGN, and then Python (rightly) never turns Ctrl-C into KeyboardInterrupt
         proc = subprocess.Popen([sys.executable, "-m", "p2p_infer.cli", "query", "--bootstrap", addr, "--unverified", "hello"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=ENV)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=ENV,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             stalled.settimeout(120)
             conn, _ = stalled.accept()  # the client is inside the query, dialling

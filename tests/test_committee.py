@@ -207,7 +207,9 @@ async def test_an_outsider_cannot_frame_an_honest_member(tmp_path):
         victim = swarm.peers["h1"].peer_id
         ready, report = tmp_path / "framer.ready", tmp_path / "framer.report"
         with open(tmp_path / "framer.log", "wb") as log:
-            proc = subprocess.Popen([sys.executable, str(TESTS / "framer.py"), swarm.bootstrap.addr, victim, str(ready), str(report)],
+            leaked = tmp_path / "leaked.out"  # topic v6 rounds carry no output: the framer is handed it
+            proc = subprocess.Popen([sys.executable, str(TESTS / "framer.py"), swarm.bootstrap.addr, victim, str(ready), str(report),
+                                     str(leaked)],
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             refusals = wait_file(ready, proc, 90)["refusals"]
@@ -217,6 +219,7 @@ async def test_an_outsider_cannot_frame_an_honest_member(tmp_path):
                 result = await c.classify(sample(5))
                 await result.judged
                 assert set(result.stages[0]["verdicts"].values()) == {"agree"}
+                leaked.write_bytes(c.last_certified["output"])
                 before = c.reputation.of(victim)
                 control = wait_file(report, proc, 90)["control"]
                 await wait_for(lambda: c.reputation.of(control) < 1.0, timeout=40)  # the framer's gossip reached us

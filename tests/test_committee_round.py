@@ -16,6 +16,7 @@ from p2p_infer.proto.committee_codec import MemberAnswer, activation_hash
 from p2p_infer.proto.committee_member import PENDING_TTL_MS, MemberCore
 from p2p_infer.proto.committee_round import (
     COMMIT_GRACE_MS,
+    HEDGE_MS,
     AskTickets,
     CommitteeRound,
     Decided,
@@ -29,7 +30,7 @@ from p2p_infer.proto.committee_round import (
     StageSpec,
     apply_judgement,
 )
-from p2p_infer.proto.consensus import StageTask, output_hash, request_hash
+from p2p_infer.proto.consensus import NOT_ASKED, StageTask, output_hash, request_hash
 from p2p_infer.proto.reputation import Reputation, updated
 from p2p_infer.testing.population import draw, identities, provider
 
@@ -80,6 +81,8 @@ class Sim:
     now: int = NOW
     observed: list = field(default_factory=list)
     rest: list = field(default_factory=list)  # what came with the outcome (a Judged, when all answered at once)
+    late: list = field(default_factory=list)  # (when, peer, send): answers that come after the commit deadline
+    sends: list = field(default_factory=list)  # every SendExecute, in order
 
     def step(self, actions: list) -> list:
         out: list = []
@@ -87,14 +90,21 @@ class Sim:
             if isinstance(action, AskTickets):
                 out += self.tickets(action)
             elif isinstance(action, SendExecute):
+                self.sends.append(action)
                 out += self.execute(action)
             elif isinstance(action, ObserveCommit):
                 self.observed.append(action.commit)
             else:
                 out.append(action)
-        if not out and self.machine.next_deadline_ms() is not None:  # nobody answers: time passes
-            self.now = self.machine.next_deadline_ms()
-            out = self.machine.poll(self.now)
+        if not out:  # nobody answers now: time passes, to the next deadline or late answer
+            deadline = self.machine.next_deadline_ms()
+            late = min(self.late, key=lambda entry: entry[0], default=None)
+            if late is not None and (deadline is None or late[0] < deadline):
+                self.late.remove(late)
+                out = self.answer(late[1], late[2], late[0])
+            elif deadline is not None:
+                self.now = deadline
+                out = self.machine.poll(self.now)
         return out
 
     def tickets(self, ask: AskTickets) -> list:
@@ -106,17 +116,24 @@ class Sim:
 
     def execute(self, send: SendExecute) -> list:
         out = []
-        order = sorted(send.members, key=lambda m: self.members[m].behaviour == "late-commit")  # late ones last
-        for peer in order:
+        for peer in send.members:
             member = self.members[peer]
             if member.behaviour == "silent":
                 continue
             member.core.check_execute(send.candidates, INPUT, CLIENT.peer_id, self.now)
-            when = send.task.commit_deadline_ms + 300 if member.behaviour == "late-commit" else self.now + 10
-            answer = member.core.answer(send.candidates, member.output, os.urandom(32), self.at_time(when),
-                                        reveal=member.behaviour != "no-reveal")
-            for action in self.machine.on_answer(peer, answer, self.now):
-                (self.observed.append(action.commit) if isinstance(action, ObserveCommit) else out.append(action))
+            if member.behaviour == "late-commit":  # answers after the commit deadline
+                self.late.append((send.task.commit_deadline_ms + 300, peer, send))
+                continue
+            out += self.answer(peer, send, self.now + 10)
+        return out
+
+    def answer(self, peer: str, send: SendExecute, when: int) -> list:
+        member = self.members[peer]
+        answer = member.core.answer(send.candidates, member.output, os.urandom(32), self.at_time(when),
+                                    reveal=member.behaviour != "no-reveal")
+        out = []
+        for action in self.machine.on_answer(peer, answer, self.now):
+            (self.observed.append(action.commit) if isinstance(action, ObserveCommit) else out.append(action))
         return out
 
     def at(self, delay: int) -> int:
@@ -129,7 +146,7 @@ class Sim:
     def until_outcome(self, actions: list):
         while not any(isinstance(a, (Decided, Rerun, Failed)) for a in actions):
             actions = self.step(actions)
-        self.rest = [a for a in actions if isinstance(a, Judged)]
+        self.rest = [a for a in actions if not isinstance(a, (Decided, Rerun, Failed))]  # a Judged, or the audit send
         return next(a for a in actions if isinstance(a, (Decided, Rerun, Failed)))
 
     def judgement(self, outcome):
@@ -206,6 +223,7 @@ def test_a_rerun_after_no_quorum_excludes_the_faulty_and_draws_a_fresh_committee
     outcome = sim.until_outcome(again)
     assert isinstance(outcome, Decided) and outcome.attempts == 2
     assert outcome.decision.certificate.task.attempt == 1
+    sim.judgement(outcome)  # the member held back for the audit answers after the decision
     assert set(outcome.decision.verdicts.values()) == {"agree"} and not set(outcome.decision.verdicts) & set(silent)
 
 
@@ -268,6 +286,7 @@ def test_a_silent_candidate_that_answers_the_re_ask_is_used():
     outcome = sim.until_outcome(again)
     assert sim.now < again[0].deadline_ms + 3000  # decided on the answers, not at a deadline
     assert isinstance(outcome, Decided) and set(outcome.decision.verdicts) == set(sim.members)
+    sim.judgement(outcome)
     assert set(outcome.decision.verdicts.values()) == {"agree"}
     outcome.decision.certificate.verify()
 
@@ -299,9 +318,14 @@ def test_too_few_providers_fail_at_once_without_a_re_ask():
 def test_commit_deadline_expires_on_virtual_time():
     sim = swarm(3, max_reruns=0)
     send = sim.step(start(sim))[0]
-    assert isinstance(send, SendExecute)
+    assert isinstance(send, SendExecute) and len(send.members) == 2  # quorum first
     assert send.deadline_ms == send.task.commit_deadline_ms + COMMIT_GRACE_MS
-    assert sim.machine.next_deadline_ms() == send.deadline_ms
+    assert sim.machine.next_deadline_ms() == send.hedge_at_ms == NOW + 30 + HEDGE_MS  # tickets took 30 ms
+    assert sim.machine.poll(send.hedge_at_ms - 1) == []
+    hedge = sim.machine.poll(send.hedge_at_ms)  # no quorum in time: the rest of the committee is asked
+    assert [type(a) for a in hedge] == [SendExecute] and not hedge[0].audit
+    assert hedge[0].members == tuple(m for m in sim.machine.round.members if m not in send.members)
+    assert hedge[0].deadline_ms == send.deadline_ms and sim.machine.next_deadline_ms() == send.deadline_ms
     assert sim.machine.poll(send.deadline_ms - 1) == []
     failed = sim.machine.poll(send.deadline_ms)[0]
     assert isinstance(failed, Failed) and set(failed.judgement.verdicts.values()) == {"missing-commit"}
@@ -317,7 +341,7 @@ def test_one_round_trip_per_stage_and_prefetched_tickets_skip_the_ticket_phase()
     kinds = []
     while not any(isinstance(a, Decided) for a in actions):
         actions = sim.step(actions)
-        kinds += [type(a).__name__ for a in actions]
+        kinds += [type(a).__name__ for a in actions if not (isinstance(a, SendExecute) and a.audit)]
     assert "SendExecute" not in kinds and "AskTickets" not in kinds  # the answers decide: no reveal round
     decided = next(a for a in actions if isinstance(a, Decided))
     decided.decision.certificate.verify()
@@ -351,7 +375,7 @@ def test_prefetched_tickets_short_of_a_silent_candidate_re_ask_it_with_longer_de
 
 
 def test_words_about_someone_else_blame_no_one():
-    sim = swarm(3, max_reruns=0)
+    sim = swarm(3, max_reruns=0, quorum_first=False)  # every member at once
     send = sim.step(start(sim))[0]
     a, b, c = send.members
     answers = {p: sim.members[p].core.answer(send.candidates, HONEST, os.urandom(32), NOW) for p in send.members}
@@ -462,13 +486,16 @@ def test_a_committee_below_the_minimum_is_refused_before_anything_is_sent():
 def test_a_stage_is_decided_at_its_first_quorum_and_the_last_member_judged_after(last):
     sim = swarm(3, max_reruns=0)
     send = sim.step(start(sim))[0]
-    assert isinstance(send, SendExecute)
-    first, second, third = send.members
-    answers = {p: sim.members[p].core.answer(send.candidates, wrong() if (p == third and last == "wrong") else HONEST,
-                                             os.urandom(32), NOW + 10) for p in send.members}
+    assert isinstance(send, SendExecute) and send.members == tuple(sim.machine.round.members[:2])  # the best-ranked quorum
+    first, second = send.members
+    third = sim.machine.round.members[2]
+    output = {first: HONEST, second: HONEST, third: wrong() if last == "wrong" else HONEST}
+    answers = {p: sim.members[p].core.answer(send.candidates, output[p], os.urandom(32), NOW + 10) for p in sim.members}
     assert [a for a in sim.machine.on_answer(first, answers[first], NOW + 10) if not isinstance(a, ObserveCommit)] == []
     decided = [a for a in sim.machine.on_answer(second, answers[second], NOW + 20) if not isinstance(a, ObserveCommit)]
-    assert len(decided) == 1 and isinstance(decided[0], Decided) and decided[0].judgement is None  # not waiting for the third
+    assert [type(a) for a in decided] == [Decided, SendExecute] and decided[0].judgement is None  # not waiting for the third
+    audit = decided[1]  # the third is asked after the decision, to be judged against it
+    assert audit.audit and audit.members == (third,) and audit.deadline_ms == send.deadline_ms
     decision = decided[0].decision
     decision.certificate.verify()
     assert decision.output == HONEST and decision.verdicts == {first: "agree", second: "agree", third: "pending"}
@@ -486,3 +513,46 @@ def test_a_stage_is_decided_at_its_first_quorum_and_the_last_member_judged_after
     for e in evidence:  # against the certificate of the early decision, checkable by anyone
         e.verify()
     assert sim.machine.phase.value == "done" and sim.machine.next_deadline_ms() is None
+
+
+@pytest.mark.parametrize("how", ["disagrees", "fails", "withholds"])
+def test_the_rest_is_asked_at_once_when_the_first_quorum_cannot_agree(how):
+    sim = swarm(3, max_reruns=0)
+    send = sim.step(start(sim))[0]
+    first, second = send.members
+    third = sim.machine.round.members[2]
+    answers = {p: sim.members[p].core.answer(send.candidates, wrong() if p == second else HONEST, os.urandom(32), NOW + 10,
+                                             reveal=not (p == second and how == "withholds")) for p in sim.members}
+    assert [a for a in sim.machine.on_answer(first, answers[first], NOW + 10) if not isinstance(a, ObserveCommit)] == []
+    if how == "fails":
+        out = sim.machine.on_failure(second, "unreachable", NOW + 20)
+    else:
+        out = [a for a in sim.machine.on_answer(second, answers[second], NOW + 20) if not isinstance(a, ObserveCommit)]
+    assert [type(a) for a in out] == [SendExecute] and out[0].members == (third,) and not out[0].audit  # no hedge wait
+    assert sim.machine.next_deadline_ms() == send.deadline_ms
+    final = [a for a in sim.machine.on_answer(third, answers[third], NOW + 30) if not isinstance(a, ObserveCommit)]
+    assert [type(a) for a in final] == [Decided] and final[0].judgement is not None  # everyone asked has answered
+    verdict = {"disagrees": "wrong-output", "fails": "missing-commit", "withholds": "missing-reveal"}[how]
+    assert final[0].decision.verdicts == {first: "agree", second: verdict, third: "agree"}
+    final[0].decision.certificate.verify()
+
+
+def test_a_held_member_the_round_ends_without_is_not_judged():
+    """The deadline passes before the hedge was polled (a starved driver): the held member
+    was never sent the task, so it is neither at fault nor scored."""
+    sim = swarm(3, max_reruns=0)
+    send = sim.step(start(sim))[0]
+    third = sim.machine.round.members[2]
+    failed = sim.machine.poll(send.deadline_ms)
+    assert [type(a) for a in failed] == [Failed]
+    assert failed[0].judgement.verdicts == {**{m: "missing-commit" for m in send.members}, third: NOT_ASKED}
+    assert {u.member for u in failed[0].judgement.updates} == set(send.members)
+
+
+def test_every_member_at_once_without_quorum_first():
+    sim = swarm(3, quorum_first=False)
+    send = sim.step(start(sim))[0]
+    assert len(send.members) == 3 and send.hedge_at_ms is None
+    assert sim.machine.next_deadline_ms() == send.deadline_ms
+    with pytest.raises(UsageError, match="hedge delay"):
+        make_spec(hedge_ms=2000)  # not inside the commit window

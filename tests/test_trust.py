@@ -332,10 +332,10 @@ def test_a_round_under_a_made_up_candidate_set_is_not_remembered(honest):
     outsider, sybil = identities(1, offset=15)[0], aged_sybil(offset=7)
     own = attacker_signs(outsider, signed.task, [Candidate(make_ticket(sybil.identity, signed.task.seed), sybil.record)])
     auditor = Auditor(Reputation())
-    reveal, output = rnd.reveals[victim]
-    assert auditor.observe("outsider", round_message(own, rnd.commits[victim], reveal, output)) == []
+    reveal, _ = rnd.reveals[victim]
+    assert auditor.observe("outsider", round_message(own, rnd.commits[victim], reveal)) == []
     assert auditor.commits == {}
-    assert auditor.observe(victim, round_message(signed, rnd.commits[victim], reveal, output)) == []  # the real one counts
+    assert auditor.observe(victim, round_message(signed, rnd.commits[victim], reveal)) == []  # the real one counts
     assert (signed.task.task_id, victim) in auditor.commits and auditor.reputation.scores == {}
 
 

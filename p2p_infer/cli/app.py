@@ -128,14 +128,16 @@ def _report(exc: BaseException, debug: bool) -> int:
 
 
 def unwrap(exc: BaseException) -> BaseException:
-    """A trio nursery's ExceptionGroup as its first P2PInferError (else its first leaf)."""
+    """A trio nursery's ExceptionGroup as its Ctrl-C, else its first P2PInferError, else its
+    first leaf. Ctrl-C wins: the tasks it cancelled may fail on their way out (a dial cut
+    short reports "no bootstrap peer reachable"), and the user asked to stop."""
     if not isinstance(exc, BaseExceptionGroup):
         return exc
-    ours, _ = exc.split(P2PInferError)
-    if ours is not None:
-        return first_leaf(ours)
     interrupted, _ = exc.split(KeyboardInterrupt)
-    return first_leaf(interrupted) if interrupted is not None else first_leaf(exc)
+    if interrupted is not None:
+        return first_leaf(interrupted)
+    ours, _ = exc.split(P2PInferError)
+    return first_leaf(ours) if ours is not None else first_leaf(exc)
 
 
 def _fail(message: str, hint: str | None, code: int) -> int:

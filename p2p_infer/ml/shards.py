@@ -65,6 +65,9 @@ class ServeSpec:
         return cls(model, first, last)
 
 
+INLINE_COMPUTE_MS = 1.0
+
+
 class ShardServer:
     """Loads the served models, verifies the served layers' weights, runs requests."""
 
@@ -72,6 +75,7 @@ class ShardServer:
         self.models: dict[str, SplitModel] = {}
         self.shards: list[ShardSpec] = []
         self.max_batch = max_batch  # inputs per request; the tensor byte limit bounds them too
+        self._last_ms: dict[tuple[str, int, int], float] = {}  # each served range's last compute time
         for spec in specs:
             if spec.first is None or spec.last is None:
                 raise P2PInferError(f"--serve {spec.model}: layers not chosen yet (the peer picks them after joining)")
@@ -100,7 +104,14 @@ class ShardServer:
     def compute(self, model: SplitModel, first: int, last: int, act: Activation) -> tuple[torch.Tensor, float]:
         start = time.perf_counter()
         out = model.run_layers(act, first, last)
-        return out, (time.perf_counter() - start) * 1000
+        ms = (time.perf_counter() - start) * 1000
+        self._last_ms[(model.model_id, first, last)] = ms
+        return out, ms
+
+    def quick(self, model: SplitModel, first: int, last: int) -> bool:
+        """These layers last ran in under INLINE_COMPUTE_MS: cheaper on the event loop than
+        through a worker thread (the hop measured 2-6 ms on a busy 2-core box)."""
+        return self._last_ms.get((model.model_id, first, last), INLINE_COMPUTE_MS) < INLINE_COMPUTE_MS
 
     def measure_throughput(self, repeats: int = 5) -> float:
         """Layer forwards per second on a representative input (MiniLM: 32 tokens)."""

@@ -132,6 +132,7 @@ class Client:
         self._nursery: trio.Nursery | None = None
         self._followed: dict[int, tuple[Any, Activation, Activation, list[Any]]] = {}  # proofs still to collect
         self.ticket_session = committee_client.TicketSession(self.identity.public_key)  # committee tickets, per session
+        self.hedges = committee_client.QuorumLatency()  # how long each stage's quorum takes: the hedge delay
         self.host: IHost | None = None
         self.directory: Directory | None = None
         self.rtt_ms: dict[str, float] = {}

@@ -121,7 +121,7 @@ class CommitteeMember:
         if answer.reveal is not None and answer.output is not None:
             # one gossip message per member and task, after the commit deadline: no member can
             # copy it in time, and it costs the client's critical path nothing
-            message = round_message(request.candidates, answer.commit, answer.reveal, answer.output)
+            message = round_message(request.candidates, answer.commit, answer.reveal)
             self.later(task.commit_deadline_ms + 1, lambda: self.publish(message))
         return answer
 

@@ -40,6 +40,7 @@ from ..proto.committee_codec import (
     verdicts_message,
 )
 from ..proto.committee_round import (
+    HEDGE_MS,
     TICKET_TIMEOUT_MS,
     Action,
     AskTickets,
@@ -72,6 +73,7 @@ class Judging:
 
     def __init__(self) -> None:
         self.rounds: list[trio.Event] = []  # one per stage attempt: set once its judgement is applied
+        self.answered = trio.Event()  # the query's answer is out: members held for the audit are asked now
         self.records: list[dict[str, Any]] = []  # the verdicts gossip of this query
         self.report: dict[str, Any] = {"pending": True}
 
@@ -98,6 +100,7 @@ async def run_committees(client: Any, model: SplitModel, act: Activation) -> tup
     try:
         return (*await run_stages(client, model, act, judging), judging)
     finally:
+        judging.answered.set()
         spawn(client, publish_verdicts, client, judging)
 
 
@@ -227,9 +230,10 @@ async def decide_stage(client: Any, model: SplitModel, stage: int, first: int, l
     """Run the stage's committee; on no quorum re-run with a fresh committee, bounded."""
     assert client.directory is not None and client.committee is not None
     hidden, mask = encode_tensor(act.hidden), None if act.mask is None else encode_tensor(act.mask)
+    commit_ms = int(client.commit_timeout * 1000)
     spec = StageSpec(req_hash, stage, model.model_id, model.name, first, last, activation_hash(hidden, mask), client.committee,
-                     commit_timeout_ms=int(client.commit_timeout * 1000), max_reruns=client.max_reruns, client=client.identity,
-                     session=session)
+                     commit_timeout_ms=commit_ms, max_reruns=client.max_reruns, client=client.identity, session=session,
+                     hedge_ms=client.hedges.hedge_ms(model.model_id, first, last, commit_ms))
     return await RoundDriver(client, model, CommitteeRound(spec), hidden, mask, judging, tickets).run()
 
 
@@ -276,10 +280,10 @@ class RoundDriver:
         if isinstance(action, AskTickets):
             return await self.exchange(action.peers, action.request.to_wire(), action.deadline_ms, self.on_ticket)
         if isinstance(action, SendExecute):
+            assert self.machine.round is not None
             # our own set: the auditor need not re-verify every ticket on the critical path
-            self.client.auditor.remember_committee(action.candidates, action.members)
-            message = ExecuteRequest(action.candidates, self.hidden, self.mask).to_wire()
-            return await self.answers(action.members, message, action.deadline_ms)
+            self.client.auditor.remember_committee(action.candidates, tuple(self.machine.round.members))
+            return await self.answers(action)
         raise AssertionError(f"unexpected committee action {action!r}")
 
     def settle(self, actions: list[Action], judged: trio.Event) -> list[Action]:
@@ -319,52 +323,14 @@ class RoundDriver:
                 nursery.start_soon(ask, peer)
         return out or self.machine.poll(max(now_ms(), deadline_ms))  # everyone timed out: the deadline has passed
 
-    async def answers(self, peers: tuple[str, ...], message: Message, deadline_ms: int) -> list[Action]:
-        """The task phase: every member at once, in the background; returns the round's next
+    async def answers(self, send: SendExecute) -> list[Action]:
+        """The task phase, in the background (:class:`AnswerPhase`); returns the round's next
         step (decided at the first quorum, or re-run / failed once all are in)."""
-        judged = trio.Event()
-        self.judging.rounds.append(judged)
-        outcome: list[Action] = []
-        ready = trio.Event()
-
-        def take(actions: list[Action]) -> None:
-            outcome.extend(self.settle(actions, judged))
-            if outcome:
-                ready.set()
-
-        spawn(self.client, self.collect, peers, message, deadline_ms, take, ready, judged)
-        await ready.wait()
-        return outcome
-
-    async def collect(self, peers: tuple[str, ...], message: Message, deadline_ms: int, take: Callable[[list[Action]], None],
-                      ready: trio.Event, judged: trio.Event) -> None:
-        timeout = max(0.0, (deadline_ms - now_ms()) / 1000)
-        attempt = self.machine.attempt
-
-        def current() -> bool:
-            # after a Rerun the machine is in the next attempt: this attempt's late failures
-            # and its final poll (at this deadline, past the new ticket deadline) must not
-            # reach it, or they close the new ticket phase short ("N eligible candidates")
-            return self.machine.attempt == attempt
-
-        async def ask(peer: str) -> None:
-            try:
-                reply = await committee_request(self.client, peer, message, timeout)
-                actions = self.machine.on_answer(peer, parse_result_reply(reply), now_ms()) if current() else []
-            except P2PInferError as exc:
-                actions = self.machine.on_failure(peer, exc.message, now_ms()) if current() else []
-            take(actions)
-
-        try:
-            async with trio.open_nursery() as nursery:
-                for peer in peers:
-                    nursery.start_soon(ask, peer)
-            if current():
-                take(self.machine.poll(max(now_ms(), deadline_ms)))  # all in or timed out: nothing more can come
-        finally:
-            if not ready.is_set():  # never leave the stage waiting (cancelled at shutdown, or a bug)
-                take([Failed(NoQuorum(f"{self.machine.spec.layers}: the answers could not be collected"))])
-            judged.set()
+        phase = AnswerPhase(self, send)
+        self.judging.rounds.append(phase.judged)
+        spawn(self.client, phase.run, send)
+        await phase.ready.wait()
+        return phase.outcome
 
     def on_ticket(self, peer: str, reply: Message) -> list[Action]:
         """A ticket asked for in the round (missing from the prefetch, or re-asked after a
@@ -386,6 +352,104 @@ class RoundDriver:
         evidence = apply_judgement(judgement, client.reputation, client.auditor, client.identity.peer_id)
         self.judging.records.append(judgement.record())  # gossiped once per query
         publish_evidence(client, evidence)
+
+
+class AnswerPhase:
+    """One attempt's task phase, in the client's nursery. The quorum is asked first; the
+    members the machine releases later are asked then (an audit release once the query's
+    answer is out, at most half the commit window later); the hedge is polled on time; the
+    attempt's final poll and ``judged`` come once every request has ended."""
+
+    def __init__(self, driver: RoundDriver, send: SendExecute) -> None:
+        self.driver, self.machine = driver, driver.machine
+        self.attempt = self.machine.attempt
+        self.message = ExecuteRequest(send.candidates, driver.hidden, driver.mask).to_wire()
+        self.deadline_ms = send.deadline_ms
+        self.sent_ms = now_ms()
+        self.outcome: list[Action] = []
+        self.ready, self.judged = trio.Event(), trio.Event()
+        self.hedging = trio.CancelScope()
+        self.nursery: trio.Nursery | None = None
+
+    def current(self) -> bool:
+        # after a Rerun the machine is in the next attempt: this attempt's late failures
+        # and its final poll (at this deadline, past the new ticket deadline) must not
+        # reach it, or they close the new ticket phase short ("N eligible candidates")
+        return self.machine.attempt == self.attempt
+
+    async def run(self, first: SendExecute) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                self.send(first)
+            if self.current():
+                self.take(self.machine.poll(max(now_ms(), self.deadline_ms)))  # all in or timed out
+        finally:
+            if not self.ready.is_set():  # never leave the stage waiting (cancelled at shutdown, or a bug)
+                self.take([Failed(NoQuorum(f"{self.machine.spec.layers}: the answers could not be collected"))])
+            self.judged.set()
+
+    def take(self, actions: list[Action]) -> None:
+        for action in self.driver.settle(actions, self.judged):
+            if isinstance(action, SendExecute):
+                self.send(action)
+            else:
+                if isinstance(action, Decided):
+                    self.driver.client.hedges.observe(self.machine.spec, now_ms() - self.sent_ms)
+                self.outcome.append(action)
+        if not self.machine.held:
+            self.hedging.cancel()  # nobody is held back any more: no hedge to wait for
+        if self.outcome:
+            self.ready.set()
+
+    def send(self, action: SendExecute) -> None:
+        assert self.nursery is not None
+        if action.hedge_at_ms is not None:
+            self.nursery.start_soon(self.hedge, action.hedge_at_ms)
+        for peer in action.members:
+            self.nursery.start_soon(self.ask, peer, action.audit)
+
+    async def hedge(self, at_ms: int) -> None:
+        with self.hedging:
+            await trio.sleep(max(0.0, (at_ms - now_ms()) / 1000))
+            if self.current():
+                self.take(self.machine.poll(now_ms()))  # no quorum yet: the held members are asked
+
+    async def ask(self, peer: str, audit: bool) -> None:
+        if audit:  # only to be judged: off the query's critical path
+            with trio.move_on_after(self.driver.client.commit_timeout / 2):
+                await self.driver.judging.answered.wait()
+        timeout = max(0.0, (self.deadline_ms - now_ms()) / 1000)
+        try:
+            reply = await committee_request(self.driver.client, peer, self.message, timeout)
+            actions = self.machine.on_answer(peer, parse_result_reply(reply), now_ms()) if self.current() else []
+        except P2PInferError as exc:
+            actions = self.machine.on_failure(peer, exc.message, now_ms()) if self.current() else []
+        self.take(actions)
+
+
+class QuorumLatency:
+    """How long each stage's quorum takes to answer (a moving average per model and layers):
+    the hedge waits a few times that before asking the members held back, within bounds."""
+
+    FACTOR = 4
+    MIN_MS = 50
+    ALPHA = 0.2
+
+    def __init__(self) -> None:
+        self.ms: dict[tuple[str, int, int], float] = {}
+
+    def observe(self, spec: StageSpec, ms: float) -> None:
+        key = (spec.model_id, spec.first, spec.last)
+        old = self.ms.get(key)
+        self.ms[key] = ms if old is None else old + self.ALPHA * (ms - old)
+        while len(self.ms) > 1024:
+            self.ms.pop(next(iter(self.ms)))
+
+    def hedge_ms(self, model_id: str, first: int, last: int, commit_timeout_ms: int) -> int:
+        seen = self.ms.get((model_id, first, last))
+        chosen = HEDGE_MS if seen is None else max(self.MIN_MS, int(self.FACTOR * seen))
+        return max(1, min(chosen, commit_timeout_ms // 4))
 
 
 def publish_evidence(client: Any, evidence: list[Evidence]) -> None:

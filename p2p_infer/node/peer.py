@@ -266,7 +266,8 @@ class Peer:
         async with self.scheduler.run(job or self.admit()) as queue_ms:
             assert self.shards is not None
             try:
-                hidden, compute_ms = await trio.to_thread.run_sync(partial(self.shards.compute, model, first, last, act))
+                run = partial(self.shards.compute, model, first, last, act)
+                hidden, compute_ms = run() if self.shards.quick(model, first, last) else await trio.to_thread.run_sync(run)
             except Exception:
                 self.failed += 1
                 raise

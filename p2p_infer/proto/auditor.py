@@ -11,7 +11,7 @@ unless it checks out (issue 10): ``sender`` is the gossip signer, verified by go
 strict signing, and it is the ``reporter`` of everything logged from the message;
 
 * a ``round`` is logged only when its commit and reveal are both the sender's own, both
-  validly signed, for one task, the output is the one revealed, and its candidate set
+  validly signed, for one task, and its candidate set
   selects the member (a reveal that does not open the commit is then bad-reveal
   evidence); a round already logged is not logged again;
 * ``verdicts`` only from the client named in them (``client`` = sender), only the fields
@@ -34,10 +34,9 @@ from ..errors import BadTensor
 from .audit import AuditLog
 from .checkpoints import WitnessTable, witness
 from ..identity import solves_puzzle
-from .consensus import CandidateSet, Commit, ConsensusError, Evidence, Reveal, output_hash
+from .consensus import CandidateSet, Commit, ConsensusError, Evidence, Reveal
 from .optimistic import EVIDENCE_KIND as OPTIMISTIC_KIND, OptimisticEvidence
 from .reputation import Reputation
-from .tensors import check_wire_tensor
 from .wire import CHECKPOINT, EVIDENCE, ROUND, VERDICTS, message_type
 
 MAX_VERDICT_STAGES = 64
@@ -114,9 +113,7 @@ class Auditor:
         if not (commit.valid_signature() and reveal.valid_signature() and reveal.task_id == commit.task_id):
             raise ConsensusError("round: a bad signature, or a commit and a reveal for different tasks")
         # a reveal that does not open its commit is not refused: signed by the member, it is
-        # the bad-reveal evidence on_reveal publishes
-        if output_hash(check_wire_tensor(message.get("output"), field="output")) != reveal.output_hash:
-            raise ConsensusError("round: the output is not the one revealed")
+        # the bad-reveal evidence on_reveal publishes (v6 rounds carry no output: its hash is in the reveal)
         known = self.commits.get((commit.task_id, commit.member))
         if known is not None and known.commitment == commit.commitment:
             return []  # a replay (or a commit the client already logged directly): once is enough

@@ -126,11 +126,13 @@ def parse_result_reply(reply: Message) -> MemberAnswer:
 # ---- gossip on the consensus topic ----
 
 
-def round_message(candidates: CandidateSet, commit: Commit, reveal: Reveal, output: WireTensor) -> Message:
+def round_message(candidates: CandidateSet, commit: Commit, reveal: Reveal) -> Message:
     """A member's commit and reveal for one task, once, for audit, with the candidate set
     that selected it (auditors check the member was on the committee). Published only
-    after the task's commit deadline, so no member can copy an output in time."""
-    return {"type": ROUND, "candidates": candidates.to_wire(), "commit": commit.to_wire(), "reveal": reveal.to_wire(), "output": output}
+    after the task's commit deadline. Since topic v6 without the output: the reveal names
+    its hash, which is all an auditor checks (equivocation, bad reveals), and the output
+    would be most of every message's bytes at every hop (a MiniLM stage: ~27 KB)."""
+    return {"type": ROUND, "candidates": candidates.to_wire(), "commit": commit.to_wire(), "reveal": reveal.to_wire()}
 
 
 def is_round(message: Message) -> bool:

@@ -38,6 +38,7 @@ from .committee_codec import MemberAnswer, TicketRequest
 from .consensus import (
     MAX_CANDIDATES,
     MIN_K,
+    NOT_ASKED,
     Candidate,
     CandidateSet,
     Commit,
@@ -46,6 +47,7 @@ from .consensus import (
     StageRound,
     StageTask,
     Ticket,
+    quorum_size,
     rank_tickets,
     sign_candidates,
 )
@@ -62,6 +64,11 @@ TICKET_REASKS = 2
 TICKET_BACKOFF_MAX = 4
 COMMIT_GRACE_MS = 1000  # wait past the deadline, so a late commit is judged late, not missing
 MIN_COMMIT_WAIT_MS = 500
+# Quorum first: the task goes to the quorum (the best-ranked ceil(2k/3) members) first; the
+# rest are asked at once if those can no longer agree (a failure, a disagreement), if no
+# quorum has formed HEDGE_MS after the send (a slow member), or else after the decision, to
+# be judged against it (SendExecute.audit: the driver may hold them until the answer is out).
+HEDGE_MS = 250
 
 
 @dataclass(frozen=True)
@@ -81,12 +88,16 @@ class StageSpec:
     client: Identity  # signs the candidate sets; its key is in request_hash and in every task
     ticket_timeout_ms: int = TICKET_TIMEOUT_MS
     session: bytes = NO_SESSION  # the client's ticket session (committee/5.0.0): tickets serve every query in it
+    hedge_ms: int = HEDGE_MS  # quorum first: ask the rest if no quorum has formed this long after the send
+    quorum_first: bool = True  # False: every member at once (the round before quorum-first dispatch)
 
     def __post_init__(self) -> None:
         if self.k < MIN_K:  # members refuse such tasks and certificates are refused: say so before sending
             raise UsageError(f"a committee needs k >= {MIN_K} (docs/consensus.md); got k={self.k}")
         if not 0 < self.commit_timeout_ms <= MAX_COMMIT_WINDOW_MS:
             raise UsageError(f"the commit timeout must be within (0, {MAX_COMMIT_WINDOW_MS}] ms")
+        if not 0 < self.hedge_ms < self.commit_timeout_ms:
+            raise UsageError(f"the hedge delay must be within (0, {self.commit_timeout_ms}) ms (the commit timeout)")
 
     def task(self, attempt: int, now_ms: int) -> StageTask:
         return StageTask(self.request_hash, self.stage, attempt, self.model_id, self.first, self.last,
@@ -128,7 +139,8 @@ NOT_A_FAULT = ("agree", "no-quorum")  # "no-quorum": disagreed where nobody coul
 
 def judge(rnd: StageRound, verdicts: dict[str, str], decision: StageDecision | None = None) -> Judgement:
     task_id = rnd.task.task_id
-    updates = [ReputationUpdate(m, task_id, v not in NOT_A_FAULT) for m, v in verdicts.items()]
+    # a member never sent the task (held back, and the round ended first) is not scored at all
+    updates = [ReputationUpdate(m, task_id, v not in NOT_A_FAULT) for m, v in verdicts.items() if v != NOT_ASKED]
     evidence = [e for m, v in verdicts.items() if (e := evidence_for(rnd, m, v, decision)) is not None]
     return Judgement(task_id, rnd.task.stage, dict(verdicts), updates, evidence)
 
@@ -174,9 +186,16 @@ class AskTickets:
 
 @dataclass(frozen=True)
 class SendExecute:
+    """Send these members the task. ``hedge_at_ms``: poll the round then (quorum first:
+    members are held back until it). ``audit``: the stage is decided; these members are
+    asked only to be judged against the decision, so the driver may hold the request until
+    the query's answer is out (never past half the commit window)."""
+
     candidates: CandidateSet  # the signed candidate set, with the task: what each member checks
     members: tuple[str, ...]
     deadline_ms: int
+    hedge_at_ms: int | None = None
+    audit: bool = False
 
     @property
     def task(self) -> StageTask:
@@ -256,6 +275,8 @@ class CommitteeRound:
     decision: StageDecision | None = None  # decided early: judged once the stragglers are in
     silent: set[str] = field(default_factory=set)  # asked for a ticket, timed out: asked again before failing
     ticket_asks: int = 0  # this attempt's ticket asks after the first
+    held: tuple[str, ...] = ()  # quorum first: committee members not sent the task yet
+    hedge_at_ms: int | None = None  # when the held members are asked if no quorum has formed
 
     def ticket_deadline_ms(self, now_ms: int) -> int:
         """The deadline of this attempt's current ticket ask: doubled on each re-ask, bounded."""
@@ -294,13 +315,20 @@ class CommitteeRound:
         return AskTickets(self.attempt, request, peers, deadline_ms)
 
     def next_deadline_ms(self) -> int | None:
+        if self.phase is Phase.ANSWERS and self.held and self.hedge_at_ms is not None and self.deadline_ms is not None:
+            return min(self.hedge_at_ms, self.deadline_ms)
         return self.deadline_ms if self.phase in (Phase.TICKETS, Phase.ANSWERS, Phase.JUDGING) else None
 
     def poll(self, now_ms: int) -> list[Action]:
-        """Close the current phase if its deadline has passed."""
+        """Ask the held members if the hedge delay has passed without a quorum; close the
+        current phase if its deadline has passed."""
         deadline = self.next_deadline_ms()
         if deadline is None or now_ms < deadline:
             return []
+        if self.phase is Phase.ANSWERS and self.held and self.deadline_ms is not None and now_ms < self.deadline_ms:
+            log.info("no quorum within the hedge delay: asking the rest of the committee", stage=self.spec.stage,
+                     waiting=sorted(self.waiting), held=list(self.held))
+            return self._release(audit=False)
         if self.waiting:
             log.info("deadline passed", phase=self.phase.value, stage=self.spec.stage, silent=sorted(self.waiting))
             if self.phase is Phase.TICKETS:
@@ -335,8 +363,8 @@ class CommitteeRound:
                     self.round.on_reveal(answer.reveal, answer.output)
                 else:
                     log.info("reveal names another member", asked=peer, named=answer.reveal.member)
-        if self.waiting and self.phase is Phase.ANSWERS:
-            return actions + self._decide_early()
+        if self.phase is Phase.ANSWERS:
+            return actions + self._after_answer(now_ms)
         return actions + (self._close(now_ms) if not self.waiting else [])
 
     def on_failure(self, peer: str, reason: str, now_ms: int, timed_out: bool = False) -> list[Action]:
@@ -349,6 +377,8 @@ class CommitteeRound:
         self.waiting.discard(peer)
         if timed_out and self.phase is Phase.TICKETS:
             self.silent.add(peer)
+        if self.phase is Phase.ANSWERS and self.held:
+            return self._release(audit=False) if self._short_of_quorum() else []
         return self._close(now_ms) if not self.waiting else []
 
     # ---- transitions ----
@@ -395,8 +425,32 @@ class CommitteeRound:
         signed = sign_candidates(self.spec.client, self.task, eligible)
         self.round = StageRound(signed, committee)
         wait_until = max(now_ms + MIN_COMMIT_WAIT_MS, self.task.commit_deadline_ms + COMMIT_GRACE_MS)
-        self._enter(Phase.ANSWERS, self.round.members, wait_until)
-        return [SendExecute(signed, tuple(self.round.members), wait_until)]
+        members = tuple(self.round.members)  # in rank order: the quorum first is the best-ranked
+        first = members[: quorum_size(self.spec.k)] if self.spec.quorum_first else members
+        self.held = members[len(first):]
+        self.hedge_at_ms = now_ms + self.spec.hedge_ms if self.held else None
+        self._enter(Phase.ANSWERS, first, wait_until)
+        return [SendExecute(signed, first, wait_until, hedge_at_ms=self.hedge_at_ms)]
+
+    def _release(self, *, audit: bool) -> list[Action]:
+        """Send the held members the task (now awaited like the others, same deadline)."""
+        assert self.round is not None and self.deadline_ms is not None
+        members, self.held, self.hedge_at_ms = self.held, (), None
+        self.waiting |= set(members)
+        return [SendExecute(self.round.candidates, members, self.deadline_ms, audit=audit)]
+
+    def _short_of_quorum(self) -> bool:
+        """The members asked can no longer form a quorum by themselves."""
+        assert self.round is not None
+        return self.round.largest_agreement() + len(self.waiting) < quorum_size(self.spec.k)
+
+    def _after_answer(self, now_ms: int) -> list[Action]:
+        early = self._decide_early() if (self.waiting or self.held) else []
+        if early:
+            return early
+        if self.held and self._short_of_quorum():
+            return self._release(audit=False)
+        return self._close(now_ms) if not self.waiting and not self.held else []
 
     def _eligible(self, ranked: list[Ticket]) -> list[Candidate]:
         """Ranked candidates whose record a verifier will accept (the rest are left out, not
@@ -416,6 +470,9 @@ class CommitteeRound:
     def _decide(self) -> list[Action]:
         rnd = self.round
         assert rnd is not None
+        if self.held:  # the deadline came before they were asked: they are not judged
+            rnd.excuse(self.held)
+            self.held, self.hedge_at_ms = (), None
         try:
             decision = rnd.decide()
         except NoQuorum as exc:
@@ -432,7 +489,8 @@ class CommitteeRound:
             return []
         self.decision = decision
         self.phase = Phase.JUDGING  # same members awaited, same deadline
-        return [Decided(decision, self.attempt + 1, None)]
+        audit = self._release(audit=True) if self.held else []
+        return [Decided(decision, self.attempt + 1, None), *audit]
 
     def _judge_rest(self) -> list[Action]:
         rnd, decision = self.round, self.decision
@@ -443,7 +501,7 @@ class CommitteeRound:
 
     def _no_quorum(self, rnd: StageRound, reason: str) -> list[Action]:
         self.failures.append(reason)
-        judgement = judge(rnd, {m: rnd.faults.get(m, "no-quorum") for m in rnd.members})
+        judgement = judge(rnd, {m: rnd.faults.get(m, NOT_ASKED if m in rnd.excused else "no-quorum") for m in rnd.members})
         self.excluded.update(m for m in rnd.members if m in rnd.faults)
         if self.attempt >= self.spec.max_reruns:
             return self._fail(judgement)

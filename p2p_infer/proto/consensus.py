@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any, Callable
 
 import msgpack
@@ -50,7 +51,7 @@ from .tensors import check_wire_tensor
 
 __all__ = [
     "ATOL", "CERT_VERSION", "Candidate", "CandidateSet", "Certificate", "Commit", "ConsensusError", "Evidence", "MAX_CANDIDATES",
-    "MIN_K", "NoQuorum", "RTOL", "Reveal", "StageCertificate", "StageDecision", "StageRound", "StageTask", "Ticket",
+    "MIN_K", "NOT_ASKED", "NoQuorum", "RTOL", "Reveal", "StageCertificate", "StageDecision", "StageRound", "StageTask", "Ticket",
     "activation_digest", "activation_file", "commitment", "h", "make_ticket", "output_hash", "outputs_agree", "quorum_size",
     "rank_tickets", "read_activation_file", "request_hash", "select_committee", "sign_candidates", "sign_commit", "sign_reveal",
     "draw_key", "ticket_seed",
@@ -192,6 +193,7 @@ def sign_reveal(identity: Identity, task_id: bytes, out_hash: bytes, nonce: byte
 # ---- the client's view of one stage round ----
 
 FAULTS = ("missing-commit", "late-commit", "bad-commit", "missing-reveal", "bad-reveal", "wrong-output", "equivocation")
+NOT_ASKED = "not-asked"  # a member held back (quorum first) whose round ended before it was sent the task
 
 
 @dataclass
@@ -209,10 +211,18 @@ class StageRound:
     reveals: dict[str, tuple[Reveal, dict[str, Any]]] = field(default_factory=dict)
     faults: dict[str, str] = field(default_factory=dict)
     bad_reveals: dict[str, Reveal] = field(default_factory=dict)
+    excused: set[str] = field(default_factory=set)  # never sent the task: judged NOT_ASKED, not at fault
 
     @property
     def task(self) -> StageTask:
         return self.candidates.task
+
+    def excuse(self, members: Iterable[str]) -> None:
+        self.excused.update(m for m in members if m in self.members)
+
+    def largest_agreement(self) -> int:
+        """How many valid reveals agree on one output, so far."""
+        return len(self._best_group())
 
     @property
     def members(self) -> list[str]:
@@ -280,15 +290,15 @@ class StageRound:
         ``decision.verdicts`` in place, so reports that hold it see the final verdicts)."""
         self._close_faults()
         quorum = {c.member for c in decision.certificate.commits}
-        for m in self.members:  # every member not faulted by now has a valid reveal
-            if m not in quorum and m not in self.faults and not outputs_agree(self.reveals[m][1], decision.output):
+        for m in self.members:  # every member not faulted (or excused) by now has a valid reveal
+            if m not in quorum and m not in self.faults and m not in self.excused and not outputs_agree(self.reveals[m][1], decision.output):
                 self.faults[m] = "wrong-output"
-        decision.verdicts.update({m: self.faults.get(m, "agree") for m in self.members})
+        decision.verdicts.update({m: self.faults.get(m, NOT_ASKED if m in self.excused else "agree") for m in self.members})
         return decision
 
     def _close_faults(self) -> None:
         for member in self.members:
-            if member not in self.faults:
+            if member not in self.faults and member not in self.excused:
                 if member not in self.commits:
                     self.faults[member] = "missing-commit"
                 elif member not in self.reveals:

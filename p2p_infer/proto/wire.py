@@ -46,7 +46,7 @@ DKG_PROTOCOL = protocol_id("dkg")  # threshold key ritual, share release, enhanc
 # v3: rounds carry the candidate set, evidence counts only against its committee.
 # v4: candidate sets rank by the committee/4.0.0 draw (a v3 auditor would pick other committees).
 # v5: committee/5.0.0 tasks; evidence may be optimistic-mode mismatch evidence; "rounds" batches.
-CONSENSUS_TOPIC = "p2p-infer/consensus/v5"
+CONSENSUS_TOPIC = "p2p-infer/consensus/v6"
 MAX_GOSSIP_BYTES = 900 * 1024
 
 # ---- message types ----

@@ -115,8 +115,8 @@ class NoReveal(MemberWrapper):
 class Copier(MemberWrapper):
     """Computes nothing and commits to another member's gossiped output if one arrives
     before the commit deadline, else to zeros. Honest members gossip a round only after
-    the deadline, so in a network there is never anything to copy in time: the copier
-    answers zeros and is outvoted (wrong-output)."""
+    the deadline, and since topic v6 a round carries only its output's hash, so there is
+    never anything to copy: the copier answers zeros and is outvoted (wrong-output)."""
 
     def __init__(self, inner: CommitteeMember) -> None:
         super().__init__(inner)

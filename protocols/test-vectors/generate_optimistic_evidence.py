@@ -1,5 +1,5 @@
 """Writes optimistic-evidence.json: one optimistic-mode evidence gossip message on topic
-consensus/v5 (protocols/committee.md), byte for byte.
+consensus/v5 and v6 (protocols/committee.md), byte for byte.
 
     PYTHONPATH=. python protocols/test-vectors/generate_optimistic_evidence.py
 
@@ -57,7 +57,7 @@ def main() -> None:
     evidence, tensors = build(seeds)
     message = msgpack.packb(evidence_message(evidence), use_bin_type=True)
     vector = {
-        "description": "optimistic-mode mismatch evidence as gossiped on p2p-infer/consensus/v5: msgpack({type: evidence, "
+        "description": "optimistic-mode mismatch evidence as gossiped on p2p-infer/consensus/v5 and v6: msgpack({type: evidence, "
                        "evidence: {kind: optimistic-wrong-output, accused: commitment, accused_output: tensor, witnesses: "
                        "[[commitment, tensor], [commitment, tensor]]}}); commitments as in forward-commitment.json; "
                        "tasks H('task'|'check'|'settle'), nonces H('nonce ' + task)[:16], layers 1-2",

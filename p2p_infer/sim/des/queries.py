@@ -304,7 +304,8 @@ class StageRun:
     def execute(self, send: SendExecute) -> None:
         loop, attempt = self.client.loop, self.machine.attempt
         nbytes = REQUEST_BYTES + 4 * HIDDEN + CANDIDATE_BYTES * len(send.candidates.candidates)
-        self.client.auditor.remember_committee(send.candidates, send.members)  # our own set, as the real driver
+        assert self.machine.round is not None  # our own set, as the real driver (the whole committee, held members too)
+        self.client.auditor.remember_committee(send.candidates, tuple(self.machine.round.members))
         for peer_id in send.members:
             self.client.messages["execute"] += 1
             peer = self.client.world.by_id[peer_id]
@@ -313,6 +314,8 @@ class StageRun:
                 loop.at(arrive, self.member_runs, attempt, peer, send)
             else:
                 self.unreachable(attempt, peer_id)
+        if send.hedge_at_ms is not None:  # quorum first: the rest is asked then if no quorum has formed
+            loop.at(send.hedge_at_ms, self.poll, attempt)
         loop.at(send.deadline_ms, self.poll, attempt)
 
     def unreachable(self, attempt: int, peer_id: str) -> None:
@@ -351,7 +354,7 @@ class StageRun:
                 gossip.publish_round(peer.peer_id, message)
 
             sender = adv.equivocating(publish_round, peer.identity) if peer.fault == "equivocate" else publish_round
-            message = round_message(send.candidates, answer.commit, answer.reveal, output)
+            message = round_message(send.candidates, answer.commit, answer.reveal)
             self.client.loop.at(max(self.client.loop.now_ms, send.task.commit_deadline_ms), sender, message)
 
 
