@@ -94,3 +94,16 @@ def test_an_equivocating_member_is_caught_from_gossip():
     assert report["gossip"]["auditor_reputation"]["equivocate"] < 0.5
     untried = run("des-small.toml", des=replace(base.des, trial=False, gossip=False), load=replace(base.load, queries=10))
     assert untried["trials"]["sent"] == 0 and "gossip" not in untried
+
+
+def test_the_model_sends_what_the_code_sends_session_tickets_batched_rounds(small):
+    """committee/5.0.0 and topic v5: a candidate's ticket is asked for once per client session
+    (most queries send no ticket request), each stage costs its k executes, the verdicts go
+    out once per query, and a member's rounds of one query travel as one ``rounds`` message."""
+    sent, gossip = small["client_requests"], small["gossip"]
+    assert sent["execute"] >= 6 * small["queries_answered"]  # 2 stages x k = 3, plus re-runs
+    assert 0 < sent["ticket"] < small["queries_sent"]  # 12 providers once per client session, again after a kill (was ~12 per query)
+    assert gossip["published"]["verdicts"] == small["queries_sent"]
+    batched = gossip["published"].get("rounds", 0)  # members on both stages' committees: 2 rounds in one message
+    assert batched > 0 and gossip["round_entries"] - gossip["published"]["round"] >= 2 * batched
+    assert gossip["round_entries"] <= sent["execute"]  # a round per execute answered with a reveal, at most

@@ -7,6 +7,12 @@ within a factor of 2 of the processes' (per_message_ms = 8 was fitted on a quiet
 754 ms, so the test needs a quiet machine: marked load_sensitive, run by `make hardening`), the same route length, both >= 95% answered, neither
 accepting a wrong result. Tails are not claimed: the processes' p95 comes from CPU
 contention the model does not have.
+
+Message counts (what the code sends, committee/5.0.0 and gossip topic v5): the light clients'
+requests per query by type (loadgen counts them on the real client; the model counts its
+own), the verdicts gossiped per query, and the rounds each peer receives per query (its audit
+log's commits, against the model's round entries times (peers - 1) / peers: not its own): executes and verdicts equal, tickets once per
+client session (a fraction of a request per query, not k per stage), rounds within 25%.
 """
 
 from dataclasses import replace
@@ -33,3 +39,13 @@ def test_the_model_matches_the_processes_within_the_stated_tolerance(tmp_path):
     assert model["route_length"] == processes["route_length"]
     ratio = model["latency_ms"]["p50"] / processes["latency_ms"]["p50"]
     assert 1 / FACTOR <= ratio <= FACTOR, (model["latency_ms"], processes["latency_ms"])
+
+    sent_p, sent_m = processes["client_requests_per_query"], model["client_requests_per_query"]
+    assert sent_p["execute"] == pytest.approx(sent_m["execute"], rel=0.05), (sent_p, sent_m)
+    assert sent_p.get("ticket", 0) <= 0.5 and sent_m.get("ticket", 0) <= 0.5, (sent_p, sent_m)  # 6 candidates, once per session
+    assert processes["client_published_per_query"]["verdicts"] == model["gossip"]["published_per_query"]["verdicts"] == 1.0
+    # a peer's audit log holds the rounds gossip brought it: every round but its own (gossipsub does
+    # not deliver a node's own messages), so (peers - 1) / peers of all the rounds published
+    peers = load_scenario(SCENARIO).peers
+    rounds_m = model["gossip"]["round_entries"] / model["queries_sent"] * (peers - 1) / peers
+    assert processes["audit_log_entries_per_query"]["commit"] == pytest.approx(rounds_m, rel=0.25), (processes["audit_log_entries_per_query"], rounds_m)

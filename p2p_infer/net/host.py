@@ -249,6 +249,45 @@ def add_handler(host: IHost, protocol: str, handle: Handler, *, max_frame: int =
     host.set_stream_handler(TProtocol(protocol), on_stream)
 
 
+STALLED_RETRANSMITS = 2  # unanswered retransmission timeouts in a row: >= 0.6 s with data out and no ACK
+_LINK_ATTRS = ("muxed_conn", "secured_conn", "conn", "read_writer", "read_write_closer", "stream")
+
+
+def tcp_stalled(host: IHost, peer: ID) -> bool | None:
+    """Whether the kernel is retransmitting into silence on our TCP connection(s) to ``peer``
+    (``tcpi_retransmits``: retransmission timeouts since the last ACK), None where no TCP
+    socket can be found under py-libp2p's connection layers. A slow peer ACKs what it was
+    sent, and a peer computing a long answer has ACKed the request: neither stalls."""
+    found = False
+    for conn in host.get_network().get_connections(peer):
+        sock = _socket_under(conn)
+        if sock is None:
+            continue
+        found = True
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+        except OSError:
+            continue
+        if info[2] >= STALLED_RETRANSMITS:  # struct tcp_info: state, ca_state, retransmits, ...
+            return True
+    return False if found else None
+
+
+def _socket_under(conn: object, depth: int = 0) -> socket.socket | None:
+    """The trio socket under a py-libp2p connection (swarm conn -> yamux -> noise -> raw -> trio stream)."""
+    if isinstance(conn, trio.SocketStream):
+        return conn.socket  # type: ignore[return-value]
+    if depth > 8:
+        return None
+    for name in _LINK_ATTRS:
+        inner = getattr(conn, name, None)
+        if inner is not None and inner is not conn:
+            sock = _socket_under(inner, depth + 1)
+            if sock is not None:
+                return sock
+    return None
+
+
 __all__ = [
     "DEFAULT_LISTEN",
     "add_handler",
@@ -262,4 +301,5 @@ __all__ = [
     "peer_info",
     "quiet_libp2p_logging",
     "running_host",
+    "tcp_stalled",
 ]

@@ -151,7 +151,9 @@ class Client:
             manifests = await trio.to_thread.run_sync(known_manifests, default_cache_dir())
             self.host = await self._stack.enter_async_context(running_host(self.identity, self.listen))
             add_handler(self.host, RESULT_PROTOCOL, self.results.handle)
-            self.pool = StreamPool(self.host, sync_lookup(self._addrs_of))
+            # a peer not reached (or whose connection stalled) gives up its held committee ticket: drawn again once it
+            # answers a ticket request (a partition healed, a peer restarted), not meanwhile, each time judged missing
+            self.pool = StreamPool(self.host, sync_lookup(self._addrs_of), on_unreachable=self.ticket_session.forget)
             discovery = Discovery(self.host, server=False, bootstrap=self.bootstrap)
             await self._stack.enter_async_context(background_trio_service(discovery.kad))
             self.gossip = await self._stack.enter_async_context(running_gossip(self.host, self._on_gossip))

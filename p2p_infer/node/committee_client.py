@@ -41,6 +41,7 @@ from ..proto.committee_codec import (
 )
 from ..proto.committee_round import (
     HEDGE_MS,
+    TICKET_GRACE_MS,
     TICKET_TIMEOUT_MS,
     Action,
     AskTickets,
@@ -185,7 +186,9 @@ async def prefetch_tickets(client: Any, model: SplitModel, session: bytes, stage
     """Every candidate's ticket for the session: those not held yet in one concurrent round,
     one request per peer however many stages it serves (each verified on the session's seed
     as it arrives, once per process; a ticket for another peer is dropped). A query in a
-    session whose tickets are all held sends no ticket request."""
+    session whose tickets are all held sends no ticket request. Once every stage holds k
+    tickets the rest get TICKET_GRACE_MS, not the whole ticket timeout (a cut or starved
+    candidate cost every query 3 s); a ticket that comes later serves the next queries."""
     wanted: dict[str, list[int]] = {}  # peer -> the stages it is a candidate of
     for i, (first, last) in enumerate(stages):
         for peer in stage_candidates(client, model, first, last):
@@ -199,30 +202,64 @@ async def prefetch_tickets(client: Any, model: SplitModel, session: bytes, stage
             for i in wanted.pop(peer):
                 found[i].append(ticket)
 
-    async def ask(peer: str, indices: list[int]) -> None:
-        first, last = stages[indices[0]]  # the peer checks it serves the layers it is asked about
-        message = TicketRequest(seed, model.model_id, first, last).to_wire()
-        try:
-            ticket = parse_ticket_reply(await committee_request(client, peer, message, TICKET_TIMEOUT_MS / 1000))
-        except P2PInferError as exc:
-            log.info("no ticket", peer=peer, reason=exc.message)
-            return
-        if ticket.peer_id != peer:
-            return
-        try:  # verified while the other tickets are on their way (remembered: ranking costs nothing more)
-            ticket.beta(seed)
-        except ConsensusError as exc:
-            log.info("bad ticket", peer=peer, reason=exc.message)
-            return
-        if held.session == session:
-            held.tickets[peer] = ticket
-        for i in indices:
-            found[i].append(ticket)
+    if not wanted:
+        return found
+    closed = False  # set once the query has taken its tickets: later ones serve later queries only
+    all_in, enough = trio.Event(), trio.Event()
+    pending = [len(wanted)]
 
+    async def ask(peer: str, indices: list[int]) -> None:
+        try:
+            ticket = await fetch_ticket(client, model, seed, peer, stages[indices[0]])
+            if ticket is not None:
+                if held.session == session:
+                    held.tickets[peer] = ticket
+                for i in indices if not closed else ():
+                    found[i].append(ticket)
+                if all(len(f) >= client.committee for f in found):
+                    enough.set()
+        finally:
+            pending[0] -= 1
+            if not pending[0]:
+                all_in.set()
+
+    for peer, indices in wanted.items():  # in the background: a late ticket still enters the session
+        spawn(client, ask, peer, indices)
+    await first_of(all_in, enough)
+    if not all_in.is_set():  # every stage can draw a committee: the slow get a grace, not the timeout
+        with trio.move_on_after(TICKET_GRACE_MS / 1000):
+            await all_in.wait()
+    closed = True
+    return [list(f) for f in found]
+
+
+async def fetch_ticket(client: Any, model: SplitModel, seed: bytes, peer: str, layers: tuple[int, int]) -> Ticket | None:
+    """One candidate's session ticket, verified on the seed (remembered: ranking costs nothing more)."""
+    first, last = layers  # the peer checks it serves the layers it is asked about
+    message = TicketRequest(seed, model.model_id, first, last).to_wire()
+    try:
+        ticket = parse_ticket_reply(await committee_request(client, peer, message, TICKET_TIMEOUT_MS / 1000))
+    except P2PInferError as exc:
+        log.info("no ticket", peer=peer, reason=exc.message)
+        return None
+    if ticket.peer_id != peer:
+        return None
+    try:
+        ticket.beta(seed)
+    except ConsensusError as exc:
+        log.info("bad ticket", peer=peer, reason=exc.message)
+        return None
+    return ticket
+
+
+async def first_of(*events: trio.Event) -> None:
     async with trio.open_nursery() as nursery:
-        for peer, indices in wanted.items():
-            nursery.start_soon(ask, peer, indices)
-    return found
+        async def wait(event: trio.Event) -> None:
+            await event.wait()
+            nursery.cancel_scope.cancel()
+
+        for event in events:
+            nursery.start_soon(wait, event)
 
 
 async def decide_stage(client: Any, model: SplitModel, stage: int, first: int, last: int, act: Activation, req_hash: bytes,

@@ -57,6 +57,10 @@ from .sortition import MAX_COMMIT_WINDOW_MS, NO_SESSION, check_candidate_record
 log = structlog.get_logger("p2p_infer.committee_round")
 
 TICKET_TIMEOUT_MS = 3000
+# Once every stage of a query holds k tickets, the candidates still silent get this long
+# before the committees are drawn without them (their tickets, when they come, serve later
+# queries of the session): a cut-off candidate must not cost every query the whole timeout.
+TICKET_GRACE_MS = 250
 # A candidate that stays silent through the ticket deadline (an oversubscribed box, not a
 # refusal) is asked again, at most TICKET_REASKS times per attempt, each time with the
 # deadline doubled up to TICKET_BACKOFF_MAX times the first, before the stage fails short.

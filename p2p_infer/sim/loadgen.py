@@ -6,7 +6,10 @@
 Queries arrive as a Poisson process (seeded), at most ``--concurrency`` in flight. Every
 answer is checked against the model run whole in this process (the client holds the
 weights anyway): an accepted answer that differs is a wrong result accepted. One JSON line
-per query, and the client's reputation table once a second, go to ``--out``.
+per query, and the client's reputation table once a second, go to ``--out``. In committee
+mode a query is answered at each stage's first quorum and its other members are judged after
+the answer: a ``judged`` line follows with the final verdicts (the query line's are
+"pending" for members still out then).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -59,9 +63,20 @@ def query_event(i: int, started: float, result: Any, wrong: bool) -> dict[str, A
         for member, verdict in stage.get("verdicts", {}).items():
             verdicts[member] = verdict
     peers = [p for hop in result.route for p in hop.peer.split(",")]
+    stages = [{"first": hop.first, "last": hop.last, "peers": hop.peer.split(","), "ms": hop.round_trip_ms} for hop in result.route]
     return {"kind": "query", "i": i, "t0": started, "ok": True, "wrong": wrong, "latency_ms": result.total_ms,
             "route": peers, "hops": len(result.route), "retries": result.retries + attempts,
-            "failed_peers": list(result.failed_peers), "verdicts": verdicts, "mode": result.mode}
+            "failed_peers": list(result.failed_peers), "verdicts": verdicts, "mode": result.mode, "stages": stages}
+
+
+async def record_judged(result: Any, i: int, rec: Recorder, timeout: float) -> None:
+    """The final verdicts of a committee query, once its late members are judged (bounded)."""
+    with trio.move_on_after(timeout):
+        await result.judged
+    verdicts: dict[str, str] = {}
+    for stage in result.stages:
+        verdicts.update(stage.get("verdicts", {}))
+    rec.write(kind="judged", i=i, verdicts=verdicts, t_done=time.time())
 
 
 INFLIGHT: dict[int, tuple[Any, float]] = {}  # query -> (its trio task, start): the watchdog reports stuck ones
@@ -95,16 +110,16 @@ async def watchdog(rec: Recorder, limit_s: float) -> None:
                 rec.write(kind="stuck", i=i, age_s=round(time.time() - started, 1), tasks=task_stacks(task), threads=threads)
 
 
-async def one_query(client: Any, args: argparse.Namespace, i: int, truth: dict[str, Any], rec: Recorder) -> None:
+async def one_query(client: Any, args: argparse.Namespace, i: int, truth: dict[str, Any], rec: Recorder) -> Any:
     started = time.time()
     INFLIGHT[i] = (trio.lowlevel.current_task(), started)
     try:
-        await _one_query(client, args, i, truth, rec, started)
+        return await _one_query(client, args, i, truth, rec, started)
     finally:
         INFLIGHT.pop(i, None)
 
 
-async def _one_query(client: Any, args: argparse.Namespace, i: int, truth: dict[str, Any], rec: Recorder, started: float) -> None:
+async def _one_query(client: Any, args: argparse.Namespace, i: int, truth: dict[str, Any], rec: Recorder, started: float) -> Any:
     try:
         with trio.fail_after(args.query_timeout):
             result = await client.run(args.model, sample_input(args.model, i))
@@ -112,8 +127,9 @@ async def _one_query(client: Any, args: argparse.Namespace, i: int, truth: dict[
         code = getattr(exc, "code", "timeout")
         rec.write(kind="query", i=i, t0=started, ok=False, wrong=False, error=str(exc)[:300], code=code,
                   latency_ms=(time.time() - started) * 1000)
-        return
+        return None
     rec.write(**query_event(i, started, result, is_wrong(args.model, result.output, truth)))
+    return result
 
 
 async def warm_up(client: Any, model: Any, timeout: float) -> dict[str, Any]:
@@ -145,6 +161,30 @@ async def reputation_loop(client: Any, rec: Recorder) -> None:
         await trio.sleep(1.0)
 
 
+def count_messages(client: Any) -> tuple[Counter[str], Counter[str]]:
+    """Count what the client sends: requests by type (ticket, execute, forward, ping) and
+    gossip by type, by wrapping its pool's ``request`` and its gossip's ``publish_soon`` (the
+    model's message counts are checked against these, docs/simulations.md)."""
+    requests: Counter[str] = Counter()
+    published: Counter[str] = Counter()
+    pool, gossip = client.pool, client.gossip
+    request, publish_soon = pool.request, gossip.publish_soon if gossip is not None else None
+
+    async def counted_request(peer_id: str, protocol: str, message: Any, **kw: Any) -> Any:
+        requests[str(message.get("type", "?"))] += 1  # committee mode sends "forward" only as trials
+        return await request(peer_id, protocol, message, **kw)
+
+    def counted_publish(nursery: Any, message: Any) -> None:
+        published[str(message.get("type", "?"))] += 1
+        assert publish_soon is not None
+        publish_soon(nursery, message)
+
+    pool.request = counted_request
+    if gossip is not None:
+        gossip.publish_soon = counted_publish
+    return requests, published
+
+
 async def drive(args: argparse.Namespace, rec: Recorder) -> None:
     from ..node.client import Client
 
@@ -156,6 +196,7 @@ async def drive(args: argparse.Namespace, rec: Recorder) -> None:
         model = await client.model(args.model)
         truths = {i: model.run_local(sample_input(args.model, i)) for i in range(args.offset, args.offset + args.queries)}
         warmup = await warm_up(client, model, args.warmup_timeout)
+        requests, published = count_messages(client)  # from the load on: the warm-up's trials are not the load's
         rec.write(kind="client_ready", options={k: v for k, v in options.items()}, **warmup)
         limiter = trio.CapacityLimiter(args.concurrency)
         async with trio.open_nursery() as nursery:
@@ -165,17 +206,21 @@ async def drive(args: argparse.Namespace, rec: Recorder) -> None:
                 for i in range(args.offset, args.offset + args.queries):
                     await trio.sleep(rng.expovariate(args.rate))
                     await limiter.acquire_on_behalf_of(i)
-                    queries.start_soon(_limited, limiter, i, client, args, truths[i], rec)
+                    queries.start_soon(_limited, limiter, i, client, args, truths[i], rec, queries)
             rec.write(kind="reputation", scores=dict(client.reputation.scores))
+            rec.write(kind="messages", requests=dict(requests), published=dict(published))
             nursery.cancel_scope.cancel()
     rec.write(kind="client_done")
 
 
-async def _limited(limiter: trio.CapacityLimiter, i: int, client: Any, args: argparse.Namespace, truth: dict[str, Any], rec: Recorder) -> None:
+async def _limited(limiter: trio.CapacityLimiter, i: int, client: Any, args: argparse.Namespace, truth: dict[str, Any], rec: Recorder,
+                   queries: trio.Nursery) -> None:
     try:
-        await one_query(client, args, i, truth, rec)
+        result = await one_query(client, args, i, truth, rec)
     finally:
         limiter.release_on_behalf_of(i)
+    if result is not None and getattr(result, "judged", None) is not None:  # judged off the query's slot, as a client does
+        queries.start_soon(record_judged, result, i, rec, 3 * args.request_timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,9 @@ log = structlog.get_logger("p2p_infer.sim.netns")
 PREFIX = "p2psim-"
 
 
+GSO_MAX_BYTES = 1500  # shaped interfaces segment at the MTU (see NetnsLab._shape)
+
+
 def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     try:
         result = subprocess.run(list(argv), capture_output=True, text=True, timeout=30)
@@ -179,6 +182,11 @@ class NetnsLab:
             self._shape(inside, rules)
 
     def _shape(self, inside: tuple[str, ...], rules: list[ShapeSpec]) -> None:
+        # htb charges a packet when it dequeues it: a GSO super-packet (up to 64 kB, a whole
+        # reply once the congestion window has grown) leaves at line speed and only the next one
+        # waits, so a 25 kB reply every second crossed a "1 Mbit/s" link in 0 ms. MTU-sized
+        # segments make the rate hold for every reply, not only on average.
+        _run(*inside, "ip", "link", "set", "dev", "eth0", "gso_max_size", str(GSO_MAX_BYTES))
         tc = (*inside, "tc")
         _run(*tc, "qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb", "default", "99", "r2q", "1000")
         _run(*tc, "class", "add", "dev", "eth0", "parent", "1:", "classid", "1:99", "htb", "rate", "10gbit")

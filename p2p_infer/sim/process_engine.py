@@ -253,20 +253,50 @@ class ProcessRun:
 
     def _collect(self) -> None:
         for c, path in enumerate(self.event_files):
+            by_i: dict[int, QueryOutcome] = {}
             for e in read_events(path):
                 kind = e.get("kind")
                 if kind == "query":
-                    self.data.queries.append(QueryOutcome(
+                    q = by_i[e["i"]] = QueryOutcome(
                         e["t0"] - self.t0, bool(e["ok"]), bool(e.get("wrong")), float(e.get("latency_ms", 0.0)),
                         int(e.get("hops", 0)), int(e.get("retries", 0)), list(e.get("route", [])), dict(e.get("verdicts", {})),
-                        str(e.get("code", "")), f"client{c}"))
+                        str(e.get("code", "")), f"client{c}", stages=list(e.get("stages", [])))
+                    self.data.queries.append(q)
+                elif kind == "judged" and e.get("i") in by_i:  # the final verdicts, members judged after the answer included
+                    by_i[e["i"]].verdicts = dict(e["verdicts"])
+                    by_i[e["i"]].judged_s = e["t_done"] - self.t0
                 elif kind == "reputation":
                     self.data.reputation.append((e["t"] - self.t0, dict(e["scores"])))
                 elif kind == "stuck":  # a query that outlived its timeout: where it waited (loadgen.watchdog)
                     self.data.extra.setdefault("stuck_queries", []).append({k: e[k] for k in ("i", "age_s", "tasks")})
+                elif kind == "messages":  # what the client sent during the load, by type (loadgen.count_messages)
+                    for key in ("requests", "published"):
+                        total = self.data.extra.setdefault(f"client_{key}", {})
+                        for k, v in e[key].items():
+                            total[k] = total.get(k, 0) + v
                 elif kind == "client_failed":
                     self.data.extra.setdefault("client_errors", []).append(e.get("error", ""))
         self.data.queries.sort(key=lambda q: q.t0_s)
+        n = max(1, len(self.data.queries))
+        for key in ("requests", "published"):
+            if f"client_{key}" in self.data.extra:
+                self.data.extra[f"client_{key}_per_query"] = {k: round(v / n, 2) for k, v in sorted(self.data.extra[f"client_{key}"].items())}
+        self.data.extra["audit_log_entries_per_query"] = audit_log_entries(self.out / "swarm", n)
+
+
+def audit_log_entries(swarm: Path, queries: int) -> dict[str, float]:
+    """Entries per query in the peers' audit logs, by kind, averaged over the peers: what the
+    consensus gossip delivered to each (a commit and a reveal per round, a verdict per stage)."""
+    logs = sorted(swarm.glob("peer*.audit.log"))
+    counts: dict[str, int] = {}
+    for path in logs:
+        for line in path.read_text().splitlines():
+            try:
+                kind = json.loads(line).get("kind", "?")
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            counts[kind] = counts.get(kind, 0) + 1
+    return {k: round(v / max(1, len(logs)) / queries, 2) for k, v in sorted(counts.items())}
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

@@ -22,6 +22,8 @@ class QueryOutcome:
     client: str = ""
     lookup_hops: int = 0  # des: Kademlia hops of the lookups this query needed
     consensus_ms: float = 0.0  # des: time spent in committee rounds
+    stages: list[dict[str, Any]] = field(default_factory=list)  # processes: per stage {first, last, peers (the quorum), ms}
+    judged_s: float | None = None  # committee: when the last member was judged (verdicts final), since the run's start
 
 
 @dataclass

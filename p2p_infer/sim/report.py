@@ -3,7 +3,8 @@
 Definitions (also written into report.md):
 * ``queries_failed`` counts failed queries and queries a client never reported (it died).
 * ``wrong_accepted``: answered, and not what the whole model computes (within 1e-4).
-* ``faults_detected``: committee verdicts other than "agree", by kind, over all queries.
+* ``faults_detected``: committee verdicts other than "agree" (and "not-asked": a member held
+  back by quorum-first dispatch whose round ended first, not scored), by kind, over all queries.
 * ``failovers``: failed hops re-routed plus committee stage re-runs.
 * ``recovery_ms``: from each kill to the end of the first query sent after it that was
   answered (how long the swarm took to serve again); ``rejoin_ms``: from a restart to the
@@ -20,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvariantBroken
+from ..proto.consensus import NOT_ASKED
 from .record import RunData
+
+NOT_FAULTS = ("agree", NOT_ASKED)
 
 
 def percentiles(values: list[float], ps: tuple[int, ...] = (50, 95, 99)) -> dict[str, float | None]:
@@ -54,7 +58,7 @@ def summary(data: RunData) -> dict[str, Any]:
     answered = [q for q in qs if q.ok]
     faults: Counter[str] = Counter()
     for q in qs:
-        faults.update(v for v in q.verdicts.values() if v != "agree")
+        faults.update(v for v in q.verdicts.values() if v not in NOT_FAULTS)
     rec, rejoin = recovery(data)
     unreported = max(0, data.planned - len(qs))
     sent = len(qs) + unreported

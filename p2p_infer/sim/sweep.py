@@ -22,7 +22,7 @@ from .scenario import load_scenario
 SCENARIO = Path(__file__).resolve().parents[2] / "simulations" / "scale.toml"
 KEYS = ("queries_answered", "queries_failed", "wrong_accepted", "latency_ms", "route_length", "dht_lookup_hops", "dht_lookup_ms",
         "consensus_ms", "events", "events_per_s", "build_s", "wall_s", "identities_used", "identities_generated", "final_reputation",
-        "trials", "gossip")
+        "trials", "gossip", "client_requests_per_query")
 
 
 def one(peers: int, share: float, queries: int | None) -> dict[str, Any]:
@@ -46,7 +46,7 @@ def plot(rows: list[dict[str, Any]], out: Path, base_share: float, base_peers: i
     import matplotlib.pyplot as plt
 
     by_n = sorted((r for r in rows if r["share"] == base_share), key=lambda r: r["peers"])
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     ns = [r["peers"] for r in by_n]
     axes[0].plot(ns, [r["dht_lookup_hops"]["p50"] for r in by_n], "o-", label="DHT lookup hops p50")
     axes[0].plot(ns, [r["dht_lookup_hops"]["p95"] for r in by_n], "o--", label="DHT lookup hops p95")
@@ -55,7 +55,10 @@ def plot(rows: list[dict[str, Any]], out: Path, base_share: float, base_peers: i
     axes[1].plot(ns, [r["latency_ms"]["p95"] for r in by_n], "o--", label="query p95")
     axes[1].plot(ns, [r["dht_lookup_ms"]["p50"] for r in by_n], "s-", label="DHT lookup p50")
     axes[2].plot(ns, [r["wrong_share"] for r in by_n], "o-", label="wrong accepted / answered")
-    for ax, title in zip(axes, ("hops", "latency (ms)", f"wrong results, {base_share:.0%} colluding")):
+    gossip = [r.get("gossip") or {} for r in by_n]
+    axes[3].plot(ns, [g.get("messages_per_peer_per_query") for g in gossip], "o-", label="gossip messages received per peer per query")
+    axes[3].plot(ns, [sum((g.get("published_per_query") or {}).values()) for g in gossip], "s--", label="gossip messages published per query")
+    for ax, title in zip(axes, ("hops", "latency (ms)", f"wrong results, {base_share:.0%} colluding", "audit gossip")):
         ax.set(xscale="log", xlabel="peers", title=title)
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -4,27 +4,36 @@ its throughput book, and the per-peer message timing every driver shares.
 
 Queries never wait on a lookup (as in ``net/directory.py``): the directory is refreshed in
 the background every ``refresh_s``, and when the query machine asks (``RefreshDirectory``).
+
+Committee tickets are per client session (committee/5.0.0, as
+``node/committee_client.TicketSession``): a random session, each candidate's ticket on
+``ticket_seed(client_key, session)`` fetched once and used by every query until the session
+is renewed; a peer found unreachable loses its held ticket (as the real client's
+``_on_unreachable``). ``messages`` counts the requests this client sends, by type.
 """
 
 from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ...identity import Identity
 from ...proto.auditor import Auditor
+from ...proto.consensus import Ticket, ticket_seed
 from ...proto.kademlia import Lookup, RoutingTable
 from ...proto.reputation import Reputation
 from ...proto.routing import Server, ThroughputBook
 from ...proto.trial import Admission
 from ...testing import adversaries as adv
-from .world import EventLoop, SimPeer, World, shard_key
+from .world import EventLoop, SimPeer, World, as_process, shard_key
 
 REQUEST_BYTES = 300  # a forward or execute request's framing and fields, beside the activation
 CANDIDATE_BYTES = 550  # one candidate (ticket + record) in an execute request
+SESSION_MS = 600_000  # as node.committee_client.TicketSession.SESSION_MS
 
 
 @dataclass
@@ -45,11 +54,15 @@ class SimClient:
     auditor: Auditor = field(init=False)
     admission: Admission = field(init=False)  # trial verdicts (proto.trial), kept across queries
     trials: Any = None  # des.trials.TrialStats
+    messages: Counter[str] = field(default_factory=Counter)  # requests sent: ticket, execute, forward, trial
+    session: bytes = b""
+    session_started_ms: float = 0.0
+    tickets: dict[str, Ticket] = field(default_factory=dict)  # held for the session
 
     def __post_init__(self) -> None:
         from .trials import TrialStats
 
-        self.auditor = Auditor(self.reputation)
+        self.auditor = Auditor(self.reputation, own_rounds_only=True)  # other clients' rounds are the peers' to audit
         self.admission = Admission(random.Random(self.rng.random()), timeout=self.world.sc.load.request_timeout_s)
         self.trials = TrialStats()
 
@@ -61,17 +74,29 @@ class SimClient:
     def peer_id(self) -> str:
         return self.identity.peer_id
 
+    def current_session(self) -> bytes:
+        """The ticket session, renewed (its tickets forgotten) every SESSION_MS."""
+        if not self.session or self.loop.now_ms - self.session_started_ms > SESSION_MS:
+            self.session, self.session_started_ms, self.tickets = self.rng.getrandbits(256).to_bytes(32, "big"), self.loop.now_ms, {}
+        return self.session
+
+    @property
+    def ticket_seed(self) -> bytes:
+        return ticket_seed(self.identity.public_key, self.current_session())
+
     # ---- timing ----
 
     def one_way_ms(self, peer: SimPeer, nbytes: int) -> float:
         net = self.world.sc.network
         return self.world.latency_ms(self.xy, peer.xy) + self.world.transfer_ms(nbytes) + net.per_message_ms
 
-    def timed(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:
-        """Run real proto code and say how long it took, scaled: the virtual CPU time it costs."""
-        started = time.perf_counter()
-        out = fn(*args, **kwargs)
-        return out, (time.perf_counter() - started) * 1000 * self.world.sc.network.cpu_scale
+    def timed(self, fn: Callable[..., Any], *args: Any, owner: Any = None, **kwargs: Any) -> tuple[Any, float]:
+        """Run real proto code as ``owner``'s process (this client's by default) and say how
+        long it took, scaled: the virtual CPU time it costs."""
+        with as_process(owner if owner is not None else self):
+            started = time.perf_counter()
+            out = fn(*args, **kwargs)
+            return out, (time.perf_counter() - started) * 1000 * self.world.sc.network.cpu_scale
 
     def compute_at(self, peer: SimPeer, arrive_ms: float, layers: int, extra_ms: float = 0.0) -> float:
         """When ``peer`` finishes ``layers`` layers for a request arriving at ``arrive_ms`` (one FIFO worker)."""

@@ -11,7 +11,7 @@ import random
 import statistics
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Any
 
 import structlog
@@ -234,6 +234,11 @@ class DesRun:
             "processes_left_note": "the discrete-event engine starts no processes",
             "trials": {k: sum(getattr(c.trials, k) for c in self.clients) for k in ("sent", "passed", "failed", "unanswered", "gating")},
         })
+        sent: Counter[str] = Counter()
+        for c in self.clients:
+            sent.update(c.messages)
+        self.data.extra["client_requests"] = dict(sorted(sent.items()))  # tickets, executes, forwards, trials: what clients sent
+        self.data.extra["client_requests_per_query"] = {k: round(v / max(1, len(self.data.queries)), 2) for k, v in sorted(sent.items())}
         if self.world.gossip is not None:
             self.data.extra["gossip"] = self.world.gossip.report(len(self.data.queries), self.data.roles)
         if self.finished < self.sc.load.queries:

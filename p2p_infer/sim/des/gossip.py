@@ -1,7 +1,11 @@
 """Audit gossip in the discrete-event model: the consensus topic's messages, made by the real
 codec (``round_message`` from each member after the commit deadline, the client's
 ``verdicts_message`` once per query, ``evidence_message`` for every verified fault), and
-handed to real ``proto.auditor.Auditor`` instances.
+handed to real ``proto.auditor.Auditor`` instances. Topic v5: a member's rounds handed in
+within one gossip delay (0.5 s, ``net.gossip.GOSSIP_DELAY``: a query's stages) go out as one
+``rounds`` message (``committee_codec.batches``), as ``net/gossip.Gossip.publish_soon`` does,
+and every subscriber handles each round it carries (``unbatch``). Clients audit only the
+rounds of their own tasks (``Auditor.own_rounds_only``, as ``node/client.py``).
 
 Who runs the auditor: every light client (its own auditor, with its reputation table: it
 turns an equivocating member's gossiped commit and the one it was sent into evidence) and
@@ -24,8 +28,12 @@ from typing import Any
 import msgpack
 
 from ...proto.auditor import Auditor, evidence_message
+from ...proto.committee_codec import batches, unbatch
 from ...proto.reputation import Reputation
 from ...proto.wire import message_type
+from .world import as_process
+
+GOSSIP_DELAY_MS = 500.0  # as net.gossip.GOSSIP_DELAY: a node's rounds within it travel as one message
 
 
 @dataclass
@@ -35,6 +43,7 @@ class Subscriber:
     auditor: Auditor
     cpu_ms: float = 0.0
     observed: int = 0
+    owner: Any = None  # the SimPeer or SimClient whose process this auditor runs in
 
 
 @dataclass
@@ -47,16 +56,30 @@ class Gossip:
     transmissions: int = 0
     bytes: int = 0
     evidence_found: Counter[str] = field(default_factory=Counter)  # by auditors from gossip alone
+    batching: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # sender -> rounds waiting for its flush
+    rounds: int = 0  # round entries published (inside round and rounds messages)
 
     def add_peer_auditors(self, peers: list[Any]) -> None:
         for peer in peers:
-            self.subscribers.append(Subscriber(f"peer{peer.index}", peer, Auditor(Reputation())))
+            self.subscribers.append(Subscriber(f"peer{peer.index}", peer, Auditor(Reputation()), owner=peer))
 
     def add_client(self, client: Any) -> None:
-        self.subscribers.append(Subscriber(f"client{client.index}", None, client.auditor))
+        self.subscribers.append(Subscriber(f"client{client.index}", None, client.auditor, owner=client))
 
     def hops(self) -> int:
         return max(1, math.ceil(math.log(max(len(self.world.peers), 2)) / math.log(self.degree)))
+
+    def publish_round(self, sender: str, message: dict[str, Any]) -> None:
+        """A member's round: batched with its others handed in within GOSSIP_DELAY_MS."""
+        self.rounds += 1
+        pending = self.batching.setdefault(sender, [])
+        pending.append(message)
+        if len(pending) == 1:
+            self.loop.after(GOSSIP_DELAY_MS, self.flush, sender)
+
+    def flush(self, sender: str) -> None:
+        for message in batches(self.batching.pop(sender, [])):
+            self.publish(sender, message)
 
     def publish(self, sender: str, message: dict[str, Any]) -> None:
         n = len(self.world.peers)
@@ -71,9 +94,10 @@ class Gossip:
                 self.loop.after(self.hops() * per_hop, self.deliver, sub, sender, message)
 
     def deliver(self, sub: Subscriber, sender: str, message: dict[str, Any]) -> None:
-        started = time.perf_counter()
-        evidence = sub.auditor.observe(sender, message)
-        sub.cpu_ms += (time.perf_counter() - started) * 1000
+        with as_process(sub.owner):  # its own process: what it verified once, not what another auditor did
+            started = time.perf_counter()
+            evidence = [e for part in unbatch(message) for e in sub.auditor.observe(sender, part)]
+            sub.cpu_ms += (time.perf_counter() - started) * 1000
         sub.observed += 1
         for item in evidence:  # found from gossip alone (equivocation, bad reveal): published for everyone
             self.evidence_found[item.kind] += 1
@@ -88,7 +112,8 @@ class Gossip:
                 views.setdefault(role, []).append(sub.auditor.reputation.of(peer_id))
         total = sum(self.published.values())
         return {
-            "published": dict(self.published), "transmissions": self.transmissions, "bytes": self.bytes,
+            "published": dict(self.published), "round_entries": self.rounds, "transmissions": self.transmissions, "bytes": self.bytes,
+            "published_per_query": {k: round(v / max(queries, 1), 2) for k, v in sorted(self.published.items())},
             "mesh_degree": self.degree, "hops": self.hops(),
             "transmissions_per_query": round(self.transmissions / max(queries, 1), 1),
             "messages_per_peer_per_query": round(self.transmissions / max(queries, 1) / max(len(self.world.peers), 1), 2),

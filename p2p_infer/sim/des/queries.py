@@ -17,6 +17,7 @@ from ...proto import query as q
 from ...proto.auditor import evidence_message
 from ...proto.committee_codec import activation_hash, round_message, verdicts_message
 from ...proto.committee_round import (
+    TICKET_TIMEOUT_MS,
     AskTickets,
     CommitteeRound,
     Decided,
@@ -33,7 +34,7 @@ from ...proto.plan import QueryPlan
 from ...proto.routing import plan_route
 from ...testing import adversaries as adv
 from .client import CANDIDATE_BYTES, REQUEST_BYTES, SimClient
-from .world import HIDDEN, MODEL_ID, SimPeer, honest_layers, unwire, wire
+from .world import HIDDEN, MODEL_ID, SimPeer, as_process, honest_layers, unwire, wire
 
 
 @dataclass
@@ -92,6 +93,7 @@ class PlainQuery:
         client, loop = self.client, self.client.loop
         peer = client.world.by_id[hop.peer_id]
         nbytes = REQUEST_BYTES + 4 * HIDDEN * 8
+        client.messages["forward"] += 1
         if not peer.alive:
             loop.after(client.world.sc.network.dial_timeout_ms, self.fail, hop.request_id, "unreachable")
             return
@@ -130,6 +132,10 @@ class CommitteeQuery:
         self.records: list[dict[str, Any]] = []  # each judged stage's verdicts: gossiped once, when the query ends
         self.finished = False
         self.unjudged = 0  # stages decided at the first quorum whose late members are not judged yet
+        self.session = client.current_session()
+        self.chosen: list[dict[str, bytes]] = []  # each stage's first-attempt candidates, drawn when the query starts
+        self.waiting: set[str] = set()  # tickets asked for in this query's prefetch, not in yet
+        self.prefetching = False
 
     def finish(self) -> None:
         self.finished = True
@@ -150,7 +156,44 @@ class CommitteeQuery:
             self.done(Outcome(False, code=exc.code))
             return
         self.segments = [(s.first, s.last) for s in route]
-        self.next_stage(self.hidden)
+        self.chosen = [pick_candidates(self.client, first, last, set()) for first, last in self.segments]
+        self.prefetch()
+
+    def prefetch(self) -> None:
+        """Every candidate's ticket not held yet for the session, in one concurrent round, one
+        request per peer (as ``node/committee_client.prefetch_tickets``); with all held, none."""
+        client, loop = self.client, self.client.loop
+        seed = client.ticket_seed
+        self.waiting = {p for chosen in self.chosen for p in chosen if p not in client.tickets}
+        if not self.waiting:
+            return self.next_stage(self.hidden)
+        self.prefetching = True
+        for peer_id in sorted(self.waiting):
+            peer = client.world.by_id[peer_id]
+            client.messages["ticket"] += 1
+            if not peer.alive:
+                loop.after(min(client.world.sc.network.dial_timeout_ms, TICKET_TIMEOUT_MS), self.got_ticket, peer_id, None)
+                continue
+            assert peer.core is not None
+            ticket, cost = client.timed(peer.core.ticket, seed, owner=peer)
+            loop.after(2 * client.one_way_ms(peer, REQUEST_BYTES) + cost, self.got_ticket, peer_id, ticket)
+        loop.after(TICKET_TIMEOUT_MS, self.prefetch_done)
+
+    def got_ticket(self, peer_id: str, ticket: Any) -> None:
+        if not self.prefetching or peer_id not in self.waiting:
+            return
+        self.waiting.discard(peer_id)
+        if ticket is None:
+            self.client.tickets.pop(peer_id, None)  # unreachable: asked again by the next query
+        elif self.session == self.client.session:
+            self.client.tickets[peer_id] = ticket
+        if not self.waiting:
+            self.prefetch_done()
+
+    def prefetch_done(self) -> None:
+        if self.prefetching:
+            self.prefetching = False
+            self.next_stage(self.hidden)
 
     def next_stage(self, hidden: np.ndarray) -> None:
         stage = self.outcome.hops
@@ -159,7 +202,7 @@ class CommitteeQuery:
             self.outcome.consensus_ms = self.client.loop.now_ms - self.started_ms
             return self.finish()
         first, last = self.segments[stage]
-        StageRun(self, stage, first, last, hidden).start()
+        StageRun(self, stage, first, last, hidden).start(self.chosen[stage])
 
     def stage_done(self, decided: Any) -> None:
         self.outcome.hops += 1
@@ -179,23 +222,18 @@ class StageRun:
         self.query, self.client, self.first, self.last = query, client, first, last
         self.hidden = wire(hidden)
         spec = StageSpec(query.req_hash, stage, MODEL_ID, sc.name, first, last, activation_hash(self.hidden, None), sc.load.committee,
-                         commit_timeout_ms=int(sc.load.commit_timeout_s * 1000), max_reruns=sc.load.max_reruns, client=client.identity)
+                         commit_timeout_ms=int(sc.load.commit_timeout_s * 1000), max_reruns=sc.load.max_reruns, client=client.identity,
+                         session=query.session)
         self.machine = CommitteeRound(spec)
 
-    def candidates(self) -> dict[str, bytes]:
-        """Trusted providers of these layers from the directory, at most ``des.candidates`` of them."""
+    def start(self, chosen: dict[str, bytes] | None = None) -> None:
+        """An attempt: the first with the query's prefetched tickets (the ticket phase is
+        skipped when k are held), a re-run with fresh candidates and a ticket round."""
         client = self.client
-        pool = sorted({i for si, (f, l) in enumerate(client.world.shards) if f <= self.first and self.last <= l
-                       for i in client.directory.get(si, ())})
-        peers = [client.world.peers[i] for i in pool]
-        # a peer never met has R = 1; only met ones can be distrusted or excluded
-        peers = [p for p in peers if client.admitted(p) and (not p.known or (client.reputation.trusted(p.peer_id) and p.peer_id not in self.machine.excluded))]
-        chosen = client.rng.sample(peers, min(client.world.sc.des.candidates, len(peers)))
-        return {p.peer_id: p.record for p in chosen}
-
-    def start(self) -> None:
-        actions, cost = self.client.timed(self.machine.start, int(self.client.loop.now_ms), self.candidates())
-        self.client.loop.after(cost, self.apply, actions)
+        candidates = chosen if chosen is not None else pick_candidates(client, self.first, self.last, self.machine.excluded)
+        tickets = [client.tickets[p] for p in candidates if p in client.tickets] if chosen is not None else None
+        actions, cost = client.timed(self.machine.start, int(client.loop.now_ms), candidates, tickets)
+        client.loop.after(cost, self.apply, actions)
 
     def apply(self, actions: list[Any]) -> None:
         for action in actions:
@@ -247,19 +285,29 @@ class StageRun:
         loop, attempt = self.client.loop, self.machine.attempt
         for peer_id in ask.peers:
             peer = self.client.world.by_id[peer_id]
+            self.client.messages["ticket"] += 1
             if peer.alive:
                 assert peer.core is not None
-                ticket, cost = self.client.timed(peer.core.ticket, ask.request.seed)
+                ticket, cost = self.client.timed(peer.core.ticket, ask.request.seed, owner=peer)
                 rtt = 2 * self.client.one_way_ms(peer, REQUEST_BYTES)
-                loop.after(rtt + cost, self.feed, attempt, self.machine.on_ticket, peer_id, ticket)
+                loop.after(rtt + cost, self.on_ticket, attempt, peer_id, ticket)
             else:
                 self.unreachable(attempt, peer_id)
         loop.at(ask.deadline_ms, self.poll, attempt)
 
+    def on_ticket(self, attempt: int, peer_id: str, ticket: Any) -> None:
+        """A ticket asked for in the round enters the session's tickets too (as RoundDriver.on_ticket)."""
+        if self.machine.spec.session == self.client.session:
+            self.client.tickets[peer_id] = ticket
+        self.feed(attempt, self.machine.on_ticket, peer_id, ticket)
+
     def execute(self, send: SendExecute) -> None:
         loop, attempt = self.client.loop, self.machine.attempt
         nbytes = REQUEST_BYTES + 4 * HIDDEN + CANDIDATE_BYTES * len(send.candidates.candidates)
+        assert self.machine.round is not None  # our own set, as the real driver (the whole committee, held members too)
+        self.client.auditor.remember_committee(send.candidates, tuple(self.machine.round.members))
         for peer_id in send.members:
+            self.client.messages["execute"] += 1
             peer = self.client.world.by_id[peer_id]
             if peer.alive:
                 arrive = loop.now_ms + self.client.one_way_ms(peer, nbytes)
@@ -271,6 +319,7 @@ class StageRun:
         loop.at(send.deadline_ms, self.poll, attempt)
 
     def unreachable(self, attempt: int, peer_id: str) -> None:
+        self.client.tickets.pop(peer_id, None)  # asked for a fresh ticket before it is drawn again
         delay = self.client.world.sc.network.dial_timeout_ms
         self.client.loop.after(delay, self.feed, attempt, self.machine.on_failure, peer_id, "unreachable")
 
@@ -279,7 +328,7 @@ class StageRun:
         loop, core = self.client.loop, peer.core
         assert core is not None
         try:
-            _, check_ms = self.client.timed(core.check_execute, send.candidates, send.task.input_hash, self.client.peer_id, int(loop.now_ms))
+            _, check_ms = self.client.timed(core.check_execute, send.candidates, send.task.input_hash, self.client.peer_id, int(loop.now_ms), owner=peer)
         except P2PInferError as exc:  # the member refuses with an error reply: silent for this phase
             back = self.client.one_way_ms(peer, REQUEST_BYTES)
             loop.after(back, self.feed, attempt, self.machine.on_failure, peer.peer_id, exc.message)
@@ -295,14 +344,26 @@ class StageRun:
         if not peer.alive:
             return
         assert peer.core is not None
-        answer = peer.core.answer(send.candidates, output, nonce, int(self.client.loop.now_ms), reveal=peer.fault != "no-reveal")
+        with as_process(peer):
+            answer = peer.core.answer(send.candidates, output, nonce, int(self.client.loop.now_ms), reveal=peer.fault != "no-reveal")
         back = self.client.one_way_ms(peer, REQUEST_BYTES + 4 * HIDDEN)
         self.client.loop.after(back, self.feed, attempt, self.machine.on_answer, peer.peer_id, answer)
         gossip = self.client.world.gossip
         if gossip is not None and answer.reveal is not None:  # the round, for audit, only after the commit deadline
-            def publish(message: dict[str, Any]) -> None:
-                gossip.publish(peer.peer_id, message)
+            def publish_round(message: dict[str, Any]) -> None:  # batched with the member's other rounds (topic v5)
+                gossip.publish_round(peer.peer_id, message)
 
-            sender = adv.equivocating(publish, peer.identity) if peer.fault == "equivocate" else publish
+            sender = adv.equivocating(publish_round, peer.identity) if peer.fault == "equivocate" else publish_round
             message = round_message(send.candidates, answer.commit, answer.reveal)
             self.client.loop.at(max(self.client.loop.now_ms, send.task.commit_deadline_ms), sender, message)
+
+
+def pick_candidates(client: SimClient, first: int, last: int, excluded: set[str]) -> dict[str, bytes]:
+    """Trusted providers of these layers from the directory, at most ``des.candidates`` of them."""
+    pool = sorted({i for si, (f, l) in enumerate(client.world.shards) if f <= first and last <= l
+                   for i in client.directory.get(si, ())})
+    peers = [client.world.peers[i] for i in pool]
+    # a peer never met has R = 1; only met ones can be distrusted or excluded
+    peers = [p for p in peers if client.admitted(p) and (not p.known or (client.reputation.trusted(p.peer_id) and p.peer_id not in excluded))]
+    chosen = client.rng.sample(peers, min(client.world.sc.des.candidates, len(peers)))
+    return {p.peer_id: p.record for p in chosen}

@@ -82,6 +82,7 @@ def send_trial(client: SimClient, spec: TrialSpec, done: Callable[[], None] | No
     x = query_input(client.rng)
     task = TrialTask(spec.peer_id, spec.first, spec.last, wire(x), wire(honest_layers(x, spec.first, spec.last)), session=spec.session)
     [send] = client.admission.start([task], loop.now_ms / 1000)
+    client.messages["trial"] += 1
     client.trials.sent += 1
     if not peer.alive:
         loop.after(client.world.sc.network.dial_timeout_ms, _failed, client, send, done)

@@ -14,7 +14,8 @@ import heapq
 import math
 import random
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,8 +23,10 @@ import numpy as np
 
 from ...errors import ScenarioError, SimulationError
 from ...identity import Identity
+from ...proto import sortition
 from ...proto.committee_member import MemberCore
 from ...proto.kademlia import RoutingTable, node_id
+from ...proto.sortition import Memo
 from ...testing import adversaries as adv
 from ...testing.population import provider
 from ..scenario import Scenario, parse_range
@@ -86,6 +89,24 @@ def run_sync(coro: Any) -> Any:
         return stop.value
     coro.close()
     raise SimulationError("an adversary awaited something the discrete-event model cannot run")
+
+
+@contextmanager
+def as_process(owner: Any) -> Iterator[None]:
+    """Run proto code as ``owner``'s own process: ``proto.sortition`` remembers every ticket,
+    record and candidate set it verified, once per process; the model runs every peer, client
+    and auditor in one Python process, so each gets its own tables, swapped in while its code
+    runs (shared tables would let one verification stand for every process's, and hide its CPU)."""
+    memos = getattr(owner, "_memos", None)
+    if memos is None:
+        memos = (Memo(), Memo(), Memo())
+        object.__setattr__(owner, "_memos", memos)
+    saved = (sortition.BETAS, sortition.RECORDS, sortition.COMMITTEES)
+    sortition.BETAS, sortition.RECORDS, sortition.COMMITTEES = memos
+    try:
+        yield
+    finally:
+        sortition.BETAS, sortition.RECORDS, sortition.COMMITTEES = saved
 
 
 @dataclass
