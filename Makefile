@@ -22,9 +22,10 @@ chromium:
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m p2p_infer.demo
 
-# Two pytest workers (pytest-xdist), each module's tests on one worker so module-scoped swarms
-# are started once: the swarm tests leave a core idle while they wait on peers. TEST_WORKERS=0
-# runs them in this one process, as before.
+# Two pytest workers (pytest-xdist); each module's tests stay on one worker, so module-scoped
+# swarms are started once. One worker's module can use the second core while the other's waits
+# on peers or record expiry (bench/RESULTS.md: 1941 s against 2697 s serial on a shared box;
+# not yet timed on a quiet one). TEST_WORKERS=0 runs everything in one process, as before.
 TEST_WORKERS ?= 2
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile -m "not load_sensitive and not simulation" tests
