@@ -204,33 +204,32 @@ async def prefetch_tickets(client: Any, model: SplitModel, session: bytes, stage
 
     if not wanted:
         return found
-    closed = False  # set once the query has taken its tickets: later ones serve later queries only
-    all_in, enough = trio.Event(), trio.Event()
-    pending = [len(wanted)]
+    all_in, enough = trio.Event(), trio.Event()  # enough: every stage can draw a committee (or all are in)
 
     async def ask(peer: str, indices: list[int]) -> None:
-        try:
-            ticket = await fetch_ticket(client, model, seed, peer, stages[indices[0]])
-            if ticket is not None:
-                if held.session == session:
-                    held.tickets[peer] = ticket
-                for i in indices if not closed else ():
-                    found[i].append(ticket)
-                if all(len(f) >= client.committee for f in found):
-                    enough.set()
-        finally:
-            pending[0] -= 1
-            if not pending[0]:
-                all_in.set()
+        ticket = await fetch_ticket(client, model, seed, peer, stages[indices[0]])
+        if ticket is None:
+            return
+        if held.session == session:
+            held.tickets[peer] = ticket
+        for i in indices:
+            found[i].append(ticket)
+        if all(len(f) >= client.committee for f in found):
+            enough.set()
 
-    for peer, indices in wanted.items():  # in the background: a late ticket still enters the session
-        spawn(client, ask, peer, indices)
-    await first_of(all_in, enough)
-    if not all_in.is_set():  # every stage can draw a committee: the slow get a grace, not the timeout
+    async def ask_all() -> None:  # in the background: a ticket that comes late still enters the session
+        async with trio.open_nursery() as nursery:
+            for peer, indices in wanted.items():
+                nursery.start_soon(ask, peer, indices)
+        all_in.set()
+        enough.set()
+
+    spawn(client, ask_all)
+    await enough.wait()
+    if not all_in.is_set():  # the slow get a grace, not the whole ticket timeout
         with trio.move_on_after(TICKET_GRACE_MS / 1000):
             await all_in.wait()
-    closed = True
-    return [list(f) for f in found]
+    return [list(f) for f in found]  # copies: tickets arriving after this serve later queries only
 
 
 async def fetch_ticket(client: Any, model: SplitModel, seed: bytes, peer: str, layers: tuple[int, int]) -> Ticket | None:
@@ -250,16 +249,6 @@ async def fetch_ticket(client: Any, model: SplitModel, seed: bytes, peer: str, l
         log.info("bad ticket", peer=peer, reason=exc.message)
         return None
     return ticket
-
-
-async def first_of(*events: trio.Event) -> None:
-    async with trio.open_nursery() as nursery:
-        async def wait(event: trio.Event) -> None:
-            await event.wait()
-            nursery.cancel_scope.cancel()
-
-        for event in events:
-            nursery.start_soon(wait, event)
 
 
 async def decide_stage(client: Any, model: SplitModel, stage: int, first: int, last: int, act: Activation, req_hash: bytes,
