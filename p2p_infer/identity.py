@@ -87,8 +87,10 @@ def peer_id_bytes_from_public_key(public_key: bytes) -> bytes:
     return _IDENTITY_MULTIHASH_PREFIX + _ED25519_PUBLIC_PREFIX + public_key
 
 
+@functools.lru_cache(maxsize=8192)
 def peer_id_from_public_key(public_key: bytes) -> str:
-    """The base58 peer id ("12D3KooW...") libp2p derives from an Ed25519 key."""
+    """The base58 peer id ("12D3KooW...") libp2p derives from an Ed25519 key (memoised: a
+    committee message names the same few keys several times, and base58 is slow Python)."""
     return base58.b58encode(peer_id_bytes_from_public_key(public_key)).decode()
 
 

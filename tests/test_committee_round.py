@@ -13,6 +13,7 @@ from p2p_infer.errors import NotSelected, ProtocolViolation, UsageError
 from p2p_infer.identity import Identity
 from p2p_infer.proto.auditor import Auditor
 from p2p_infer.proto.committee_codec import MemberAnswer, activation_hash
+from p2p_infer.proto import committee_member
 from p2p_infer.proto.committee_member import PENDING_TTL_MS, MemberCore
 from p2p_infer.proto.committee_round import (
     COMMIT_GRACE_MS,
@@ -429,6 +430,32 @@ def test_a_member_answers_once_with_commit_reveal_and_output():
     assert core.existing_answer(signed.task, NOW + PENDING_TTL_MS + 1) is None  # answers expire
     withheld = MemberCore(pool[1].identity).answer(signed, HONEST, os.urandom(32), NOW, reveal=False)
     assert withheld == MemberAnswer(withheld.commit, None, None)
+
+
+def test_a_members_answers_are_bounded_and_an_evicted_task_keeps_its_one_commitment(monkeypatch):
+    monkeypatch.setattr(committee_member, "MAX_ANSWERS", 4)
+    pool = [provider(i, MODEL, 1, 2, NOW - 10_000) for i in identities(3, offset=1)]
+    core = MemberCore(pool[0].identity)
+    signed = []
+    for i in range(6):
+        task = StageTask(request_hash(MODEL, output_hash(HIDDEN), b"", bytes([i]) * 32, CLIENT.public_key), 0, 0, MODEL, 1, 2,
+                         INPUT, 3, NOW, NOW + 2000, CLIENT.public_key)
+        signed.append(draw(CLIENT, task, pool))
+    answers = [core.answer(s, HONEST, os.urandom(32), NOW + i) for i, s in enumerate(signed)]
+    assert len(core.answers) == 4 and core.existing_answer(signed[0].task, NOW + 10) is None  # the oldest went first
+    again = core.answer(signed[0], wrong(), os.urandom(32), NOW + 11)
+    assert again.commit == answers[0].commit and again.reveal is None  # never a second commitment for the task
+    assert core.existing_answer(signed[5].task, NOW + 12) == answers[5]
+
+
+def test_expiry_looks_at_the_oldest_entries_only():
+    signed, pool = member_draw()
+    core = MemberCore(pool[0].identity)
+    core.answer(signed, HONEST, os.urandom(32), NOW)
+    later, _ = member_draw(deadline=NOW + 3000)
+    core.answer(later, HONEST, os.urandom(32), NOW + 1000)
+    core.expire(NOW + PENDING_TTL_MS + 1)
+    assert list(core.answers) == [later.task.task_id] and list(core.committed) == [later.task.task_id]
 
 
 def test_a_member_checks_input_and_deadline_before_computing():

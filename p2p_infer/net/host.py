@@ -42,6 +42,12 @@ from .framing import DEFAULT_MAX_FRAME, Handler, Timeouts, serve_stream
 from .idle import IdleReaper
 from .limits import Guard, resource_manager
 
+# py-libp2p's yamux sends a WINDOW_UPDATE frame after every read by default (its
+# PY_YAMUX_RELEASE_ON_READ=1): one more encrypted frame and send() per message read, a third
+# of a committee client's frames. 0 keeps go-yamux's rule (an update once half the window
+# is consumed), which the yamux spec leaves to the receiver; measured in bench/RESULTS.md.
+os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
+
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
 DIAL_TIMEOUT = 10.0
 log = structlog.get_logger("p2p_infer.host")

@@ -130,11 +130,12 @@ async def run_stages(client: Any, model: SplitModel, act: Activation, judging: J
     reports: list[dict[str, Any]] = []
     hops: list[Any] = []
     segments = await client._plan_or_refresh(model, client.local_layers, ())
-    tickets = await prefetch_tickets(client, model, session, [(s.first, s.last) for s in segments])
+    servers = client.servers(model)  # the query's view of the providers: each stage's first attempt draws from it
+    tickets = await prefetch_tickets(client, model, session, [(s.first, s.last) for s in segments], servers)
     for segment, stage_tickets in zip(segments, tickets):
         started = time.perf_counter()
         decision, attempts = await decide_stage(client, model, len(stages), segment.first, segment.last, act, req_hash, judging,
-                                                session, stage_tickets)
+                                                session, stage_tickets, servers)
         act = Activation(decode_tensor(decision.output, field="output"), act.mask)
         stages.append(decision.certificate)
         reports.append({"stage": len(reports), "first": segment.first, "last": segment.last, "attempts": attempts,
@@ -147,11 +148,15 @@ async def run_stages(client: Any, model: SplitModel, act: Activation, judging: J
     return act, hops, reports, cert.encode()
 
 
-def stage_candidates(client: Any, model: SplitModel, first: int, last: int) -> dict[str, Any]:
-    """The stage's providers, as the client sees them now (trusted, past their trial),
-    with the record the directory holds for each."""
+def stage_candidates(client: Any, model: SplitModel, first: int, last: int, servers: list[Any] | None = None) -> dict[str, Any]:
+    """The stage's providers, as the client sees them now (trusted, past their trial), or
+    among ``servers`` (the query's snapshot), with the record the directory holds for each."""
     records = client.directory.records
-    peers = [s.peer_id for s in client.servers(model) if s.first <= first and last <= s.last]
+    if servers is None:
+        servers = client.servers(model)
+    else:  # a snapshot: a peer judged untrusted since it was taken (a liar caught at an earlier stage) is left out
+        servers = [s for s in servers if client.reputation.trusted(s.peer_id)]
+    peers = [s.peer_id for s in servers if s.first <= first and last <= s.last]
     return {p: records[p] for p in peers if p in records and records[p].envelope}
 
 
@@ -182,7 +187,8 @@ class TicketSession:
         self.tickets.pop(peer, None)
 
 
-async def prefetch_tickets(client: Any, model: SplitModel, session: bytes, stages: list[tuple[int, int]]) -> list[list[Ticket]]:
+async def prefetch_tickets(client: Any, model: SplitModel, session: bytes, stages: list[tuple[int, int]],
+                           servers: list[Any] | None = None) -> list[list[Ticket]]:
     """Every candidate's ticket for the session: those not held yet in one concurrent round,
     one request per peer however many stages it serves (each verified on the session's seed
     as it arrives, once per process; a ticket for another peer is dropped). A query in a
@@ -191,7 +197,7 @@ async def prefetch_tickets(client: Any, model: SplitModel, session: bytes, stage
     candidate cost every query 3 s); a ticket that comes later serves the next queries."""
     wanted: dict[str, list[int]] = {}  # peer -> the stages it is a candidate of
     for i, (first, last) in enumerate(stages):
-        for peer in stage_candidates(client, model, first, last):
+        for peer in stage_candidates(client, model, first, last, servers):
             wanted.setdefault(peer, []).append(i)
     found: list[list[Ticket]] = [[] for _ in stages]
     held = client.ticket_session
@@ -252,7 +258,8 @@ async def fetch_ticket(client: Any, model: SplitModel, seed: bytes, peer: str, l
 
 
 async def decide_stage(client: Any, model: SplitModel, stage: int, first: int, last: int, act: Activation, req_hash: bytes,
-                       judging: Judging, session: bytes, tickets: list[Ticket] | None = None) -> tuple[StageDecision, int]:
+                       judging: Judging, session: bytes, tickets: list[Ticket] | None = None,
+                       servers: list[Any] | None = None) -> tuple[StageDecision, int]:
     """Run the stage's committee; on no quorum re-run with a fresh committee, bounded."""
     assert client.directory is not None and client.committee is not None
     hidden, mask = encode_tensor(act.hidden), None if act.mask is None else encode_tensor(act.mask)
@@ -260,7 +267,7 @@ async def decide_stage(client: Any, model: SplitModel, stage: int, first: int, l
     spec = StageSpec(req_hash, stage, model.model_id, model.name, first, last, activation_hash(hidden, mask), client.committee,
                      commit_timeout_ms=commit_ms, max_reruns=client.max_reruns, client=client.identity, session=session,
                      hedge_ms=client.hedges.hedge_ms(model.model_id, first, last, commit_ms))
-    return await RoundDriver(client, model, CommitteeRound(spec), hidden, mask, judging, tickets).run()
+    return await RoundDriver(client, model, CommitteeRound(spec), hidden, mask, judging, tickets, servers).run()
 
 
 class RoundDriver:
@@ -269,14 +276,16 @@ class RoundDriver:
     quorum, and the members still out are judged there when they answer or time out."""
 
     def __init__(self, client: Any, model: SplitModel, machine: CommitteeRound, hidden: WireTensor, mask: WireTensor | None,
-                 judging: Judging, tickets: list[Ticket] | None = None) -> None:
+                 judging: Judging, tickets: list[Ticket] | None = None, servers: list[Any] | None = None) -> None:
         self.client, self.model, self.machine = client, model, machine
         self.hidden, self.mask = hidden, mask
         self.judging = judging
         self.prefetched = tickets  # the first attempt's tickets, asked for with every other stage's
+        self.servers = servers  # the query's snapshot of providers, for the first attempt (a re-run looks again)
 
     def candidates(self) -> dict[str, Any]:
-        return stage_candidates(self.client, self.model, self.machine.spec.first, self.machine.spec.last)
+        servers = self.servers if self.machine.attempt < 0 else None
+        return stage_candidates(self.client, self.model, self.machine.spec.first, self.machine.spec.last, servers)
 
     async def start(self) -> list[Action]:
         """Start an attempt; a record issued under MIN_RECORD_AGE_MS ago is waited for (once,

@@ -6,7 +6,9 @@ clock, the nonces and who is asking come in as arguments; the trio handler in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import ConsensusError, NotSelected, ProtocolViolation
 from ..identity import Identity
@@ -15,6 +17,7 @@ from .consensus import CandidateSet, Commit, Reveal, StageTask, Ticket, commitme
 from .records import CLOCK_SKEW_MS
 
 PENDING_TTL_MS = 120_000  # how long a member keeps an unrevealed output (and its one commitment)
+MAX_ANSWERS = 1024  # answers (with their outputs) kept for repeated requests; memory stays bounded
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,8 @@ class MemberCore:
             opened, entry = self.reveal(task_id, candidates.task.client_id, now_ms)
             answer = MemberAnswer(signed, opened, entry.output)
         self.answers[task_id] = (answer, now_ms + self.ttl_ms)
+        while len(self.answers) > MAX_ANSWERS:
+            del self.answers[next(iter(self.answers))]
         return answer
 
     def take(self, task_id: bytes, requester: str, now_ms: int) -> Pending:
@@ -124,9 +129,19 @@ class MemberCore:
         return sign_reveal(self.identity, task_id, output_hash(entry.output), entry.nonce), entry
 
     def expire(self, now_ms: int) -> None:
-        for task_id in [t for t, p in self.pending.items() if p.expires_ms < now_ms]:
-            del self.pending[task_id]
-        for task_id in [t for t, (_, exp) in self.committed.items() if exp < now_ms]:
-            del self.committed[task_id]
-        for task_id in [t for t, (_, exp) in self.answers.items() if exp < now_ms]:
-            del self.answers[task_id]
+        """Drop what has expired. Entries go in with ``now + ttl``, so each table is in expiry
+        order and only its head is looked at (called several times per execute: a scan of
+        every task held cost a member more than its compute). Answers, which hold outputs,
+        are also bounded in number; the commitment outlives its answer, so a task asked
+        again after that gets its one commitment back, never a second one."""
+        _expire_head(self.pending, lambda p: p.expires_ms, now_ms)
+        _expire_head(self.committed, lambda entry: entry[1], now_ms)
+        _expire_head(self.answers, lambda entry: entry[1], now_ms)
+
+
+def _expire_head(table: dict[bytes, Any], expiry: Callable[[Any], int], now_ms: int) -> None:
+    while table:
+        first = next(iter(table))
+        if expiry(table[first]) >= now_ms:
+            return
+        del table[first]

@@ -86,6 +86,8 @@ def activation_digest(hidden_hash: bytes, mask_hash: bytes) -> bytes:
 def outputs_agree(a: dict[str, Any], b: dict[str, Any]) -> bool:
     if a["dtype"] != b["dtype"] or list(a["shape"]) != list(b["shape"]):
         return False
+    if a["data"] == b["data"]:  # the common case (same software): equal bytes agree if finite
+        return bool(np.all(np.isfinite(_as_array(a))))
     x, y = _as_array(a).astype(np.float64), _as_array(b).astype(np.float64)
     return bool(np.all(np.isfinite(x)) and np.all(np.abs(x - y) <= ATOL + RTOL * np.abs(y)))
 

@@ -204,12 +204,12 @@ class StageTask:
     client_key: bytes  # the client's Ed25519 key: it signs the candidate set, and only it may execute or reveal
     session: bytes = NO_SESSION  # the client's session (32 B): with its key, the ticket seed of every query in it
 
-    @property
+    @cached_property  # derived values of a frozen task, asked for several times per message
     def seed(self) -> bytes:
         """The session's ticket seed: the same for every query, stage and attempt in it."""
         return ticket_seed(self.client_key, self.session)
 
-    @property
+    @cached_property
     def client_id(self) -> str:
         return peer_id_from_public_key(self.client_key)
 
@@ -226,7 +226,7 @@ class StageTask:
                     "client_key, session]")
         return cls(*raw)
 
-    @property
+    @cached_property
     def task_id(self) -> bytes:
         return h(b"p2p-infer/task/v3", msgpack.packb(self.to_wire(), use_bin_type=True))
 
