@@ -24,6 +24,7 @@ from p2p_infer.proto.committee_round import (
     Judged,
     Failed,
     ObserveCommit,
+    QuorumLatency,
     Rerun,
     TICKET_REASKS,
     TICKET_TIMEOUT_MS,
@@ -583,3 +584,19 @@ def test_every_member_at_once_without_quorum_first():
     assert sim.machine.next_deadline_ms() == send.deadline_ms
     with pytest.raises(UsageError, match="hedge delay"):
         make_spec(hedge_ms=2000)  # not inside the commit window
+
+
+def test_the_hedge_waits_a_few_times_the_quorums_usual_latency_within_bounds():
+    hedges, spec = QuorumLatency(), make_spec()
+    assert hedges.hedge_ms(spec.model_id, spec.first, spec.last, 4000) == HEDGE_MS  # nothing seen yet
+    hedges.observe(spec, 5)
+    assert hedges.hedge_ms(spec.model_id, spec.first, spec.last, 4000) == QuorumLatency.MIN_MS  # 4 x 5 ms is under the floor
+    for _ in range(40):  # the moving average follows a slower quorum
+        hedges.observe(spec, 100)
+    assert hedges.hedge_ms(spec.model_id, spec.first, spec.last, 4000) == pytest.approx(400, abs=2)
+    assert hedges.hedge_ms(spec.model_id, spec.first, spec.last, 1000) == 250  # at most a quarter of the commit window
+    assert hedges.hedge_ms(spec.model_id, spec.first + 1, spec.last + 1, 4000) == HEDGE_MS  # per model and layers
+    for i in range(2000):
+        hedges.observe(replace(spec, first=i, last=i), 10)
+    assert len(hedges.ms) <= 1024  # memory stays bounded
+

@@ -15,11 +15,10 @@ from ..config import Settings
 from . import params
 from .app import cli, common, network, options, run
 from ..cli_gateway import api_options
+from ..testing import TEST_FAULTS
 
 log = structlog.get_logger("p2p_infer.cli")
 
-TEST_FAULTS = ["wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial", "claims-fast",
-               "consistent-liar", "tee-forged", "tee-stale", "tee-measurement", "wrong-generation"]
 POSITIVE = click.FloatRange(0.0, min_open=True)
 COUNT = click.IntRange(1)
 

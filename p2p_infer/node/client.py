@@ -42,6 +42,7 @@ from ..net.host import add_handler, parse_peer_addr, running_host
 from ..net.streams import StreamPool, sync_lookup
 from ..proto.audit import AuditLog
 from ..proto.auditor import Auditor, evidence_message
+from ..proto.committee_round import QuorumLatency
 from ..proto.plan import QueryPlan
 from ..proto.query import QueryMachine
 from ..proto.reputation import Reputation
@@ -132,7 +133,7 @@ class Client:
         self._nursery: trio.Nursery | None = None
         self._followed: dict[int, tuple[Any, Activation, Activation, list[Any]]] = {}  # proofs still to collect
         self.ticket_session = committee_client.TicketSession(self.identity.public_key)  # committee tickets, per session
-        self.hedges = committee_client.QuorumLatency()  # how long each stage's quorum takes: the hedge delay
+        self.hedges = QuorumLatency()  # how long each stage's quorum takes: the hedge delay
         self.host: IHost | None = None
         self.directory: Directory | None = None
         self.rtt_ms: dict[str, float] = {}

@@ -40,7 +40,6 @@ from ..proto.committee_codec import (
     verdicts_message,
 )
 from ..proto.committee_round import (
-    HEDGE_MS,
     TICKET_GRACE_MS,
     TICKET_TIMEOUT_MS,
     Action,
@@ -461,30 +460,6 @@ class AnswerPhase:
         except P2PInferError as exc:
             actions = self.machine.on_failure(peer, exc.message, now_ms()) if self.current() else []
         self.take(actions)
-
-
-class QuorumLatency:
-    """How long each stage's quorum takes to answer (a moving average per model and layers):
-    the hedge waits a few times that before asking the members held back, within bounds."""
-
-    FACTOR = 4
-    MIN_MS = 50
-    ALPHA = 0.2
-
-    def __init__(self) -> None:
-        self.ms: dict[tuple[str, int, int], float] = {}
-
-    def observe(self, spec: StageSpec, ms: float) -> None:
-        key = (spec.model_id, spec.first, spec.last)
-        old = self.ms.get(key)
-        self.ms[key] = ms if old is None else old + self.ALPHA * (ms - old)
-        while len(self.ms) > 1024:
-            self.ms.pop(next(iter(self.ms)))
-
-    def hedge_ms(self, model_id: str, first: int, last: int, commit_timeout_ms: int) -> int:
-        seen = self.ms.get((model_id, first, last))
-        chosen = HEDGE_MS if seen is None else max(self.MIN_MS, int(self.FACTOR * seen))
-        return max(1, min(chosen, commit_timeout_ms // 4))
 
 
 def publish_evidence(client: Any, evidence: list[Evidence]) -> None:

@@ -75,6 +75,30 @@ MIN_COMMIT_WAIT_MS = 500
 HEDGE_MS = 250
 
 
+class QuorumLatency:
+    """How long each stage's quorum takes to answer (a moving average per model and layers):
+    the hedge waits a few times that before asking the members held back, within bounds."""
+
+    FACTOR = 4
+    MIN_MS = 50
+    ALPHA = 0.2
+
+    def __init__(self) -> None:
+        self.ms: dict[tuple[str, int, int], float] = {}
+
+    def observe(self, spec: StageSpec, ms: float) -> None:
+        key = (spec.model_id, spec.first, spec.last)
+        old = self.ms.get(key)
+        self.ms[key] = ms if old is None else old + self.ALPHA * (ms - old)
+        while len(self.ms) > 1024:
+            self.ms.pop(next(iter(self.ms)))
+
+    def hedge_ms(self, model_id: str, first: int, last: int, commit_timeout_ms: int) -> int:
+        seen = self.ms.get((model_id, first, last))
+        chosen = HEDGE_MS if seen is None else max(self.MIN_MS, int(self.FACTOR * seen))
+        return max(1, min(chosen, commit_timeout_ms // 4))
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """What one stage's committee runs, fixed before the first ticket is asked for."""

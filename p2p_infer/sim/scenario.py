@@ -150,7 +150,7 @@ class Scenario:
     des: DesSpec = field(default_factory=DesSpec)
 
     def validate(self) -> Scenario:
-        from ..testing.adversaries import TEST_FAULTS
+        from ..testing import TEST_FAULTS
         from .modes import MODES
 
         _check(self.engine in ENGINES, f"engine must be one of {ENGINES}, got {self.engine!r}")

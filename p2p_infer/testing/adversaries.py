@@ -36,16 +36,15 @@ from ..node.committee import (
 )
 from ..proto.committee_codec import ExecuteRequest, TicketRequest, WireTensor, is_round, result_reply
 from ..proto.consensus import Commit, Reveal, StageTask, commitment, sign_commit
-from ..proto.wire import Message
+from ..proto.wire import TICKET, Message
+from . import TEST_FAULTS
 
-TEST_FAULTS = ("wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial", "claims-fast", "consistent-liar",
-               "tee-forged", "tee-stale", "tee-measurement",  # the tee-* ones: bad attestations (verify/tee.py)
-               "wrong-generation")
 NOISE = 0.5  # far outside the agreement tolerance: a wrong output is never "close enough"
 LATE_BY_S = 0.3  # past the commit deadline, inside the client's grace, so it is judged late
 COPY_WAIT_S = 2.0  # how long a copier waits for someone else's gossiped reveal
 CLAIMED_THROUGHPUT = 1e9  # what claims-fast advertises (issue 9: it won every route)
 SLOW_BY_S = 0.05  # and what it really is: an ordinary peer, 50 ms slower per reply
+SLOW_TICKETS_S = 2.0  # slow-tickets: each ticket reply this late (under the 3 s ticket timeout, far past the grace)
 log = structlog.get_logger("p2p_infer.adversaries")
 
 ForwardHook = Callable[[torch.Tensor], torch.Tensor]
@@ -110,6 +109,17 @@ class NoReveal(MemberWrapper):
 
     async def execute(self, request: ExecuteRequest) -> Message:
         return result_reply(await self.inner.answer(request, reveal=False))
+
+
+class SlowTickets(MemberWrapper):
+    """An honest member that answers ticket requests SLOW_TICKETS_S late (an overloaded or
+    far-away candidate): a query must not wait for it once the other candidates' tickets
+    are in (TICKET_GRACE_MS), and its ticket, when it comes, serves the session's later queries."""
+
+    async def handle(self, message: Message) -> Message:
+        if isinstance(message, dict) and message.get("type") == TICKET:
+            await trio.sleep(SLOW_TICKETS_S)
+        return await dispatch(self, message)
 
 
 class Copier(MemberWrapper):
@@ -251,6 +261,8 @@ def install(fault: str, identity: Identity, compute: LayersCompute, publish: Pub
         return Behaviour(NoReveal(member))
     if fault == "copy":
         return Behaviour(Copier(member))
+    if fault == "slow-tickets":
+        return Behaviour(SlowTickets(member))
     if fault == "claims-fast":
         return Behaviour(member, ClaimsFast(), slow_reply, claims_fast)
     if fault == "consistent-liar":  # honest on each client's first plain request (its trial), wrong on the rest
