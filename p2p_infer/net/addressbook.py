@@ -15,6 +15,7 @@ from collections import OrderedDict
 import structlog
 import trio
 
+from ..bounded import trim_oldest
 from .dht import Discovery
 
 log = structlog.get_logger("p2p_infer.addressbook")
@@ -44,8 +45,7 @@ class AddressBook:
             found = [a for a in record.addrs if a.endswith(f"/p2p/{peer_id}") or "/p2p/" not in a] if record else []
             self._cache[peer_id] = (time.monotonic(), found)
             self._cache.move_to_end(peer_id)
-            while len(self._cache) > self.max_entries:
-                self._cache.popitem(last=False)
+            trim_oldest(self._cache, self.max_entries)
             if not found:
                 log.info("no verified record to dial", subject=peer_id)
             return found

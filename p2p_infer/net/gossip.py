@@ -30,6 +30,7 @@ from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pubsub import ContentAddressedMessageIDGenerator, Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
+from ..bounded import trim_oldest
 from ..errors import ProtocolViolation
 from ..proto.committee_codec import batches, unbatch
 from ..proto.wire import CONSENSUS_TOPIC, MAX_GOSSIP_BYTES, REQUESTS, ROUND, VERDICTS, message_type
@@ -157,8 +158,7 @@ async def _drain(subscription: Any, own_id: bytes, handle: GossipHandler) -> Non
         if message_id in seen:  # a replay after gossipsub's own seen-cache forgot it
             continue
         seen[message_id] = None
-        if len(seen) > SEEN_IDS:
-            seen.popitem(last=False)
+        trim_oldest(seen, SEEN_IDS)
         try:
             message = msgpack.unpackb(msg.data, raw=False)
             if not isinstance(message, dict):

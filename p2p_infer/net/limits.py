@@ -27,6 +27,7 @@ from libp2p.rcmgr import ResourceLimits, ResourceManager
 from libp2p.rcmgr.connection_limits import ConnectionLimits
 from libp2p.rcmgr.rate_limiter import RateLimitConfig, RateLimiter, RateLimitScope, RateLimitStrategy
 
+from ..bounded import trim_oldest
 from ..config import MIB, Limits
 from ..errors import Overloaded
 
@@ -113,8 +114,7 @@ class Guard:
         tokens, last = self.read_tokens.get(peer, (float(rate), now))
         tokens = min(float(rate), tokens + (now - last) * rate) - nbytes
         self.read_tokens[peer] = (tokens, now)
-        if len(self.read_tokens) > MAX_TRACKED_PEERS:
-            self.read_tokens.pop(next(iter(self.read_tokens)))
+        trim_oldest(self.read_tokens, MAX_TRACKED_PEERS)
         if tokens < 0:
             await trio.sleep(-tokens / rate)
 

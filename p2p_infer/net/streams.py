@@ -26,6 +26,7 @@ import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 
+from ..bounded import trim_oldest
 from ..errors import P2PInferError, PeerTimedOut, PeerUnreachable, RemoteError
 from .framing import Message, request
 from .host import dial, open_stream, peer_info, tcp_stalled
@@ -95,8 +96,7 @@ class StreamPool:
             self._unreachable(peer_id)
             raise
         self._heard[peer_id] = trio.current_time()
-        while len(self._heard) > 4096:  # bounded: the peers first heard from go first
-            self._heard.pop(next(iter(self._heard)))
+        trim_oldest(self._heard, 4096)  # the peers first heard from go first
         return reply
 
     def _timed_out(self, peer_id: str, sent: float) -> None:

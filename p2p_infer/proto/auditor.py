@@ -30,6 +30,7 @@ from typing import Any
 
 import structlog
 
+from ..bounded import trim_oldest
 from ..errors import BadTensor
 from .audit import AuditLog
 from .checkpoints import WitnessTable, witness
@@ -211,8 +212,7 @@ MAX_TRACKED = 10_000  # commits and punished faults remembered (oldest forgotten
 
 def _bound(table: dict[Any, Any]) -> None:
     """Gossip is unbounded input: forget the oldest entries past MAX_TRACKED."""
-    while len(table) > MAX_TRACKED:
-        table.pop(next(iter(table)))
+    trim_oldest(table, MAX_TRACKED)
 
 
 def _verdict(stage: object) -> tuple[bytes, int, dict[str, str]]:

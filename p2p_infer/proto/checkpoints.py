@@ -31,6 +31,7 @@ import base58
 import msgpack
 import structlog
 
+from ..bounded import trim_oldest
 from ..errors import AuditError, AuditForeignSigner, AuditRewritten, AuditTruncated, CheckpointError, IdentityError
 from ..identity import PUZZLE_DIFFICULTY, Identity, peer_id_bytes_from_public_key, solves_puzzle, verify_signature
 from .audit import GENESIS, entry_hash
@@ -149,8 +150,7 @@ class WitnessTable:
     def _keep(self, checkpoint: Checkpoint) -> None:
         self.latest.pop(checkpoint.peer_id, None)
         self.latest[checkpoint.peer_id] = checkpoint
-        while len(self.latest) > self.max_peers:
-            self.latest.pop(next(iter(self.latest)))
+        trim_oldest(self.latest, self.max_peers)
         self.dirty = True
 
     def _conflict(self, known: Checkpoint, other: Checkpoint) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..bounded import trim_oldest
 from ..errors import ConsensusError, NotSelected, ProtocolViolation
 from ..identity import Identity
 from .committee_codec import MemberAnswer, WireTensor
@@ -108,8 +109,7 @@ class MemberCore:
             opened, entry = self.reveal(task_id, candidates.task.client_id, now_ms)
             answer = MemberAnswer(signed, opened, entry.output)
         self.answers[task_id] = (answer, now_ms + self.ttl_ms)
-        while len(self.answers) > MAX_ANSWERS:
-            del self.answers[next(iter(self.answers))]
+        trim_oldest(self.answers, MAX_ANSWERS)
         return answer
 
     def take(self, task_id: bytes, requester: str, now_ms: int) -> Pending:

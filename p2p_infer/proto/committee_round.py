@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from ..bounded import trim_oldest
 from ..errors import ConsensusError, NoQuorum, UsageError
 from ..identity import Identity
 from .auditor import Auditor
@@ -90,8 +91,7 @@ class QuorumLatency:
         key = (spec.model_id, spec.first, spec.last)
         old = self.ms.get(key)
         self.ms[key] = ms if old is None else old + self.ALPHA * (ms - old)
-        while len(self.ms) > 1024:
-            self.ms.pop(next(iter(self.ms)))
+        trim_oldest(self.ms, 1024)
 
     def hedge_ms(self, model_id: str, first: int, last: int, commit_timeout_ms: int) -> int:
         seen = self.ms.get((model_id, first, last))

@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..bounded import trim_oldest
+
 R_MIN, R_MAX, R_START = 0.1, 10.0, 1.0
 PENALTY, REWARD = 0.8, 1.01
 DEFAULT_THRESHOLD = 0.5
@@ -37,8 +39,7 @@ class Reputation:
         if (peer, task) in self.outcomes:
             return self.penalize_task(peer, task) if fault else self.of(peer)
         self.outcomes[(peer, task)] = fault
-        while len(self.outcomes) > MAX_OUTCOMES:  # old tasks can no longer be revised
-            self.outcomes.pop(next(iter(self.outcomes)))
+        trim_oldest(self.outcomes, MAX_OUTCOMES)  # old tasks can no longer be revised
         return self.record(peer, fault)
 
     def penalize_task(self, peer: str, task: bytes) -> float:

@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
+from ..bounded import trim_oldest
 from ..errors import NoRoute
 
 DEFAULT_RTT_MS = 5.0  # assumed for a server not measured yet
@@ -141,8 +142,7 @@ class ThroughputBook:
         window = self.samples.pop(peer_id, None) or deque(maxlen=MAX_SAMPLES)
         window.append(1000.0 * max(layers, 1) / compute_ms)
         self.samples[peer_id] = window  # most recently measured last; the oldest are forgotten first
-        while len(self.samples) > MAX_MEASURED_PEERS:
-            self.samples.pop(next(iter(self.samples)))
+        trim_oldest(self.samples, MAX_MEASURED_PEERS)
 
     def measured(self, peer_id: str) -> float | None:
         window = self.samples.get(peer_id)

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 import msgpack
 
 from . import vrf
+from ..bounded import trim_oldest
 from ..errors import ConsensusError, RecordError
 from ..identity import PUZZLE_DIFFICULTY, Identity, peer_id_from_public_key, solves_puzzle, verify_signature
 from .records import CapabilityRecord, check_record_times, verify_record_static
@@ -96,8 +97,7 @@ class Memo:
 
     def put(self, key: Any, value: Any) -> None:
         self.table[key] = value
-        if len(self.table) > self.size:
-            self.table.popitem(last=False)
+        trim_oldest(self.table, self.size)
 
 
 def memo_check(table: Memo, key: Any, check: Callable[[], T]) -> T:
