@@ -49,7 +49,7 @@ from p2p_infer.proto.consensus import (
     sign_commit,
     sign_reveal,
 )
-from p2p_infer.proto.sortition import CANDIDATES_DOMAIN
+from p2p_infer.proto.sortition import CANDIDATES_DOMAIN, MIN_RECORD_AGE_MS
 from p2p_infer.proto.wire import COMMITTEE_PROTOCOL
 from p2p_infer.testing.population import draw, provider
 
@@ -146,6 +146,8 @@ async def main(bootstrap: str, victim: str, ready_file: str, report_file: str, o
                 while (record := await discovery.get_record(victim)) is None:
                     await trio.sleep(0.5)
             shard, pool = record.shards[0], StreamPool(host, lambda _peer: list(record.addrs))  # dial it where its record says
+            # a record just re-published is refused for its age before any puzzle is looked at: wait as an attacker would
+            await trio.sleep(max(0, record.issued_at_ms + MIN_RECORD_AGE_MS + 200 - now_ms()) / 1000)
             refusals = await try_execute(pool, me, victim, record.envelope, shard, lazy)
             write_json(ready_file, {"peer_id": me.peer_id, "refusals": refusals})
             with trio.fail_after(180):
