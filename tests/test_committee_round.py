@@ -389,6 +389,23 @@ def test_words_about_someone_else_blame_no_one():
     assert isinstance(decided, Decided) and decided.decision.verdicts == {a: "missing-commit", b: "agree", c: "agree"}
 
 
+def test_a_reply_for_another_task_is_a_bad_commit_and_is_not_audited():
+    """A late reply to an earlier task read on a reused stream (seen in the churn scenario):
+    the member is judged bad-commit and the commit never reaches the auditor, whose
+    candidate-set check would refuse it (and once crashed the client doing so)."""
+    sim = swarm(3, max_reruns=0, quorum_first=False)
+    send = sim.step(start(sim))[0]
+    a, b, c = send.members
+    other, _ = member_draw(deadline=send.task.commit_deadline_ms)
+    stale = sim.members[a].core.answer(other, HONEST, os.urandom(32), NOW)  # a's signed answer to another task
+    assert stale.commit.member == a and stale.commit.task_id != send.task.task_id
+    assert [x for x in sim.machine.on_answer(a, stale, NOW) if isinstance(x, ObserveCommit)] == []
+    answers = {p: sim.members[p].core.answer(send.candidates, HONEST, os.urandom(32), NOW) for p in (b, c)}
+    out = sim.machine.on_answer(b, answers[b], NOW) + sim.machine.on_answer(c, answers[c], NOW)
+    decided = next(x for x in out if isinstance(x, Decided))
+    assert decided.decision.verdicts == {a: "bad-commit", b: "agree", c: "agree"}
+
+
 def test_start_is_refused_while_a_round_runs():
     sim = swarm(3)
     start(sim)

@@ -327,7 +327,10 @@ class RoundDriver:
         out = []
         for action in actions:
             if isinstance(action, ObserveCommit):
-                publish_evidence(self.client, self.client.auditor.on_commit(action.commit, action.candidates))
+                try:  # a member's words: whatever the auditor refuses must not end the query (or the client)
+                    publish_evidence(self.client, self.client.auditor.on_commit(action.commit, action.candidates))
+                except ConsensusError as exc:
+                    log.info("commit not audited", member=action.commit.member, reason=exc.message)
                 continue
             judgement = action.judgement if isinstance(action, (Decided, Judged, Rerun, Failed)) else None
             if judgement is not None:

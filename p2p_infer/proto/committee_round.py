@@ -384,7 +384,8 @@ class CommitteeRound:
             log.info("commit names another member", asked=peer, named=answer.commit.member)
         else:
             assert self.round is not None
-            actions.append(ObserveCommit(answer.commit, self.round.candidates))
+            if answer.commit.task_id == self.round.task.task_id and answer.commit.candidates_id == self.round.candidates.id:
+                actions.append(ObserveCommit(answer.commit, self.round.candidates))  # else bad-commit: nothing to audit
             self.round.on_commit(answer.commit, now_ms)
             if answer.reveal is not None and answer.output is not None:
                 if answer.reveal.member == peer:
