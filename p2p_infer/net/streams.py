@@ -49,6 +49,21 @@ def sync_lookup(fn: Callable[[str], Sequence[str]]) -> AddrLookup:
     return lookup
 
 
+def abandon(stream: INetStream | None) -> None:
+    """Reset a stream left mid-request, in the background (the caller is being cancelled)."""
+    if stream is None:
+        return
+
+    async def reset() -> None:
+        with trio.move_on_after(CLOSE_BOUND_S):
+            try:
+                await stream.reset()
+            except Exception:  # already closed or reset: gone either way
+                pass
+
+    trio.lowlevel.spawn_system_task(reset)
+
+
 class _Slot:
     def __init__(self) -> None:
         self.stream: INetStream | None = None
@@ -156,6 +171,10 @@ class StreamPool:
                     if reused and attempt == 0:
                         continue
                     raise PeerUnreachable(f"{peer_id}: {type(exc).__name__}: {exc}") from None
+                except BaseException:  # cancelled (the caller's deadline) with the reply still on its way:
+                    abandon(slot.stream)  # that reply must not be read as the next request's (it was, under churn)
+                    slot.stream = None
+                    raise
             raise AssertionError("unreachable")
 
     async def _open(self, peer_id: str, protocol: str) -> INetStream:
