@@ -4,7 +4,7 @@ queries after warm-up, and the ratios to plain. The modes' queries are interleav
 committee, spot-check, optimistic, plain, ...) so machine load drifts affect them alike.
 
     .venv/bin/python bench/consensus_latency.py [--queries 50] [--models digits-mlp minilm-l6]
-        [--modes plain committee-3 optimistic] [--p 0.1] [--same-route]
+        [--modes plain committee-3 optimistic] [--p 0.1] [--same-route] [--link-delay-ms 0 --link-jitter-ms 0]
 
 Targets (issue 9): committee/plain <= 1.5x median and <= 2x p95, optimistic/plain <= 1.1x
 median; printed as ``targets_met``. What is timed is the answer (``result.total_ms``).
@@ -18,6 +18,12 @@ answer, in the background.
 view (timed throughput, round trips) and known-answer re-trials are off, so all modes take
 the same route (printed as ``same_route``), and each optimistic check is awaited after its
 query, outside the timed window and before the next one (``check_ms_after_answer``).
+
+``--link-delay-ms D --link-jitter-ms J`` start the peers with ``--test-delay-ms D
+--test-jitter-ms J``: every reply is held D ms plus up to J (uniform), an emulated link's
+round trip (this kernel has no netem), which costs no CPU. On loopback the three peers, the
+bootstrap and the client share two cores, so the committee's extra work is all on the
+critical path; with a link delay the comparison is closer to peers on their own machines.
 
 The first mode is the baseline and says "unverified" explicitly, so "plain" is plain
 routing. Each line also prints ``os.getloadavg()`` before and after the run and the
@@ -156,6 +162,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=MODE_NAMES, default=list(MODE_NAMES))
     parser.add_argument("--p", type=float, default=0.1, help="spot-check and optimistic re-execution probability per stage")
     parser.add_argument("--same-route", action="store_true", help="one routing view for all clients; optimistic checks awaited")
+    parser.add_argument("--link-delay-ms", type=float, default=0.0, help="every peer reply held this long (an emulated link)")
+    parser.add_argument("--link-jitter-ms", type=float, default=0.0, help="plus up to this much, uniform")
     args = parser.parse_args()
     quiet_libp2p_logging()
     kinds = modes(args.modes, args.p)
@@ -163,11 +171,12 @@ def main() -> None:
         inputs = "peers share the work of running one model so that no single machine holds it all" if name == "minilm-l6" else DigitsMLP.dataset()[2][0].tolist()
         with tempfile.TemporaryDirectory() as tmp, Swarm(Path(tmp), record_ttl=300) as swarm:
             swarm.start_bootstrap()
-            swarm.start_peers([STAGES[name]] * 3)
+            swarm.start_peers([STAGES[name]] * 3, extra_args=["--test-delay-ms", str(args.link_delay_ms), "--test-jitter-ms", str(args.link_jitter_ms)])
             swarm.wait_discoverable(timeout=120)
             load_before = os.getloadavg()
             run = trio.run(times, swarm.bootstrap.addr, name, inputs, args.queries, kinds, args.same_route)
             line = report(name, args.queries, run, args.same_route)
+            line["link_delay_ms"] = [args.link_delay_ms, args.link_jitter_ms]
             line["loadavg_before_after"] = [[round(x, 2) for x in load_before], [round(x, 2) for x in os.getloadavg()]]
             line["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
             print(json.dumps(line), flush=True)

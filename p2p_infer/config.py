@@ -71,6 +71,8 @@ class Settings:
     torch_threads: int = 1
     ready_file: Path | None = None
     test_fault: str = ""  # testing aid, see docs/operator.md
+    test_delay_ms: float = 0.0  # testing aid: every reply held this long (an emulated link)
+    test_jitter_ms: float = 0.0  # testing aid: plus up to this much, uniform
     audit_log: Path | None = None  # default: the key file's name with .audit.log
     build_circuits: bool = True  # ZK circuits of served provable shards, built at start-up
     audit_max_bytes: int = 16 * MIB  # the live audit log rotates past this size
@@ -125,7 +127,7 @@ class Settings:
 
 # The flags that set a setting of the same name (the CLI passes only those given).
 SETTING_FLAGS = ("key", "listen", "bootstrap", "bootstrap_file", "serve", "log_format", "log_level",
-                 "record_ttl", "max_concurrent", "torch_threads", "ready_file", "audit_log", "test_fault",
+                 "record_ttl", "max_concurrent", "torch_threads", "ready_file", "audit_log", "test_fault", "test_delay_ms", "test_jitter_ms",
                  "checkpoint_interval", "witness_file", "tee", "tee_quote", "threshold_member", "dkg_members",
                  "dkg_threshold", "max_connections", "conn_idle_timeout", "heartbeat_interval", "api", "api_public", "memory_budget", "max_batch")
 

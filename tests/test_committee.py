@@ -20,12 +20,15 @@ from .conftest import TESTS
 
 pytestmark = pytest.mark.slow
 ALL = ["digits-mlp:1-1", "digits-mlp:2-2", "digits-mlp:3-3"]
+DELAY_MS = 40
 
 
-def start(swarm: Swarm, peers: dict[str, tuple[list[str], str]]) -> None:
+def start(swarm: Swarm, peers: dict[str, tuple[list[str], str]], delayed: tuple[str, ...] = ()) -> None:
+    """``delayed``: peers whose replies are held DELAY_MS (an emulated link), so the others answer first."""
     swarm.start_bootstrap()
     for name, (serve, fault) in peers.items():
-        swarm.start_peer(name, serve, extra_args=["--test-fault", fault] if fault else [], wait=False)
+        extra = (["--test-fault", fault] if fault else []) + (["--test-delay-ms", str(DELAY_MS)] if name in delayed else [])
+        swarm.start_peer(name, serve, extra_args=extra, wait=False)
     swarm.wait_ready(list(swarm.peers.values()), timeout=180)
     swarm.wait_discoverable(timeout=90)
 
@@ -53,7 +56,7 @@ def faults1(tmp_path_factory):
             "wrong": (["digits-mlp:1-1"], "wrong-output"),
             "noreveal": (["digits-mlp:2-2"], "no-reveal"),
             "late": (["digits-mlp:3-3"], "late-commit"),
-        })
+        }, delayed=("h1", "h2"))  # the liar answers first: the next stage starts on its output, and again
         yield swarm
 
 
@@ -141,6 +144,27 @@ def test_audit_log_tampering_is_detected(faults1, tmp_path):
     copy.write_text("\n".join([lines[0], json.dumps(entry), *lines[2:]]) + "\n")
     result = faults1.cli("audit", "--log", str(copy), check=False)
     assert result.returncode == 1 and "entry 1" in result.stdout
+
+
+async def test_a_stage_started_on_a_wrong_first_answer_is_started_again_from_the_decided_output(faults1, tmp_path):
+    """Speculation: stage 2 starts on stage 1's first valid answer. The liar answers first
+    whenever it is in stage 1's quorum (the honest peers' replies are delayed); its output is
+    outvoted, stage 2 is started again from the decided output, and the abandoned run judges
+    nobody. Each query is a fresh client (the liar stays trusted; 2/3 of draws put it first)."""
+    swarm, model = faults1, load_model("digits-mlp")
+    h1 = swarm.peers["h1"].peer_id
+    for i in range(12):
+        async with Client([swarm.bootstrap.addr], committee=3, commit_timeout=2.0) as c:
+            result = await c.classify(sample(i))
+            assert result.output["probabilities"] == pytest.approx(model.run_local(sample(i))["probabilities"], abs=1e-6)
+            await result.judged
+            restarts = [s["restarts"] for s in result.stages]
+            if restarts[1]:
+                break
+    assert restarts == [0, 1, 0], restarts
+    assert c.reputation.of(h1) == pytest.approx(1.01 ** 4)  # trial + 3 stages: the abandoned stage 2 judged nobody
+    cert = Certificate.decode(result.certificate)
+    assert len(cert.verify()) == 3  # the restarted stage's input is stage 1's certified output
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from p2p_infer.proto.committee_round import (
     Judged,
     Failed,
     ObserveCommit,
+    Provisional,
     QuorumLatency,
     Rerun,
     TICKET_REASKS,
@@ -85,6 +86,7 @@ class Sim:
     rest: list = field(default_factory=list)  # what came with the outcome (a Judged, when all answered at once)
     late: list = field(default_factory=list)  # (when, peer, send): answers that come after the commit deadline
     sends: list = field(default_factory=list)  # every SendExecute, in order
+    provisionals: list = field(default_factory=list)  # (speculate) each Provisional, with what had been decided by then
 
     def step(self, actions: list) -> list:
         out: list = []
@@ -96,6 +98,8 @@ class Sim:
                 out += self.execute(action)
             elif isinstance(action, ObserveCommit):
                 self.observed.append(action.commit)
+            elif isinstance(action, Provisional):
+                self.provisionals.append((action, any(isinstance(a, Decided) for a in actions)))
             else:
                 out.append(action)
         if not out:  # nobody answers now: time passes, to the next deadline or late answer
@@ -135,7 +139,12 @@ class Sim:
                                     reveal=member.behaviour != "no-reveal")
         out = []
         for action in self.machine.on_answer(peer, answer, self.now):
-            (self.observed.append(action.commit) if isinstance(action, ObserveCommit) else out.append(action))
+            if isinstance(action, ObserveCommit):
+                self.observed.append(action.commit)
+            elif isinstance(action, Provisional):
+                self.provisionals.append((action, any(isinstance(a, Decided) for a in out)))
+            else:
+                out.append(action)
         return out
 
     def at(self, delay: int) -> int:
@@ -204,6 +213,53 @@ def test_one_faulty_member_of_three_is_outvoted_judged_and_scored(fault, verdict
         assert auditor.reputation.of(bad) == pytest.approx(updated(1.0, True))
     else:  # missing or late: a verdict only, no evidence (a client could lie about it)
         assert published == []
+
+
+def speculating(first_behaviour: str = "", first_output: dict | None = None) -> tuple[Sim, list, list[str]]:
+    """A committee of 3 whose best-ranked member (the first to answer) behaves as given."""
+    sim = swarm(3, speculate=True)
+    actions = sim.step(start(sim))  # the tickets are in: the committee is drawn, the quorum first
+    assert isinstance(actions[0], SendExecute)
+    ranked = list(sim.machine.round.members)
+    first = sim.members[ranked[0]]
+    first.behaviour = first_behaviour
+    if first_output is not None:
+        first.output = first_output
+    return sim, actions, ranked
+
+
+def test_speculation_hands_out_the_first_valid_answer_once_before_the_quorum():
+    sim, actions, ranked = speculating()
+    outcome = sim.until_outcome(actions)
+    assert isinstance(outcome, Decided)
+    sim.judgement(outcome)
+    assert len(sim.provisionals) == 1
+    provisional, decided_by_then = sim.provisionals[0]
+    assert not decided_by_then and provisional.member == ranked[0] and provisional.attempt == 0
+    assert provisional.output == HONEST == outcome.decision.output  # what the next stage starts on is what is certified
+
+
+def test_a_wrong_first_answer_is_handed_out_and_the_decision_differs():
+    sim, actions, ranked = speculating(first_output=wrong())
+    outcome = sim.until_outcome(actions)
+    assert isinstance(outcome, Decided) and outcome.decision.output == HONEST  # the held member was asked: outvoted
+    [(provisional, _)] = sim.provisionals
+    assert provisional.member == ranked[0] and provisional.output == wrong() != outcome.decision.output
+    assert sim.judgement(outcome).verdicts[ranked[0]] == "wrong-output"
+
+
+def test_an_answer_without_a_valid_reveal_is_never_handed_out():
+    sim, actions, ranked = speculating(first_behaviour="no-reveal")
+    outcome = sim.until_outcome(actions)
+    assert isinstance(outcome, Decided) and outcome.decision.output == HONEST
+    [(provisional, _)] = sim.provisionals
+    assert provisional.member != ranked[0] and provisional.output == HONEST
+
+
+def test_without_speculation_nothing_is_handed_out_before_the_decision():
+    sim = swarm(3)
+    outcome = sim.until_outcome(start(sim))
+    assert isinstance(outcome, Decided) and sim.provisionals == []
 
 
 def test_a_rerun_after_no_quorum_excludes_the_faulty_and_draws_a_fresh_committee():

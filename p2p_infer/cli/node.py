@@ -38,6 +38,8 @@ serving = options(
 
 tee_peer = options(
     click.option("--test-fault", type=click.Choice(TEST_FAULTS), help="TESTING AID, off by default: make this peer misbehave in committees"),
+    click.option("--test-delay-ms", type=click.FloatRange(0.0), help="TESTING AID, off by default: hold every reply this long (an emulated link's round trip)"),
+    click.option("--test-jitter-ms", type=click.FloatRange(0.0), help="TESTING AID, off by default: hold every reply up to this much longer (uniform)"),
     click.option("--tee", type=click.Choice(["none", "sim", "tdx", "sgx"]), help="attestation backend (default none; sim protects nothing: docs/tee.md)"),
     click.option("--tee-quote", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE", help="tdx/sgx: a DCAP quote file, where no quote device exists"),
     click.option("--threshold-member", is_flag=True, default=None, help="join the threshold-key DKG (needs --tee)"),

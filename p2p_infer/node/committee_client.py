@@ -50,6 +50,7 @@ from ..proto.committee_round import (
     Judged,
     Judgement,
     ObserveCommit,
+    Provisional,
     Rerun,
     SendExecute,
     StageSpec,
@@ -61,6 +62,8 @@ from ..proto.wire import COMMITTEE_PROTOCOL, Message
 from .results import HopReport
 
 log = structlog.get_logger("p2p_infer.client")
+
+SPECULATE = True  # start each stage on the previous stage's first valid answer (QueryStages)
 
 Feed = Callable[[str, Message], list[Action]]
 
@@ -125,26 +128,97 @@ async def run_stages(client: Any, model: SplitModel, act: Activation, judging: J
     hidden_hash, mask_hash = output_hash(first_hidden), b"" if first_mask is None else output_hash(first_mask)
     req_hash = request_hash(model.model_id, hidden_hash, mask_hash, nonce, client.identity.public_key)
     session = client.ticket_session.current(now_ms())
-    stages: list[StageCertificate] = []
-    reports: list[dict[str, Any]] = []
-    hops: list[Any] = []
     segments = await client._plan_or_refresh(model, client.local_layers, ())
     servers = client.servers(model)  # the query's view of the providers: each stage's first attempt draws from it
     tickets = await prefetch_tickets(client, model, session, [(s.first, s.last) for s in segments], servers)
-    for segment, stage_tickets in zip(segments, tickets):
-        started = time.perf_counter()
-        decision, attempts = await decide_stage(client, model, len(stages), segment.first, segment.last, act, req_hash, judging,
-                                                session, stage_tickets, servers)
-        act = Activation(decode_tensor(decision.output, field="output"), act.mask)
+    query = QueryStages(client, model, req_hash, judging, session, servers)
+    drivers = await query.run([(s.first, s.last) for s in segments], tickets, first_hidden, first_mask)
+    stages: list[StageCertificate] = []
+    reports: list[dict[str, Any]] = []
+    hops: list[Any] = []
+    for driver in drivers:
+        decision, spec = driver.decision, driver.machine.spec
+        assert decision is not None
         stages.append(decision.certificate)
-        reports.append({"stage": len(reports), "first": segment.first, "last": segment.last, "attempts": attempts,
-                        "verdicts": decision.verdicts})
-        hops.append(HopReport(",".join(m for m, v in decision.verdicts.items() if v == "agree"), segment.first, segment.last,
-                              round_trip_ms=(time.perf_counter() - started) * 1000))
+        reports.append({"stage": spec.stage, "first": spec.first, "last": spec.last, "attempts": driver.attempts,
+                        "restarts": query.restarts.get(spec.stage, 0), "verdicts": decision.verdicts})
+        hops.append(HopReport(",".join(m for m, v in decision.verdicts.items() if v == "agree"), spec.first, spec.last,
+                              round_trip_ms=driver.elapsed_ms))
     cert = Certificate(model.model_id, client.identity.public_key, nonce, hidden_hash, mask_hash, stages)
     client.last_certified = {"input": activation_file(first_hidden, first_mask),
                              "output": activation_file(stages[-1].outputs[0], first_mask)}
-    return act, hops, reports, cert.encode()
+    return Activation(decode_tensor(stages[-1].outputs[0], field="output"), act.mask), hops, reports, cert.encode()
+
+
+class QueryStages:
+    """A query's stages, speculatively pipelined: stage i+1 starts on stage i's first valid
+    answer (``Provisional``) while stage i's quorum forms. The stages are then confirmed in
+    order; where a decided output is not the one the next stage was started on (a wrong
+    first answer), the later stages are abandoned and started again from the decided
+    output. What is accepted is exactly what a sequential run accepts: every stage's quorum
+    certificate, each stage's input the previous stage's certified output."""
+
+    def __init__(self, client: Any, model: SplitModel, req_hash: bytes, judging: Judging, session: bytes,
+                 servers: list[Any]) -> None:
+        self.client, self.model, self.req_hash, self.judging = client, model, req_hash, judging
+        self.session, self.servers = session, servers
+        self.restarts: dict[int, int] = {}  # stage -> times it was started again from the decided input
+
+    async def run(self, layers: list[tuple[int, int]], tickets: list[list[Ticket]], hidden: WireTensor,
+                  mask: WireTensor | None) -> list[RoundDriver]:
+        outcome: list[RoundDriver] | P2PInferError
+        async with trio.open_nursery() as nursery:
+            try:
+                outcome = await self._pipeline(nursery, layers, tickets, hidden, mask)
+            except P2PInferError as exc:  # raised outside the nursery, so not as an exception group
+                outcome = exc
+            nursery.cancel_scope.cancel()  # abandoned speculation still waiting for its quorum
+        if isinstance(outcome, P2PInferError):
+            raise outcome
+        return outcome
+
+    async def _pipeline(self, nursery: trio.Nursery, layers: list[tuple[int, int]], tickets: list[list[Ticket]],
+                        hidden: WireTensor, mask: WireTensor | None) -> list[RoundDriver]:
+        drivers: list[RoundDriver] = []
+        while True:
+            while len(drivers) < len(layers):
+                i = len(drivers)
+                given = hidden if i == 0 else drivers[-1].basis
+                assert given is not None
+                drivers.append(await self._launch(nursery, i, layers[i], given, mask, tickets[i]))
+            redo = await self._confirm(drivers)
+            if redo is None:
+                return drivers
+            for abandoned in drivers[redo:]:
+                abandoned.abandon()
+            self.restarts[redo] = self.restarts.get(redo, 0) + 1
+            del drivers[redo:]
+
+    async def _launch(self, nursery: trio.Nursery, stage: int, layers: tuple[int, int], hidden: WireTensor,
+                      mask: WireTensor | None, tickets: list[Ticket] | None) -> RoundDriver:
+        driver = stage_driver(self.client, self.model, stage, layers, hidden, mask, self.req_hash, self.judging,
+                              self.session, tickets, self.servers)
+        nursery.start_soon(driver.conclude)
+        await driver.ready.wait()  # its first valid answer, or its outcome
+        if driver.error is not None:
+            raise driver.error
+        return driver
+
+    async def _confirm(self, drivers: list[RoundDriver]) -> int | None:
+        """Wait for each stage's decision in order; the first stage after a decision that is
+        not what that stage was started on (None: every stage stands)."""
+        for i, driver in enumerate(drivers):
+            await driver.done.wait()
+            if driver.error is not None:
+                raise driver.error
+            assert driver.decision is not None
+            if driver.basis != driver.decision.output:
+                log.info("speculation discarded: the first answer was not the decided output", stage=i,
+                         first=driver.first_member)
+                driver.basis = driver.decision.output
+                if i + 1 < len(drivers):
+                    return i + 1
+        return None
 
 
 def stage_candidates(client: Any, model: SplitModel, first: int, last: int, servers: list[Any] | None = None) -> dict[str, Any]:
@@ -256,17 +330,17 @@ async def fetch_ticket(client: Any, model: SplitModel, seed: bytes, peer: str, l
     return ticket
 
 
-async def decide_stage(client: Any, model: SplitModel, stage: int, first: int, last: int, act: Activation, req_hash: bytes,
-                       judging: Judging, session: bytes, tickets: list[Ticket] | None = None,
-                       servers: list[Any] | None = None) -> tuple[StageDecision, int]:
-    """Run the stage's committee; on no quorum re-run with a fresh committee, bounded."""
+def stage_driver(client: Any, model: SplitModel, stage: int, layers: tuple[int, int], hidden: WireTensor,
+                 mask: WireTensor | None, req_hash: bytes, judging: Judging, session: bytes, tickets: list[Ticket] | None = None,
+                 servers: list[Any] | None = None) -> RoundDriver:
+    """The stage's committee round (on no quorum it re-runs with a fresh committee, bounded)."""
     assert client.directory is not None and client.committee is not None
-    hidden, mask = encode_tensor(act.hidden), None if act.mask is None else encode_tensor(act.mask)
+    first, last = layers
     commit_ms = int(client.commit_timeout * 1000)
     spec = StageSpec(req_hash, stage, model.model_id, model.name, first, last, activation_hash(hidden, mask), client.committee,
                      commit_timeout_ms=commit_ms, max_reruns=client.max_reruns, client=client.identity, session=session,
-                     hedge_ms=client.hedges.hedge_ms(model.model_id, first, last, commit_ms))
-    return await RoundDriver(client, model, CommitteeRound(spec), hidden, mask, judging, tickets, servers).run()
+                     hedge_ms=client.hedges.hedge_ms(model.model_id, first, last, commit_ms), speculate=SPECULATE)
+    return RoundDriver(client, model, CommitteeRound(spec), hidden, mask, judging, tickets, servers)
 
 
 class RoundDriver:
@@ -281,6 +355,16 @@ class RoundDriver:
         self.judging = judging
         self.prefetched = tickets  # the first attempt's tickets, asked for with every other stage's
         self.servers = servers  # the query's snapshot of providers, for the first attempt (a re-run looks again)
+        # the stage as the pipeline sees it (QueryStages): ready at the first valid answer or
+        # the outcome, done at the outcome; basis: the output the next stage is started on
+        self.ready, self.done, self.scope = trio.Event(), trio.Event(), trio.CancelScope()
+        self.decision: StageDecision | None = None
+        self.attempts = 0
+        self.error: P2PInferError | None = None
+        self.basis: WireTensor | None = None
+        self.first_member = ""
+        self.elapsed_ms = 0.0
+        self.phase: AnswerPhase | None = None  # the current attempt's
 
     def candidates(self) -> dict[str, Any]:
         servers = self.servers if self.machine.attempt < 0 else None
@@ -296,6 +380,34 @@ class RoundDriver:
             found = self.candidates()
         tickets, self.prefetched = (self.prefetched if self.machine.attempt < 0 else None), None
         return self.machine.start(now_ms(), {p: r.envelope for p, r in found.items()}, tickets)
+
+    async def conclude(self) -> None:
+        """Run the round to its decision (or error), for the pipeline; cancelled when abandoned."""
+        started = time.perf_counter()
+        try:
+            with self.scope:
+                self.decision, self.attempts = await self.run()
+                if self.basis is None:
+                    self.basis = self.decision.output
+        except P2PInferError as exc:
+            self.error = exc
+        finally:
+            self.elapsed_ms = (time.perf_counter() - started) * 1000
+            self.ready.set()
+            self.done.set()
+
+    def abandon(self) -> None:
+        """Started on an input that was not the decided one: stop, and judge nobody (what the
+        members computed was asked for in error; the third member is not asked at all)."""
+        self.scope.cancel()
+        if self.phase is not None:
+            self.phase.abandoned.cancel()
+
+    def provisional(self, action: Provisional) -> None:
+        """The stage's first valid answer: the next stage may start on it."""
+        if self.basis is None:
+            self.basis, self.first_member = action.output, action.member
+            self.ready.set()
 
     async def run(self) -> tuple[StageDecision, int]:
         queue: deque[Action] = deque(await self.start())
@@ -363,7 +475,7 @@ class RoundDriver:
     async def answers(self, send: SendExecute) -> list[Action]:
         """The task phase, in the background (:class:`AnswerPhase`); returns the round's next
         step (decided at the first quorum, or re-run / failed once all are in)."""
-        phase = AnswerPhase(self, send)
+        phase = self.phase = AnswerPhase(self, send)
         self.judging.rounds.append(phase.judged)
         spawn(self.client, phase.run, send)
         await phase.ready.wait()
@@ -406,6 +518,7 @@ class AnswerPhase:
         self.outcome: list[Action] = []
         self.ready, self.judged = trio.Event(), trio.Event()
         self.hedging = trio.CancelScope()
+        self.abandoned = trio.CancelScope()  # the stage was started on a wrong first answer: nobody is judged
         self.nursery: trio.Nursery | None = None
 
     def current(self) -> bool:
@@ -416,11 +529,12 @@ class AnswerPhase:
 
     async def run(self, first: SendExecute) -> None:
         try:
-            async with trio.open_nursery() as nursery:
-                self.nursery = nursery
-                self.send(first)
-            if self.current():
-                self.take(self.machine.poll(max(now_ms(), self.deadline_ms)))  # all in or timed out
+            with self.abandoned:
+                async with trio.open_nursery() as nursery:
+                    self.nursery = nursery
+                    self.send(first)
+                if self.current():
+                    self.take(self.machine.poll(max(now_ms(), self.deadline_ms)))  # all in or timed out
         finally:
             if not self.ready.is_set():  # never leave the stage waiting (cancelled at shutdown, or a bug)
                 self.take([Failed(NoQuorum(f"{self.machine.spec.layers}: the answers could not be collected"))])
@@ -430,6 +544,8 @@ class AnswerPhase:
         for action in self.driver.settle(actions, self.judged):
             if isinstance(action, SendExecute):
                 self.send(action)
+            elif isinstance(action, Provisional):
+                self.driver.provisional(action)
             else:
                 if isinstance(action, Decided):
                     self.driver.client.hedges.observe(self.machine.spec, now_ms() - self.sent_ms)

@@ -39,6 +39,7 @@ from ..proto.auditor import Auditor, evidence_message
 from .anchors import Anchors
 from .artifact_handler import handle_artifact
 from ..testing.adversaries import install as install_behaviour
+from ..testing import link_delay
 from .forward_handler import ForwardHandler
 from .proof_handler import ProofHandler
 from .session_handler import SessionHandler
@@ -136,12 +137,12 @@ class Peer:
             discovery = Discovery(host, server=True, bootstrap=bootstrap)
             self.discovery = discovery
             self.pool = StreamPool(host, AddressBook(discovery).addrs)
-            add_handler(host, FORWARD_PROTOCOL, self.metrics.counted(FORWARD_PROTOCOL, self.forward.handle))
-            add_handler(host, COMMITTEE_PROTOCOL, self.metrics.counted(COMMITTEE_PROTOCOL, self.member.handle))
-            add_handler(host, ARTIFACT_PROTOCOL, self.metrics.counted(ARTIFACT_PROTOCOL, handle_artifact))
-            add_handler(host, SESSION_PROTOCOL, self.metrics.counted(SESSION_PROTOCOL, self.sessions.handle))
+            self._serve(host, FORWARD_PROTOCOL, self.forward.handle)
+            self._serve(host, COMMITTEE_PROTOCOL, self.member.handle)
+            self._serve(host, ARTIFACT_PROTOCOL, handle_artifact)
+            self._serve(host, SESSION_PROTOCOL, self.sessions.handle)
             if self.dkg is not None:
-                add_handler(host, DKG_PROTOCOL, self.metrics.counted(DKG_PROTOCOL, self.dkg.handle))
+                self._serve(host, DKG_PROTOCOL, self.dkg.handle)
             async with background_trio_service(discovery.kad), running_gossip(host, self.on_gossip) as gossip:
                 self.gossip = gossip
                 joined = await discovery.join()
@@ -280,6 +281,11 @@ class Peer:
 
     def load(self) -> float:
         return self.scheduler.load()
+
+    def _serve(self, host: IHost, protocol: str, handle: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]) -> None:
+        """Install a request handler, counted (and, as a testing aid, delayed)."""
+        counted = self.metrics.counted(protocol, handle)
+        add_handler(host, protocol, link_delay(counted, self.settings.test_delay_ms, self.settings.test_jitter_ms))
 
     def start_background(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
         assert self._nursery is not None

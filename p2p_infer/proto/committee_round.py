@@ -19,8 +19,11 @@ module only sequences them: tickets -> signed candidate set -> committee -> answ
 no quorum a fresh committee (attempt + 1) without the members found faulty, at most
 ``max_reruns`` times. A stage is decided at its first quorum of agreeing answers (2 of 3):
 ``Decided`` comes then, without a judgement, and the members still out are judged when
-they answer or the deadline passes (``Judged``), against the output already accepted. Verdicts become reputation updates and evidence in :func:`judge`,
-and :func:`apply_judgement` applies them to a reputation table and an auditor.
+they answer or the deadline passes (``Judged``), against the output already accepted.
+With ``StageSpec.speculate`` the first valid answer comes out before that
+(``Provisional``), so a driver can start the next stage while the quorum forms. Verdicts
+become reputation updates and evidence in :func:`judge`, and :func:`apply_judgement`
+applies them to a reputation table and an auditor.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from ..bounded import trim_oldest
 from ..errors import ConsensusError, NoQuorum, UsageError
 from ..identity import Identity
 from .auditor import Auditor
-from .committee_codec import MemberAnswer, TicketRequest
+from .committee_codec import MemberAnswer, TicketRequest, WireTensor
 from .consensus import (
     MAX_CANDIDATES,
     MIN_K,
@@ -118,6 +121,7 @@ class StageSpec:
     session: bytes = NO_SESSION  # the client's ticket session (committee/5.0.0): tickets serve every query in it
     hedge_ms: int = HEDGE_MS  # quorum first: ask the rest if no quorum has formed this long after the send
     quorum_first: bool = True  # False: every member at once (the round before quorum-first dispatch)
+    speculate: bool = False  # hand out the first valid answer before the quorum (Provisional)
 
     def __post_init__(self) -> None:
         if self.k < MIN_K:  # members refuse such tasks and certificates are refused: say so before sending
@@ -239,6 +243,18 @@ class ObserveCommit:
 
 
 @dataclass(frozen=True)
+class Provisional:
+    """Speculation (``StageSpec.speculate``): the stage's first valid answer (signed commit,
+    reveal that opens it, output that hashes to it), before any quorum, once per stage. It
+    is not a result and certifies nothing: a driver may start the next stage on it, and
+    must start that stage again from the decided output when the two differ."""
+
+    output: WireTensor
+    member: str
+    attempt: int
+
+
+@dataclass(frozen=True)
 class Decided:
     """The stage's answer. ``judgement`` is None when it was decided at the first quorum of
     agreeing answers: the members still out are judged later, in one :class:`Judged`."""
@@ -273,7 +289,7 @@ class Failed:
     judgement: Judgement | None = None
 
 
-Action = AskTickets | SendExecute | ObserveCommit | Decided | Judged | Rerun | Failed
+Action = AskTickets | SendExecute | ObserveCommit | Provisional | Decided | Judged | Rerun | Failed
 
 
 class Phase(enum.Enum):
@@ -305,6 +321,7 @@ class CommitteeRound:
     ticket_asks: int = 0  # this attempt's ticket asks after the first
     held: tuple[str, ...] = ()  # quorum first: committee members not sent the task yet
     hedge_at_ms: int | None = None  # when the held members are asked if no quorum has formed
+    provisional: bool = False  # speculation: the stage's first valid answer was handed out
 
     def ticket_deadline_ms(self, now_ms: int) -> int:
         """The deadline of this attempt's current ticket ask: doubled on each re-ask, bounded."""
@@ -393,7 +410,8 @@ class CommitteeRound:
                 else:
                     log.info("reveal names another member", asked=peer, named=answer.reveal.member)
         if self.phase is Phase.ANSWERS:
-            return actions + self._after_answer(now_ms)
+            after = self._after_answer(now_ms)
+            return actions + self._provisional(peer, after) + after
         return actions + (self._close(now_ms) if not self.waiting else [])
 
     def on_failure(self, peer: str, reason: str, now_ms: int, timed_out: bool = False) -> list[Action]:
@@ -480,6 +498,18 @@ class CommitteeRound:
         if self.held and self._short_of_quorum():
             return self._release(audit=False)
         return self._close(now_ms) if not self.waiting and not self.held else []
+
+    def _provisional(self, peer: str, after: list[Action]) -> list[Action]:
+        """The stage's first valid answer, handed out once when speculating, unless this
+        same answer already decided (or closed) the attempt."""
+        if not self.spec.speculate or self.provisional or any(isinstance(a, (Decided, Rerun, Failed)) for a in after):
+            return []
+        assert self.round is not None
+        answer = self.round.reveals.get(peer)
+        if answer is None or peer in self.round.faults:
+            return []
+        self.provisional = True
+        return [Provisional(answer[1], peer, self.attempt)]
 
     def _eligible(self, ranked: list[Ticket]) -> list[Candidate]:
         """Ranked candidates whose record a verifier will accept (the rest are left out, not

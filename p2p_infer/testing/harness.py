@@ -188,10 +188,11 @@ class Swarm:
             self.wait_ready([peer], timeout)
         return peer
 
-    def start_peers(self, serves: list[list[str]], prefix: str = "peer", timeout: float = 180) -> list[PeerProcess]:
+    def start_peers(self, serves: list[list[str]], prefix: str = "peer", timeout: float = 180,
+                    extra_args: list[str] | None = None) -> list[PeerProcess]:
         """Start several peers at once and wait for all of them."""
         start = len([n for n in self.peers if n.startswith(prefix)])
-        peers = [self.start_peer(f"{prefix}{start + i}", s, wait=False) for i, s in enumerate(serves)]
+        peers = [self.start_peer(f"{prefix}{start + i}", s, extra_args, wait=False) for i, s in enumerate(serves)]
         self.wait_ready(peers, timeout)
         return peers
 
