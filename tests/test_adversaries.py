@@ -167,3 +167,27 @@ async def test_claims_fast_advertises_1e9_is_slow_and_lies_after_each_clients_fi
     assert trio.current_time() - started >= 0.05
     honest, _ = member_for("")
     assert honest.advertise(250.0) == 250.0
+
+
+async def test_the_link_delay_holds_every_reply_and_error_without_cpu(autojump_clock):
+    import random
+
+    import trio
+
+    from p2p_infer.errors import NotServed
+    from p2p_infer.testing import link_delay
+
+    async def echo(message: dict) -> dict:
+        if message.get("fail"):
+            raise NotServed("no layers")
+        return {"type": "echo"}
+
+    assert link_delay(echo, 0, 0) is echo  # off: the handler itself
+    delayed = link_delay(echo, 40, 20, random.Random(1))
+    for message in ({}, {"fail": True}):
+        started = trio.current_time()
+        try:
+            assert await delayed(message) == {"type": "echo"}
+        except NotServed:
+            assert message  # the error, held like a reply
+        assert 0.040 <= trio.current_time() - started <= 0.060

@@ -671,5 +671,7 @@ def test_the_hedge_waits_a_few_times_the_quorums_usual_latency_within_bounds():
     assert hedges.hedge_ms(spec.model_id, spec.first + 1, spec.last + 1, 4000) == HEDGE_MS  # per model and layers
     for i in range(2000):
         hedges.observe(replace(spec, first=i, last=i), 10)
+        hedges.observe(spec, 100)  # a stage in use all along
     assert len(hedges.ms) <= 1024  # memory stays bounded
+    assert (spec.model_id, spec.first, spec.last) in hedges.ms  # and what is evicted is what was least recently seen
 

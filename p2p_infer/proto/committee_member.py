@@ -132,8 +132,9 @@ class MemberCore:
         """Drop what has expired. Entries go in with ``now + ttl``, so each table is in expiry
         order and only its head is looked at (called several times per execute: a scan of
         every task held cost a member more than its compute). Answers, which hold outputs,
-        are also bounded in number; the commitment outlives its answer, so a task asked
-        again after that gets its one commitment back, never a second one."""
+        are also bounded in number (``MAX_ANSWERS``, where an answer is kept); the commitment
+        outlives its answer, so a task asked again after that gets its one commitment back,
+        never a second one."""
         _expire_head(self.pending, lambda p: p.expires_ms, now_ms)
         _expire_head(self.committed, lambda entry: entry[1], now_ms)
         _expire_head(self.answers, lambda entry: entry[1], now_ms)

@@ -92,7 +92,7 @@ class QuorumLatency:
 
     def observe(self, spec: StageSpec, ms: float) -> None:
         key = (spec.model_id, spec.first, spec.last)
-        old = self.ms.get(key)
+        old = self.ms.pop(key, None)  # re-inserted last: the stages least recently seen go first
         self.ms[key] = ms if old is None else old + self.ALPHA * (ms - old)
         trim_oldest(self.ms, 1024)
 
