@@ -163,6 +163,7 @@ class QueryStages:
         self.client, self.model, self.req_hash, self.judging = client, model, req_hash, judging
         self.session, self.servers = session, servers
         self.restarts: dict[int, int] = {}  # stage -> times it was started again from the decided input
+        self.launched: list[RoundDriver] = []
 
     async def run(self, layers: list[tuple[int, int]], tickets: list[list[Ticket]], hidden: WireTensor,
                   mask: WireTensor | None) -> list[RoundDriver]:
@@ -172,6 +173,10 @@ class QueryStages:
                 outcome = await self._pipeline(nursery, layers, tickets, hidden, mask)
             except P2PInferError as exc:  # raised outside the nursery, so not as an exception group
                 outcome = exc
+            finally:
+                for driver in self.launched:
+                    if driver.held is not None:  # never confirmed (the query failed before): judged by nobody
+                        driver.abandon()
             nursery.cancel_scope.cancel()  # abandoned speculation still waiting for its quorum
         if isinstance(outcome, P2PInferError):
             raise outcome
@@ -181,7 +186,9 @@ class QueryStages:
                         hidden: WireTensor, mask: WireTensor | None) -> list[RoundDriver]:
         drivers: list[RoundDriver] = []
         while True:
-            while len(drivers) < len(layers):
+            # a stage that failed ends the launching; its error stands once its input is confirmed
+            # (a wrong first answer shaped to make the next stage fail must not fail the query)
+            while len(drivers) < len(layers) and (not drivers or drivers[-1].error is None):
                 i = len(drivers)
                 given = hidden if i == 0 else drivers[-1].basis
                 assert given is not None
@@ -198,15 +205,15 @@ class QueryStages:
                       mask: WireTensor | None, tickets: list[Ticket] | None) -> RoundDriver:
         driver = stage_driver(self.client, self.model, stage, layers, hidden, mask, self.req_hash, self.judging,
                               self.session, tickets, self.servers)
+        self.launched.append(driver)
         nursery.start_soon(driver.conclude)
         await driver.ready.wait()  # its first valid answer, or its outcome
-        if driver.error is not None:
-            raise driver.error
         return driver
 
     async def _confirm(self, drivers: list[RoundDriver]) -> int | None:
-        """Wait for each stage's decision in order; the first stage after a decision that is
-        not what that stage was started on (None: every stage stands)."""
+        """Wait for each stage's decision in order (each stage's input confirmed by then, so
+        its error stands); the first stage after a decision that is not what that stage was
+        started on (None: every stage stands)."""
         for i, driver in enumerate(drivers):
             await driver.done.wait()
             if driver.error is not None:
@@ -218,6 +225,8 @@ class QueryStages:
                 driver.basis = driver.decision.output
                 if i + 1 < len(drivers):
                     return i + 1
+            elif i + 1 < len(drivers):
+                drivers[i + 1].confirm()  # started on this stage's decided output
         return None
 
 
@@ -365,6 +374,8 @@ class RoundDriver:
         self.first_member = ""
         self.elapsed_ms = 0.0
         self.phase: AnswerPhase | None = None  # the current attempt's
+        # judgements wait here while the input may still be a wrong first answer (None: confirmed)
+        self.held: list[Judgement] | None = [] if machine.spec.stage > 0 else None
 
     def candidates(self) -> dict[str, Any]:
         servers = self.servers if self.machine.attempt < 0 else None
@@ -399,6 +410,7 @@ class RoundDriver:
     def abandon(self) -> None:
         """Started on an input that was not the decided one: stop, and judge nobody (what the
         members computed was asked for in error; the third member is not asked at all)."""
+        self.held = []  # whatever was judged meanwhile is dropped
         self.scope.cancel()
         if self.phase is not None:
             self.phase.abandoned.cancel()
@@ -496,7 +508,20 @@ class RoundDriver:
         return actions
 
     def judged(self, judgement: Judgement) -> None:
-        """Reputation for one task, the verdicts for this query's gossip, and the evidence."""
+        """Reputation for one task, the verdicts for this query's gossip, and the evidence;
+        held while the stage's input is not confirmed (dropped if it is abandoned)."""
+        if self.held is not None:
+            self.held.append(judgement)
+            return
+        self._apply(judgement)
+
+    def confirm(self) -> None:
+        """The stage's input is its predecessor's decided output: its judgements count."""
+        held, self.held = self.held, None
+        for judgement in held or []:
+            self._apply(judgement)
+
+    def _apply(self, judgement: Judgement) -> None:
         client = self.client
         evidence = apply_judgement(judgement, client.reputation, client.auditor, client.identity.peer_id)
         self.judging.records.append(judgement.record())  # gossiped once per query
