@@ -86,7 +86,7 @@ class Sim:
     rest: list = field(default_factory=list)  # what came with the outcome (a Judged, when all answered at once)
     late: list = field(default_factory=list)  # (when, peer, send): answers that come after the commit deadline
     sends: list = field(default_factory=list)  # every SendExecute, in order
-    provisionals: list = field(default_factory=list)  # (speculate) each Provisional, with what had been decided by then
+    provisionals: list = field(default_factory=list)  # (speculate) each Provisional (only answers make one), decided by then?
 
     def step(self, actions: list) -> list:
         out: list = []
@@ -98,8 +98,6 @@ class Sim:
                 out += self.execute(action)
             elif isinstance(action, ObserveCommit):
                 self.observed.append(action.commit)
-            elif isinstance(action, Provisional):
-                self.provisionals.append((action, any(isinstance(a, Decided) for a in actions)))
             else:
                 out.append(action)
         if not out:  # nobody answers now: time passes, to the next deadline or late answer
