@@ -24,6 +24,7 @@ from ..clock import now_ms
 from ..config import Settings, default_cache_dir
 from ..net.dht import Discovery
 from ..proto.wire import ARTIFACT_PROTOCOL, COMMITTEE_PROTOCOL, FORWARD_PROTOCOL, SERVED_PROTOCOLS, SESSION_PROTOCOL
+from ..net.framing import Handler
 from ..net.host import add_handler, full_addrs, parse_peer_addr, running_host
 from ..identity import Identity, load_or_create_identity
 from ..proto.records import all_peers_key, make_record, model_key, shard_key, sign_record
@@ -282,7 +283,7 @@ class Peer:
     def load(self) -> float:
         return self.scheduler.load()
 
-    def _serve(self, host: IHost, protocol: str, handle: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]) -> None:
+    def _serve(self, host: IHost, protocol: str, handle: Handler) -> None:
         """Install a request handler, counted (and, as a testing aid, delayed)."""
         counted = self.metrics.counted(protocol, handle)
         add_handler(host, protocol, link_delay(counted, self.settings.test_delay_ms, self.settings.test_jitter_ms))

@@ -7,17 +7,15 @@ without importing the adversaries, as does :func:`link_delay` (``--test-delay-ms
 from __future__ import annotations
 
 import random
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
+from ..net.framing import Handler
+
 TEST_FAULTS = ("wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial", "claims-fast", "consistent-liar",
                "tee-forged", "tee-stale", "tee-measurement",  # the tee-* ones: bad attestations (verify/tee.py)
                "wrong-generation", "slow-tickets")
-
-
-Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 def link_delay(handle: Handler, delay_ms: float, jitter_ms: float, rng: random.Random | None = None) -> Handler:
