@@ -168,6 +168,39 @@ async def test_a_stage_started_on_a_wrong_first_answer_is_started_again_from_the
 
 
 @pytest.fixture(scope="module")
+def shaped(tmp_path_factory):
+    with Swarm(tmp_path_factory.mktemp("committee-shape")) as swarm:
+        start(swarm, {
+            "h1": (ALL, ""), "h2": (ALL, ""), "h3": (ALL[1:], ""),
+            "shape": (["digits-mlp:1-1"], "wrong-shape"),
+        }, delayed=("h1", "h2"))  # stage 1's liar answers first, and stage 2 is started on its output
+        yield swarm
+
+
+async def test_a_stage_that_fails_on_a_wrong_first_answer_is_started_again_not_failed(shaped):
+    """Speculation: stage 2 is started on stage 1's first valid answer, which is shaped so
+    that every stage-2 member refuses it. That stage's failure must not stand (its input was
+    never confirmed): once stage 1 decides on the honest output, stage 2 starts again from it
+    and the query succeeds; the members that refused the bad input are judged by nobody."""
+    swarm, model = shaped, load_model("digits-mlp")
+    ids = {name: swarm.peers[name].peer_id for name in ("h1", "h2", "h3", "shape")}
+    for i in range(12):
+        async with Client([swarm.bootstrap.addr], committee=3, commit_timeout=2.0) as c:
+            result = await c.classify(sample(i))
+            assert result.output["probabilities"] == pytest.approx(model.run_local(sample(i))["probabilities"], abs=1e-6)
+            await result.judged
+            restarts = [s["restarts"] for s in result.stages]
+            if restarts[1]:
+                break
+    assert restarts[0] == restarts[2] == 0 and restarts[1] >= 1, restarts
+    assert result.stages[0]["verdicts"][ids["shape"]] == "wrong-output"
+    for name in ("h1", "h2", "h3"):  # the abandoned stage 2 judged nobody: trial + one good task per stage served
+        assert c.reputation.of(ids[name]) == pytest.approx(1.01 ** (1 + (3 if name != "h3" else 2)))
+    cert = Certificate.decode(result.certificate)
+    assert len(cert.verify()) == 3
+
+
+@pytest.fixture(scope="module")
 def faults2(tmp_path_factory):
     with Swarm(tmp_path_factory.mktemp("committee2")) as swarm:
         start(swarm, {

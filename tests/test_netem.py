@@ -25,6 +25,8 @@ from .test_simulations import simulate_until_first_peer
 SIMS = Path(__file__).parent.parent / "simulations"
 CAPS = Capabilities.probe()
 needs_netns = pytest.mark.skipif(bool(CAPS.missing), reason="network namespaces unavailable here: " + "; ".join(CAPS.missing))
+# loss is iptables' statistic match (.ci/run installs iptables); without it a lossy run is refused by name
+needs_loss = pytest.mark.skipif(not CAPS.iptables, reason="iptables with the statistic match is unavailable here (network.shape loss)")
 
 SERVER = """
 import socket, sys, time
@@ -65,6 +67,7 @@ def our_links(pid: int) -> list[str]:
 
 
 @needs_netns
+@needs_loss
 def test_own_addresses_rate_loss_and_a_partition_in_the_kernel_and_nothing_left_even_on_failure():
     spec = NetworkSpec(mode="netns", shape=[ShapeSpec(peers=["peer1"], to=["peer0"], rate_mbit=1.0),
                                             ShapeSpec(peers=["peer2"], loss=0.999)])
@@ -96,6 +99,15 @@ def test_own_addresses_rate_loss_and_a_partition_in_the_kernel_and_nothing_left_
             raise RuntimeError("a failure inside the run")
     assert our_namespaces(os.getpid()) == [] and our_links(os.getpid()) == []
     assert lab.leftovers() == []
+
+
+@needs_netns
+@pytest.mark.skipif(CAPS.iptables, reason="iptables is here: the lossy tests run instead")
+def test_loss_without_iptables_is_refused_by_name():
+    spec = NetworkSpec(mode="netns", shape=[ShapeSpec(peers=["peer0"], loss=0.1)])
+    with pytest.raises(NetworkLabUnavailable, match="iptables"):
+        NetnsLab(spec).open()
+    assert our_namespaces(os.getpid()) == []
 
 
 @needs_netns
@@ -237,6 +249,7 @@ def test_a_network_scenario_is_checked_before_it_runs(tmp_path):
 
 
 @needs_netns
+@needs_loss
 @pytest.mark.slow
 @pytest.mark.simulation
 def test_the_netem_scenario_shows_a_slow_link_and_a_partition_healing(tmp_path):
@@ -275,6 +288,7 @@ def test_the_netem_scenario_shows_a_slow_link_and_a_partition_healing(tmp_path):
 
 
 @needs_netns
+@needs_loss
 @pytest.mark.slow
 @pytest.mark.simulation
 def test_ctrl_c_removes_every_namespace_and_link(tmp_path):

@@ -15,7 +15,7 @@ from ..net.framing import Handler
 
 TEST_FAULTS = ("wrong-output", "no-reveal", "late-commit", "copy", "equivocate", "lie-after-trial", "claims-fast", "consistent-liar",
                "tee-forged", "tee-stale", "tee-measurement",  # the tee-* ones: bad attestations (verify/tee.py)
-               "wrong-generation", "slow-tickets")
+               "wrong-generation", "slow-tickets", "wrong-shape")
 
 
 def link_delay(handle: Handler, delay_ms: float, jitter_ms: float, rng: random.Random | None = None) -> Handler:

@@ -63,6 +63,17 @@ def wrong_output(compute: StageCompute) -> StageCompute:
     return run
 
 
+def wrong_shape(compute: StageCompute) -> StageCompute:
+    """Computes honestly, then appends a column: an output the next stage's members refuse
+    (a first answer shaped to fail the stage a speculating client starts on it)."""
+
+    async def run(task: StageTask, model: Any, act: Activation) -> torch.Tensor:
+        out = await compute(task, model, act)
+        return torch.cat([out, torch.zeros(*out.shape[:-1], 1)], dim=-1)
+
+    return run
+
+
 def late_commit(compute: StageCompute) -> StageCompute:
     """Computes honestly, but only lets the member sign once the commit deadline is past."""
 
@@ -252,6 +263,8 @@ def install(fault: str, identity: Identity, compute: LayersCompute, publish: Pub
         log.warning("test fault installed: this peer misbehaves on purpose", peer=identity.peer_id, fault=fault)
     if fault in ("wrong-output", "consistent-liar"):  # consistent-liar: wrong in committees and in plain replies
         stage_compute = wrong_output(stage_compute)
+    elif fault == "wrong-shape":
+        stage_compute = wrong_shape(stage_compute)
     elif fault == "late-commit":
         stage_compute = late_commit(stage_compute)
     elif fault == "equivocate":
