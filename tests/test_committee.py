@@ -151,20 +151,28 @@ async def test_a_stage_started_on_a_wrong_first_answer_is_started_again_from_the
     whenever it is in stage 1's quorum (the honest peers' replies are delayed); its output is
     outvoted, stage 2 is started again from the decided output, and the abandoned run judges
     nobody. Each query is a fresh client (the liar stays trusted; 2/3 of draws put it first)."""
-    swarm, model = faults1, load_model("digits-mlp")
-    h1 = swarm.peers["h1"].peer_id
-    for i in range(12):
-        async with Client([swarm.bootstrap.addr], committee=3, commit_timeout=2.0) as c:
-            result = await c.classify(sample(i))
-            assert result.output["probabilities"] == pytest.approx(model.run_local(sample(i))["probabilities"], abs=1e-6)
-            await result.judged
-            restarts = [s["restarts"] for s in result.stages]
-            if restarts[1]:
-                break
+    h1 = faults1.peers["h1"].peer_id
+    c, result = await query_until_stage_2_restarts(faults1)
+    restarts = [s["restarts"] for s in result.stages]
     assert restarts == [0, 1, 0], restarts
     assert c.reputation.of(h1) == pytest.approx(1.01 ** 4)  # trial + 3 stages: the abandoned stage 2 judged nobody
     cert = Certificate.decode(result.certificate)
     assert len(cert.verify()) == 3  # the restarted stage's input is stage 1's certified output
+
+
+async def query_until_stage_2_restarts(swarm: Swarm, tries: int = 12) -> tuple[Client, object]:
+    """Committee queries, each from a fresh client (the liar stays trusted; 2/3 of draws put
+    it in stage 1's quorum, where it answers first), each result right, until one query's
+    stage 2 was started again; that query's client and result (the last one if none was)."""
+    model = load_model("digits-mlp")
+    for i in range(tries):
+        async with Client([swarm.bootstrap.addr], committee=3, commit_timeout=2.0) as c:
+            result = await c.classify(sample(i))
+            assert result.output["probabilities"] == pytest.approx(model.run_local(sample(i))["probabilities"], abs=1e-6)
+            await result.judged
+            if result.stages[1]["restarts"]:
+                break
+    return c, result
 
 
 @pytest.fixture(scope="module")
@@ -182,16 +190,9 @@ async def test_a_stage_that_fails_on_a_wrong_first_answer_is_started_again_not_f
     that every stage-2 member refuses it. That stage's failure must not stand (its input was
     never confirmed): once stage 1 decides on the honest output, stage 2 starts again from it
     and the query succeeds; the members that refused the bad input are judged by nobody."""
-    swarm, model = shaped, load_model("digits-mlp")
-    ids = {name: swarm.peers[name].peer_id for name in ("h1", "h2", "h3", "shape")}
-    for i in range(12):
-        async with Client([swarm.bootstrap.addr], committee=3, commit_timeout=2.0) as c:
-            result = await c.classify(sample(i))
-            assert result.output["probabilities"] == pytest.approx(model.run_local(sample(i))["probabilities"], abs=1e-6)
-            await result.judged
-            restarts = [s["restarts"] for s in result.stages]
-            if restarts[1]:
-                break
+    ids = {name: shaped.peers[name].peer_id for name in ("h1", "h2", "h3", "shape")}
+    c, result = await query_until_stage_2_restarts(shaped)
+    restarts = [s["restarts"] for s in result.stages]
     assert restarts[0] == restarts[2] == 0 and restarts[1] >= 1, restarts
     assert result.stages[0]["verdicts"][ids["shape"]] == "wrong-output"
     for name in ("h1", "h2", "h3"):  # the abandoned stage 2 judged nobody: trial + one good task per stage served
