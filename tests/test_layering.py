@@ -83,3 +83,14 @@ def test_every_error_is_a_p2p_infer_error():
                 if any(b.endswith(("Error", "Exception")) or b in {"Withheld", "NoQuorum"} for b in bases):
                     defined_elsewhere.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}")
     assert not defined_elsewhere, defined_elsewhere
+
+
+def test_a_peer_that_serves_no_layers_does_not_import_torch():
+    """The bootstrap peer (and any peer before it serves layers) starts without torch: its
+    import alone took ~1.5 s of every swarm start (ml/catalog.py)."""
+    import subprocess
+    import sys
+
+    probe = "import sys, p2p_infer.cli.node, p2p_infer.node.peer; print(sorted(m for m in ('torch', 'ezkl') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

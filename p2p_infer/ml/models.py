@@ -30,11 +30,10 @@ from torch import nn
 from ..config import default_cache_dir
 from ..errors import BadTensor, ManifestMismatch, TrainingFailed, UnknownModel, UsageError
 from ..proto.tensors import DEFAULT_MAX_BATCH, check_batch
+from .catalog import MODEL_NAMES, PINNED
 from .manifest import Manifest, check_layers, module_hash
 
 log = structlog.get_logger("p2p_infer.models")
-MODEL_NAMES = ("minilm-l6", "digits-mlp", "smollm2-135m")
-PINNED = ("minilm-l6", "smollm2-135m")  # manifests shipped in ml/manifests/
 
 
 @dataclass

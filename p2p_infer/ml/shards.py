@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import NotServed, P2PInferError, UnknownModel
-from .models import MODEL_NAMES, Activation, SplitModel, load_model
+from .catalog import ServeSpec
+from .models import Activation, SplitModel, load_model
 from ..proto.records import ShardSpec
 from ..proto.tensors import DEFAULT_MAX_BATCH
 
@@ -28,41 +28,6 @@ def layer_bytes(name: str, cache_dir: Path | None = None) -> list[int]:
         return [int((directory / entry["file"]).stat().st_size) for entry in index["layers"]]
     model = load_model(name, cache_dir)
     return [sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in model.layers]
-
-
-@dataclass(frozen=True)
-class ServeSpec:
-    """``MODEL:FIRST-LAST`` as given on the command line (model by name), or ``MODEL`` alone:
-    the peer picks the layers once it has read the network's coverage (``first`` is then None)."""
-
-    model: str
-    first: int | None
-    last: int | None
-
-    @property
-    def auto(self) -> bool:
-        return self.first is None
-
-    def chosen(self, first: int, last: int) -> ServeSpec:
-        return ServeSpec(self.model, first, last)
-
-    @classmethod
-    def parse(cls, text: str) -> ServeSpec:
-        if ":" not in text:  # MODEL alone: the layers are chosen after joining (proto/coverage.py)
-            if text not in MODEL_NAMES:
-                raise UnknownModel(f"unknown model {text!r} in --serve; known: {', '.join(MODEL_NAMES)}")
-            return cls(text, None, None)
-        try:
-            model, layers = text.rsplit(":", 1)
-            first_s, _, last_s = layers.partition("-")
-            first, last = int(first_s), int(last_s or first_s)
-        except ValueError:
-            raise P2PInferError(f"--serve takes MODEL:FIRST-LAST (e.g. minilm-l6:2-3), got {text!r}") from None
-        if model not in MODEL_NAMES:
-            raise UnknownModel(f"unknown model {model!r} in --serve; known: {', '.join(MODEL_NAMES)}")
-        if not 0 <= first <= last:
-            raise P2PInferError(f"bad layer range {first}-{last} in --serve {text!r}")
-        return cls(model, first, last)
 
 
 INLINE_COMPUTE_MS = 1.0

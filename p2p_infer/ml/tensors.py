@@ -1,13 +1,15 @@
-"""torch <-> wire tensors: the only place torch meets the wire format of ``proto/tensors.py``."""
+"""torch <-> wire tensors: the only place torch meets the wire format of ``proto/tensors.py``.
+torch is imported on the first decode, so a peer that serves no layers never loads it."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BadTensor
 from ..proto.tensors import ALLOWED_DTYPES, DEFAULT_MAX_TENSOR_BYTES, WireTensor, wire_array
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["activation_from_wire", "activation_to_wire", "ALLOWED_DTYPES", "DEFAULT_MAX_TENSOR_BYTES", "WireTensor", "decode_tensor", "encode_tensor", "encode_optional", "decode_optional"]
 
@@ -21,6 +23,8 @@ def encode_tensor(t: torch.Tensor) -> WireTensor:
 
 
 def decode_tensor(obj: object, *, max_bytes: int = DEFAULT_MAX_TENSOR_BYTES, field: str = "tensor") -> torch.Tensor:
+    import torch
+
     return torch.from_numpy(wire_array(obj, max_bytes=max_bytes, field=field).copy())
 
 

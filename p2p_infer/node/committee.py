@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..clock import now_ms
 from ..errors import NotServed
 from ..identity import Identity
-from ..ml.models import Activation
-from ..ml.shards import ShardServer
 from ..ml.tensors import activation_from_wire, encode_tensor
 from ..net.framing import remote_peer
 from ..proto.committee_codec import (
@@ -34,10 +30,16 @@ from ..proto.committee_member import MemberCore
 from ..proto.consensus import StageTask
 from ..proto.wire import Message
 
+if TYPE_CHECKING:  # torch is imported only by peers that serve layers (ml/catalog.py)
+    import torch
+
+    from ..ml.models import Activation
+    from ..ml.shards import ShardServer
+
 __all__ = ["CommitteeMember", "Later", "Member", "StageCompute", "activation_hash", "dispatch", "layers_compute"]
 
-LayersCompute = Callable[[Any, int, int, Activation], Awaitable[torch.Tensor]]  # the peer's (model, first, last, act)
-StageCompute = Callable[[StageTask, Any, Activation], Awaitable[torch.Tensor]]  # one stage task's output
+LayersCompute = Callable[[Any, int, int, "Activation"], Awaitable["torch.Tensor"]]  # the peer's (model, first, last, act)
+StageCompute = Callable[[StageTask, Any, "Activation"], Awaitable["torch.Tensor"]]  # one stage task's output
 Publish = Callable[[dict[str, Any]], None]
 Later = Callable[[int, Callable[[], None]], None]  # run the thunk once the clock reads at least the given ms
 Clock = Callable[[], int]

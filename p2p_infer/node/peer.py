@@ -12,7 +12,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
@@ -30,11 +30,9 @@ from ..identity import Identity, load_or_create_identity
 from ..proto.records import all_peers_key, make_record, model_key, shard_key, sign_record
 from ..verify.tee import attest_record_fields, make_attester, policy_from_settings
 from ..errors import TeeUnavailable
-from ..ml.models import known_manifests
 from ..net.directory import Directory
 from ..proto.wire import DKG_PROTOCOL
 from .dkg import DkgNode
-from ..ml.models import Activation
 from ..proto.audit import AuditLog
 from ..proto.auditor import Auditor, evidence_message
 from .anchors import Anchors
@@ -46,12 +44,16 @@ from .proof_handler import ProofHandler
 from .session_handler import SessionHandler
 from ..net.gossip import Gossip, running_gossip
 from ..proto.reputation import Reputation
-from ..ml.shards import ServeSpec, ShardServer
+from ..ml.catalog import ServeSpec
 from ..net.streams import StreamPool
 from ..net.addressbook import AddressBook
 from ..net.framing import remote_peer
 from .scheduler import FairScheduler, Job
 from . import control_api
+
+if TYPE_CHECKING:  # torch is imported only by peers that serve layers (ml/catalog.py)
+    from ..ml.models import Activation
+    from ..ml.shards import ShardServer
 
 log = structlog.get_logger("p2p_infer.peer")
 
@@ -118,6 +120,8 @@ class Peer:
         if self.specs:  # torch is imported only by peers that serve layers
             import torch
 
+            from ..ml.shards import ShardServer
+
             torch.set_num_threads(max(1, self.settings.torch_threads))
             self.on_phase("load and verify weights")  # threads abandoned on Ctrl-C: start-up stops at once
             self.shards = await trio.to_thread.run_sync(ShardServer, self.specs, default_cache_dir(), self.settings.max_batch,
@@ -162,6 +166,8 @@ class Peer:
                     nursery.start_soon(self.sessions.reap)
                     nursery.start_soon(self.prover.build_all)  # ZK circuits, in another process
                     if self.dkg is not None:
+                        from ..ml.models import known_manifests
+
                         manifests = await trio.to_thread.run_sync(known_manifests, default_cache_dir())
                         nursery.start_soon(self.dkg.run, Directory(discovery, manifests, policy_from_settings(self.settings)))
                     if self.api is not None:  # the local control API (GET /status, /metrics)
@@ -315,7 +321,7 @@ class Peer:
 async def choose_layers(peer: Peer, discovery: Discovery) -> list[ServeSpec]:
     """``--serve MODEL``: read the directory, pick the span of weakest coverage that fits the
     memory budget (proto/coverage.py), and log the choice and why."""
-    from ..ml.models import resolve_model
+    from ..ml.models import known_manifests, resolve_model
     from ..ml.shards import layer_bytes
     from ..proto.coverage import Provider, choose_span, parse_size
 

@@ -13,16 +13,14 @@ from __future__ import annotations
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
-import torch
 import trio
 
 from ..clock import now_ms
 from ..errors import ConfigError, P2PInferError
 from ..identity import Identity
-from ..ml.models import Activation
 from ..ml.tensors import decode_tensor
 from ..node.committee import (
     CommitteeMember,
@@ -39,6 +37,11 @@ from ..proto.consensus import Commit, Reveal, StageTask, commitment, sign_commit
 from ..proto.wire import TICKET, Message
 from . import TEST_FAULTS
 
+if TYPE_CHECKING:  # torch is imported only by peers that serve layers (ml/catalog.py)
+    import torch
+
+    from ..ml.models import Activation
+
 NOISE = 0.5  # far outside the agreement tolerance: a wrong output is never "close enough"
 LATE_BY_S = 0.3  # past the commit deadline, inside the client's grace, so it is judged late
 COPY_WAIT_S = 2.0  # how long a copier waits for someone else's gossiped reveal
@@ -47,7 +50,7 @@ SLOW_BY_S = 0.05  # and what it really is: an ordinary peer, 50 ms slower per re
 SLOW_TICKETS_S = 2.0  # slow-tickets: each ticket reply this late (under the 3 s ticket timeout, far past the grace)
 log = structlog.get_logger("p2p_infer.adversaries")
 
-ForwardHook = Callable[[torch.Tensor], torch.Tensor]
+ForwardHook = Callable[["torch.Tensor"], "torch.Tensor"]
 
 
 # ---- compute wrappers ----
@@ -57,6 +60,8 @@ def wrong_output(compute: StageCompute) -> StageCompute:
     """Computes honestly, then adds noise: outvoted, and caught with wrong-output evidence."""
 
     async def run(task: StageTask, model: Any, act: Activation) -> torch.Tensor:
+        import torch  # in a serving peer, already loaded
+
         out = await compute(task, model, act)
         return out + torch.randn(out.shape) * NOISE
 
@@ -68,6 +73,8 @@ def wrong_shape(compute: StageCompute) -> StageCompute:
     (a first answer shaped to fail the stage a speculating client starts on it)."""
 
     async def run(task: StageTask, model: Any, act: Activation) -> torch.Tensor:
+        import torch  # in a serving peer, already loaded
+
         out = await compute(task, model, act)
         return torch.cat([out, torch.zeros(*out.shape[:-1], 1)], dim=-1)
 
@@ -155,6 +162,8 @@ class Copier(MemberWrapper):
             self.seen.setdefault(reveal.task_id, []).append((reveal, message.get("output")))
 
     async def compute(self, task: StageTask, model: Any, act: Activation) -> torch.Tensor:
+        import torch  # in a serving peer, already loaded
+
         copied = await self._copy_someone(task)
         return torch.zeros_like(act.hidden) if copied is None else decode_tensor(copied, field="output")
 
