@@ -46,7 +46,7 @@ async def test_a_witnessed_checkpoint_catches_a_truncated_or_re_signed_log(tmp_p
         assert len(lines) >= checkpoint.count
 
         def audit(path, *extra):
-            return swarm.cli("audit", "--log", str(path), "--peer", h1, "--witness", str(witness_file), *extra, check=False)
+            return swarm.audit("h1", "--witness", str(witness_file), *extra, log=path, check=False)
 
         honest = audit(log)
         assert honest.returncode == 0 and "consistent with 1 witnessed checkpoint(s)" in honest.stdout, honest.stdout[-500:]

@@ -38,7 +38,7 @@ def sample(i: int) -> list[float]:
 
 
 def audit_entries(swarm: Swarm, name: str) -> list[dict]:
-    out = swarm.cli("audit", "--log", str(swarm.workdir / f"{name}.audit.log"), "--json").stdout
+    out = swarm.audit(name, "--json").stdout
     return json.loads(out)["entries"]
 
 
@@ -135,14 +135,14 @@ def check_output_mismatch(swarm: Swarm, tmp_path) -> "subprocess.CompletedProces
 
 def test_audit_log_tampering_is_detected(faults1, tmp_path):
     log = faults1.workdir / "h1.audit.log"
-    assert faults1.cli("audit", "--log", str(log)).returncode == 0
+    assert faults1.audit("h1").returncode == 0
     lines = log.read_text().splitlines()
     assert len(lines) > 3
     entry = json.loads(lines[1])
     entry["data"]["member"] = "someone-else"
     copy = tmp_path / "tampered.log"
     copy.write_text("\n".join([lines[0], json.dumps(entry), *lines[2:]]) + "\n")
-    result = faults1.cli("audit", "--log", str(copy), check=False)
+    result = faults1.audit("h1", log=copy, check=False)
     assert result.returncode == 1 and "entry 1" in result.stdout
 
 

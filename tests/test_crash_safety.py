@@ -58,7 +58,7 @@ def test_peer_restarts_after_sigkill_with_a_torn_audit_tail(tmp_path):
         again = swarm.start_peer("p", [])
         assert again.info["peer_id"] == Identity.from_seed(ident_seed).peer_id
         assert list(tmp_path.glob("p.audit.log.torn-*"))
-        assert json.loads(swarm.cli("audit", "--log", str(audit), "--json").stdout)["entries"]
+        assert json.loads(swarm.audit("p", "--json", log=audit).stdout)["entries"]
 
 
 def _small_log(path, identity, **kw):

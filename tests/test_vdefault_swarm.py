@@ -101,7 +101,7 @@ async def test_optimistic_mode_catches_the_liar_with_evidence(swarm):
     task = evidence.accused.task_id.hex()
     deadline = time.monotonic() + 40
     while True:
-        entries = json.loads(swarm.cli("audit", "--log", str(swarm.workdir / "h1.audit.log"), "--json").stdout)["entries"]
+        entries = json.loads(swarm.audit("h1", "--json").stdout)["entries"]
         found = [e for e in entries if e["kind"] == "evidence" and e["data"]["task"] == task]
         if found:
             break

@@ -133,17 +133,16 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
 
     path = args.log or settings.audit_log or settings.key.with_suffix(".audit.log")
     try:
+        peer = audit_peer(args, settings)  # refused (exit 2) if nobody says whose log it is
         entries = verify_log(path)
-        peer = audit_peer(args, settings)
-        anchoring = None if peer is None else check_log_against(entries, peer, witnessed(args, settings, peer))
+        anchoring = check_log_against(entries, peer, witnessed(args, settings, peer))
     except (AuditError, OSError) as exc:
         print(f"INVALID audit log {path}: {getattr(exc, 'message', exc)}")
         return 1
     summary = audit_summary(path, len(entries), peer, anchoring)
     if args.json:
         print(json.dumps({"log": str(path), "entries": entries, "peer": peer, "summary": summary,
-                          "anchored_at": None if anchoring is None else anchoring.anchored_at,
-                          "checkpoints": 0 if anchoring is None else len(anchoring.checked)}))
+                          "anchored_at": anchoring.anchored_at, "checkpoints": len(anchoring.checked)}))
     else:
         for e in entries:
             print(f"{e['seq']:5d} {e['kind']:10s} {json.dumps(e['data'], sort_keys=True)}")
@@ -151,15 +150,18 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def audit_peer(args: argparse.Namespace, settings: Settings) -> str | None:
-    """Whose log: --peer, else the peer of an explicit --key, else (default log) this node's own key."""
+def audit_peer(args: argparse.Namespace, settings: Settings) -> str:
+    """Whose log: --peer, else the peer of an explicit --key, else (default log) this node's own
+    key. Never the signer written in the log: a re-signed or replaced log would pass (issue 9)."""
+    from ..errors import UsageError
     from ..identity import load_identity
 
     if args.peer:
         return str(args.peer)
     if args.key is not None or (args.log is None and settings.key.exists()):
         return load_identity(settings.key).peer_id
-    return None
+    raise UsageError("whose log is it? give --peer PEER_ID or --key FILE: a log is checked against the peer's "
+                     "own key, never the key written in it (a re-signed or replaced log would pass)")
 
 
 def witnessed(args: argparse.Namespace, settings: Settings, peer: str) -> list[Any]:
@@ -170,10 +172,7 @@ def witnessed(args: argparse.Namespace, settings: Settings, peer: str) -> list[A
     return [c for f in files for c in load_witness_file(f).of(peer)]
 
 
-def audit_summary(path: Path, n: int, peer: str | None, anchoring: Any) -> str:
-    if peer is None:
-        return (f"{n} entries, hash chain and signatures verified ({path}); NOT ANCHORED: the signer was taken "
-                "from the log itself, so a re-signed, truncated or emptied log passes too (give --peer or --key)")
+def audit_summary(path: Path, n: int, peer: str, anchoring: Any) -> str:
     line = f"{n} entries, hash chain and signatures verified against {peer}'s own key ({path})"
     if not anchoring.checked:
         return line + "; NOT ANCHORED: no witnessed checkpoint of this peer, so a cut tail cannot be detected (give --witness)"

@@ -228,6 +228,12 @@ class Swarm:
             raise SwarmError(f"p2p-infer {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
         return result
 
+    def audit(self, name: str, *args: str, log: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """``p2p-infer audit`` of NAME's audit log (or LOG, e.g. a tampered copy), checked
+        against NAME's own peer id: the command never takes the signer from the log."""
+        path = log or self.workdir / f"{name}.audit.log"
+        return self.cli("audit", "--log", str(path), "--peer", self.peers[name].peer_id, *args, check=check)
+
     def list_peers(self) -> dict[str, dict[str, Any]]:
         out = self.cli("peers", "--json").stdout
         return {p["peer_id"]: p for p in json.loads(out)["peers"]}
