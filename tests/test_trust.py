@@ -255,6 +255,20 @@ def test_verify_checks_the_output_and_input_it_is_given(honest, tmp_path, capsys
     assert "INVALID: the input is not the one" in capsys.readouterr().out
 
 
+def test_an_output_must_carry_the_certified_mask_or_none_when_there_was_none(honest):
+    """The output's mask is the input's, carried through every stage: dropping it (or adding
+    one) is a different output, like a different hidden state."""
+    cert = honest[3]
+    mask = tensor(np.ones(4))
+    cert.check_output(HONEST, None)
+    with pytest.raises(ConsensusError, match="mask is not the certificate's"):
+        cert.check_output(HONEST, mask)
+    masked = replace(cert, mask_hash=output_hash(mask))  # the same check on a masked query's certificate
+    masked.check_output(HONEST, mask)
+    with pytest.raises(ConsensusError, match="mask is not the certificate's"):
+        masked.check_output(HONEST, None)
+
+
 # ---- framing an honest member ----
 
 

@@ -454,9 +454,10 @@ class Certificate:
         return lines
 
     def check_output(self, hidden: dict[str, Any], mask: dict[str, Any] | None) -> None:
-        """``hidden`` (and its mask, when given) is exactly the output this certificate accepted."""
+        """``hidden`` and its mask (the input's, carried through every stage; none when the input
+        had none) are exactly the output this certificate accepted."""
         _expect(output_hash(hidden) == self.output_hash, "the output is not the one the certificate accepted")
-        _expect(mask is None or output_hash(mask) == self.mask_hash, "the output's mask is not the certificate's")
+        _expect((b"" if mask is None else output_hash(mask)) == self.mask_hash, "the output's mask is not the certificate's")
 
     def check_input(self, hidden: dict[str, Any], mask: dict[str, Any] | None) -> None:
         """``hidden`` and ``mask`` are exactly what the client sent the first stage."""
