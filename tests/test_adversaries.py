@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from p2p_infer.errors import ConfigError, ProtocolViolation
+from p2p_infer.errors import ConfigError, NotSelected, ProtocolViolation
 from p2p_infer.identity import Identity
 from p2p_infer.ml.tensors import encode_tensor
 from p2p_infer.net.framing import remote_peer
@@ -88,6 +88,23 @@ async def test_an_honest_member_answers_once_in_one_reply_and_gossips_after_the_
     assert published == [round_message(candidates, answer.commit, answer.reveal)]
     with pytest.raises(ProtocolViolation, match="unknown message type"):
         await behaviour.member.handle({"type": "reveal", "task_id": answer.commit.task_id})  # no reveal request in 3.0.0
+
+
+async def test_a_replayed_execute_gets_no_output_from_anyone_but_the_tasks_client():
+    """Fellow members hold the candidate set: replaying the client's execute (even with no
+    hidden state) must not hand them the kept answer, so nobody can copy an output."""
+    behaviour, _ = member_for("")
+    message = execute()
+    first = await behaviour.member.handle(message)
+    fellow = identities(3, offset=1)[1].peer_id
+    token = remote_peer.set(fellow)
+    try:
+        for replay in (message, {**message, "hidden": None}):
+            with pytest.raises(NotSelected, match=f"not {fellow}'s"):
+                await behaviour.member.handle(replay)
+    finally:
+        remote_peer.reset(token)
+    assert await behaviour.member.handle(message) == first  # the client's own repeat: the same answer
 
 
 async def test_wrong_output_commits_to_and_reveals_a_wrong_output():

@@ -110,13 +110,13 @@ class CommitteeMember:
     async def answer(self, request: ExecuteRequest, *, reveal: bool = True) -> MemberAnswer:
         task = request.task
         model = self.served(task.model_id, task.first, task.last)
-        known = self.core.existing_answer(task, self.clock())
+        # the stream's remote peer, authenticated by Noise: only the task's client may ask
+        known = self.core.repeated_answer(task, remote_peer.get(), self.clock())
         if known is not None:  # never sign two commitments for one task (that is equivocation)
             return known
         act = activation_from_wire(request.hidden, request.mask)
         assert self.shards is not None  # served() checked it
         model.check_activation(act, self.shards.max_batch)
-        # the stream's remote peer, authenticated by Noise: only the task's client may ask
         self.core.check_execute(request.candidates, request.input_hash, remote_peer.get(), self.clock())
         output = encode_tensor(await self.compute(task, model, act))
         answer = self.core.answer(request.candidates, output, self.nonce(), self.clock(), reveal=reveal)

@@ -60,8 +60,7 @@ class MemberCore:
         Anything else is a task nobody legitimately gave us, and evidence about it could
         only be a frame."""
         task = candidates.task
-        if requester != task.client_id:
-            raise NotSelected(f"execute: the task is {task.client_id}'s, not {requester or 'an unknown peer'}'s")
+        check_client(task, requester)
         if input_hash != task.input_hash:
             raise ProtocolViolation("execute: input does not match the task's input hash")
         if now_ms > task.commit_deadline_ms:
@@ -88,6 +87,13 @@ class MemberCore:
         self.committed[task_id] = (signed, expires)
         self.pending[task_id] = Pending(output, nonce, signed, candidates, expires)
         return signed
+
+    def repeated_answer(self, task: StageTask, requester: str, now_ms: int) -> MemberAnswer | None:
+        """The answer already given, for a repeated ``execute`` from the task's own client.
+        Anyone else is refused before the lookup: a replayed request (the candidate set is no
+        secret to fellow members) would otherwise be handed the output."""
+        check_client(task, requester)
+        return self.existing_answer(task, now_ms)
 
     def existing_answer(self, task: StageTask, now_ms: int) -> MemberAnswer | None:
         """The answer already given for this task: a repeated ``execute`` gets it back."""
@@ -146,3 +152,9 @@ def _expire_head(table: dict[bytes, Any], expiry: Callable[[Any], int], now_ms: 
         if expiry(table[first]) >= now_ms:
             return
         del table[first]
+
+
+def check_client(task: StageTask, requester: str) -> None:
+    """Only the task's client (the stream's Noise-authenticated peer) may ask for it."""
+    if requester != task.client_id:
+        raise NotSelected(f"execute: the task is {task.client_id}'s, not {requester or 'an unknown peer'}'s")
