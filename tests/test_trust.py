@@ -353,6 +353,29 @@ def test_a_round_under_a_made_up_candidate_set_is_not_remembered(honest):
     assert (signed.task.task_id, victim) in auditor.commits and auditor.reputation.scores == {}
 
 
+def test_a_round_whose_commit_names_another_candidate_set_is_refused(honest):
+    """The commit binds the candidate set it was made under (as the client's round checks):
+    paired with another set, even a valid one that selects the member, it is not logged."""
+    pool, signed, rnd, _ = honest
+    victim = signed.members[0]
+    identity = next(p.identity for p in pool if p.peer_id == victim)
+    real = rnd.commits[victim]
+    elsewhere = sign_commit(identity, real.task_id, b"x" * 32, real.commitment, real.committed_at_ms)
+    reveal, _ = rnd.reveals[victim]
+    auditor = Auditor(Reputation())
+    with pytest.raises(ConsensusError, match="under another candidate set"):
+        auditor.on_round(victim, round_message(signed, elsewhere, reveal))
+    assert auditor.observe(victim, round_message(signed, elsewhere, reveal)) == [] and auditor.commits == {}
+
+
+def test_wrong_output_evidence_without_its_stage_certificate_is_refused(honest):
+    pool, signed, rnd, _ = honest
+    victim = signed.members[0]
+    reveal, output = rnd.reveals[victim]
+    with pytest.raises(ConsensusError, match="no stage certificate"):
+        Evidence("wrong-output", victim, [rnd.commits[victim]], reveal, output, None, candidates=signed).verify()
+
+
 def test_real_evidence_against_a_real_member_still_counts(honest):
     pool = providers(4, MODEL, 1, LAST, NOW - 10_000, offset=1)
     signed = draw(CLIENT, task_for(CLIENT, nonce=b"w" * 32), pool)

@@ -119,6 +119,8 @@ class Auditor:
         if known is not None and known.commitment == commit.commitment:
             return []  # a replay (or a commit the client already logged directly): once is enough
         candidates = CandidateSet.from_wire(message.get("candidates"))
+        if commit.candidates_id != candidates.id:  # the client's StageRound judges this bad-commit
+            raise ConsensusError("round: the commit was made under another candidate set than the round carries")
         return self.on_commit(commit, candidates) + self.on_reveal(reveal, candidates)
 
     def on_verdicts(self, sender: str, message: dict[str, Any]) -> None:

@@ -564,7 +564,8 @@ class Evidence:
     def _verify_wrong_output(self, commit: Commit, reveal: Reveal) -> None:
         _expect(reveal.opens(commit), "the reveal does not open the commitment")
         _expect(self.output is not None and output_hash(self.output) == reveal.output_hash, "evidence output does not match the reveal")
-        assert self.stage is not None and self.output is not None
+        _expect(self.stage is not None, "wrong-output evidence carries no stage certificate")
+        assert self.stage is not None and self.output is not None  # for the type checker: both checked above
         self.stage.verify()  # the quorum it contradicts must itself be valid under every rule
         _expect(not outputs_agree(self.output, self.stage.outputs[0]), "the member's output agrees with the quorum")
         _expect(self.member not in {c.member for c in self.stage.commits}, "the accused is in the quorum it contradicts")
