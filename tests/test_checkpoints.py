@@ -85,6 +85,7 @@ def test_the_checkpoint_signature_matches_the_spec_vector_byte_for_byte():
     assert Checkpoint.from_wire(message["checkpoint"]).verify() == cp
     assert msgpack.packb(checkpoint_message(cp), use_bin_type=True).hex() == VECTOR["gossip_message_hex"]
     assert public_key_of(ident.peer_id) == ident.public_key
+    assert ident.solves_puzzle and WitnessTable().observe(cp) == "new"  # a witness keeps the vector's checkpoint
 
 
 def test_an_honest_log_passes_against_its_peer_key_and_checkpoint(honest, peer):

@@ -1,4 +1,4 @@
-"""Writes record-v2.json, record-v3.json and committee-v3.json from fixed seeds and fields.
+"""Writes record-v2.json, record-v3.json, committee-v3.json and checkpoint.json from fixed seeds and fields.
 
     PYTHONPATH=. python protocols/test-vectors/generate.py
 
@@ -159,8 +159,24 @@ def committee_vector() -> dict:
     }
 
 
+def checkpoint_vector() -> dict:
+    """An audit-log checkpoint (committee.md, gossip "checkpoint") by a puzzle-solved key, so a
+    witness keeps it; the head is an arbitrary fixed hash (the log's last entry's)."""
+    from p2p_infer.proto.checkpoints import checkpoint_message, sign_checkpoint
+
+    ident, ident_v = identity_vector("checkpoint")
+    head = hashlib.sha256(b"p2p-infer test vector checkpoint head").digest()
+    cp = sign_checkpoint(ident, 42, head, ISSUED)
+    return {"description": "Audit-log checkpoint signed by a puzzle-solved test key: body, signed bytes, signature and the "
+                           "whole gossip message (see protocols/committee.md, gossip 'checkpoint').",
+            **{k: ident_v[k] for k in ("counter", "seed_hex", "public_key_hex", "peer_id", "puzzle_hash_hex", "leading_zero_bits")},
+            "count": 42, "head_hex": head.hex(), "time_ms": ISSUED, "body_hex": cp.body().hex(),
+            "signed_bytes_hex": cp.signed_bytes().hex(), "signature_hex": cp.signature.hex(),
+            "gossip_message_hex": msgpack.packb(checkpoint_message(cp), use_bin_type=True).hex()}
+
+
 if __name__ == "__main__":
     for name, vector in (("record-v2.json", record_vector()), ("record-v3.json", record_v3_vector()),
-                         ("committee-v3.json", committee_vector())):
+                         ("committee-v3.json", committee_vector()), ("checkpoint.json", checkpoint_vector())):
         (HERE / name).write_text(json.dumps(vector, indent=2) + "\n")
         print("wrote", HERE / name)
