@@ -41,7 +41,8 @@ class TicketRequest:
     @classmethod
     def from_wire(cls, message: Message) -> TicketRequest:
         seed, model_id, first, last = message.get("seed"), message.get("model"), message.get("first"), message.get("last")
-        if not (isinstance(seed, bytes) and len(seed) == 32 and isinstance(model_id, str) and isinstance(first, int) and isinstance(last, int)):
+        if not (isinstance(seed, bytes) and len(seed) == 32 and isinstance(model_id, str)
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in (first, last))):
             raise ProtocolViolation("ticket: needs seed (32 bytes), model, first, last")
         return cls(seed, model_id, first, last)
 

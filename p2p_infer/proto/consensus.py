@@ -143,9 +143,10 @@ class Commit:
 
     @classmethod
     def from_wire(cls, raw: Any) -> Commit:
-        ok = isinstance(raw, list) and len(raw) == 7 and isinstance(raw[2], str) and isinstance(raw[5], int)
-        ok = ok and all(isinstance(raw[i], bytes) for i in (0, 1, 3, 4, 6)) and len(raw[3]) == 32 and len(raw[6]) == 64
-        _expect(ok, "commit must be [task_id, candidates_id, member, public_key (32 B), commitment, committed_at_ms, signature (64 B)]")
+        ok = isinstance(raw, list) and len(raw) == 7 and isinstance(raw[2], str) and _is_int(raw[5])
+        ok = ok and all(_is_bin(raw[i], 32) for i in (0, 1, 3, 4)) and _is_bin(raw[6], 64)
+        _expect(ok, "commit must be [task_id (32 B), candidates_id (32 B), member, public_key (32 B), commitment (32 B), "
+                    "committed_at_ms, signature (64 B)]")
         return cls(*raw)
 
 
@@ -176,9 +177,9 @@ class Reveal:
 
     @classmethod
     def from_wire(cls, raw: Any) -> Reveal:
-        ok = isinstance(raw, list) and len(raw) == 6 and isinstance(raw[1], str) and all(isinstance(raw[i], bytes) for i in (0, 2, 3, 4, 5))
-        ok = ok and len(raw[2]) == 32 and len(raw[5]) == 64
-        _expect(ok, "reveal must be [task_id, member, public_key (32 B), output_hash, nonce, signature (64 B)]")
+        ok = isinstance(raw, list) and len(raw) == 6 and isinstance(raw[1], str)
+        ok = ok and all(_is_bin(raw[i], 32) for i in (0, 2, 3, 4)) and _is_bin(raw[5], 64)
+        _expect(ok, "reveal must be [task_id, member, public_key, output_hash, nonce (32 B each), signature (64 B)]")
         return cls(*raw)
 
 
@@ -525,9 +526,10 @@ class Evidence:
     def from_wire(cls, raw: Any) -> Evidence:
         _expect(isinstance(raw, dict) and raw.get("kind") in EVIDENCE_KINDS, "unknown evidence kind")
         _expect(isinstance(raw.get("commits"), list) and len(raw["commits"]) <= 2, "evidence holds one or two commits")
+        _expect(isinstance(raw.get("member"), str), "evidence names the accused member (a peer id)")
         return cls(
             kind=raw["kind"],
-            member=str(raw.get("member")),
+            member=raw["member"],
             commits=[Commit.from_wire(c) for c in raw["commits"]],
             reveal=None if raw.get("reveal") is None else Reveal.from_wire(raw["reveal"]),
             output=None if raw.get("output") is None else _tensor(raw["output"], "output"),
@@ -569,3 +571,11 @@ class Evidence:
         self.stage.verify()  # the quorum it contradicts must itself be valid under every rule
         _expect(not outputs_agree(self.output, self.stage.outputs[0]), "the member's output agrees with the quorum")
         _expect(self.member not in {c.member for c in self.stage.commits}, "the accused is in the quorum it contradicts")
+
+
+def _is_bin(value: Any, size: int) -> bool:
+    return isinstance(value, bytes) and len(value) == size
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
