@@ -19,13 +19,14 @@ def model_cache():
 
 
 @asynccontextmanager
-async def light_host():
-    """A bare libp2p host in the test process, for poking peers with raw streams."""
+async def light_host(identity=None):
+    """A bare libp2p host in the test process (a fresh identity unless given), for poking
+    peers with raw streams."""
     from p2p_infer.net.host import quiet_libp2p_logging, running_host
     from p2p_infer.identity import Identity
 
     quiet_libp2p_logging()
-    async with running_host(Identity.generate()) as host:
+    async with running_host(identity or Identity.generate()) as host:
         yield host
 
 

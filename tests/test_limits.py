@@ -22,7 +22,7 @@ from p2p_infer.ml.tensors import activation_to_wire, encode_tensor
 from p2p_infer.net.framing import read_message, request, write_message
 from p2p_infer.identity import Identity
 from p2p_infer.net.host import add_handler, dial, open_stream, parse_peer_addr
-from p2p_infer.testing.population import committee_candidates
+from p2p_infer.testing.population import committee_candidates, committee_client
 from p2p_infer.proto.forward import ForwardRequest
 from p2p_infer.proto.wire import COMMITTEE_PROTOCOL, FORWARD_PROTOCOL, RESULT_PROTOCOL
 from p2p_infer.testing.harness import Swarm
@@ -187,7 +187,7 @@ async def test_every_malformed_tensor_header_gets_bad_tensor_on_forward_and_comm
     model = load_model("digits-mlp")
     good = digits_request()
     candidates = committee_candidates(model.model_id).to_wire()  # well-formed; checked only after the tensors
-    async with light_host() as host:
+    async with light_host(committee_client()) as host:  # the task's client: a stranger gets not_selected first
         for bad in BAD_TENSORS:
             for field in ("hidden", "mask"):
                 if bad is None and field == "mask":

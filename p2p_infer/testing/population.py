@@ -47,13 +47,19 @@ def draw(client: Identity, task: StageTask, pool: list[Provider]) -> CandidateSe
     return sign_candidates(client, task, [Candidate(t, records[t.peer_id]) for t in ranked])
 
 
+def committee_client() -> Identity:
+    """The client of :func:`committee_candidates`' sets: a member answers a task only on a
+    stream from its client, so a test that must get past that check dials as this identity."""
+    return identities(1, offset=60)[0]
+
+
 def committee_candidates(model_id: str, first: int = 1, last: int = 3, k: int = 3) -> CandidateSet:
     """A well-formed, honestly drawn candidate set for a stage of ``model_id`` (for tests that
     need an execute request to get past parsing: fuzzing, malformed tensors)."""
     from ..clock import now_ms
     from ..proto.consensus import activation_digest, output_hash, request_hash
 
-    client = identities(1, offset=60)[0]
+    client = committee_client()
     hidden = {"dtype": "float32", "shape": [1, 1], "data": bytes(4)}
     now = now_ms()
     task = StageTask(request_hash(model_id, output_hash(hidden), b"", b"n" * 32, client.public_key), 0, 0, model_id, first, last,
