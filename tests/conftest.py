@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -8,6 +9,17 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 TESTS = Path(__file__).parent
+
+
+def _interrupted(_signum, _frame):
+    raise KeyboardInterrupt("SIGTERM")
+
+
+def pytest_configure(config):
+    """A SIGTERM (CI cancelling the job, `timeout`) ends the run as Ctrl-C does, in the main
+    process and in every xdist worker: fixtures tear down and the harness's atexit hook kills
+    what is left, where the default action ended the process and left every peer running."""
+    signal.signal(signal.SIGTERM, _interrupted)
 
 
 @pytest.fixture(scope="session", autouse=True)
