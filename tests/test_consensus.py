@@ -284,3 +284,31 @@ def test_auditor_memory_is_bounded(monkeypatch):
         signed = draw(CLIENT, make_task(nonce=bytes([i]) * 32), providers(3, MODEL, 1, 2, NOW - 10_000, offset=1))
         auditor.on_commit(sign_commit(member, signed.task.task_id, signed.id, b"c" * 32, NOW), signed)
     assert len(auditor.commits) == 5 and len(auditor.committees) == 5
+
+
+def _wire_with(wire: list, index: int, value) -> list:
+    return [value if i == index else v for i, v in enumerate(wire)]
+
+
+def test_commits_reveals_tickets_and_evidence_with_a_wrong_field_are_refused_by_the_reader():
+    """Every bin field has its length and ints are not booleans (protocols/committee.md, Data)."""
+    from p2p_infer.errors import ProtocolViolation
+    from p2p_infer.proto.committee_codec import TicketRequest
+    from p2p_infer.proto.consensus import Commit, ConsensusError, Evidence, Reveal, sign_commit, sign_reveal
+
+    member = identities(1, offset=40)[0]
+    commit = sign_commit(member, b"t" * 32, b"c" * 32, b"m" * 32, 1_764_000_000_000).to_wire()
+    reveal = sign_reveal(member, b"t" * 32, b"o" * 32, b"n" * 32).to_wire()
+    assert Commit.from_wire(commit).valid_signature() and Reveal.from_wire(reveal).valid_signature()
+    for index, value in ((0, b"t" * 31), (1, b"c" * 31), (4, b"m" * 33), (5, True), (6, b"s" * 63)):
+        with pytest.raises(ConsensusError, match="commit must be"):
+            Commit.from_wire(_wire_with(commit, index, value))
+    for index, value in ((0, b"t" * 31), (3, b"o" * 31), (4, b"n" * 31), (5, b"s" * 63)):
+        with pytest.raises(ConsensusError, match="reveal must be"):
+            Reveal.from_wire(_wire_with(reveal, index, value))
+    ticket = TicketRequest(b"s" * 32, "m" * 64, 1, 2).to_wire()
+    for field in ("first", "last"):
+        with pytest.raises(ProtocolViolation, match="ticket: needs"):
+            TicketRequest.from_wire({**ticket, field: True})
+    with pytest.raises(ConsensusError, match="names the accused"):
+        Evidence.from_wire({"kind": "bad-reveal", "member": None, "commits": [commit], "reveal": reveal})

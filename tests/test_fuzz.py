@@ -22,7 +22,6 @@ import trio
 from hypothesis import HealthCheck, Phase, given, settings
 
 from p2p_infer.errors import P2PInferError
-from p2p_infer.identity import Identity
 from p2p_infer.ml.models import load_model
 from p2p_infer.ml.tensors import activation_to_wire
 from p2p_infer.net.framing import read_message
@@ -31,7 +30,7 @@ from p2p_infer.node.client import Client
 from p2p_infer.proto.forward import ForwardRequest
 from p2p_infer.proto.wire import ARTIFACT_PROTOCOL, COMMITTEE_PROTOCOL, FORWARD_PROTOCOL, RESULT_PROTOCOL
 from p2p_infer.testing.harness import Swarm
-from p2p_infer.testing.population import committee_candidates
+from p2p_infer.testing.population import committee_candidates, committee_client
 
 from . import fuzz_inputs as fi
 from .strangers import rss_mb
@@ -74,7 +73,8 @@ class Prober:
     async def _main(self) -> None:
         quiet_libp2p_logging()
         self.stop = trio.Event()
-        async with running_host(Identity.generate()) as host, Client([self.bootstrap], trial=False, unverified=True) as client:
+        # as the committee probes' client: a member refuses strangers before it decodes anything
+        async with running_host(committee_client()) as host, Client([self.bootstrap], trial=False, unverified=True) as client:
             self.host, self.client_addr = host, full_addrs(client.host)[0]
             self.token = trio.lowlevel.current_trio_token()
             self.ready.set()

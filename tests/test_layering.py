@@ -94,3 +94,31 @@ def test_a_peer_that_serves_no_layers_does_not_import_torch():
     probe = "import sys, p2p_infer.cli.node, p2p_infer.node.peer; print(sorted(m for m in ('torch', 'ezkl') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+NO_LAYER_PROBE = """
+import sys, trio
+from pathlib import Path
+from p2p_infer.config import Settings
+from p2p_infer.errors import NotServed
+from p2p_infer.node.peer import Peer
+from p2p_infer.proto.session import StepRequest
+
+peer = Peer(Settings(key=Path(sys.argv[1])))
+step = StepRequest("ab" * 16, 0, 0, {"dtype": "float32", "shape": [1, 1, 576], "data": bytes(4 * 576)}).to_wire()
+try:
+    trio.run(peer.sessions.handle, step)
+except NotServed as exc:
+    print("refused:", exc.message, "torch" in sys.modules)
+"""
+
+
+def test_a_peer_that_serves_no_layers_refuses_compute_without_loading_torch(tmp_path):
+    """A stranger's session step to a bootstrap peer is refused up front: importing torch on
+    its event loop blocked it for ~5 s (and then failed as `internal`)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", NO_LAYER_PROBE, str(tmp_path / "k.key")], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.strip() == "refused: this peer serves no layers False", out.stdout + out.stderr[-2000:]

@@ -93,6 +93,8 @@ class SessionHandler:
 
             self.caches[req.session] = KVCache()
             return opened_reply(req.session, req.max_length, self.table.limits.ttl)
+        if shards is None:  # refused before _step imports torch, which a peer serving no layers never loads
+            raise NotServed("this peer serves no layers")
         return await self._step(client, req)
 
     async def _step(self, sender: str, req: StepRequest) -> Message:
@@ -100,7 +102,7 @@ class SessionHandler:
         from ..ml.tensors import decode_tensor, encode_tensor
 
         known = self.table.sessions.get(req.session)
-        assert self.peer.shards is not None
+        assert self.peer.shards is not None  # handle() refused the step otherwise
         if known is not None:  # a malformed step is refused before it can cost the session its cache
             model = self.peer.shards.serving(known.model_id, known.first, known.last)
             hidden = decode_tensor(req.hidden, field="hidden")

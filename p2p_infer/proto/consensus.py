@@ -564,9 +564,9 @@ class Evidence:
         self._verify_wrong_output(commit, reveal)
 
     def _verify_wrong_output(self, commit: Commit, reveal: Reveal) -> None:
+        _expect(self.stage is not None, "wrong-output evidence carries no stage certificate")
         _expect(reveal.opens(commit), "the reveal does not open the commitment")
         _expect(self.output is not None and output_hash(self.output) == reveal.output_hash, "evidence output does not match the reveal")
-        _expect(self.stage is not None, "wrong-output evidence carries no stage certificate")
         assert self.stage is not None and self.output is not None  # for the type checker: both checked above
         self.stage.verify()  # the quorum it contradicts must itself be valid under every rule
         _expect(not outputs_agree(self.output, self.stage.outputs[0]), "the member's output agrees with the quorum")
