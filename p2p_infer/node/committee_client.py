@@ -56,7 +56,7 @@ from ..proto.committee_round import (
     StageSpec,
     apply_judgement,
 )
-from ..proto.consensus import Certificate, Evidence, StageCertificate, StageDecision, Ticket, activation_file, output_hash, request_hash, ticket_seed
+from ..proto.consensus import Certificate, Evidence, StageCertificate, StageDecision, Ticket, activation_file, mask_hash_of, output_hash, request_hash, ticket_seed
 from ..proto.sortition import MIN_RECORD_AGE_MS
 from ..proto.wire import COMMITTEE_PROTOCOL, Message
 from .results import HopReport
@@ -125,7 +125,7 @@ def spawn(client: Any, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
 async def run_stages(client: Any, model: SplitModel, act: Activation, judging: Judging) -> tuple[Activation, list[HopReport], list[dict[str, Any]], bytes]:
     nonce = os.urandom(32)  # the client's nonce: its one source of randomness for the request
     first_hidden, first_mask = encode_tensor(act.hidden), None if act.mask is None else encode_tensor(act.mask)
-    hidden_hash, mask_hash = output_hash(first_hidden), b"" if first_mask is None else output_hash(first_mask)
+    hidden_hash, mask_hash = output_hash(first_hidden), mask_hash_of(first_mask)
     req_hash = request_hash(model.model_id, hidden_hash, mask_hash, nonce, client.identity.public_key)
     session = client.ticket_session.current(now_ms())
     segments = await client._plan_or_refresh(model, client.local_layers, ())

@@ -11,18 +11,13 @@ from typing import Any
 import msgpack
 
 from ..errors import ProtocolViolation
-from .consensus import CandidateSet, Commit, Reveal, StageTask, Ticket, activation_digest, output_hash
+from .consensus import CandidateSet, Commit, Reveal, StageTask, Ticket, activation_hash
 from .tensors import WireTensor, check_wire_tensor
-from .wire import COMMITTEE_PROTOCOL, EXECUTE, RESULT, ROUND, ROUNDS, TICKET, VERDICTS, Message, expect, expect_reply, message_type
+from .wire import COMMITTEE_PROTOCOL, EXECUTE, RESULT, ROUND, ROUNDS, TICKET, VERDICTS, Message, expect, expect_reply, is_bin, is_int, message_type
 
 __all__ = ["ExecuteRequest", "MemberAnswer", "MemberRequest", "Message", "TicketRequest", "WireTensor", "activation_hash",
            "is_round", "parse_request", "parse_result_reply", "parse_ticket_reply", "result_reply", "round_message",
            "ticket_reply", "verdicts_message"]
-
-
-def activation_hash(hidden: WireTensor, mask: WireTensor | None) -> bytes:
-    """What a stage task binds as its input: the hidden state and its mask, as sent."""
-    return activation_digest(output_hash(hidden), b"" if mask is None else output_hash(mask))
 
 
 # ---- requests (client -> member) ----
@@ -41,8 +36,7 @@ class TicketRequest:
     @classmethod
     def from_wire(cls, message: Message) -> TicketRequest:
         seed, model_id, first, last = message.get("seed"), message.get("model"), message.get("first"), message.get("last")
-        if not (isinstance(seed, bytes) and len(seed) == 32 and isinstance(model_id, str)
-                and all(isinstance(v, int) and not isinstance(v, bool) for v in (first, last))):
+        if not (is_bin(seed, 32) and isinstance(model_id, str) and is_int(first) and is_int(last)):
             raise ProtocolViolation("ticket: needs seed (32 bytes), model, first, last")
         return cls(seed, model_id, first, last)
 

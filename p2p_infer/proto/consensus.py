@@ -48,6 +48,7 @@ from .sortition import (
     ticket_seed,
 )
 from .tensors import check_wire_tensor
+from .wire import is_bin, is_int
 
 __all__ = [
     "ATOL", "CERT_VERSION", "Candidate", "CandidateSet", "Certificate", "Commit", "ConsensusError", "Evidence", "MAX_CANDIDATES",
@@ -81,6 +82,16 @@ def _as_array(tensor: dict[str, Any]) -> np.ndarray:
 def activation_digest(hidden_hash: bytes, mask_hash: bytes) -> bytes:
     """A stage's input: the hidden state and its attention mask (``b""`` when there is none)."""
     return h(b"activation", hidden_hash, mask_hash)
+
+
+def mask_hash_of(mask: dict[str, Any] | None) -> bytes:
+    """The tensor hash of an attention mask, ``b""`` when there is none."""
+    return b"" if mask is None else output_hash(mask)
+
+
+def activation_hash(hidden: dict[str, Any], mask: dict[str, Any] | None) -> bytes:
+    """What a stage task (or a forward commitment) binds as its input: the hidden state and its mask, as sent."""
+    return activation_digest(output_hash(hidden), mask_hash_of(mask))
 
 
 def outputs_agree(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -143,8 +154,8 @@ class Commit:
 
     @classmethod
     def from_wire(cls, raw: Any) -> Commit:
-        ok = isinstance(raw, list) and len(raw) == 7 and isinstance(raw[2], str) and _is_int(raw[5])
-        ok = ok and all(_is_bin(raw[i], 32) for i in (0, 1, 3, 4)) and _is_bin(raw[6], 64)
+        ok = isinstance(raw, list) and len(raw) == 7 and isinstance(raw[2], str) and is_int(raw[5])
+        ok = ok and all(is_bin(raw[i], 32) for i in (0, 1, 3, 4)) and is_bin(raw[6], 64)
         _expect(ok, "commit must be [task_id (32 B), candidates_id (32 B), member, public_key (32 B), commitment (32 B), "
                     "committed_at_ms, signature (64 B)]")
         return cls(*raw)
@@ -178,7 +189,7 @@ class Reveal:
     @classmethod
     def from_wire(cls, raw: Any) -> Reveal:
         ok = isinstance(raw, list) and len(raw) == 6 and isinstance(raw[1], str)
-        ok = ok and all(_is_bin(raw[i], 32) for i in (0, 2, 3, 4)) and _is_bin(raw[5], 64)
+        ok = ok and all(is_bin(raw[i], 32) for i in (0, 2, 3, 4)) and is_bin(raw[5], 64)
         _expect(ok, "reveal must be [task_id, member, public_key, output_hash, nonce (32 B each), signature (64 B)]")
         return cls(*raw)
 
@@ -458,12 +469,12 @@ class Certificate:
         """``hidden`` and its mask (the input's, carried through every stage; none when the input
         had none) are exactly the output this certificate accepted."""
         _expect(output_hash(hidden) == self.output_hash, "the output is not the one the certificate accepted")
-        _expect((b"" if mask is None else output_hash(mask)) == self.mask_hash, "the output's mask is not the certificate's")
+        _expect(mask_hash_of(mask) == self.mask_hash, "the output's mask is not the certificate's")
 
     def check_input(self, hidden: dict[str, Any], mask: dict[str, Any] | None) -> None:
         """``hidden`` and ``mask`` are exactly what the client sent the first stage."""
         _expect(output_hash(hidden) == self.hidden_hash, "the input is not the one the certificate's client sent")
-        _expect((b"" if mask is None else output_hash(mask)) == self.mask_hash, "the input's mask is not the certificate's")
+        _expect(mask_hash_of(mask) == self.mask_hash, "the input's mask is not the certificate's")
 
 
 ACTIVATION_FILE_VERSION = 1
@@ -571,11 +582,3 @@ class Evidence:
         self.stage.verify()  # the quorum it contradicts must itself be valid under every rule
         _expect(not outputs_agree(self.output, self.stage.outputs[0]), "the member's output agrees with the quorum")
         _expect(self.member not in {c.member for c in self.stage.commits}, "the accused is in the quorum it contradicts")
-
-
-def _is_bin(value: Any, size: int) -> bool:
-    return isinstance(value, bytes) and len(value) == size
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

@@ -28,7 +28,7 @@ import msgpack
 
 from ..errors import BadCommitment, ConsensusError
 from ..identity import Identity, peer_id_from_public_key, verify_signature
-from .consensus import activation_digest, output_hash, outputs_agree
+from .consensus import activation_hash, output_hash, outputs_agree
 from .sortition import h
 from .tensors import WireTensor, check_wire_tensor
 
@@ -57,8 +57,7 @@ def tasks_to_detect(p: float, q: float, confidence: float) -> int:
     return max(1, math.ceil(math.log(1.0 - confidence) / math.log(1.0 - p * q)))
 
 
-def input_digest(hidden: WireTensor, mask: WireTensor | None) -> bytes:
-    return activation_digest(output_hash(hidden), b"" if mask is None else output_hash(mask))
+input_digest = activation_hash  # a forward commitment binds its input as a stage task does
 
 
 # ---- the request's binding and the executor's signed commitment ----

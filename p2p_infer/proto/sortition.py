@@ -36,6 +36,7 @@ from ..bounded import trim_oldest
 from ..errors import ConsensusError, RecordError
 from ..identity import PUZZLE_DIFFICULTY, Identity, peer_id_from_public_key, solves_puzzle, verify_signature
 from .records import CapabilityRecord, check_record_times, verify_record_static
+from .wire import is_bin, is_int
 
 MIN_K = 3  # smallest committee a certificate may claim: k=1 is one key's word, k=2 has no majority to outvote a liar
 MIN_RECORD_AGE_MS = 1_000  # a listed record was issued at least this long before the request
@@ -220,8 +221,7 @@ class StageTask:
     @classmethod
     def from_wire(cls, raw: Any) -> StageTask:
         ok = isinstance(raw, list) and len(raw) == 12 and isinstance(raw[0], bytes) and isinstance(raw[3], str) and isinstance(raw[6], bytes)
-        ok = ok and all(isinstance(raw[i], int) and not isinstance(raw[i], bool) for i in (1, 2, 4, 5, 7, 8, 9))
-        ok = ok and all(isinstance(raw[i], bytes) and len(raw[i]) == 32 for i in (10, 11))
+        ok = ok and all(is_int(raw[i]) for i in (1, 2, 4, 5, 7, 8, 9)) and all(is_bin(raw[i], 32) for i in (10, 11))
         _expect(ok, "task must be [request_hash, stage, attempt, model_id, first, last, input_hash, k, requested_at, deadline, "
                     "client_key, session]")
         return cls(*raw)

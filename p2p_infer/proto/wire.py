@@ -106,6 +106,16 @@ REQUESTS: dict[str, frozenset[str]] = {
 }
 
 
+def is_int(value: Any) -> bool:
+    """An integer on the wire: msgpack's booleans are Python ints, and never count as one."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_bin(value: Any, size: int) -> bool:
+    """A ``bin`` field of exactly ``size`` bytes (hashes, keys, nonces, signatures)."""
+    return isinstance(value, bytes) and len(value) == size
+
+
 def message_type(message: Message) -> str:
     kind = message.get("type")
     return kind if isinstance(kind, str) else ""
