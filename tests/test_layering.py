@@ -85,15 +85,21 @@ def test_every_error_is_a_p2p_infer_error():
     assert not defined_elsewhere, defined_elsewhere
 
 
-def test_a_peer_that_serves_no_layers_does_not_import_torch():
-    """The bootstrap peer (and any peer before it serves layers) starts without torch: its
-    import alone took ~1.5 s of every swarm start (ml/catalog.py)."""
+def run_python(code: str, *args: str) -> str:
+    """``code`` in a fresh interpreter (nothing imported yet); its stdout, stripped."""
     import subprocess
     import sys
 
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr[-2000:]
+    return out.stdout.strip()
+
+
+def test_a_peer_that_serves_no_layers_does_not_import_torch():
+    """The bootstrap peer (and any peer before it serves layers) starts without torch: its
+    import alone took ~1.5 s of every swarm start (ml/catalog.py)."""
     probe = "import sys, p2p_infer.cli.node, p2p_infer.node.peer; print(sorted(m for m in ('torch', 'ezkl') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
-    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    assert run_python(probe) == "[]"
 
 
 NO_LAYER_PROBE = """
@@ -116,9 +122,4 @@ except NotServed as exc:
 def test_a_peer_that_serves_no_layers_refuses_compute_without_loading_torch(tmp_path):
     """A stranger's session step to a bootstrap peer is refused up front: importing torch on
     its event loop blocked it for ~5 s (and then failed as `internal`)."""
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-c", NO_LAYER_PROBE, str(tmp_path / "k.key")], capture_output=True, text=True,
-                         timeout=60, check=True)
-    assert out.stdout.strip() == "refused: this peer serves no layers False", out.stdout + out.stderr[-2000:]
+    assert run_python(NO_LAYER_PROBE, str(tmp_path / "k.key")) == "refused: this peer serves no layers False"
